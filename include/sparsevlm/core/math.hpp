@@ -1,0 +1,61 @@
+// Decision rules shared by every backend. They are the library's determinism
+// contract: the CPU and GPU paths call these and nothing else to compare.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../config.hpp"
+
+namespace sparsevlm::core {
+
+/// float32 machine epsilon, 2^-23: the spec's rank tolerance factor.
+inline constexpr double rank_epsilon = 1.0 / 8388608.0;
+
+/// Strict total order "a ranks before b" on (score, position): higher score first,
+/// equal scores to the lower position. Used for the keep set and for choosing
+/// which pruned tokens are recycled.
+template <class S, class I>
+SPARSEVLM_HD constexpr bool ranks_before(S score_a, I a, S score_b, I b) noexcept {
+  return score_a > score_b || (score_a == score_b && a < b);
+}
+
+/// DPC-KNN: token j is denser than token i (spec step 7). Densities are compared
+/// exactly; equal densities go to the lower index, so the order is total.
+template <class I>
+SPARSEVLM_HD constexpr bool denser(double rho_j, I j, double rho_i, I i) noexcept {
+  return rho_j > rho_i || (rho_j == rho_i && j < i);
+}
+
+/// Square of the rank threshold: singular value s counts when s^2 > this, with
+/// `lambda_max` = sigma_max^2 and m = max(R, N).
+SPARSEVLM_HD inline double rank_threshold_sq(double lambda_max, std::int64_t m) noexcept {
+  const double t = static_cast<double>(m) * rank_epsilon;
+  return lambda_max * t * t;
+}
+
+/// Spec step 5, rank policy (without the rank == N and no-rater cases, which
+/// keep everything): max(0, min(floor(rank * scale + bias), n - 1)). Clamped in
+/// double before the conversion so that huge or negative values are defined.
+SPARSEVLM_HD inline std::int64_t rank_keep(std::int64_t rank, double scale, double bias,
+                                           std::int64_t n) noexcept {
+  const double v = std::floor(static_cast<double>(rank) * scale + bias);
+  const double hi = static_cast<double>(n - 1);
+  if (!(v > 0.0)) return 0;
+  if (v >= hi) return n - 1;
+  return static_cast<std::int64_t>(v);
+}
+
+/// Spec step 7: s = min(n, floor(fraction * n) + 1) tokens are recycled.
+SPARSEVLM_HD inline std::int64_t recycle_count(std::int64_t n_pruned, double fraction) noexcept {
+  const double v = std::floor(fraction * static_cast<double>(n_pruned)) + 1.0;
+  return v >= static_cast<double>(n_pruned) ? n_pruned : static_cast<std::int64_t>(v);
+}
+
+/// Spec step 7: c = floor(s / cluster_divisor) + 1 clusters (never more than s).
+SPARSEVLM_HD inline std::int64_t cluster_count(std::int64_t s, double cluster_divisor) noexcept {
+  const double v = std::floor(static_cast<double>(s) / cluster_divisor) + 1.0;
+  return v >= static_cast<double>(s) ? s : static_cast<std::int64_t>(v);
+}
+
+}  // namespace sparsevlm::core

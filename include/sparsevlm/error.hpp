@@ -1,0 +1,54 @@
+// The one exception type of the host API, and the helpers that build its messages.
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+namespace sparsevlm {
+
+/// What kind of input was refused. Stable: engines may switch on it.
+enum class errc {
+  invalid_argument = 1,  ///< a scalar option or count is out of range
+  shape_mismatch = 2,    ///< a view's extents or strides do not fit the others
+  non_finite = 3,        ///< NaN or Inf where a finite value is required
+  bad_file = 4,          ///< an .npy or case.json that cannot be read as the spec says
+};
+
+/// Thrown by every public host function on bad input. The message has the form
+/// "argument: expected X, got Y"; outputs are untouched when it is thrown.
+class error : public std::runtime_error {
+ public:
+  error(errc code, const std::string& what) : std::runtime_error(what), code_(code) {}
+  [[nodiscard]] errc code() const noexcept { return code_; }
+
+ private:
+  errc code_;
+};
+
+namespace detail {
+
+template <class... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  return os.str();
+}
+
+/// Throws `error(code, "<argument>: expected <expected>, got <got>")`.
+template <class Expected, class Got>
+[[noreturn]] void fail(errc code, const std::string& argument, const Expected& expected,
+                       const Got& got) {
+  throw error(code, concat(argument, ": expected ", expected, ", got ", got));
+}
+
+/// `fail` with errc::invalid_argument / shape_mismatch when `cond` is false.
+template <class Expected, class Got>
+void require(bool cond, errc code, const std::string& argument, const Expected& expected,
+             const Got& got) {
+  if (!cond) fail(code, argument, expected, got);
+}
+
+}  // namespace detail
+}  // namespace sparsevlm

@@ -1,0 +1,109 @@
+// Stage 1: choose the text tokens that rate the visual tokens.
+#pragma once
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+#include <span>
+#include <vector>
+
+#include "check.hpp"
+#include "workspace.hpp"
+
+namespace sparsevlm {
+
+namespace detail {
+
+/// Copies rows [r0, r0 + n) of `m` into a row-major float32 buffer.
+template <class T>
+void rows_to_f32(matrix_view<const T> m, index_t r0, index_t n, float* out) {
+  const index_t d = m.extent(1);
+  for (index_t r = 0; r < n; ++r)
+    for (index_t c = 0; c < d; ++c) out[r * d + c] = to_float(m(r0 + r, c));
+}
+
+}  // namespace detail
+
+/// Text raters (paper Sec. 3.2; spec step 1).
+///
+/// With V = embeds[S:S+N] and T = embeds[S+N:L]: M = softmax over the text axis of
+/// V·Tᵀ, m = column mean of M, and the raters are the text positions t with
+/// m[t] > mean(m), as absolute positions, ascending. No text tokens, or all m[t]
+/// equal (checked exactly, before the mean, so rounding of the mean cannot invent
+/// raters), gives no raters.
+///
+/// - `embeds`: [L, d] float32/float16/bfloat16, any strides; d >= 1.
+/// - `visual`: [S, S+N) inside [0, L), N >= 1.
+/// - Returns the raters (R <= L - S - N of them).
+/// - Cost: O(N·T·d) for the product (Eigen GEMM, float32), O(N·T) exp in double.
+///   Scratch from `ws`: (N + T)·d + N·T floats, T doubles.
+/// - Errors: shape_mismatch for a bad span or d = 0; non_finite for NaN/Inf in
+///   the rows of `embeds` it reads (rows S..L).
+template <class T>
+std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visual,
+                                   workspace& ws) {
+  const index_t L = embeds.extent(0);
+  const index_t d = embeds.extent(1);
+  detail::check_span(visual, L, "embeds.extent[0]");
+  detail::require(d >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1", d);
+  detail::check_finite_rows(embeds, visual.start, L, "embeds");
+
+  const index_t N = visual.len;
+  const index_t Tn = L - visual.end();
+  std::vector<index_t> raters;
+  if (Tn == 0) return raters;
+
+  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  float* vbuf = workspace::take(ws.f32_a, static_cast<std::size_t>(N * d));
+  float* tbuf = workspace::take(ws.f32_b, static_cast<std::size_t>(Tn * d));
+  float* lbuf = workspace::take(ws.f32_c, static_cast<std::size_t>(N * Tn));
+  detail::rows_to_f32(embeds, visual.start, N, vbuf);
+  detail::rows_to_f32(embeds, visual.end(), Tn, tbuf);
+  Eigen::Map<const RowMat> V(vbuf, N, d);
+  Eigen::Map<const RowMat> Tm(tbuf, Tn, d);
+  Eigen::Map<RowMat> logits(lbuf, N, Tn);
+  logits.noalias() = V * Tm.transpose();
+
+  double* m = workspace::take(ws.f64_a, static_cast<std::size_t>(Tn));
+  std::fill(m, m + Tn, 0.0);
+  for (index_t i = 0; i < N; ++i) {
+    const float* row = lbuf + i * Tn;
+    const float mx = *std::max_element(row, row + Tn);
+    double sum = 0.0;
+    for (index_t t = 0; t < Tn; ++t) sum += std::exp(static_cast<double>(row[t] - mx));
+    for (index_t t = 0; t < Tn; ++t) m[t] += std::exp(static_cast<double>(row[t] - mx)) / sum;
+  }
+  for (index_t t = 0; t < Tn; ++t) m[t] /= static_cast<double>(N);
+  if (std::all_of(m, m + Tn, [&](double v) { return v == m[0]; })) return raters;
+  double mean = 0.0;
+  for (index_t t = 0; t < Tn; ++t) mean += m[t];
+  mean /= static_cast<double>(Tn);
+  for (index_t t = 0; t < Tn; ++t)
+    if (m[t] > mean) raters.push_back(visual.end() + t);
+  return raters;
+}
+
+/// Convenience overload with a temporary workspace.
+template <class T>
+std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visual) {
+  workspace ws;
+  return select_raters(embeds, visual, ws);
+}
+
+/// Validates caller-given raters: ascending, unique, inside the text [S+N, L).
+inline void check_raters(std::span<const index_t> raters, visual_span visual, index_t L) {
+  for (std::size_t i = 0; i < raters.size(); ++i) {
+    const index_t r = raters[i];
+    detail::require(r >= visual.end() && r < L, errc::invalid_argument,
+                    detail::concat("raters[", i, "]"),
+                    detail::concat("a text position in [", visual.end(), ", ", L, ")"), r);
+    if (i > 0) {
+      detail::require(r > raters[i - 1], errc::invalid_argument, detail::concat("raters[", i, "]"),
+                      detail::concat("> raters[", i - 1, "] = ", raters[i - 1],
+                                     " (ascending, unique)"),
+                      r);
+    }
+  }
+}
+
+}  // namespace sparsevlm

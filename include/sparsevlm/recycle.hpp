@@ -1,0 +1,176 @@
+// Stage 7: recycle part of the pruned tokens by DPC-KNN clustering.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <span>
+#include <vector>
+
+#include "check.hpp"
+#include "core/math.hpp"
+#include "types.hpp"
+#include "workspace.hpp"
+
+namespace sparsevlm {
+
+/// Validates recycling options: 0 < fraction <= 1, cluster_divisor > 1, finite.
+inline void check_recycle_options(const recycle_options& o) {
+  detail::require(std::isfinite(o.fraction) && o.fraction > 0.0 && o.fraction <= 1.0,
+                  errc::invalid_argument, "recycle.fraction", "in (0, 1]", o.fraction);
+  detail::require(std::isfinite(o.cluster_divisor) && o.cluster_divisor > 1.0,
+                  errc::invalid_argument, "recycle.cluster_divisor", "a finite number > 1",
+                  o.cluster_divisor);
+}
+
+/// DPC-KNN clustering of s points from their distance matrix (spec step 7).
+///
+/// - `D`: s×s row-major, symmetric, zero diagonal, finite, >= 0 (trusted).
+/// - `c`: clusters, 1 <= c <= s; also the k of the k nearest neighbours.
+/// - `centres` receives the c centre indices in descending ρ·δ (ties to the lower
+///   index); `label[i]` receives the cluster (0..c-1, in that order) of point i.
+///
+/// Rules, all exact comparisons through core/math.hpp: ρ_i = exp(−mean of the k
+/// smallest D[i][·]²), summed in ascending order so equal multisets give equal ρ;
+/// j denser than i by core::denser; δ_i = min D[i][j] over denser j, or max(D) for
+/// the densest; a non-centre joins its nearest centre, ties to the earlier centre.
+/// Cost: O(s²) plus O(s·k log k). Scratch: s + 2s doubles.
+inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector<index_t>& centres,
+                    std::vector<index_t>& label, workspace& ws) {
+  SPARSEVLM_ASSERT(c >= 1 && c <= s && static_cast<index_t>(D.size()) >= s * s);
+  double* rho = workspace::take(ws.f64_b, static_cast<std::size_t>(3 * s));
+  double* gamma = rho + s;
+  double* tmp = rho + 2 * s;
+  const index_t k = c;
+  double dmax = 0.0;
+  for (index_t i = 0; i < s * s; ++i) dmax = std::max(dmax, D[static_cast<std::size_t>(i)]);
+  for (index_t i = 0; i < s; ++i) {
+    std::copy(D.begin() + i * s, D.begin() + (i + 1) * s, tmp);
+    std::nth_element(tmp, tmp + (k - 1), tmp + s);
+    std::sort(tmp, tmp + k);
+    double sum = 0.0;
+    for (index_t t = 0; t < k; ++t) sum += tmp[t] * tmp[t];
+    rho[i] = std::exp(-(sum / static_cast<double>(k)));
+  }
+  for (index_t i = 0; i < s; ++i) {
+    double delta = dmax;
+    for (index_t j = 0; j < s; ++j)
+      if (core::denser(rho[j], j, rho[i], i)) delta = std::min(delta, D[static_cast<std::size_t>(i * s + j)]);
+    gamma[i] = rho[i] * delta;
+  }
+  centres.resize(static_cast<std::size_t>(s));
+  std::iota(centres.begin(), centres.end(), index_t{0});
+  const auto better = [&](index_t a, index_t b) {
+    return core::ranks_before(gamma[a], a, gamma[b], b);
+  };
+  std::partial_sort(centres.begin(), centres.begin() + c, centres.end(), better);
+  centres.resize(static_cast<std::size_t>(c));
+
+  label.assign(static_cast<std::size_t>(s), -1);
+  for (index_t q = 0; q < c; ++q) label[static_cast<std::size_t>(centres[q])] = q;
+  for (index_t i = 0; i < s; ++i) {
+    if (label[static_cast<std::size_t>(i)] >= 0) continue;
+    index_t best = 0;
+    double best_d = D[static_cast<std::size_t>(i * s + centres[0])];
+    for (index_t q = 1; q < c; ++q) {
+      const double dq = D[static_cast<std::size_t>(i * s + centres[static_cast<std::size_t>(q)])];
+      if (dq < best_d) {
+        best_d = dq;
+        best = q;
+      }
+    }
+    label[static_cast<std::size_t>(i)] = best;
+  }
+}
+
+/// Recycles the selected pruned tokens (spec step 7, after the selection).
+///
+/// - `hidden`: [L, d] float32/float16/bfloat16, any strides, d >= 1.
+/// - `visual`: the visual span; `selected`: s >= 1 relative visual indices in
+///   ranked order (descending score, ties to the lower index), as select_keep
+///   returns them first in `pruned_out`; distinct.
+/// - `clusters`: c, 1 <= c <= s (core::cluster_count gives the spec's value).
+/// - `out`: clusters (absolute positions, ascending within a cluster) and merged
+///   rows [c, d] float32, the plain mean of each cluster's hidden rows.
+///
+/// D[i][j] = ‖x_i − x_j‖₂ / sqrt(d) is computed in double, once per pair, so it
+/// is exactly symmetric and exactly 0 for duplicate rows.
+/// Cost: O(s²·d) for D, O(s·d) for the means. Scratch: s·d + s² + 3s doubles.
+/// Errors: shape_mismatch / invalid_argument for bad extents or indices;
+/// non_finite for NaN/Inf in a selected hidden row. `out` is untouched on error.
+template <class T>
+void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const index_t> selected,
+             index_t clusters, recycle_result& out, workspace& ws) {
+  const index_t L = hidden.extent(0);
+  const index_t d = hidden.extent(1);
+  const index_t s = static_cast<index_t>(selected.size());
+  detail::check_span(visual, L, "hidden.extent[0]");
+  detail::require(d >= 1, errc::shape_mismatch, "hidden.extent[1]", ">= 1", d);
+  detail::require(s >= 1, errc::invalid_argument, "selected.size()", ">= 1", s);
+  detail::require(clusters >= 1 && clusters <= s, errc::invalid_argument, "clusters",
+                  detail::concat("in [1, ", s, "]"), clusters);
+  for (index_t i = 0; i < s; ++i) {
+    const index_t v = selected[static_cast<std::size_t>(i)];
+    detail::require(v >= 0 && v < visual.len, errc::invalid_argument,
+                    detail::concat("selected[", i, "]"),
+                    detail::concat("a visual index in [0, ", visual.len, ")"), v);
+    detail::check_finite_rows(hidden, visual.start + v, visual.start + v + 1, "hidden");
+  }
+  {
+    std::vector<index_t> sorted(selected.begin(), selected.end());
+    std::sort(sorted.begin(), sorted.end());
+    const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+    detail::require(dup == sorted.end(), errc::invalid_argument, "selected", "distinct indices",
+                    detail::concat("index ", dup == sorted.end() ? 0 : *dup, " twice"));
+  }
+
+  double* x = workspace::take(ws.f64_a, static_cast<std::size_t>(s * d));
+  for (index_t i = 0; i < s; ++i) {
+    const index_t row = visual.start + selected[static_cast<std::size_t>(i)];
+    for (index_t c = 0; c < d; ++c) x[i * d + c] = static_cast<double>(to_float(hidden(row, c)));
+  }
+  double* D = workspace::take(ws.f64_c, static_cast<std::size_t>(s * s));
+  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
+  for (index_t i = 0; i < s; ++i) {
+    D[i * s + i] = 0.0;
+    for (index_t j = i + 1; j < s; ++j) {
+      double acc = 0.0;
+      const double* a = x + i * d;
+      const double* b = x + j * d;
+      for (index_t c = 0; c < d; ++c) {
+        const double diff = a[c] - b[c];
+        acc += diff * diff;
+      }
+      const double dist = std::sqrt(acc) * inv_sqrt_d;
+      D[i * s + j] = dist;
+      D[j * s + i] = dist;
+    }
+  }
+
+  std::vector<index_t> centres, label;
+  dpc_knn(std::span<const double>(D, static_cast<std::size_t>(s * s)), s, clusters, centres, label,
+          ws);
+
+  recycle_result r;
+  r.dim = d;
+  r.clusters.resize(static_cast<std::size_t>(clusters));
+  for (index_t i = 0; i < s; ++i)
+    r.clusters[static_cast<std::size_t>(label[static_cast<std::size_t>(i)])].push_back(
+        visual.start + selected[static_cast<std::size_t>(i)]);
+  r.merged.assign(static_cast<std::size_t>(clusters * d), 0.0f);
+  std::vector<double> acc(static_cast<std::size_t>(d));
+  for (index_t q = 0; q < clusters; ++q) {
+    auto& members = r.clusters[static_cast<std::size_t>(q)];
+    std::sort(members.begin(), members.end());
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (index_t pos : members)
+      for (index_t c = 0; c < d; ++c) acc[static_cast<std::size_t>(c)] += to_float(hidden(pos, c));
+    const double count = static_cast<double>(members.size());
+    for (index_t c = 0; c < d; ++c)
+      r.merged[static_cast<std::size_t>(q * d + c)] =
+          static_cast<float>(acc[static_cast<std::size_t>(c)] / count);
+  }
+  out = std::move(r);
+}
+
+}  // namespace sparsevlm

@@ -1,0 +1,23 @@
+// sparsevlm: SparseVLM visual-token sparsification (arXiv 2410.04417), CPU API.
+//
+// One include gives every stage of a pruning step and their composition:
+//   select_raters -> relevance_scores -> numerical_rank -> keep_count ->
+//   select_keep -> recycle (dpc_knn) -> make_sequence -> apply_plan
+// and prune_step, which runs them in order. See docs/algorithm.md.
+#pragma once
+
+#include "config.hpp"
+#include "core/math.hpp"
+#include "dtype.hpp"
+#include "error.hpp"
+#include "keep_count.hpp"
+#include "keep_set.hpp"
+#include "plan.hpp"
+#include "rank.hpp"
+#include "raters.hpp"
+#include "recycle.hpp"
+#include "scores.hpp"
+#include "step.hpp"
+#include "types.hpp"
+#include "view.hpp"
+#include "workspace.hpp"

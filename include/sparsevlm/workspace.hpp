@@ -1,0 +1,37 @@
+// Reusable scratch memory for a pruning step.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "view.hpp"
+
+namespace sparsevlm {
+
+/// Scratch buffers reused across steps. A step grows them to the shape it sees
+/// and never shrinks them, so after the first step of a model shape the stages
+/// allocate nothing except their results. Not thread-safe: one per thread.
+class workspace {
+ public:
+  /// Bytes currently held (a measure for engines that budget memory).
+  [[nodiscard]] std::size_t bytes() const noexcept {
+    return (f32_a.capacity() + f32_b.capacity() + f32_c.capacity()) * sizeof(float) +
+           (f64_a.capacity() + f64_b.capacity() + f64_c.capacity()) * sizeof(double) +
+           (idx_a.capacity() + idx_b.capacity()) * sizeof(index_t);
+  }
+
+  /// Grows `v` to at least `n` elements and returns its data.
+  template <class T>
+  static T* take(std::vector<T>& v, std::size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+
+  // Stages use these in a fixed way (documented at each use); they are public so
+  // that the stage headers need no friendship, not for callers.
+  std::vector<float> f32_a, f32_b, f32_c;
+  std::vector<double> f64_a, f64_b, f64_c;
+  std::vector<index_t> idx_a, idx_b;
+};
+
+}  // namespace sparsevlm
