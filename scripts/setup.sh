@@ -7,7 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libeigen3-dev libxsimd-dev doctest-dev libbenchmark-dev libdlpack-dev
   nlohmann-json3-dev libcli11-dev
-  clang libclang-rt-dev
+  clang libclang-rt-dev xxd
 )
 
 missing=()
