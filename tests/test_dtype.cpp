@@ -10,6 +10,8 @@ using sparsevlm::half;
 using sparsevlm::to_bfloat16;
 using sparsevlm::to_float;
 using sparsevlm::to_half;
+using svt::kInff;
+using svt::kNaNf;
 
 namespace {
 

@@ -21,16 +21,16 @@
 /// Checks that the expression throws sparsevlm::error with error code `code` and a
 /// message containing `substr` (the argument it names). The expression goes last
 /// so that commas inside it need no extra parentheses.
-#define SV_CHECK_THROWS(code, substr, ...)                                                   \
+#define SV_CHECK_THROWS(sv_code_, sv_sub_, ...)                                             \
   do {                                                                                       \
     bool sv_thrown_ = false;                                                                 \
     try {                                                                                    \
       (void)(__VA_ARGS__);                                                                   \
     } catch (const ::sparsevlm::error& sv_e_) {                                              \
       sv_thrown_ = true;                                                                     \
-      CHECK_MESSAGE(static_cast<int>(sv_e_.code()) == static_cast<int>(code), sv_e_.what()); \
-      CHECK_MESSAGE(std::string_view(sv_e_.what()).find(substr) != std::string_view::npos,   \
-                    "message '", sv_e_.what(), "' lacks '", substr, "'");                   \
+      CHECK_MESSAGE(static_cast<int>(sv_e_.code()) == static_cast<int>(sv_code_), sv_e_.what()); \
+      CHECK_MESSAGE(std::string_view(sv_e_.what()).find(sv_sub_) != std::string_view::npos,  \
+                    "message '", sv_e_.what(), "' lacks '", sv_sub_, "'");                  \
     }                                                                                        \
     CHECK_MESSAGE(sv_thrown_, "no sparsevlm::error from: " #__VA_ARGS__);                   \
   } while (false)
