@@ -1,9 +1,9 @@
 // Stage 1: choose the text tokens that rate the visual tokens.
 #pragma once
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <span>
 #include <vector>
 
@@ -22,6 +22,19 @@ void rows_to_f32(matrix_view<const T> m, index_t r0, index_t n, float* out) {
     for (index_t c = 0; c < d; ++c) out[r * d + c] = to_float(m(r0 + r, c));
 }
 
+/// Dot product in float32 with a fixed association (8 interleaved partial sums,
+/// combined in a fixed order). Every logit is computed the same way, so identical
+/// text embeddings give bit-identical logits, which the "all m equal" rule needs;
+/// a blocked GEMM does not promise that across its panels.
+inline float dot_f32(const float* a, const float* b, index_t n) noexcept {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  index_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[k + l] * b[k + l];
+  for (int l = 0; k < n; ++k, ++l) acc[l] += a[k] * b[k];
+  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
 }  // namespace detail
 
 /// Text raters (paper Sec. 3.2; spec step 1).
@@ -35,8 +48,9 @@ void rows_to_f32(matrix_view<const T> m, index_t r0, index_t n, float* out) {
 /// - `embeds`: [L, d] float32/float16/bfloat16, any strides; d >= 1.
 /// - `visual`: [S, S+N) inside [0, L), N >= 1.
 /// - Returns the raters (R <= L - S - N of them).
-/// - Cost: O(N·T·d) for the product (Eigen GEMM, float32), O(N·T) exp in double.
-///   Scratch from `ws`: (N + T)·d + N·T floats, T doubles.
+/// - Cost: O(N·T·d) for the logits (float32 dot products, one fixed summation
+///   order for all), O(N·T) exp in double. Scratch from `ws`: (N + T)·d floats,
+///   2T doubles.
 /// - Errors: shape_mismatch for a bad span or d = 0; non_finite for NaN/Inf in
 ///   the rows of `embeds` it reads (rows S..L).
 template <class T>
@@ -53,25 +67,22 @@ std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visu
   std::vector<index_t> raters;
   if (Tn == 0) return raters;
 
-  using RowMat = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   float* vbuf = workspace::take(ws.f32_a, static_cast<std::size_t>(N * d));
   float* tbuf = workspace::take(ws.f32_b, static_cast<std::size_t>(Tn * d));
-  float* lbuf = workspace::take(ws.f32_c, static_cast<std::size_t>(N * Tn));
   detail::rows_to_f32(embeds, visual.start, N, vbuf);
   detail::rows_to_f32(embeds, visual.end(), Tn, tbuf);
-  Eigen::Map<const RowMat> V(vbuf, N, d);
-  Eigen::Map<const RowMat> Tm(tbuf, Tn, d);
-  Eigen::Map<RowMat> logits(lbuf, N, Tn);
-  logits.noalias() = V * Tm.transpose();
-
+  double* e = workspace::take(ws.f64_b, static_cast<std::size_t>(Tn));
   double* m = workspace::take(ws.f64_a, static_cast<std::size_t>(Tn));
   std::fill(m, m + Tn, 0.0);
   for (index_t i = 0; i < N; ++i) {
-    const float* row = lbuf + i * Tn;
-    const float mx = *std::max_element(row, row + Tn);
+    double mx = -std::numeric_limits<double>::infinity();
+    for (index_t t = 0; t < Tn; ++t) {
+      e[t] = static_cast<double>(detail::dot_f32(vbuf + i * d, tbuf + t * d, d));
+      mx = std::max(mx, e[t]);
+    }
     double sum = 0.0;
-    for (index_t t = 0; t < Tn; ++t) sum += std::exp(static_cast<double>(row[t] - mx));
-    for (index_t t = 0; t < Tn; ++t) m[t] += std::exp(static_cast<double>(row[t] - mx)) / sum;
+    for (index_t t = 0; t < Tn; ++t) sum += (e[t] = std::exp(e[t] - mx));
+    for (index_t t = 0; t < Tn; ++t) m[t] += e[t] / sum;
   }
   for (index_t t = 0; t < Tn; ++t) m[t] /= static_cast<double>(N);
   if (std::all_of(m, m + Tn, [&](double v) { return v == m[0]; })) return raters;
