@@ -47,20 +47,8 @@ int cmd_bench(const std::string& case_dir, int repeat) {
     workspace ws;
     (void)io::run_case(c, ws);  // validates the inputs once, before timing
   }
-  std::map<std::string, double> med;
-  io::detail_case::with_view<2>(c.embeds, "embeds", [&](auto e) {
-    return io::detail_case::with_view<3>(c.attn, "attn", [&](auto a) {
-      return io::detail_case::with_view<2>(c.hidden, "hidden", [&](auto h) {
-        using TE = typename decltype(e)::value_type;
-        using TA = typename decltype(a)::value_type;
-        using TH = typename decltype(h)::value_type;
-        step_inputs<TE, TA, TH> in{e, a, h, c.visual, std::nullopt};
-        if (c.raters) in.raters = std::span<const index_t>(*c.raters);
-        med = examples::time_stages(in, c.options, repeat);
-        return 0;
-      });
-    });
-  });
+  const auto med = io::visit_case(
+      c, [&](const auto& in) { return examples::time_stages(in, c.options, repeat); });
   nlohmann::json j;
   j["case"] = c.name;
   j["repeat"] = repeat;

@@ -11,10 +11,10 @@
 namespace sparsevlm::detail {
 
 inline void check_span(visual_span vis, index_t length, const char* length_name) {
-  require(vis.start >= 0, errc::shape_mismatch, "visual.start", ">= 0", vis.start);
-  require(vis.len >= 1, errc::shape_mismatch, "visual.len", ">= 1 (N = 0 has nothing to prune)",
+  SPARSEVLM_CHECK(vis.start >= 0, errc::shape_mismatch, "visual.start", ">= 0", vis.start);
+  SPARSEVLM_CHECK(vis.len >= 1, errc::shape_mismatch, "visual.len", ">= 1 (N = 0 has nothing to prune)",
           vis.len);
-  require(vis.start <= length && vis.len <= length - vis.start, errc::shape_mismatch,
+  SPARSEVLM_CHECK(vis.start <= length && vis.len <= length - vis.start, errc::shape_mismatch,
           "visual", concat("a span inside [0, ", length, ") (", length_name, ")"),
           concat("[", vis.start, ", ", vis.start + vis.len, ")"));
 }

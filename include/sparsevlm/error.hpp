@@ -43,12 +43,13 @@ template <class Expected, class Got>
   throw error(code, concat(argument, ": expected ", expected, ", got ", got));
 }
 
-/// `fail` with errc::invalid_argument / shape_mismatch when `cond` is false.
-template <class Expected, class Got>
-void require(bool cond, errc code, const std::string& argument, const Expected& expected,
-             const Got& got) {
-  if (!cond) fail(code, argument, expected, got);
-}
-
 }  // namespace detail
 }  // namespace sparsevlm
+
+/// Throws sparsevlm::error(code, "argument: expected X, got Y") when `cond` is
+/// false. A macro so that the message parts (often built with detail::concat)
+/// are only evaluated on failure: checks inside per-element loops cost a compare.
+#define SPARSEVLM_CHECK(cond, code, argument, expected, got)       \
+  do {                                                            \
+    if (!(cond)) ::sparsevlm::detail::fail(code, argument, expected, got); \
+  } while (0)

@@ -13,12 +13,12 @@ namespace sparsevlm {
 /// Validates a keep policy: finite scale and bias, or a fixed count >= 0.
 inline void check_policy(const keep_policy& p) {
   if (p.kind == keep_policy::kind_t::rank) {
-    detail::require(std::isfinite(p.scale), errc::invalid_argument, "policy.scale",
+    SPARSEVLM_CHECK(std::isfinite(p.scale), errc::invalid_argument, "policy.scale",
                     "a finite number", p.scale);
-    detail::require(std::isfinite(p.bias), errc::invalid_argument, "policy.bias",
+    SPARSEVLM_CHECK(std::isfinite(p.bias), errc::invalid_argument, "policy.bias",
                     "a finite number", p.bias);
   } else {
-    detail::require(p.keep >= 0, errc::invalid_argument, "policy.keep", ">= 0", p.keep);
+    SPARSEVLM_CHECK(p.keep >= 0, errc::invalid_argument, "policy.keep", ">= 0", p.keep);
   }
 }
 
@@ -28,14 +28,15 @@ inline void check_policy(const keep_policy& p) {
 /// - Rank policy: N when rank == N; else max(0, min(floor(rank·scale + bias), N − 1)).
 /// - Fixed policy: min(keep, N − 1).
 ///
-/// Hence N = 1 with raters keeps 0 unless its rank is 1. O(1).
+/// Hence N = 1 with raters keeps 0, except under the rank policy when P has
+/// rank 1. O(1).
 /// Errors: invalid_argument for N < 1, rank outside [0, N], or a bad policy.
 inline index_t keep_count(const keep_policy& policy, index_t rank, index_t n_visual,
                           index_t n_raters) {
-  detail::require(n_visual >= 1, errc::invalid_argument, "n_visual", ">= 1", n_visual);
-  detail::require(rank >= 0 && rank <= n_visual, errc::invalid_argument, "rank",
+  SPARSEVLM_CHECK(n_visual >= 1, errc::invalid_argument, "n_visual", ">= 1", n_visual);
+  SPARSEVLM_CHECK(rank >= 0 && rank <= n_visual, errc::invalid_argument, "rank",
                   detail::concat("in [0, ", n_visual, "]"), rank);
-  detail::require(n_raters >= 0, errc::invalid_argument, "n_raters", ">= 0", n_raters);
+  SPARSEVLM_CHECK(n_raters >= 0, errc::invalid_argument, "n_raters", ">= 0", n_raters);
   check_policy(policy);
   if (n_raters == 0) return n_visual;
   if (policy.kind == keep_policy::kind_t::fixed) return std::min(policy.keep, n_visual - 1);

@@ -18,7 +18,7 @@ namespace detail {
 
 inline void check_scores(std::span<const float> scores) {
   for (std::size_t j = 0; j < scores.size(); ++j)
-    require(std::isfinite(scores[j]), errc::non_finite, concat("scores[", j, "]"),
+    SPARSEVLM_CHECK(std::isfinite(scores[j]), errc::non_finite, concat("scores[", j, "]"),
             "a finite value", scores[j]);
 }
 
@@ -42,9 +42,9 @@ inline void select_keep(std::span<const float> scores, index_t visual_start, ind
                         index_t top_pruned, std::vector<index_t>& keep_out,
                         std::vector<index_t>& pruned_out, workspace& ws) {
   const index_t N = static_cast<index_t>(scores.size());
-  detail::require(keep >= 0 && keep <= N, errc::invalid_argument, "keep",
+  SPARSEVLM_CHECK(keep >= 0 && keep <= N, errc::invalid_argument, "keep",
                   detail::concat("in [0, ", N, "]"), keep);
-  detail::require(top_pruned >= 0 && top_pruned <= N - keep, errc::invalid_argument, "top_pruned",
+  SPARSEVLM_CHECK(top_pruned >= 0 && top_pruned <= N - keep, errc::invalid_argument, "top_pruned",
                   detail::concat("in [0, ", N - keep, "]"), top_pruned);
   detail::check_scores(scores);
 

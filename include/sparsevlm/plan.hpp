@@ -25,15 +25,15 @@ inline std::vector<index_t> make_sequence(index_t length, visual_span visual,
   detail::check_span(visual, length, "length");
   const index_t k = static_cast<index_t>(keep.size());
   for (std::size_t i = 0; i < keep.size(); ++i) {
-    detail::require(keep[i] >= visual.start && keep[i] < visual.end(), errc::invalid_argument,
+    SPARSEVLM_CHECK(keep[i] >= visual.start && keep[i] < visual.end(), errc::invalid_argument,
                     detail::concat("keep[", i, "]"),
                     detail::concat("a visual position in [", visual.start, ", ", visual.end(), ")"),
                     keep[i]);
     if (i > 0)
-      detail::require(keep[i] > keep[i - 1], errc::invalid_argument,
+      SPARSEVLM_CHECK(keep[i] > keep[i - 1], errc::invalid_argument,
                       detail::concat("keep[", i, "]"), "ascending, unique positions", keep[i]);
   }
-  detail::require(recycled >= 0 && recycled <= visual.len - k, errc::invalid_argument, "recycled",
+  SPARSEVLM_CHECK(recycled >= 0 && recycled <= visual.len - k, errc::invalid_argument, "recycled",
                   detail::concat("in [0, ", visual.len - k, "] (the pruned count)"), recycled);
   std::vector<index_t> seq;
   seq.reserve(static_cast<std::size_t>(length - visual.len + k + recycled));
@@ -62,11 +62,11 @@ void check_plan_args(std::span<const index_t> sequence, index_t in_rows, index_t
                      matrix_view<const U> recycled) {
   const index_t c = recycled.extent(0);
   if (c > 0)
-    require(recycled.extent(1) == cols, errc::shape_mismatch, "recycled.extent[1]", cols,
+    SPARSEVLM_CHECK(recycled.extent(1) == cols, errc::shape_mismatch, "recycled.extent[1]", cols,
             recycled.extent(1));
   for (std::size_t i = 0; i < sequence.size(); ++i) {
     const index_t p = sequence[i];
-    require(p < in_rows && p >= -c, errc::invalid_argument, concat("sequence[", i, "]"),
+    SPARSEVLM_CHECK(p < in_rows && p >= -c, errc::invalid_argument, concat("sequence[", i, "]"),
             concat("a source row in [0, ", in_rows, ") or a recycled index in [-", c, ", -1]"), p);
   }
 }
@@ -104,7 +104,7 @@ template <class T, class U>
 void apply_plan(std::span<const index_t> sequence, matrix_view<const T> in,
                 matrix_view<const U> recycled, matrix_view<T> out) {
   const index_t n = static_cast<index_t>(sequence.size());
-  detail::require(out.extent(0) == n && out.extent(1) == in.extent(1), errc::shape_mismatch, "out",
+  SPARSEVLM_CHECK(out.extent(0) == n && out.extent(1) == in.extent(1), errc::shape_mismatch, "out",
                   detail::concat("[", n, ", ", in.extent(1), "]"),
                   detail::concat("[", out.extent(0), ", ", out.extent(1), "]"));
   detail::check_plan_args<T, U>(sequence, in.extent(0), in.extent(1), recycled);
@@ -128,12 +128,12 @@ template <class T, class U>
 index_t apply_plan_inplace(std::span<const index_t> sequence, matrix_view<T> inout,
                            matrix_view<const U> recycled) {
   const index_t n = static_cast<index_t>(sequence.size());
-  detail::require(n <= inout.extent(0), errc::shape_mismatch, "sequence.size()",
+  SPARSEVLM_CHECK(n <= inout.extent(0), errc::shape_mismatch, "sequence.size()",
                   detail::concat("<= inout.extent[0] = ", inout.extent(0)), n);
   detail::check_plan_args<T, U>(sequence, inout.extent(0), inout.extent(1), recycled);
   for (index_t i = 0; i < n; ++i) {
     const index_t p = sequence[static_cast<std::size_t>(i)];
-    detail::require(p < 0 || p >= i, errc::invalid_argument, detail::concat("sequence[", i, "]"),
+    SPARSEVLM_CHECK(p < 0 || p >= i, errc::invalid_argument, detail::concat("sequence[", i, "]"),
                     detail::concat(">= ", i, " for an in-place compaction"), p);
   }
   for (index_t i = 0; i < n; ++i) {

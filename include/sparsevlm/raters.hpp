@@ -59,7 +59,7 @@ std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visu
   const index_t L = embeds.extent(0);
   const index_t d = embeds.extent(1);
   detail::check_span(visual, L, "embeds.extent[0]");
-  detail::require(d >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1", d);
+  SPARSEVLM_CHECK(d >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1", d);
   detail::check_finite_rows(embeds, visual.start, L, "embeds");
 
   const index_t N = visual.len;
@@ -105,11 +105,11 @@ std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visu
 inline void check_raters(std::span<const index_t> raters, visual_span visual, index_t L) {
   for (std::size_t i = 0; i < raters.size(); ++i) {
     const index_t r = raters[i];
-    detail::require(r >= visual.end() && r < L, errc::invalid_argument,
+    SPARSEVLM_CHECK(r >= visual.end() && r < L, errc::invalid_argument,
                     detail::concat("raters[", i, "]"),
                     detail::concat("a text position in [", visual.end(), ", ", L, ")"), r);
     if (i > 0) {
-      detail::require(r > raters[i - 1], errc::invalid_argument, detail::concat("raters[", i, "]"),
+      SPARSEVLM_CHECK(r > raters[i - 1], errc::invalid_argument, detail::concat("raters[", i, "]"),
                       detail::concat("> raters[", i - 1, "] = ", raters[i - 1],
                                      " (ascending, unique)"),
                       r);

@@ -16,9 +16,9 @@ namespace sparsevlm {
 
 /// Validates recycling options: 0 < fraction <= 1, cluster_divisor > 1, finite.
 inline void check_recycle_options(const recycle_options& o) {
-  detail::require(std::isfinite(o.fraction) && o.fraction > 0.0 && o.fraction <= 1.0,
+  SPARSEVLM_CHECK(std::isfinite(o.fraction) && o.fraction > 0.0 && o.fraction <= 1.0,
                   errc::invalid_argument, "recycle.fraction", "in (0, 1]", o.fraction);
-  detail::require(std::isfinite(o.cluster_divisor) && o.cluster_divisor > 1.0,
+  SPARSEVLM_CHECK(std::isfinite(o.cluster_divisor) && o.cluster_divisor > 1.0,
                   errc::invalid_argument, "recycle.cluster_divisor", "a finite number > 1",
                   o.cluster_divisor);
 }
@@ -95,7 +95,8 @@ inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector
 ///
 /// D[i][j] = ‖x_i − x_j‖₂ / sqrt(d) is computed in double, once per pair, so it
 /// is exactly symmetric and exactly 0 for duplicate rows.
-/// Cost: O(s²·d) for D, O(s·d) for the means. Scratch: s·d + s² + 3s doubles.
+/// Cost: O(s²·d) for D, O(s·d) for the means. Scratch: s·d + s² + 3s + d
+/// doubles, N + 2s indices.
 /// Errors: shape_mismatch / invalid_argument for bad extents or indices;
 /// non_finite for NaN/Inf in a selected hidden row. `out` is untouched on error.
 template <class T>
@@ -105,23 +106,22 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
   const index_t d = hidden.extent(1);
   const index_t s = static_cast<index_t>(selected.size());
   detail::check_span(visual, L, "hidden.extent[0]");
-  detail::require(d >= 1, errc::shape_mismatch, "hidden.extent[1]", ">= 1", d);
-  detail::require(s >= 1, errc::invalid_argument, "selected.size()", ">= 1", s);
-  detail::require(clusters >= 1 && clusters <= s, errc::invalid_argument, "clusters",
+  SPARSEVLM_CHECK(d >= 1, errc::shape_mismatch, "hidden.extent[1]", ">= 1", d);
+  SPARSEVLM_CHECK(s >= 1, errc::invalid_argument, "selected.size()", ">= 1", s);
+  SPARSEVLM_CHECK(clusters >= 1 && clusters <= s, errc::invalid_argument, "clusters",
                   detail::concat("in [1, ", s, "]"), clusters);
+  std::vector<index_t>& seen = ws.idx_c;  // marks the visual indices met so far
+  seen.assign(static_cast<std::size_t>(visual.len), 0);
   for (index_t i = 0; i < s; ++i) {
     const index_t v = selected[static_cast<std::size_t>(i)];
-    detail::require(v >= 0 && v < visual.len, errc::invalid_argument,
+    SPARSEVLM_CHECK(v >= 0 && v < visual.len, errc::invalid_argument,
                     detail::concat("selected[", i, "]"),
                     detail::concat("a visual index in [0, ", visual.len, ")"), v);
+    SPARSEVLM_CHECK(seen[static_cast<std::size_t>(v)] == 0, errc::invalid_argument,
+                    detail::concat("selected[", i, "]"), "distinct indices",
+                    detail::concat(v, ", already listed"));
+    seen[static_cast<std::size_t>(v)] = 1;
     detail::check_finite_rows(hidden, visual.start + v, visual.start + v + 1, "hidden");
-  }
-  {
-    std::vector<index_t> sorted(selected.begin(), selected.end());
-    std::sort(sorted.begin(), sorted.end());
-    const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
-    detail::require(dup == sorted.end(), errc::invalid_argument, "selected", "distinct indices",
-                    detail::concat("index ", dup == sorted.end() ? 0 : *dup, " twice"));
   }
 
   double* x = workspace::take(ws.f64_a, static_cast<std::size_t>(s * d));
@@ -147,7 +147,8 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
     }
   }
 
-  std::vector<index_t> centres, label;
+  std::vector<index_t>& centres = ws.idx_d;
+  std::vector<index_t>& label = ws.idx_e;
   dpc_knn(std::span<const double>(D, static_cast<std::size_t>(s * s)), s, clusters, centres, label,
           ws);
 
@@ -158,17 +159,17 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
     r.clusters[static_cast<std::size_t>(label[static_cast<std::size_t>(i)])].push_back(
         visual.start + selected[static_cast<std::size_t>(i)]);
   r.merged.assign(static_cast<std::size_t>(clusters * d), 0.0f);
-  std::vector<double> acc(static_cast<std::size_t>(d));
+  double* acc = workspace::take(ws.f64_d, static_cast<std::size_t>(d));
   for (index_t q = 0; q < clusters; ++q) {
     auto& members = r.clusters[static_cast<std::size_t>(q)];
     std::sort(members.begin(), members.end());
-    std::fill(acc.begin(), acc.end(), 0.0);
+    std::fill(acc, acc + d, 0.0);
     for (index_t pos : members)
-      for (index_t c = 0; c < d; ++c) acc[static_cast<std::size_t>(c)] += to_float(hidden(pos, c));
+      for (index_t c = 0; c < d; ++c) acc[c] += to_float(hidden(pos, c));
     const double count = static_cast<double>(members.size());
     for (index_t c = 0; c < d; ++c)
       r.merged[static_cast<std::size_t>(q * d + c)] =
-          static_cast<float>(acc[static_cast<std::size_t>(c)] / count);
+          static_cast<float>(acc[c] / count);
   }
   out = std::move(r);
 }

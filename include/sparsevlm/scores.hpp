@@ -36,15 +36,15 @@ void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> rater
   const index_t L = attn.extent(1);
   const index_t R = static_cast<index_t>(raters.size());
   const index_t N = visual.len;
-  detail::require(H >= 1, errc::shape_mismatch, "attn.extent[0] (heads)", ">= 1", H);
-  detail::require(attn.extent(2) == L, errc::shape_mismatch, "attn.extent[2]",
+  SPARSEVLM_CHECK(H >= 1, errc::shape_mismatch, "attn.extent[0] (heads)", ">= 1", H);
+  SPARSEVLM_CHECK(attn.extent(2) == L, errc::shape_mismatch, "attn.extent[2]",
                   detail::concat(L, " (= attn.extent[1], square attention)"), attn.extent(2));
   detail::check_span(visual, L, "attn.extent[1]");
   check_raters(raters, visual, L);
-  detail::require(P.extent(0) == R && P.extent(1) == N, errc::shape_mismatch, "P",
+  SPARSEVLM_CHECK(P.extent(0) == R && P.extent(1) == N, errc::shape_mismatch, "P",
                   detail::concat("[", R, ", ", N, "]"),
                   detail::concat("[", P.extent(0), ", ", P.extent(1), "]"));
-  detail::require(static_cast<index_t>(scores.size()) == N, errc::shape_mismatch, "scores.size()",
+  SPARSEVLM_CHECK(static_cast<index_t>(scores.size()) == N, errc::shape_mismatch, "scores.size()",
                   N, scores.size());
 
   const float hf = static_cast<float>(H);

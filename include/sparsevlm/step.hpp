@@ -34,21 +34,21 @@ struct step_inputs {
 template <class TE, class TA, class TH>
 void check_step(const step_inputs<TE, TA, TH>& in, const step_options& opt) {
   const index_t L = in.attn.extent(1);
-  detail::require(in.attn.extent(0) >= 1, errc::shape_mismatch, "attn.extent[0] (heads)", ">= 1",
+  SPARSEVLM_CHECK(in.attn.extent(0) >= 1, errc::shape_mismatch, "attn.extent[0] (heads)", ">= 1",
                   in.attn.extent(0));
-  detail::require(in.attn.extent(2) == L, errc::shape_mismatch, "attn.extent[2]",
+  SPARSEVLM_CHECK(in.attn.extent(2) == L, errc::shape_mismatch, "attn.extent[2]",
                   detail::concat(L, " (= attn.extent[1], square attention)"), in.attn.extent(2));
   detail::check_span(in.visual, L, "attn.extent[1]");
-  detail::require(in.hidden.extent(0) == L, errc::shape_mismatch, "hidden.extent[0]",
+  SPARSEVLM_CHECK(in.hidden.extent(0) == L, errc::shape_mismatch, "hidden.extent[0]",
                   detail::concat(L, " (= attn.extent[1])"), in.hidden.extent(0));
-  detail::require(in.hidden.extent(1) >= 1, errc::shape_mismatch, "hidden.extent[1]", ">= 1",
+  SPARSEVLM_CHECK(in.hidden.extent(1) >= 1, errc::shape_mismatch, "hidden.extent[1]", ">= 1",
                   in.hidden.extent(1));
   if (in.raters) {
     check_raters(*in.raters, in.visual, L);
   } else {
-    detail::require(in.embeds.extent(0) == L, errc::shape_mismatch, "embeds.extent[0]",
+    SPARSEVLM_CHECK(in.embeds.extent(0) == L, errc::shape_mismatch, "embeds.extent[0]",
                     detail::concat(L, " (= attn.extent[1])"), in.embeds.extent(0));
-    detail::require(in.embeds.extent(1) >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1",
+    SPARSEVLM_CHECK(in.embeds.extent(1) >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1",
                     in.embeds.extent(1));
   }
   check_policy(opt.policy);
@@ -66,7 +66,7 @@ void check_step(const step_inputs<TE, TA, TH>& in, const step_options& opt) {
 ///   stage functions for the rules, and docs/algorithm.md.
 /// - Cost: O(N·T·d_e) rater selection (skipped with caller raters), O(H·R·N)
 ///   scoring, O(min(R,N)²·max(R,N)) rank, O(N) keep set, O(s²·d) recycling,
-///   O(L) plan, with s = floor(fraction·(N − keep)) + 1.
+///   O(L) plan, with s = min(n, floor(fraction·n) + 1), n = N − keep.
 /// - Scratch comes from `ws` (reuse it across steps: no allocation once sized);
 ///   the result's vectors are allocated.
 /// - Errors: sparsevlm::error (see check_step); nothing is returned on error.

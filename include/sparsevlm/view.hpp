@@ -95,14 +95,14 @@ class strided_view {
     index_t last = 0;  // offset of the furthest element
     bool empty_view = false;
     for (std::size_t d = 0; d < Rank; ++d) {
-      const std::string dim = detail::concat(name, ".extent[", d, "]");
-      detail::require(extents_[d] >= 0, errc::shape_mismatch, dim, ">= 0", extents_[d]);
-      detail::require(strides_[d] >= 0, errc::shape_mismatch,
+      SPARSEVLM_CHECK(extents_[d] >= 0, errc::shape_mismatch,
+                      detail::concat(name, ".extent[", d, "]"), ">= 0", extents_[d]);
+      SPARSEVLM_CHECK(strides_[d] >= 0, errc::shape_mismatch,
                       detail::concat(name, ".stride[", d, "]"), ">= 0", strides_[d]);
       if (extents_[d] == 0) empty_view = true;
     }
     if (empty_view) return;
-    detail::require(data_ != nullptr, errc::invalid_argument, detail::concat(name, ".data"),
+    SPARSEVLM_CHECK(data_ != nullptr, errc::invalid_argument, detail::concat(name, ".data"),
                     "a non-null pointer for a non-empty view", "nullptr");
     for (std::size_t d = 0; d < Rank; ++d) {
       const index_t span = extents_[d] - 1;
@@ -125,7 +125,7 @@ class strided_view {
       for (std::size_t i = 0; i < Rank; ++i) {
         const std::size_t d = order[i];
         if (extents_[d] <= 1) continue;
-        detail::require(strides_[d] > reach, errc::shape_mismatch,
+        SPARSEVLM_CHECK(strides_[d] > reach, errc::shape_mismatch,
                         detail::concat(name, ".stride[", d, "]"),
                         detail::concat("> ", reach, " so that a writable view does not alias"),
                         strides_[d]);

@@ -16,8 +16,11 @@ class workspace {
   /// Bytes currently held (a measure for engines that budget memory).
   [[nodiscard]] std::size_t bytes() const noexcept {
     return (f32_a.capacity() + f32_b.capacity() + f32_c.capacity()) * sizeof(float) +
-           (f64_a.capacity() + f64_b.capacity() + f64_c.capacity()) * sizeof(double) +
-           (idx_a.capacity() + idx_b.capacity()) * sizeof(index_t);
+           (f64_a.capacity() + f64_b.capacity() + f64_c.capacity() + f64_d.capacity()) *
+               sizeof(double) +
+           (idx_a.capacity() + idx_b.capacity() + idx_c.capacity() + idx_d.capacity() +
+            idx_e.capacity()) *
+               sizeof(index_t);
   }
 
   /// Grows `v` to at least `n` elements and returns its data.
@@ -30,8 +33,8 @@ class workspace {
   // Stages use these in a fixed way (documented at each use); they are public so
   // that the stage headers need no friendship, not for callers.
   std::vector<float> f32_a, f32_b, f32_c;
-  std::vector<double> f64_a, f64_b, f64_c;
-  std::vector<index_t> idx_a, idx_b;
+  std::vector<double> f64_a, f64_b, f64_c, f64_d;
+  std::vector<index_t> idx_a, idx_b, idx_c, idx_d, idx_e;
 };
 
 }  // namespace sparsevlm

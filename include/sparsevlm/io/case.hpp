@@ -163,8 +163,11 @@ decltype(auto) with_view(const npy_array& a, const char* name, F&& f) {
 
 }  // namespace detail_case
 
-/// Runs the case's step through prune_step (dispatching on the three dtypes).
-inline step_result run_case(const case_data& c, workspace& ws) {
+/// Calls `f(step_inputs<TE, TA, TH>)` with typed views over the case's arrays
+/// (each float32 or float16 as stored) and returns what `f` returns. The views
+/// borrow from `c`.
+template <class F>
+decltype(auto) visit_case(const case_data& c, F&& f) {
   using detail_case::with_view;
   return with_view<2>(c.embeds, "embeds", [&](auto e) {
     return with_view<3>(c.attn, "attn", [&](auto a) {
@@ -174,10 +177,15 @@ inline step_result run_case(const case_data& c, workspace& ws) {
         using TH = typename decltype(h)::value_type;
         step_inputs<TE, TA, TH> in{e, a, h, c.visual, std::nullopt};
         if (c.raters) in.raters = std::span<const index_t>(*c.raters);
-        return prune_step(in, c.options, ws);
+        return f(in);
       });
     });
   });
+}
+
+/// Runs the case's step through prune_step.
+inline step_result run_case(const case_data& c, workspace& ws) {
+  return visit_case(c, [&](const auto& in) { return prune_step(in, c.options, ws); });
 }
 
 /// The spec's result.json object for a step result (`merged` names
@@ -229,7 +237,10 @@ inline expected_result read_expected(const std::filesystem::path& dir) {
   }
   if (!e.json.is_object()) detail_case::bad((dir / "result.json").string(), "an object", e.json.type_name());
   if (e.json.contains("merged") && e.json["merged"].is_string()) {
-    e.merged = read_npy(dir / e.json["merged"].get<std::string>());
+    const std::string file = e.json["merged"].get<std::string>();
+    if (file.empty() || std::filesystem::path(file).is_absolute() || file.find("..") != std::string::npos)
+      detail_case::bad("result.json.merged", "a file name inside the folder", "'" + file + "'");
+    e.merged = read_npy(dir / file);
     if (e.merged->type != npy_type::f32)
       detail_case::bad("merged", "float32", std::string(npy_type_name(e.merged->type)));
   }
