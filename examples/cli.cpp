@@ -49,11 +49,13 @@ int cmd_bench(const std::string& case_dir, int repeat) {
   }
   const auto med = io::visit_case(
       c, [&](const auto& in) { return examples::time_stages(in, c.options, repeat); });
-  nlohmann::json j;
+  nlohmann::ordered_json j;
   j["case"] = c.name;
   j["repeat"] = repeat;
   j["threads"] = 1;
-  j["median_ms"] = med;
+  j["median_ms"] = nlohmann::ordered_json::object();
+  for (const char* stage : {"total", "raters", "scores", "rank", "keep", "recycle", "plan"})
+    j["median_ms"][stage] = med.at(stage);
   std::cout << j.dump() << "\n";
   return 0;
 }

@@ -190,13 +190,13 @@ inline step_result run_case(const case_data& c, workspace& ws) {
 
 /// The spec's result.json object for a step result (`merged` names
 /// "merged.npy" when something was recycled).
-inline nlohmann::json result_json(const step_result& r) {
-  nlohmann::json j;
+inline nlohmann::ordered_json result_json(const step_result& r) {
+  nlohmann::ordered_json j;
   j["raters"] = r.raters;
   j["rank"] = r.rank;
   j["keep_count"] = r.keep_count;
   j["keep"] = r.keep;
-  j["clusters"] = nlohmann::json::array();
+  j["clusters"] = nlohmann::ordered_json::array();
   for (const auto& cl : r.recycled.clusters) j["clusters"].push_back(cl);
   if (!r.recycled.clusters.empty()) j["merged"] = "merged.npy";
   j["sequence"] = r.sequence;
@@ -252,7 +252,7 @@ inline expected_result read_expected(const std::filesystem::path& dir) {
 /// disagreement; empty means they agree.
 inline std::vector<std::string> compare(const step_result& r, const expected_result& e) {
   std::vector<std::string> diffs;
-  const nlohmann::json got = result_json(r);
+  const nlohmann::json got = nlohmann::json::parse(result_json(r).dump());
   for (const char* key : {"raters", "rank", "keep_count", "keep", "clusters", "sequence"}) {
     if (!e.json.contains(key)) {
       diffs.push_back(std::string(key) + ": missing from the expected result");
