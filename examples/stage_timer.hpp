@@ -12,16 +12,36 @@
 
 namespace sparsevlm::examples {
 
+template <class TE, class TA, class TH>
+index_t sequence_length(const step_inputs<TE, TA, TH>& in) {
+  return in.attn.extent(1);
+}
+template <class TE, class TQ, class TK, class TH>
+index_t sequence_length(const step_inputs_qk<TE, TQ, TK, TH>& in) {
+  return in.qk.k.extent(1);
+}
+template <class TE, class TA, class TH>
+void score_stage(const step_inputs<TE, TA, TH>& in, std::span<const index_t> raters,
+                 matrix_view<float> P, std::span<float> scores, workspace&) {
+  relevance_scores(in.attn, raters, in.visual, P, scores);
+}
+template <class TE, class TQ, class TK, class TH>
+void score_stage(const step_inputs_qk<TE, TQ, TK, TH>& in, std::span<const index_t> raters,
+                 matrix_view<float> P, std::span<float> scores, workspace& ws) {
+  relevance_scores_qk(in.qk, raters, in.visual, P, scores, ws);
+}
+
 /// Median milliseconds per stage over `repeat` runs; "total" is prune_step plus
 /// applying its plan to the hidden states (the whole step an engine pays for).
-template <class TE, class TA, class TH>
-std::map<std::string, double> time_stages(const step_inputs<TE, TA, TH>& in,
-                                          const step_options& opt, int repeat) {
+/// `Inputs` is a step_inputs or a step_inputs_qk.
+template <class Inputs>
+std::map<std::string, double> time_stages(const Inputs& in, const step_options& opt, int repeat) {
+  using TH = typename decltype(in.hidden)::value_type;
   using clock = std::chrono::steady_clock;
   const char* names[] = {"total", "raters", "scores", "rank", "keep", "recycle", "plan"};
   std::map<std::string, std::vector<double>> samples;
   workspace ws;
-  const index_t L = in.attn.extent(1);
+  const index_t L = sequence_length(in);
   const index_t N = in.visual.len;
   const index_t d = in.hidden.extent(1);
   std::vector<TH> out_rows(static_cast<std::size_t>(L * d));
@@ -48,7 +68,7 @@ std::map<std::string, double> time_stages(const step_inputs<TE, TA, TH>& in,
     std::vector<float> pbuf(static_cast<std::size_t>(R * N)), scores(static_cast<std::size_t>(N));
     matrix_view<float> P(pbuf.data(), {R, N});
     t0 = clock::now();
-    relevance_scores(in.attn, raters, in.visual, P, scores);
+    score_stage(in, raters, P, scores, ws);
     t1 = clock::now();
     samples["scores"].push_back(ms(t0, t1));
 

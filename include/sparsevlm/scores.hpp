@@ -10,6 +10,27 @@
 
 namespace sparsevlm {
 
+namespace detail {
+
+/// Turns per-rater head sums in P into the head mean, then the scores: P /= H,
+/// score[j] = (Σ_r P[r][j]) / R, raters in order. Shared by both scoring paths
+/// so that they round identically.
+inline void finish_scores(matrix_view<float> P, std::span<float> scores, index_t heads) {
+  const index_t R = P.extent(0), N = P.extent(1);
+  const float hf = static_cast<float>(heads);
+  for (index_t r = 0; r < R; ++r)
+    for (index_t j = 0; j < N; ++j) P(r, j) /= hf;
+  std::fill(scores.begin(), scores.end(), 0.0f);
+  for (index_t r = 0; r < R; ++r)
+    for (index_t j = 0; j < N; ++j) scores[static_cast<std::size_t>(j)] += P(r, j);
+  if (R > 0) {
+    const float rf = static_cast<float>(R);
+    for (float& s : scores) s /= rf;
+  }
+}
+
+}  // namespace detail
+
 /// Relevance matrix and scores (spec steps 2-3), reading only the rater rows and
 /// visual columns of the attention: the head mean of the whole L×L matrix is
 /// never formed.
@@ -47,7 +68,6 @@ void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> rater
   SPARSEVLM_CHECK(static_cast<index_t>(scores.size()) == N, errc::shape_mismatch, "scores.size()",
                   N, scores.size());
 
-  const float hf = static_cast<float>(H);
   for (index_t r = 0; r < R; ++r) {
     float* prow = &P(r, 0);
     const index_t ps = P.stride(1);
@@ -57,15 +77,8 @@ void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> rater
       const index_t as = attn.stride(2);
       for (index_t j = 0; j < N; ++j) prow[j * ps] += to_float(arow[j * as]);
     }
-    for (index_t j = 0; j < N; ++j) prow[j * ps] /= hf;
   }
-  std::fill(scores.begin(), scores.end(), 0.0f);
-  for (index_t r = 0; r < R; ++r)
-    for (index_t j = 0; j < N; ++j) scores[static_cast<std::size_t>(j)] += P(r, j);
-  if (R > 0) {
-    const float rf = static_cast<float>(R);
-    for (float& s : scores) s /= rf;
-  }
+  detail::finish_scores(P, scores, H);
   for (index_t j = 0; j < N; ++j) {
     if (!std::isfinite(scores[static_cast<std::size_t>(j)])) {
       // Locate the culprit so the message names an element, not a column sum.

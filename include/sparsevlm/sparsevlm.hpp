@@ -1,7 +1,7 @@
 // sparsevlm: SparseVLM visual-token sparsification (arXiv 2410.04417), CPU API.
 //
 // One include gives every stage of a pruning step and their composition:
-//   select_raters -> relevance_scores -> numerical_rank -> keep_count ->
+//   select_raters -> relevance_scores (or relevance_scores_qk) -> numerical_rank -> keep_count ->
 //   select_keep -> recycle (dpc_knn) -> make_sequence -> apply_plan
 // and prune_step, which runs them in order. See docs/algorithm.md.
 #pragma once
@@ -17,6 +17,7 @@
 #include "raters.hpp"
 #include "recycle.hpp"
 #include "scores.hpp"
+#include "scores_qk.hpp"
 #include "step.hpp"
 #include "types.hpp"
 #include "view.hpp"

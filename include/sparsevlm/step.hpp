@@ -12,6 +12,7 @@
 #include "raters.hpp"
 #include "recycle.hpp"
 #include "scores.hpp"
+#include "scores_qk.hpp"
 
 namespace sparsevlm {
 
@@ -28,6 +29,82 @@ struct step_inputs {
   std::optional<std::span<const index_t>> raters;
 };
 
+/// The same step for a fused-attention engine: queries and keys (and optionally
+/// the LSE) in place of the attention probabilities. See relevance_scores_qk.
+template <class TE, class TQ, class TK, class TH>
+struct step_inputs_qk {
+  matrix_view<const TE> embeds;   ///< [L, d_e]
+  qk_view<TQ, TK> qk;             ///< q [H, L or R, dh], k [Hkv, L, dh], optional lse
+  matrix_view<const TH> hidden;   ///< [L, d]
+  visual_span visual;
+  std::optional<std::span<const index_t>> raters;
+};
+
+namespace detail {
+
+/// Checks shared by both input forms, with L taken from the attention source.
+template <class TE, class TH>
+void check_step_common(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
+                       visual_span visual, const std::optional<std::span<const index_t>>& raters,
+                       index_t L, const char* l_name, const step_options& opt) {
+  check_span(visual, L, l_name);
+  SPARSEVLM_CHECK(hidden.extent(0) == L, errc::shape_mismatch, "hidden.extent[0]",
+                  concat(L, " (= ", l_name, ")"), hidden.extent(0));
+  SPARSEVLM_CHECK(hidden.extent(1) >= 1, errc::shape_mismatch, "hidden.extent[1]", ">= 1",
+                  hidden.extent(1));
+  if (raters) {
+    check_raters(*raters, visual, L);
+  } else {
+    SPARSEVLM_CHECK(embeds.extent(0) == L, errc::shape_mismatch, "embeds.extent[0]",
+                    concat(L, " (= ", l_name, ")"), embeds.extent(0));
+    SPARSEVLM_CHECK(embeds.extent(1) >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1",
+                    embeds.extent(1));
+  }
+  check_policy(opt.policy);
+  if (opt.recycle.enabled) check_recycle_options(opt.recycle);
+  check_finite_rows(hidden, 0, L, "hidden");
+}
+
+/// Steps 1 and 3-8 around a scoring callback `score(raters, P, scores)`.
+template <class TE, class TH, class Score>
+step_result run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
+                     visual_span visual, const std::optional<std::span<const index_t>>& raters,
+                     index_t L, const step_options& opt, workspace& ws, Score&& score) {
+  const index_t N = visual.len;
+  step_result res;
+  if (raters) {
+    res.raters.assign(raters->begin(), raters->end());
+  } else {
+    res.raters = select_raters(embeds, visual, ws);
+  }
+  const index_t R = static_cast<index_t>(res.raters.size());
+
+  res.scores.assign(static_cast<std::size_t>(N), 0.0f);
+  // Rater selection is done with f32_a and the scorers do not use it, so P lives there.
+  matrix_view<float> P(workspace::take(ws.f32_a, static_cast<std::size_t>(R * N)), {R, N}, "P");
+  score(std::span<const index_t>(res.raters), P, std::span<float>(res.scores));
+  res.rank = R > 0 ? numerical_rank(matrix_view<const float>(P), ws) : 0;
+  res.keep_count = keep_count(opt.policy, res.rank, N, R);
+
+  const index_t pruned = N - res.keep_count;
+  const bool recycling = opt.recycle.enabled && pruned > 0;
+  const index_t s = recycling ? core::recycle_count(pruned, opt.recycle.fraction) : 0;
+  std::vector<index_t>& order = ws.idx_b;
+  select_keep(res.scores, visual.start, res.keep_count, s, res.keep, order, ws);
+  if (recycling) {
+    const index_t c = core::cluster_count(s, opt.recycle.cluster_divisor);
+    recycle(hidden, visual, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)), c,
+            res.recycled, ws);
+  } else {
+    res.recycled.dim = hidden.extent(1);
+  }
+  res.sequence =
+      make_sequence(L, visual, res.keep, static_cast<index_t>(res.recycled.clusters.size()));
+  return res;
+}
+
+}  // namespace detail
+
 /// Validates a step's inputs and options: shapes agree (L from attn), the span is
 /// inside the sequence with N >= 1, d >= 1, options in range, raters valid, and
 /// `hidden` entirely finite. Throws sparsevlm::error naming the argument.
@@ -38,22 +115,15 @@ void check_step(const step_inputs<TE, TA, TH>& in, const step_options& opt) {
                   in.attn.extent(0));
   SPARSEVLM_CHECK(in.attn.extent(2) == L, errc::shape_mismatch, "attn.extent[2]",
                   detail::concat(L, " (= attn.extent[1], square attention)"), in.attn.extent(2));
-  detail::check_span(in.visual, L, "attn.extent[1]");
-  SPARSEVLM_CHECK(in.hidden.extent(0) == L, errc::shape_mismatch, "hidden.extent[0]",
-                  detail::concat(L, " (= attn.extent[1])"), in.hidden.extent(0));
-  SPARSEVLM_CHECK(in.hidden.extent(1) >= 1, errc::shape_mismatch, "hidden.extent[1]", ">= 1",
-                  in.hidden.extent(1));
-  if (in.raters) {
-    check_raters(*in.raters, in.visual, L);
-  } else {
-    SPARSEVLM_CHECK(in.embeds.extent(0) == L, errc::shape_mismatch, "embeds.extent[0]",
-                    detail::concat(L, " (= attn.extent[1])"), in.embeds.extent(0));
-    SPARSEVLM_CHECK(in.embeds.extent(1) >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1",
-                    in.embeds.extent(1));
-  }
-  check_policy(opt.policy);
-  if (opt.recycle.enabled) check_recycle_options(opt.recycle);
-  detail::check_finite_rows(in.hidden, 0, L, "hidden");
+  detail::check_step_common(in.embeds, in.hidden, in.visual, in.raters, L, "attn.extent[1]", opt);
+}
+
+/// As above for the Q/K form (L from k.extent[1]; q/k/lse checked as in
+/// relevance_scores_qk once the raters are known).
+template <class TE, class TQ, class TK, class TH>
+void check_step(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& opt) {
+  detail::check_step_common(in.embeds, in.hidden, in.visual, in.raters, in.qk.k.extent(1),
+                            "k.extent[1]", opt);
 }
 
 /// One pruning step (spec steps 1-8) on the CPU.
@@ -75,43 +145,30 @@ template <class TE, class TA, class TH>
 step_result prune_step(const step_inputs<TE, TA, TH>& in, const step_options& opt,
                        workspace& ws) {
   check_step(in, opt);
-  const index_t L = in.attn.extent(1);
-  const index_t N = in.visual.len;
-  step_result res;
-  if (in.raters) {
-    res.raters.assign(in.raters->begin(), in.raters->end());
-  } else {
-    res.raters = select_raters(in.embeds, in.visual, ws);
-  }
-  const index_t R = static_cast<index_t>(res.raters.size());
-
-  res.scores.assign(static_cast<std::size_t>(N), 0.0f);
-  // Rater selection is done with f32_a, so P can live there.
-  matrix_view<float> P(workspace::take(ws.f32_a, static_cast<std::size_t>(R * N)), {R, N}, "P");
-  relevance_scores(in.attn, res.raters, in.visual, P, res.scores);
-  res.rank = R > 0 ? numerical_rank(matrix_view<const float>(P), ws) : 0;
-  res.keep_count = keep_count(opt.policy, res.rank, N, R);
-
-  const index_t pruned = N - res.keep_count;
-  const bool recycling = opt.recycle.enabled && pruned > 0;
-  const index_t s = recycling ? core::recycle_count(pruned, opt.recycle.fraction) : 0;
-  std::vector<index_t>& order = ws.idx_b;
-  select_keep(res.scores, in.visual.start, res.keep_count, s, res.keep, order, ws);
-  if (recycling) {
-    const index_t c = core::cluster_count(s, opt.recycle.cluster_divisor);
-    recycle(in.hidden, in.visual, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)),
-            c, res.recycled, ws);
-  } else {
-    res.recycled.dim = in.hidden.extent(1);
-  }
-  res.sequence = make_sequence(L, in.visual, res.keep,
-                               static_cast<index_t>(res.recycled.clusters.size()));
-  return res;
+  return detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.attn.extent(1), opt, ws,
+                          [&](std::span<const index_t> raters, matrix_view<float> P,
+                              std::span<float> scores) {
+                            relevance_scores(in.attn, raters, in.visual, P, scores);
+                          });
 }
 
-/// Convenience overload with a temporary workspace.
-template <class TE, class TA, class TH>
-step_result prune_step(const step_inputs<TE, TA, TH>& in, const step_options& opt) {
+/// One pruning step from queries and keys (fused-attention engines): the same
+/// decisions as the attention form on the attention these q/k produce, with
+/// scoring by relevance_scores_qk (cost O(H·R·L·dh), nothing of size L²).
+template <class TE, class TQ, class TK, class TH>
+step_result prune_step(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& opt,
+                       workspace& ws) {
+  check_step(in, opt);
+  return detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.qk.k.extent(1), opt, ws,
+                          [&](std::span<const index_t> raters, matrix_view<float> P,
+                              std::span<float> scores) {
+                            relevance_scores_qk(in.qk, raters, in.visual, P, scores, ws);
+                          });
+}
+
+/// Convenience overload with a temporary workspace (either input form).
+template <class Inputs>
+step_result prune_step(const Inputs& in, const step_options& opt) {
   workspace ws;
   return prune_step(in, opt, ws);
 }

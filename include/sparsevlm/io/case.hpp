@@ -163,29 +163,49 @@ decltype(auto) with_view(const npy_array& a, const char* name, F&& f) {
 
 }  // namespace detail_case
 
-/// Calls `f(step_inputs<TE, TA, TH>)` with typed views over the case's arrays
-/// (each float32 or float16 as stored) and returns what `f` returns. The views
-/// borrow from `c`.
+/// Where a case's scores come from: its attention matrix, or its q/k (spec).
+enum class scores_source { attn, qk };
+
+/// Calls `f(in)` with typed views over the case's arrays (each float32 or float16
+/// as stored): `in` is a step_inputs<TE, TA, TH> for scores_source::attn, a
+/// step_inputs_qk<TE, TQ, TK, TH> for scores_source::qk. Returns what `f`
+/// returns. The views borrow from `c`.
+/// Errors: errc::bad_file when qk is asked for and the case has no q/k.
 template <class F>
-decltype(auto) visit_case(const case_data& c, F&& f) {
+decltype(auto) visit_case(const case_data& c, F&& f, scores_source from = scores_source::attn) {
   using detail_case::with_view;
+  if (from == scores_source::qk && (!c.q || !c.k))
+    detail_case::bad("case.json", "q and k files for scores from qk", "a case without them");
   return with_view<2>(c.embeds, "embeds", [&](auto e) {
-    return with_view<3>(c.attn, "attn", [&](auto a) {
-      return with_view<2>(c.hidden, "hidden", [&](auto h) {
-        using TE = typename decltype(e)::value_type;
+    return with_view<2>(c.hidden, "hidden", [&](auto h) {
+      using TE = typename decltype(e)::value_type;
+      using TH = typename decltype(h)::value_type;
+      const auto raters = c.raters ? std::optional<std::span<const index_t>>(*c.raters)
+                                   : std::optional<std::span<const index_t>>();
+      if (from == scores_source::qk) {
+        return with_view<3>(*c.q, "q", [&](auto q) {
+          return with_view<3>(*c.k, "k", [&](auto k) {
+            using TQ = typename decltype(q)::value_type;
+            using TK = typename decltype(k)::value_type;
+            step_inputs_qk<TE, TQ, TK, TH> in{e, qk_view<TQ, TK>{q, k, std::nullopt, 0.0}, h,
+                                              c.visual, raters};
+            return f(in);
+          });
+        });
+      }
+      return with_view<3>(c.attn, "attn", [&](auto a) {
         using TA = typename decltype(a)::value_type;
-        using TH = typename decltype(h)::value_type;
-        step_inputs<TE, TA, TH> in{e, a, h, c.visual, std::nullopt};
-        if (c.raters) in.raters = std::span<const index_t>(*c.raters);
+        step_inputs<TE, TA, TH> in{e, a, h, c.visual, raters};
         return f(in);
       });
     });
   });
 }
 
-/// Runs the case's step through prune_step.
-inline step_result run_case(const case_data& c, workspace& ws) {
-  return visit_case(c, [&](const auto& in) { return prune_step(in, c.options, ws); });
+/// Runs the case's step through prune_step, scoring from `from`.
+inline step_result run_case(const case_data& c, workspace& ws,
+                            scores_source from = scores_source::attn) {
+  return visit_case(c, [&](const auto& in) { return prune_step(in, c.options, ws); }, from);
 }
 
 /// The spec's result.json object for a step result (`merged` names

@@ -1,0 +1,171 @@
+// Stage 2 and 3 for fused-attention engines: P and the scores from Q and K.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <span>
+
+#include "check.hpp"
+#include "raters.hpp"
+#include "scores.hpp"
+#include "workspace.hpp"
+
+namespace sparsevlm {
+
+/// What a FlashAttention-style engine has at a pruning layer, in place of the
+/// attention probabilities. Element types may differ between q and k.
+///
+/// Masking: causal only (row t attends to keys 0..t), the spec's mask. Sliding
+/// windows, ALiBi, soft-capping and other score modifiers are not supported:
+/// with them the probabilities computed here would differ from the engine's.
+template <class TQ, class TK>
+struct qk_view {
+  /// [H, L, dh] all queries (rater r is row raters[r]), or [H, R, dh] only the
+  /// rater rows, in rater order. After RoPE.
+  tensor3_view<const TQ> q;
+  /// [Hkv, L, dh] keys after RoPE; H % Hkv == 0, query head h reads key head
+  /// h / (H / Hkv) (Hugging Face's repeat_kv layout).
+  tensor3_view<const TK> k;
+  /// Optional [H, Lq] float32 natural-log log-sum-exp of each query row's scaled
+  /// logits over its causal keys (FlashAttention-2/3 `softmax_lse`; Lq as for q).
+  /// FlashInfer returns base-2 LSE: multiply it by ln 2 first.
+  std::optional<matrix_view<const float>> lse;
+  /// Softmax scale; 0 means 1/sqrt(dh).
+  double scale = 0.0;
+};
+
+namespace detail {
+
+template <class TQ, class TK>
+void check_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> raters, visual_span visual) {
+  const index_t H = qk.q.extent(0), Lq = qk.q.extent(1), dh = qk.q.extent(2);
+  const index_t Hkv = qk.k.extent(0), L = qk.k.extent(1);
+  const index_t R = static_cast<index_t>(raters.size());
+  SPARSEVLM_CHECK(H >= 1, errc::shape_mismatch, "q.extent[0] (heads)", ">= 1", H);
+  SPARSEVLM_CHECK(Hkv >= 1 && H % Hkv == 0, errc::shape_mismatch, "k.extent[0] (kv heads)",
+                  concat("a divisor of the ", H, " query heads"), Hkv);
+  SPARSEVLM_CHECK(dh >= 1, errc::shape_mismatch, "q.extent[2] (head dim)", ">= 1", dh);
+  SPARSEVLM_CHECK(qk.k.extent(2) == dh, errc::shape_mismatch, "k.extent[2] (head dim)",
+                  concat(dh, " (= q.extent[2])"), qk.k.extent(2));
+  check_span(visual, L, "k.extent[1]");
+  check_raters(raters, visual, L);
+  SPARSEVLM_CHECK(Lq == L || Lq == R, errc::shape_mismatch, "q.extent[1]",
+                  concat(L, " (all queries) or ", R, " (the rater rows)"), Lq);
+  SPARSEVLM_CHECK(std::isfinite(qk.scale) && qk.scale >= 0.0, errc::invalid_argument, "scale",
+                  "a finite number >= 0 (0: 1/sqrt(dh))", qk.scale);
+  if (qk.lse) {
+    SPARSEVLM_CHECK(qk.lse->extent(0) == H && qk.lse->extent(1) == Lq, errc::shape_mismatch, "lse",
+                    concat("[", H, ", ", Lq, "]"),
+                    concat("[", qk.lse->extent(0), ", ", qk.lse->extent(1), "]"));
+  }
+}
+
+/// Copies one row of a [*, *, dh] view into a float32 buffer.
+template <class T>
+void row_to_f32(tensor3_view<const T> v, index_t a, index_t b, float* out) {
+  for (index_t c = 0; c < v.extent(2); ++c) out[c] = to_float(v(a, b, c));
+}
+
+template <class TQ, class TK>
+[[noreturn]] void fail_non_finite_qk(const qk_view<TQ, TK>& qk, index_t h, index_t qrow,
+                                     index_t kh, index_t t) {
+  for (index_t c = 0; c < qk.q.extent(2); ++c)
+    if (!std::isfinite(to_float(qk.q(h, qrow, c))))
+      fail(errc::non_finite, concat("q[", h, ", ", qrow, ", ", c, "]"), "a finite value",
+           to_float(qk.q(h, qrow, c)));
+  for (index_t u = 0; u <= t; ++u)
+    for (index_t c = 0; c < qk.k.extent(2); ++c)
+      if (!std::isfinite(to_float(qk.k(kh, u, c))))
+        fail(errc::non_finite, concat("k[", kh, ", ", u, ", ", c, "]"), "a finite value",
+             to_float(qk.k(kh, u, c)));
+  fail(errc::non_finite, concat("logits of query row ", qrow, " in head ", h),
+       "finite scaled dot products", "an overflow to Inf");
+}
+
+}  // namespace detail
+
+/// Relevance matrix and scores from queries and keys (spec steps 2-3, with the
+/// rater rows' attention recomputed instead of read), never forming anything of
+/// size L².
+///
+/// For each query head h (key head g = h / (H/Hkv)) and rater row t = raters[r]:
+///
+///   z[u]      = scale · q[h][t]·k[g][u]                 u = 0..t (causal)
+///   lse       = log Σ_{u<=t} exp(z[u])                  (or the engine's softmax_lse)
+///   a[h][t][u] = exp(z[u] − lse)
+///
+/// then P and the scores exactly as relevance_scores forms them from a: heads
+/// summed in order in float32 and divided by H, raters summed in order and
+/// divided by R. Logits are float32 dot products with one fixed association;
+/// the exponentials and the LSE are computed in double.
+///
+/// - Views: see qk_view; float32/float16/bfloat16, any strides.
+/// - `P`: [R, N] float32 output; `scores`: N float32 outputs.
+/// - Cost: O(H·R·L·dh) multiply-adds, O(H·R·L) exp. Memory from `ws`: Hkv-head
+///   keys as float32 (L·dh floats, reused per key head) plus L + dh floats.
+/// - Errors: shape_mismatch (q/k/lse extents, Hkv not dividing H, head dims);
+///   invalid_argument (raters, scale); non_finite (NaN/Inf in q or k rows used,
+///   in the LSE, or overflowing logits).
+template <class TQ, class TK>
+void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> raters,
+                         visual_span visual, matrix_view<float> P, std::span<float> scores,
+                         workspace& ws) {
+  detail::check_qk(qk, raters, visual);
+  const index_t H = qk.q.extent(0), Lq = qk.q.extent(1), dh = qk.q.extent(2);
+  const index_t Hkv = qk.k.extent(0), L = qk.k.extent(1);
+  const index_t R = static_cast<index_t>(raters.size());
+  const index_t N = visual.len;
+  SPARSEVLM_CHECK(P.extent(0) == R && P.extent(1) == N, errc::shape_mismatch, "P",
+                  detail::concat("[", R, ", ", N, "]"),
+                  detail::concat("[", P.extent(0), ", ", P.extent(1), "]"));
+  SPARSEVLM_CHECK(static_cast<index_t>(scores.size()) == N, errc::shape_mismatch,
+                  "scores.size()", N, scores.size());
+  if (qk.lse) detail::check_finite_rows(*qk.lse, 0, H, "lse");
+  const float scale =
+      qk.scale > 0.0 ? static_cast<float>(qk.scale) : 1.0f / std::sqrt(static_cast<float>(dh));
+  const index_t group = H / Hkv;
+  // Only keys 0..max rater are ever read.
+  const index_t kmax = R > 0 ? raters[static_cast<std::size_t>(R - 1)] + 1 : 0;
+
+  float* kbuf = workspace::take(ws.f32_b, static_cast<std::size_t>(kmax * dh));
+  float* qbuf = workspace::take(ws.f32_c, static_cast<std::size_t>(dh));
+  double* z = workspace::take(ws.f64_a, static_cast<std::size_t>(L));
+  for (index_t r = 0; r < R; ++r)
+    for (index_t j = 0; j < N; ++j) P(r, j) = 0.0f;
+
+  for (index_t g = 0; g < Hkv; ++g) {
+    for (index_t u = 0; u < kmax; ++u) detail::row_to_f32(qk.k, g, u, kbuf + u * dh);
+    for (index_t h = g * group; h < (g + 1) * group; ++h) {
+      for (index_t r = 0; r < R; ++r) {
+        const index_t t = raters[static_cast<std::size_t>(r)];
+        const index_t qrow = Lq == L ? t : r;
+        detail::row_to_f32(qk.q, h, qrow, qbuf);
+        double mx = -std::numeric_limits<double>::infinity();
+        for (index_t u = 0; u <= t; ++u) {
+          z[u] = static_cast<double>(scale * detail::dot_f32(qbuf, kbuf + u * dh, dh));
+          mx = std::max(mx, z[u]);
+        }
+        if (!std::isfinite(mx)) detail::fail_non_finite_qk(qk, h, qrow, g, t);
+        double lse;
+        if (qk.lse) {
+          lse = static_cast<double>((*qk.lse)(h, qrow));
+        } else {
+          double sum = 0.0;
+          for (index_t u = 0; u <= t; ++u) sum += std::exp(z[u] - mx);
+          lse = mx + std::log(sum);
+        }
+        for (index_t j = 0; j < N; ++j)
+          P(r, j) += static_cast<float>(std::exp(z[visual.start + j] - lse));
+      }
+    }
+  }
+  detail::finish_scores(P, scores, H);
+  for (index_t j = 0; j < N; ++j)
+    SPARSEVLM_CHECK(std::isfinite(scores[static_cast<std::size_t>(j)]), errc::non_finite,
+                    detail::concat("scores[", j, "]"), "a finite value (check lse)",
+                    scores[static_cast<std::size_t>(j)]);
+}
+
+}  // namespace sparsevlm
