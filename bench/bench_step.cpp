@@ -60,7 +60,8 @@ void BM_scores(benchmark::State& state) {
   const index_t R = static_cast<index_t>(raters.size()), N = in.visual.len;
   std::vector<float> p(static_cast<std::size_t>(R * N)), scores(static_cast<std::size_t>(N));
   for (auto _ : state) {
-    relevance_scores(in.attn, raters, in.visual, matrix_view<float>(p.data(), {R, N}), scores);
+    relevance_scores(in.attn, raters, in.visual, matrix_view<float>(p.data(), {R, N}), scores,
+                     score_options{}, ws);
     benchmark::DoNotOptimize(scores.data());
   }
   state.SetBytesProcessed(state.iterations() * in.attn.extent(0) * R * N *

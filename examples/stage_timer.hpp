@@ -22,13 +22,15 @@ index_t sequence_length(const step_inputs_qk<TE, TQ, TK, TH>& in) {
 }
 template <class TE, class TA, class TH>
 void score_stage(const step_inputs<TE, TA, TH>& in, std::span<const index_t> raters,
-                 matrix_view<float> P, std::span<float> scores, workspace&) {
-  relevance_scores(in.attn, raters, in.visual, P, scores);
+                 matrix_view<float> P, std::span<float> scores, const score_options& o,
+                 workspace& ws) {
+  relevance_scores(in.attn, raters, in.visual, P, scores, o, ws);
 }
 template <class TE, class TQ, class TK, class TH>
 void score_stage(const step_inputs_qk<TE, TQ, TK, TH>& in, std::span<const index_t> raters,
-                 matrix_view<float> P, std::span<float> scores, workspace& ws) {
-  relevance_scores_qk(in.qk, raters, in.visual, P, scores, ws);
+                 matrix_view<float> P, std::span<float> scores, const score_options& o,
+                 workspace& ws) {
+  relevance_scores_qk(in.qk, raters, in.visual, P, scores, o, ws);
 }
 
 /// Median milliseconds per stage over `repeat` runs; "total" is prune_step plus
@@ -68,7 +70,7 @@ std::map<std::string, double> time_stages(const Inputs& in, const step_options& 
     std::vector<float> pbuf(static_cast<std::size_t>(R * N)), scores(static_cast<std::size_t>(N));
     matrix_view<float> P(pbuf.data(), {R, N});
     t0 = clock::now();
-    score_stage(in, raters, P, scores, ws);
+    score_stage(in, raters, P, scores, opt.scoring, ws);
     t1 = clock::now();
     samples["scores"].push_back(ms(t0, t1));
 

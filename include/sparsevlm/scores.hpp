@@ -4,9 +4,14 @@
 #include <algorithm>
 #include <cmath>
 #include <span>
+#include <vector>
 
 #include "check.hpp"
+#include "core/math.hpp"
+#include "gravity.hpp"
 #include "raters.hpp"
+#include "types.hpp"
+#include "workspace.hpp"
 
 namespace sparsevlm {
 
@@ -29,6 +34,64 @@ inline void finish_scores(matrix_view<float> P, std::span<float> scores, index_t
   }
 }
 
+/// The scoring driver shared by both paths. `row(h, r, out)` writes the N
+/// visual-column probabilities of head h, rater row r into `out`. Applies the
+/// gravity correction and head selection of `o`, then sums the chosen heads in
+/// head order into P and finishes the scores (finish_scores).
+/// Scratch: N + R·N floats (N without gravity), H doubles and indices.
+template <class RowFn>
+void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span visual,
+                       index_t length, const score_options& o, matrix_view<float> P,
+                       std::span<float> scores, workspace& ws, RowFn&& row) {
+  const index_t R = static_cast<index_t>(raters.size());
+  const index_t N = visual.len;
+  SPARSEVLM_CHECK(o.top_heads >= 0 && o.top_heads <= H, errc::invalid_argument,
+                  "scoring.top_heads", concat("in [0, ", H, "] (0: all heads)"), o.top_heads);
+  const float* gt = nullptr;
+  if (o.gravity.enabled) {
+    float* g = workspace::take(ws.f32_e, static_cast<std::size_t>(R * N));
+    gravity_table(o.gravity, raters, visual, length, g, ws);
+    gt = g;
+  }
+  float* buf = workspace::take(ws.f32_d, static_cast<std::size_t>(N));
+  const auto load = [&](index_t h, index_t r) {
+    row(h, r, buf);
+    if (gt)
+      for (index_t j = 0; j < N; ++j) buf[j] /= gt[r * N + j];
+  };
+  const index_t k = o.top_heads > 0 ? o.top_heads : H;
+  std::vector<index_t>& chosen = ws.idx_c;  // 1 for the heads that are averaged
+  chosen.assign(static_cast<std::size_t>(H), k == H ? 1 : 0);
+  if (k < H) {
+    double* total = workspace::take(ws.f64_b, static_cast<std::size_t>(H));
+    for (index_t h = 0; h < H; ++h) {
+      double t = 0.0;
+      for (index_t r = 0; r < R; ++r) {
+        load(h, r);
+        for (index_t j = 0; j < N; ++j) t += static_cast<double>(buf[j]);
+      }
+      total[h] = t;
+    }
+    std::vector<index_t>& order = ws.idx_d;
+    order.resize(static_cast<std::size_t>(H));
+    for (index_t h = 0; h < H; ++h) order[static_cast<std::size_t>(h)] = h;
+    std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](index_t a, index_t b) {
+      return core::ranks_before(total[a], a, total[b], b);
+    });
+    for (index_t i = 0; i < k; ++i) chosen[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])] = 1;
+  }
+  for (index_t r = 0; r < R; ++r)
+    for (index_t j = 0; j < N; ++j) P(r, j) = 0.0f;
+  for (index_t h = 0; h < H; ++h) {
+    if (!chosen[static_cast<std::size_t>(h)]) continue;
+    for (index_t r = 0; r < R; ++r) {
+      load(h, r);
+      for (index_t j = 0; j < N; ++j) P(r, j) += buf[j];
+    }
+  }
+  finish_scores(P, scores, k);
+}
+
 }  // namespace detail
 
 /// Relevance matrix and scores (spec steps 2-3), reading only the rater rows and
@@ -41,18 +104,25 @@ inline void finish_scores(matrix_view<float> P, std::span<float> scores, index_t
 /// Every column is summed in the same order, so identical columns give
 /// bit-identical scores (exact ties stay exact).
 ///
+/// `opt` adds SparseVLM+'s options (default: none, the spec): the RoPE gravity
+/// correction divides each probability by its guarded bias probability
+/// (gravity_table) and `top_heads` averages only the heads with the largest
+/// total rater→visual attention; P then divides by the number of heads kept.
+///
 /// - `attn`: [H, L, L] float32/float16/bfloat16 probabilities (row = query), any
 ///   strides; H >= 1.
 /// - `raters`: R absolute positions, ascending, inside the text (see check_raters).
 /// - `P`: [R, N] float32 output; `scores`: N float32 outputs.
-/// - Cost: O(H·R·N) reads, O(R·N) writes, no scratch.
+/// - Cost: O(H·R·N) reads (twice for the chosen heads with top_heads), O(R·N)
+///   writes; with gravity O(R·L) more. Scratch from `ws` (accumulate_scores).
 /// - Errors: shape_mismatch for mismatched extents; invalid_argument for bad
 ///   raters; non_finite when a value read is NaN/Inf (outputs are then
 ///   unspecified: this is the one stage that validates while it computes, since
 ///   checking first would read the attention twice).
 template <class T>
 void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> raters,
-                      visual_span visual, matrix_view<float> P, std::span<float> scores) {
+                      visual_span visual, matrix_view<float> P, std::span<float> scores,
+                      const score_options& opt, workspace& ws) {
   const index_t H = attn.extent(0);
   const index_t L = attn.extent(1);
   const index_t R = static_cast<index_t>(raters.size());
@@ -68,17 +138,12 @@ void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> rater
   SPARSEVLM_CHECK(static_cast<index_t>(scores.size()) == N, errc::shape_mismatch, "scores.size()",
                   N, scores.size());
 
-  for (index_t r = 0; r < R; ++r) {
-    float* prow = &P(r, 0);
-    const index_t ps = P.stride(1);
-    for (index_t j = 0; j < N; ++j) prow[j * ps] = 0.0f;
-    for (index_t h = 0; h < H; ++h) {
-      const T* arow = &attn(h, raters[static_cast<std::size_t>(r)], visual.start);
-      const index_t as = attn.stride(2);
-      for (index_t j = 0; j < N; ++j) prow[j * ps] += to_float(arow[j * as]);
-    }
-  }
-  detail::finish_scores(P, scores, H);
+  const index_t as = attn.stride(2);
+  detail::accumulate_scores(H, raters, visual, L, opt, P, scores, ws,
+                            [&](index_t h, index_t r, float* out) {
+                              const T* arow = &attn(h, raters[static_cast<std::size_t>(r)], visual.start);
+                              for (index_t j = 0; j < N; ++j) out[j] = to_float(arow[j * as]);
+                            });
   for (index_t j = 0; j < N; ++j) {
     if (!std::isfinite(scores[static_cast<std::size_t>(j)])) {
       // Locate the culprit so the message names an element, not a column sum.
@@ -96,6 +161,15 @@ void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> rater
                    "a finite sum of attention values", "an overflow to Inf");
     }
   }
+}
+
+/// The spec's plain head mean (default score_options), with a temporary
+/// workspace.
+template <class T>
+void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> raters,
+                      visual_span visual, matrix_view<float> P, std::span<float> scores) {
+  workspace ws;
+  relevance_scores(attn, raters, visual, P, scores, score_options{}, ws);
 }
 
 }  // namespace sparsevlm

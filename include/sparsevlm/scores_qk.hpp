@@ -93,25 +93,27 @@ template <class TQ, class TK>
 /// For each query head h (key head g = h / (H/Hkv)) and rater row t = raters[r]:
 ///
 ///   z[u]      = scale · q[h][t]·k[g][u]                 u = 0..t (causal)
-///   lse       = log Σ_{u<=t} exp(z[u])                  (or the engine's softmax_lse)
-///   a[h][t][u] = exp(z[u] − lse)
+///   a[h][t][u] = exp(z[u] − m) / Σ_{u'<=t} exp(z[u'] − m)     m = max z
+///   or, given the engine's softmax_lse ℓ = log Σ_{u<=t} exp(z[u]):  exp(z[u] − ℓ)
 ///
-/// then P and the scores exactly as relevance_scores forms them from a: heads
-/// summed in order in float32 and divided by H, raters summed in order and
-/// divided by R. Logits are float32 dot products with one fixed association;
+/// then P and the scores exactly as relevance_scores forms them from a (the same
+/// driver, so the same gravity correction and head selection from `opt`): heads
+/// summed in order in float32 and divided by the heads kept, raters summed in
+/// order and divided by R. Logits are float32 dot products with one fixed association;
 /// the exponentials and the LSE are computed in double.
 ///
 /// - Views: see qk_view; float32/float16/bfloat16, any strides.
 /// - `P`: [R, N] float32 output; `scores`: N float32 outputs.
-/// - Cost: O(H·R·L·dh) multiply-adds, O(H·R·L) exp. Memory from `ws`: Hkv-head
-///   keys as float32 (L·dh floats, reused per key head) plus L + dh floats.
+/// - Cost: O(H·R·L·dh) multiply-adds, O(H·R·L) exp (twice for the chosen heads
+///   with top_heads). Memory from `ws`: one key head as float32 (L·dh floats,
+///   refilled per key head), L doubles, dh + N floats (+ R·N with gravity).
 /// - Errors: shape_mismatch (q/k/lse extents, Hkv not dividing H, head dims);
 ///   invalid_argument (raters, scale); non_finite (NaN/Inf in q or k rows used,
 ///   in the LSE, or overflowing logits).
 template <class TQ, class TK>
 void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> raters,
                          visual_span visual, matrix_view<float> P, std::span<float> scores,
-                         workspace& ws) {
+                         const score_options& opt, workspace& ws) {
   detail::check_qk(qk, raters, visual);
   const index_t H = qk.q.extent(0), Lq = qk.q.extent(1), dh = qk.q.extent(2);
   const index_t Hkv = qk.k.extent(0), L = qk.k.extent(1);
@@ -131,37 +133,33 @@ void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> rat
 
   float* kbuf = workspace::take(ws.f32_b, static_cast<std::size_t>(kmax * dh));
   float* qbuf = workspace::take(ws.f32_c, static_cast<std::size_t>(dh));
-  double* z = workspace::take(ws.f64_a, static_cast<std::size_t>(L));
-  for (index_t r = 0; r < R; ++r)
-    for (index_t j = 0; j < N; ++j) P(r, j) = 0.0f;
-
-  for (index_t g = 0; g < Hkv; ++g) {
-    for (index_t u = 0; u < kmax; ++u) detail::row_to_f32(qk.k, g, u, kbuf + u * dh);
-    for (index_t h = g * group; h < (g + 1) * group; ++h) {
-      for (index_t r = 0; r < R; ++r) {
-        const index_t t = raters[static_cast<std::size_t>(r)];
-        const index_t qrow = Lq == L ? t : r;
-        detail::row_to_f32(qk.q, h, qrow, qbuf);
-        double mx = -std::numeric_limits<double>::infinity();
-        for (index_t u = 0; u <= t; ++u) {
-          z[u] = static_cast<double>(scale * detail::dot_f32(qbuf, kbuf + u * dh, dh));
-          mx = std::max(mx, z[u]);
-        }
-        if (!std::isfinite(mx)) detail::fail_non_finite_qk(qk, h, qrow, g, t);
-        double lse;
-        if (qk.lse) {
-          lse = static_cast<double>((*qk.lse)(h, qrow));
-        } else {
-          double sum = 0.0;
-          for (index_t u = 0; u <= t; ++u) sum += std::exp(z[u] - mx);
-          lse = mx + std::log(sum);
-        }
-        for (index_t j = 0; j < N; ++j)
-          P(r, j) += static_cast<float>(std::exp(z[visual.start + j] - lse));
-      }
+  double* z = workspace::take(ws.f64_c, static_cast<std::size_t>(L));
+  index_t cached = -1;  // the key head now in kbuf; heads are visited in order
+  detail::accumulate_scores(H, raters, visual, L, opt, P, scores, ws, [&](index_t h, index_t r,
+                                                                         float* out) {
+    const index_t g = h / group;
+    if (g != cached) {
+      for (index_t u = 0; u < kmax; ++u) detail::row_to_f32(qk.k, g, u, kbuf + u * dh);
+      cached = g;
     }
-  }
-  detail::finish_scores(P, scores, H);
+    const index_t t = raters[static_cast<std::size_t>(r)];
+    const index_t qrow = Lq == L ? t : r;
+    detail::row_to_f32(qk.q, h, qrow, qbuf);
+    double mx = -std::numeric_limits<double>::infinity();
+    for (index_t u = 0; u <= t; ++u) {
+      z[u] = static_cast<double>(scale * detail::dot_f32(qbuf, kbuf + u * dh, dh));
+      mx = std::max(mx, z[u]);
+    }
+    if (!std::isfinite(mx)) detail::fail_non_finite_qk(qk, h, qrow, g, t);
+    if (qk.lse) {
+      const double lse = static_cast<double>((*qk.lse)(h, qrow));
+      for (index_t j = 0; j < N; ++j) out[j] = static_cast<float>(std::exp(z[visual.start + j] - lse));
+    } else {
+      double sum = 0.0;
+      for (index_t u = 0; u <= t; ++u) sum += (z[u] = std::exp(z[u] - mx));
+      for (index_t j = 0; j < N; ++j) out[j] = static_cast<float>(z[visual.start + j] / sum);
+    }
+  });
   for (index_t j = 0; j < N; ++j)
     SPARSEVLM_CHECK(std::isfinite(scores[static_cast<std::size_t>(j)]), errc::non_finite,
                     detail::concat("scores[", j, "]"), "a finite value (check lse)",

@@ -10,6 +10,7 @@
 #include "core/math.hpp"
 #include "dtype.hpp"
 #include "error.hpp"
+#include "gravity.hpp"
 #include "keep_count.hpp"
 #include "keep_set.hpp"
 #include "plan.hpp"

@@ -148,7 +148,7 @@ step_result prune_step(const step_inputs<TE, TA, TH>& in, const step_options& op
   return detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.attn.extent(1), opt, ws,
                           [&](std::span<const index_t> raters, matrix_view<float> P,
                               std::span<float> scores) {
-                            relevance_scores(in.attn, raters, in.visual, P, scores);
+                            relevance_scores(in.attn, raters, in.visual, P, scores, opt.scoring, ws);
                           });
 }
 
@@ -162,7 +162,8 @@ step_result prune_step(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_opti
   return detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.qk.k.extent(1), opt, ws,
                           [&](std::span<const index_t> raters, matrix_view<float> P,
                               std::span<float> scores) {
-                            relevance_scores_qk(in.qk, raters, in.visual, P, scores, ws);
+                            relevance_scores_qk(in.qk, raters, in.visual, P, scores, opt.scoring,
+                                                ws);
                           });
 }
 

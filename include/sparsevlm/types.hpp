@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "view.hpp"
@@ -32,9 +33,44 @@ struct recycle_options {
   double cluster_divisor = 10.0;  ///< > 1
 };
 
+/// The RoPE attention-bias ("gravity") correction of SparseVLM+: the attention
+/// is divided by the attention that all-ones queries and keys would get under
+/// the layer's RoPE at the same positions, which removes the positional prior
+/// (nearby keys look relevant because they are near). See gravity.hpp.
+struct rope_gravity {
+  bool enabled = false;
+  index_t head_dim = 0;    ///< dh of the layer (required when enabled)
+  index_t rotary_dim = 0;  ///< rotated dims; 0 means head_dim. Even.
+  double base = 10000.0;   ///< RoPE theta: θ_i = base^(−2i/rotary_dim)
+  double scale = 0.0;      ///< softmax scale; 0 means 1/sqrt(head_dim)
+  /// Position id of every token [L] (1-D RoPE); empty means 0..L−1.
+  std::span<const index_t> positions{};
+  /// The guard: the bias probability is floored at min_ratio/(t+1) (a share of
+  /// the uniform attention of row t) before dividing, so tokens that RoPE all but
+  /// hides are amplified at most (t+1)/min_ratio times, never divided by zero.
+  double min_ratio = 1e-3;
+};
+
+/// Options of the scoring stage (both the attention and the Q/K path).
+struct score_options {
+  /// 0 averages all H heads (the spec). k in [1, H] averages only the k heads
+  /// with the largest total rater→visual attention (after the gravity correction
+  /// when that is on), ties to the lower head; SparseVLM+ keeps 14 of 32, i.e.
+  /// round(14·H/32) for other head counts (see top_heads_for).
+  index_t top_heads = 0;
+  rope_gravity gravity{};
+};
+
+/// SparseVLM+'s head count scaled to H heads: round(14·H / 32), at least 1.
+inline index_t top_heads_for(index_t heads) {
+  const index_t k = (14 * heads + 16) / 32;
+  return k < 1 ? 1 : k;
+}
+
 struct step_options {
   keep_policy policy{};
   recycle_options recycle{};
+  score_options scoring{};  ///< defaults: the spec's plain head mean
 };
 
 /// The recycled tokens of one step.

@@ -15,8 +15,11 @@ class workspace {
  public:
   /// Bytes currently held (a measure for engines that budget memory).
   [[nodiscard]] std::size_t bytes() const noexcept {
-    return (f32_a.capacity() + f32_b.capacity() + f32_c.capacity()) * sizeof(float) +
-           (f64_a.capacity() + f64_b.capacity() + f64_c.capacity() + f64_d.capacity()) *
+    return (f32_a.capacity() + f32_b.capacity() + f32_c.capacity() + f32_d.capacity() +
+            f32_e.capacity()) *
+               sizeof(float) +
+           (f64_a.capacity() + f64_b.capacity() + f64_c.capacity() + f64_d.capacity() +
+            f64_e.capacity()) *
                sizeof(double) +
            (idx_a.capacity() + idx_b.capacity() + idx_c.capacity() + idx_d.capacity() +
             idx_e.capacity()) *
@@ -32,8 +35,8 @@ class workspace {
 
   // Stages use these in a fixed way (documented at each use); they are public so
   // that the stage headers need no friendship, not for callers.
-  std::vector<float> f32_a, f32_b, f32_c;
-  std::vector<double> f64_a, f64_b, f64_c, f64_d;
+  std::vector<float> f32_a, f32_b, f32_c, f32_d, f32_e;
+  std::vector<double> f64_a, f64_b, f64_c, f64_d, f64_e;
   std::vector<index_t> idx_a, idx_b, idx_c, idx_d, idx_e;
 };
 
