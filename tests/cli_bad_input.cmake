@@ -52,6 +52,7 @@ function(write_npy path shape count bits)
   string(REPLACE " " "" hex "${hex}")
   # file(WRITE) cannot write arbitrary bytes; go through a hex-decoding helper.
   file(WRITE "${path}.hex" "${hex}")
+  file(REMOVE "${path}")  # xxd -r patches an existing file rather than replacing it
   execute_process(COMMAND xxd -r -p "${path}.hex" "${path}" RESULT_VARIABLE rc)
   if(rc)
     message(FATAL_ERROR "xxd failed")
@@ -122,6 +123,8 @@ file(COPY "${ok}/" DESTINATION "${dir}")
 file(READ "${dir}/attn.npy" bytes HEX)
 string(SUBSTRING "${bytes}" 0 200 bytes)
 file(WRITE "${dir}/attn.npy.hex" "${bytes}")
+# xxd -r patches an existing file in place rather than truncating it.
+file(REMOVE "${dir}/attn.npy")
 execute_process(COMMAND xxd -r -p "${dir}/attn.npy.hex" "${dir}/attn.npy")
 expect_exit(2 run "${dir}" "${WORK}/out_truncated")
 expect_nothing_written("${WORK}/out_truncated")

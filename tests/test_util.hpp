@@ -30,7 +30,7 @@
       sv_thrown_ = true;                                                                     \
       CHECK_MESSAGE(static_cast<int>(sv_e_.code()) == static_cast<int>(sv_code_), sv_e_.what()); \
       CHECK_MESSAGE(std::string_view(sv_e_.what()).find(sv_sub_) != std::string_view::npos,  \
-                    "message '", sv_e_.what(), "' lacks '", sv_sub_, "'");                  \
+                    "message '", std::string(sv_e_.what()), "' lacks '", std::string(sv_sub_), "'");                  \
     }                                                                                        \
     CHECK_MESSAGE(sv_thrown_, "no sparsevlm::error from: " #__VA_ARGS__);                   \
   } while (false)

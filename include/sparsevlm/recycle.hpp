@@ -130,7 +130,7 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
     for (index_t c = 0; c < d; ++c) x[i * d + c] = static_cast<double>(to_float(hidden(row, c)));
   }
   double* D = workspace::take(ws.f64_c, static_cast<std::size_t>(s * s));
-  const double inv_sqrt_d = 1.0 / std::sqrt(static_cast<double>(d));
+  const double sqrt_d = std::sqrt(static_cast<double>(d));
   for (index_t i = 0; i < s; ++i) {
     D[i * s + i] = 0.0;
     for (index_t j = i + 1; j < s; ++j) {
@@ -141,7 +141,7 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
         const double diff = a[c] - b[c];
         acc += diff * diff;
       }
-      const double dist = std::sqrt(acc) * inv_sqrt_d;
+      const double dist = std::sqrt(acc) / sqrt_d;
       D[i * s + j] = dist;
       D[j * s + i] = dist;
     }

@@ -146,11 +146,13 @@ void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> rat
     const index_t qrow = Lq == L ? t : r;
     detail::row_to_f32(qk.q, h, qrow, qbuf);
     double mx = -std::numeric_limits<double>::infinity();
+    bool finite = true;
     for (index_t u = 0; u <= t; ++u) {
       z[u] = static_cast<double>(scale * detail::dot_f32(qbuf, kbuf + u * dh, dh));
+      finite = finite && std::isfinite(z[u]);
       mx = std::max(mx, z[u]);
     }
-    if (!std::isfinite(mx)) detail::fail_non_finite_qk(qk, h, qrow, g, t);
+    if (!finite) detail::fail_non_finite_qk(qk, h, qrow, g, t);
     if (qk.lse) {
       const double lse = static_cast<double>((*qk.lse)(h, qrow));
       for (index_t j = 0; j < N; ++j) out[j] = static_cast<float>(std::exp(z[visual.start + j] - lse));

@@ -259,15 +259,15 @@ inline std::vector<char> format_npy(const float* data, std::span<const index_t> 
   const std::size_t unpadded = 10 + header.size() + 1;
   header.append((64 - unpadded % 64) % 64, ' ');
   header += '\n';
-  std::vector<char> out;
-  out.reserve(10 + header.size() + count * 4);
+  // One allocation, filled with memcpy: chained inserts trip a g++ 12
+  // -Wstringop-overflow false positive.
   const char pre[8] = {'\x93', 'N', 'U', 'M', 'P', 'Y', '\x01', '\x00'};
-  out.insert(out.end(), pre, pre + 8);
-  out.push_back(static_cast<char>(header.size() & 0xff));
-  out.push_back(static_cast<char>((header.size() >> 8) & 0xff));
-  out.insert(out.end(), header.begin(), header.end());
-  const char* p = reinterpret_cast<const char*>(data);
-  out.insert(out.end(), p, p + count * 4);
+  std::vector<char> out(10 + header.size() + count * 4);
+  std::memcpy(out.data(), pre, 8);
+  out[8] = static_cast<char>(header.size() & 0xff);
+  out[9] = static_cast<char>((header.size() >> 8) & 0xff);
+  std::memcpy(out.data() + 10, header.data(), header.size());
+  if (count > 0) std::memcpy(out.data() + 10 + header.size(), data, count * 4);
   return out;
 }
 
