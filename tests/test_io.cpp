@@ -318,6 +318,35 @@ TEST_CASE("case: a valid case loads and runs") {
   CHECK(r16.sequence == r.sequence);
 }
 
+TEST_CASE("case: lenient where the spec is silent") {
+  temp_dir tmp;
+  case_a().write(tmp.path);
+  sparsevlm::workspace ws;
+  const auto base = io::run_case(io::load_case_json(case_a_json().dump(), tmp.path), ws);
+  // Integral floats (as NumPy-backed JSON writers emit them) are integers.
+  auto j = case_a_json();
+  j["visual"] = {{"start", 1.0}, {"len", 4.0}};
+  const auto c = io::load_case_json(j.dump(), tmp.path);
+  CHECK(c.visual.start == 1);
+  CHECK(c.visual.len == 4);
+  // Raters in any order are the same raters (the result lists them ascending).
+  j = case_a_json();
+  j["raters"] = {6, 5};
+  const auto r = io::run_case(io::load_case_json(j.dump(), tmp.path), ws);
+  CHECK(r.raters == std::vector<index_t>{5, 6});
+  CHECK(r.keep == base.keep);
+  CHECK(r.sequence == base.sequence);
+  // But a fractional count or a repeated rater is still refused.
+  j = case_a_json();
+  j["visual"]["len"] = 4.5;
+  SV_CHECK_THROWS(sparsevlm::errc::bad_file, "case.json.visual.len",
+                  io::load_case_json(j.dump(), tmp.path));
+  j = case_a_json();
+  j["raters"] = {5, 5};
+  SV_CHECK_THROWS(sparsevlm::errc::invalid_argument, "raters[1]",
+                  io::run_case(io::load_case_json(j.dump(), tmp.path), ws));
+}
+
 TEST_CASE("case: malformed case.json and files") {
   temp_dir tmp;
   case_a().write(tmp.path);

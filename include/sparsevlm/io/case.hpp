@@ -2,6 +2,7 @@
 // Not part of the umbrella header: needs nlohmann/json.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -44,7 +45,15 @@ inline const nlohmann::json& member(const nlohmann::json& obj, const char* key,
   return *it;
 }
 
+/// An integer; an integral float such as 64.0 (what some JSON writers emit for
+/// NumPy numbers) is accepted as that integer.
 inline index_t get_int(const nlohmann::json& j, const std::string& where) {
+  if (j.is_number_float()) {
+    const double v = j.get<double>();
+    if (!(std::isfinite(v) && v == std::floor(v) && std::fabs(v) < 9.0e15))
+      bad(where, "an integer", "number " + j.dump());
+    return static_cast<index_t>(v);
+  }
   if (!j.is_number_integer()) bad(where, "an integer", type_of(j) + " " + j.dump());
   if (j.is_number_unsigned() && j.get<std::uint64_t>() > static_cast<std::uint64_t>(INT64_MAX))
     bad(where, "an integer that fits in int64", j.dump());
@@ -129,6 +138,9 @@ inline case_data load_case_json(const std::string& text, const std::filesystem::
     std::vector<index_t> r;
     for (std::size_t i = 0; i < it->size(); ++i)
       r.push_back(get_int((*it)[i], "case.json.raters[" + std::to_string(i) + "]"));
+    // The spec lists positions without promising an order; the API wants them
+    // ascending. A repeated position stays an error (it would weigh a rater twice).
+    std::sort(r.begin(), r.end());
     c.raters = std::move(r);
   }
   c.embeds = load_array(dir, root, "embeds", 2);
