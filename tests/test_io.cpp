@@ -236,7 +236,8 @@ TEST_CASE("npy: format_npy -> parse_npy round trip, and files") {
     CHECK(a.type == io::npy_type::f32);
     CHECK(a.shape == shape);
     CHECK(a.count() == n);
-    CHECK(std::memcmp(a.as<float>(), data.data(), data.size() * sizeof(float)) == 0);
+    if (!data.empty())  // memcmp must not see the null data of an empty vector
+      CHECK(std::memcmp(a.as<float>(), data.data(), data.size() * sizeof(float)) == 0);
   }
   temp_dir tmp;
   const std::vector<float> v{1, 2, 3, 4, 5, 6};

@@ -33,8 +33,23 @@ class workspace {
     return v.data();
   }
 
-  // Stages use these in a fixed way (documented at each use); they are public so
-  // that the stage headers need no friendship, not for callers.
+  // Stages use these in a fixed way; they are public so that the stage headers
+  // need no friendship, not for callers. A buffer is only held across a call to
+  // another stage where this table says so (take() may reallocate):
+  //   f32_a  raters: visual rows; prune_step: P (after raters)
+  //   f32_b  raters: text rows;   scores_qk: one key head
+  //   f32_c  scores_qk: one query row
+  //   f32_d  scoring driver: one row of probabilities
+  //   f32_e  scoring driver: the gravity table (R·N)
+  //   f64_a  raters: m;  gravity: one row of biases;  recycle: the selected rows
+  //   f64_b  raters: exps;  scoring driver: head totals;  rank: P in double;
+  //          dpc_knn: rho, gamma, scratch row
+  //   f64_c  rank: Gram matrix;  scores_qk: logits;  recycle: D
+  //   f64_d  recycle: cluster sums       f64_e  gravity: distance table
+  //   idx_a  select_keep: order          idx_b  prune_step: ranked pruned tokens
+  //   idx_c  scoring driver: chosen heads; recycle: seen marks
+  //   idx_d  scoring driver: head order; recycle: centres
+  //   idx_e  recycle: labels
   std::vector<float> f32_a, f32_b, f32_c, f32_d, f32_e;
   std::vector<double> f64_a, f64_b, f64_c, f64_d, f64_e;
   std::vector<index_t> idx_a, idx_b, idx_c, idx_d, idx_e;
