@@ -3,9 +3,11 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <filesystem>
 #include <random>
 #include <vector>
 
+#include <sparsevlm/io/case.hpp>
 #include <sparsevlm/sparsevlm.hpp>
 
 #include "test_util.hpp"
@@ -340,4 +342,27 @@ TEST_CASE("gravity: both paths apply it identically") {
   relevance_scores(tensor3_view<const float>(f.attn.data(), {f.H, f.L, f.L}), f.raters,
                    visual_span{f.S, N}, matrix_view<float>(pp.data(), {R, N}), plain, o2, ws);
   CHECK(plain != sa);
+}
+
+TEST_CASE("scores_qk: shared cases with q/k give the attention path's scores within 1e-5") {
+  namespace fs = std::filesystem;
+  const fs::path dir = SPARSEVLM_TEST_CASES_DIR;
+  if (!fs::is_directory(dir)) {
+    MESSAGE("no spec cases under ", dir.string(), ": skipped");
+    return;
+  }
+  int with_qk = 0;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (!fs::exists(entry.path() / "q.npy")) continue;
+    ++with_qk;
+    INFO("case ", entry.path().filename().string());
+    const io::case_data c = io::load_case(entry.path());
+    workspace ws;
+    const step_result a = io::run_case(c, ws, io::scores_source::attn);
+    const step_result b = io::run_case(c, ws, io::scores_source::qk);
+    check_close(b.scores, a.scores, 1e-5);
+    CHECK(a.keep == b.keep);
+    CHECK(a.recycled.clusters == b.recycled.clusters);
+  }
+  CHECK(with_qk > 0);
 }
