@@ -494,3 +494,8 @@ TEST_CASE("case: every shared spec case agrees with its expected result") {
   }
   CHECK_FALSE(cases.empty());
 }
+
+TEST_CASE("npy: an empty array with huge trailing extents is refused, not overflowed") {
+  const auto img = npy_image(1, f4_dict("(0, 4294967296, 4294967296)"), nullptr, 0);
+  SV_CHECK_THROWS(sparsevlm::errc::bad_file, "x.npy", parse(img));
+}

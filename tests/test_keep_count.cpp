@@ -119,3 +119,10 @@ TEST_CASE("core: recycle_count and cluster_count") {
   CHECK(sparsevlm::core::rank_keep(3, -2.0, 1.0, 5) == 0);
   CHECK(sparsevlm::core::rank_keep(3, std::numeric_limits<double>::quiet_NaN(), 0.0, 5) == 0);
 }
+
+TEST_CASE("keep_count: floor(rank*scale + bias) rounds like the Python reference") {
+  // 6 · 0.3 = 1.7999999999999998 in double, + 0.2 = 1.9999999999999998: floor 1,
+  // whatever the compiler's multiply-add contraction (a fused FMA would give 2).
+  CHECK(sparsevlm::core::rank_keep(6, 0.3, 0.2, 100) == 1);
+  CHECK(sparsevlm::keep_count(sparsevlm::keep_policy::rank(0.3, 0.2), 6, 100, 10) == 1);
+}

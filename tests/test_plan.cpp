@@ -236,3 +236,13 @@ TEST_CASE("plan: property, sequence layout and in-place equals out-of-place") {
     }
   }
 }
+
+TEST_CASE("plan: zero-width per-token arrays are a no-op, even over null data") {
+  const std::vector<sparsevlm::index_t> seq{0, 2};
+  sparsevlm::matrix_view<const float> in(nullptr, {3, 0});
+  sparsevlm::matrix_view<float> out(nullptr, {2, 0});
+  sparsevlm::matrix_view<const float> rec(nullptr, {0, 0});
+  sparsevlm::apply_plan(std::span<const sparsevlm::index_t>(seq), in, rec, out);
+  CHECK(sparsevlm::apply_plan_inplace(std::span<const sparsevlm::index_t>(seq),
+                                      sparsevlm::matrix_view<float>(nullptr, {3, 0}), rec) == 2);
+}

@@ -176,3 +176,13 @@ TEST_CASE("raters: float16 and bfloat16 views decide as float32 on exact values"
                         visual_span{S, N}) == want);
   }
 }
+
+TEST_CASE("raters: a finite embedding whose logit overflows float32 is refused") {
+  // d = 1, visual {0, 2}, text {2, 3}: visual row 0 · text row 2 = 1e20 · 1e20 = 1e40,
+  // beyond float32. Without the check the softmax would see Inf − Inf and quietly
+  // return no raters.
+  const std::vector<float> e{1e20f, 1e20f, 1e20f, 1.0f};
+  SV_CHECK_THROWS(sparsevlm::errc::non_finite, "embeds rows 0 and 2",
+                  sparsevlm::select_raters(sparsevlm::matrix_view<const float>(e.data(), {4, 1}),
+                                           sparsevlm::visual_span{0, 2}));
+}

@@ -272,3 +272,12 @@ TEST_CASE("recycle: property, partition, means and a naive DPC-KNN") {
     CHECK(r.clusters == ref);
   }
 }
+
+TEST_CASE("dpc_knn: counts are checked in release builds too") {
+  const std::vector<double> D{0.0, 1.0, 1.0, 0.0};
+  std::vector<sparsevlm::index_t> centres, label;
+  sparsevlm::workspace ws;
+  SV_CHECK_THROWS(sparsevlm::errc::invalid_argument, "c", sparsevlm::dpc_knn(D, 2, 0, centres, label, ws));
+  SV_CHECK_THROWS(sparsevlm::errc::invalid_argument, "c", sparsevlm::dpc_knn(D, 2, 3, centres, label, ws));
+  SV_CHECK_THROWS(sparsevlm::errc::shape_mismatch, "D.size()", sparsevlm::dpc_knn(D, 3, 1, centres, label, ws));
+}

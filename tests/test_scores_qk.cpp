@@ -366,3 +366,37 @@ TEST_CASE("scores_qk: shared cases with q/k give the attention path's scores wit
   }
   CHECK(with_qk > 0);
 }
+
+TEST_CASE("scoring options: a NaN in a head that top_heads leaves out is still refused") {
+  // H = 2, one rater (t = 3), visual [1, 3). Head 1 holds a NaN; without the check
+  // its NaN total would break the head ranking and, head 1 left out, vanish.
+  std::vector<float> attn(2 * 4 * 4, 0.1f);
+  attn[static_cast<std::size_t>((1 * 4 + 3) * 4 + 2)] = svt::kNaNf;
+  const std::vector<index_t> raters{3};
+  std::vector<float> p(2), s(2);
+  workspace ws;
+  score_options o;
+  o.top_heads = 1;
+  SV_CHECK_THROWS(errc::non_finite, "head 1",
+                  relevance_scores(tensor3_view<const float>(attn.data(), {2, 4, 4}), raters,
+                                   visual_span{1, 2}, matrix_view<float>(p.data(), {1, 2}), s, o, ws));
+}
+
+TEST_CASE("gravity: raters, span and output size are checked") {
+  rope_gravity g;
+  g.enabled = true;
+  g.head_dim = 4;
+  workspace ws;
+  float out[2];
+  const std::vector<index_t> beyond{3};
+  SV_CHECK_THROWS(errc::invalid_argument, "raters[0]",
+                  gravity_table(g, beyond, visual_span{0, 2}, 3, out, ws));
+  const std::vector<index_t> ok{2};
+  SV_CHECK_THROWS(errc::shape_mismatch, "visual", gravity_table(g, ok, visual_span{0, 4}, 3, out, ws));
+  float small[1];
+  SV_CHECK_THROWS(errc::shape_mismatch, "out.size()", gravity_table(g, ok, visual_span{0, 2}, 3, small, ws));
+  const std::vector<index_t> huge{0, 1, index_t{1} << 60};
+  g.positions = huge;
+  SV_CHECK_THROWS(errc::invalid_argument, "gravity.positions[2]",
+                  gravity_table(g, ok, visual_span{0, 2}, 3, out, ws));
+}

@@ -538,3 +538,13 @@ TEST_CASE("step: mixed element types in one step") {
   CHECK(r.recycled.merged == std::vector<float>{3.5f, -7.0f});
   CHECK(r.sequence == seq_t{0, 1, 2, -1, 5, 6});
 }
+
+TEST_CASE("step: a span whose end overflows int64 is refused with a message") {
+  std::vector<float> a(2 * 4 * 4, 0.25f), h(4 * 2, 1.0f);
+  sparsevlm::step_inputs<float, float, float> in;
+  in.embeds = sparsevlm::matrix_view<const float>(h.data(), {4, 2});
+  in.attn = sparsevlm::tensor3_view<const float>(a.data(), {2, 4, 4});
+  in.hidden = sparsevlm::matrix_view<const float>(h.data(), {4, 2});
+  in.visual = {1, std::numeric_limits<sparsevlm::index_t>::max()};
+  SV_CHECK_THROWS(sparsevlm::errc::shape_mismatch, "visual", sparsevlm::prune_step(in, sparsevlm::step_options{}));
+}

@@ -106,3 +106,10 @@ TEST_CASE("view: visual_span end") {
   sparsevlm::visual_span v{3, 4};
   CHECK(v.end() == 7);
 }
+
+TEST_CASE("view: contiguous strides that would overflow int64 are refused") {
+  float x = 0.0f;
+  const std::array<sparsevlm::index_t, 3> ext{0, sparsevlm::index_t{1} << 32, sparsevlm::index_t{1} << 32};
+  SV_CHECK_THROWS(sparsevlm::errc::shape_mismatch, "extents",
+                  sparsevlm::tensor3_view<const float>(&x, ext));
+}

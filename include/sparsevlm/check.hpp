@@ -16,7 +16,7 @@ inline void check_span(visual_span vis, index_t length, const char* length_name)
           vis.len);
   SPARSEVLM_CHECK(vis.start <= length && vis.len <= length - vis.start, errc::shape_mismatch,
           "visual", concat("a span inside [0, ", length, ") (", length_name, ")"),
-          concat("[", vis.start, ", ", vis.start + vis.len, ")"));
+          concat("start ", vis.start, ", len ", vis.len));
 }
 
 /// Throws errc::non_finite naming the first NaN/Inf of rows [r0, r1) of `m`.

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "raters.hpp"
 #include "types.hpp"
 #include "workspace.hpp"
 
@@ -30,6 +31,12 @@ inline void check_gravity(const rope_gravity& g, index_t length) {
   SPARSEVLM_CHECK(g.positions.empty() || static_cast<index_t>(g.positions.size()) == length,
                   errc::shape_mismatch, "gravity.positions.size()",
                   detail::concat("0 (0..L-1) or L = ", length), g.positions.size());
+  // Bounded so that position differences cannot overflow (and stay exact in double).
+  constexpr index_t max_pos = index_t{1} << 48;
+  for (std::size_t u = 0; u < g.positions.size(); ++u)
+    SPARSEVLM_CHECK(g.positions[u] >= -max_pos && g.positions[u] <= max_pos,
+                    errc::invalid_argument, detail::concat("gravity.positions[", u, "]"),
+                    "a position id within ±2^48", g.positions[u]);
 }
 
 /// The guarded bias probabilities ĝ[r][j] for every rater row and visual column.
@@ -43,24 +50,30 @@ inline void check_gravity(const rope_gravity& g, index_t length) {
 /// softmax cancels — and g = softmax over u = 0..t of b. The output is
 /// ĝ[r][j] = max(g(S + j), min_ratio / (t + 1)); divide attention by it.
 ///
-/// - `out`: R·N floats, row-major. Cost: O(R·L) plus O(D·rd) cosines for a table
+/// - `raters`, `visual`: as for the scorers (checked); `out`: R·N floats,
+///   row-major (size checked). Positions within ±2^48. Cost: O(R·L) plus O(D·rd) cosines for a table
 ///   over the distances D met (or O(R·L·rd) when positions span more than 4L).
 /// - Errors: as check_gravity.
 inline void gravity_table(const rope_gravity& g, std::span<const index_t> raters,
-                          visual_span visual, index_t length, float* out, workspace& ws) {
+                          visual_span visual, index_t length, std::span<float> out,
+                          workspace& ws) {
   check_gravity(g, length);
+  detail::check_span(visual, length, "length");
+  check_raters(raters, visual, length);
+  SPARSEVLM_CHECK(out.size() == raters.size() * static_cast<std::size_t>(visual.len),
+                  errc::shape_mismatch, "out.size()",
+                  detail::concat(raters.size(), " x ", visual.len), out.size());
   const index_t rd = g.rotary_dim == 0 ? g.head_dim : g.rotary_dim;
   const double scale = g.scale > 0.0 ? g.scale : 1.0 / std::sqrt(static_cast<double>(g.head_dim));
   const auto pos = [&](index_t u) {
     return g.positions.empty() ? u : g.positions[static_cast<std::size_t>(u)];
   };
-  std::vector<double> theta(static_cast<std::size_t>(rd / 2));
+  double* theta = workspace::take(ws.f64_d, static_cast<std::size_t>(rd / 2));
   for (index_t i = 0; i < rd / 2; ++i)
-    theta[static_cast<std::size_t>(i)] =
-        std::pow(g.base, -2.0 * static_cast<double>(i) / static_cast<double>(rd));
+    theta[i] = std::pow(g.base, -2.0 * static_cast<double>(i) / static_cast<double>(rd));
   const auto bias = [&](double delta) {
     double s = 0.0;
-    for (double th : theta) s += std::cos(delta * th);
+    for (index_t i = 0; i < rd / 2; ++i) s += std::cos(delta * theta[i]);
     return 2.0 * scale * s;
   };
   index_t pmin = std::numeric_limits<index_t>::max(), pmax = std::numeric_limits<index_t>::min();

@@ -108,6 +108,7 @@ void apply_plan(std::span<const index_t> sequence, matrix_view<const T> in,
                   detail::concat("[", n, ", ", in.extent(1), "]"),
                   detail::concat("[", out.extent(0), ", ", out.extent(1), "]"));
   detail::check_plan_args<T, U>(sequence, in.extent(0), in.extent(1), recycled);
+  if (in.extent(1) == 0) return;  // zero-width rows: nothing to move (and no data)
   for (index_t i = 0; i < n; ++i) {
     const index_t p = sequence[static_cast<std::size_t>(i)];
     if (p >= 0) {
@@ -136,6 +137,7 @@ index_t apply_plan_inplace(std::span<const index_t> sequence, matrix_view<T> ino
     SPARSEVLM_CHECK(p < 0 || p >= i, errc::invalid_argument, detail::concat("sequence[", i, "]"),
                     detail::concat(">= ", i, " for an in-place compaction"), p);
   }
+  if (inout.extent(1) == 0) return n;
   for (index_t i = 0; i < n; ++i) {
     const index_t p = sequence[static_cast<std::size_t>(i)];
     if (p == i) continue;

@@ -52,7 +52,7 @@ inline float dot_f32(const float* a, const float* b, index_t n) noexcept {
 ///   order for all), O(N·T) exp in double. Scratch from `ws`: (N + T)·d floats,
 ///   2T doubles.
 /// - Errors: shape_mismatch for a bad span or d = 0; non_finite for NaN/Inf in
-///   the rows of `embeds` it reads (rows S..L).
+///   the rows of `embeds` it reads (rows S..L), or a logit that overflows float32.
 template <class T>
 std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visual,
                                    workspace& ws) {
@@ -78,6 +78,11 @@ std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visu
     double mx = -std::numeric_limits<double>::infinity();
     for (index_t t = 0; t < Tn; ++t) {
       e[t] = static_cast<double>(detail::dot_f32(vbuf + i * d, tbuf + t * d, d));
+      // Finite embeddings can still overflow a float32 dot product; the softmax
+      // would then turn Inf − Inf into NaN and silently choose no raters.
+      SPARSEVLM_CHECK(std::isfinite(e[t]), errc::non_finite,
+                      detail::concat("embeds rows ", visual.start + i, " and ", visual.end() + t),
+                      "a dot product that fits in float32", "an overflow to Inf");
       mx = std::max(mx, e[t]);
     }
     double sum = 0.0;

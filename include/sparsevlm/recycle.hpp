@@ -46,8 +46,9 @@ inline void check_recycle_options(const recycle_options& o) {
 
 /// DPC-KNN clustering of s points from their distance matrix (spec step 7).
 ///
-/// - `D`: s×s row-major, symmetric, zero diagonal, finite, >= 0 (trusted).
-/// - `c`: clusters, 1 <= c <= s; also the k of the k nearest neighbours.
+/// - `D`: s×s row-major (size checked), symmetric, zero diagonal, finite, >= 0
+///   (the values are trusted: recycle builds them so).
+/// - `c`: clusters, 1 <= c <= s (checked); also the k of the k nearest neighbours.
 /// - `centres` receives the c centre indices in descending ρ·δ (ties to the lower
 ///   index); `label[i]` receives the cluster (0..c-1, in that order) of point i.
 ///
@@ -58,7 +59,11 @@ inline void check_recycle_options(const recycle_options& o) {
 /// Cost: O(s²) plus O(s·k log k). Scratch: s + 2s doubles.
 inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector<index_t>& centres,
                     std::vector<index_t>& label, workspace& ws) {
-  SPARSEVLM_ASSERT(c >= 1 && c <= s && static_cast<index_t>(D.size()) >= s * s);
+  using detail::concat;
+  SPARSEVLM_CHECK(s >= 1, errc::invalid_argument, "s", ">= 1", s);
+  SPARSEVLM_CHECK(c >= 1 && c <= s, errc::invalid_argument, "c", concat("in [1, ", s, "]"), c);
+  SPARSEVLM_CHECK(static_cast<index_t>(D.size()) == s * s, errc::shape_mismatch, "D.size()",
+                  concat(s, " x ", s, " = ", s * s), D.size());
   double* rho = workspace::take(ws.f64_b, static_cast<std::size_t>(3 * s));
   double* gamma = rho + s;
   double* tmp = rho + 2 * s;

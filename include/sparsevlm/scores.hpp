@@ -50,7 +50,8 @@ void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span v
   const float* gt = nullptr;
   if (o.gravity.enabled) {
     float* g = workspace::take(ws.f32_e, static_cast<std::size_t>(R * N));
-    gravity_table(o.gravity, raters, visual, length, g, ws);
+    gravity_table(o.gravity, raters, visual, length,
+                  std::span<float>(g, static_cast<std::size_t>(R * N)), ws);
     gt = g;
   }
   float* buf = workspace::take(ws.f32_d, static_cast<std::size_t>(N));
@@ -70,6 +71,10 @@ void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span v
         load(h, r);
         for (index_t j = 0; j < N; ++j) t += static_cast<double>(buf[j]);
       }
+      // A NaN total would break the strict order that nth_element needs, and a
+      // head left out would hide it: refuse it here.
+      SPARSEVLM_CHECK(std::isfinite(t), errc::non_finite,
+                      concat("head ", h, " rater->visual attention"), "a finite total", t);
       total[h] = t;
     }
     std::vector<index_t>& order = ws.idx_d;

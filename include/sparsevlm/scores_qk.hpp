@@ -109,7 +109,8 @@ template <class TQ, class TK>
 ///   refilled per key head), L doubles, dh + N floats (+ R·N with gravity).
 /// - Errors: shape_mismatch (q/k/lse extents, Hkv not dividing H, head dims);
 ///   invalid_argument (raters, scale); non_finite (NaN/Inf in q or k rows used,
-///   in the LSE, or overflowing logits).
+///   in the LSE, or overflowing logits). On non_finite, P and the scores are
+///   unspecified (found while computing, as in relevance_scores).
 template <class TQ, class TK>
 void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> raters,
                          visual_span visual, matrix_view<float> P, std::span<float> scores,

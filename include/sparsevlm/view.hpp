@@ -79,12 +79,18 @@ class strided_view {
     return Rank == 0 || strides_[Rank - 1] == 1 || extents_[Rank - 1] <= 1;
   }
 
+  /// C-order strides for `extents`. Errors: shape_mismatch when a stride would
+  /// not fit in index_t (checked before any arithmetic overflows).
   static std::array<index_t, Rank> contiguous_strides(const std::array<index_t, Rank>& extents) {
     std::array<index_t, Rank> s{};
     index_t acc = 1;
     for (std::size_t d = Rank; d-- > 0;) {
       s[d] = acc;
-      acc *= extents[d] > 0 ? extents[d] : 1;
+      const index_t e = extents[d] > 0 ? extents[d] : 1;
+      if (d > 0 && acc > std::numeric_limits<index_t>::max() / e)
+        detail::fail(errc::shape_mismatch, "extents", "a product that fits in int64",
+                     "an overflowing one");
+      acc *= e;
     }
     return s;
   }

@@ -45,7 +45,8 @@ class workspace {
   //   f64_b  raters: exps;  scoring driver: head totals;  rank: P in double;
   //          dpc_knn: rho, gamma, scratch row
   //   f64_c  rank: Gram matrix;  scores_qk: logits;  recycle: D
-  //   f64_d  recycle: cluster sums       f64_e  gravity: distance table
+  //   f64_d  recycle: cluster sums; gravity: frequencies
+  //   f64_e  gravity: distance table
   //   idx_a  select_keep: order          idx_b  prune_step: ranked pruned tokens
   //   idx_c  scoring driver: chosen heads; recycle: seen marks
   //   idx_d  scoring driver: head order; recycle: centres

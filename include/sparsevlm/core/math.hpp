@@ -39,7 +39,12 @@ SPARSEVLM_HD inline double rank_threshold_sq(double lambda_max, std::int64_t m) 
 /// double before the conversion so that huge or negative values are defined.
 SPARSEVLM_HD inline std::int64_t rank_keep(std::int64_t rank, double scale, double bias,
                                            std::int64_t n) noexcept {
-  const double v = std::floor(static_cast<double>(rank) * scale + bias);
+  // Two roundings, as Python's `rank * scale + bias` (the reference): the volatile
+  // keeps a compiler that fuses multiply-adds (-ffp-contract=fast with FMA, the
+  // default on aarch64 and with -march=native) from changing floor's answer when
+  // the exact value is an integer (6 · 0.3 + 0.2 gives 1 here, 2 fused).
+  volatile double product = static_cast<double>(rank) * scale;
+  const double v = std::floor(product + bias);
   const double hi = static_cast<double>(n - 1);
   if (!(v > 0.0)) return 0;
   if (v >= hi) return n - 1;

@@ -246,10 +246,15 @@ inline void write_result(const step_result& r, const std::filesystem::path& out_
   if (!r.recycled.clusters.empty()) {
     const std::array<index_t, 2> shape{static_cast<index_t>(r.recycled.clusters.size()), r.recycled.dim};
     write_npy(out_dir / "merged.npy", r.recycled.merged.data(), shape);
+  } else {
+    // A merged.npy from an earlier run would contradict this result.
+    std::filesystem::remove(out_dir / "merged.npy", ec);
   }
   std::ofstream f(out_dir / "result.json", std::ios::trunc);
   if (!f) detail_case::bad((out_dir / "result.json").string(), "a writable file", "cannot open it");
   f << text;
+  f.flush();
+  if (!f) detail_case::bad((out_dir / "result.json").string(), "a complete write", "a write error");
 }
 
 /// An expected result read from a folder: result.json (+ merged.npy).

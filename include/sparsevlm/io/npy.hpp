@@ -221,11 +221,17 @@ inline npy_array parse_npy(std::span<const std::byte> bytes, const std::string& 
   if (fortran) bad(name, "C order (fortran_order: False)", "fortran_order: True");
   std::size_t count = 1;
   const std::size_t esize = detail_npy::element_size(out.type);
+  // The product of the non-zero extents must fit too: an empty array of shape
+  // (0, 2^32, 2^32) would otherwise overflow every stride computed from it.
+  std::size_t nonzero = 1;
   for (index_t e : out.shape) {
-    if (e != 0 && count > std::numeric_limits<std::size_t>::max() / esize / static_cast<std::size_t>(e))
+    if (e == 0) continue;
+    if (nonzero > std::numeric_limits<std::size_t>::max() / esize / static_cast<std::size_t>(e) ||
+        static_cast<index_t>(nonzero) > std::numeric_limits<index_t>::max() / 8 / e)
       bad(name, "a shape whose byte size fits in memory", "an overflowing shape");
-    count *= static_cast<std::size_t>(e);
+    nonzero *= static_cast<std::size_t>(e);
   }
+  for (index_t e : out.shape) count *= static_cast<std::size_t>(e);
   const std::size_t payload = bytes.size() - offset - header_len;
   out.bytes = count * esize;
   if (payload != out.bytes)
