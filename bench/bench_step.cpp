@@ -3,6 +3,9 @@
 // The CPU-speed issue extends this with more shapes and a bandwidth probe.
 #include <benchmark/benchmark.h>
 
+#include <random>
+#include <vector>
+
 #include <sparsevlm/sparsevlm.hpp>
 
 #include "synthetic.hpp"
@@ -93,6 +96,20 @@ void BM_recycle(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_recycle)->Unit(benchmark::kMillisecond);
+
+// The rank at the issue's reference size: R x N = 64 x 2880 (LLaVA-NeXT AnyRes),
+// random non-negative P (full rank 64).
+void BM_rank_64x2880(benchmark::State& state) {
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  std::vector<float> p(64 * 2880);
+  for (float& v : p) v = u(rng);
+  workspace ws;
+  index_t rank = 0;
+  for (auto _ : state) benchmark::DoNotOptimize(rank = numerical_rank(matrix_view<const float>(p.data(), {64, 2880}), ws));
+  state.counters["rank"] = static_cast<double>(rank);
+}
+BENCHMARK(BM_rank_64x2880)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 
