@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds and runs every test of sparsevlm:
 #   1. the suite (unit tests, every spec case through the CLI, the CLI's bad-input
-#      contract, the find_package consumer), Release build, benchmarks compiled;
+#      contract, the find_package consumer, random cases checked against the
+#      independent NumPy reference in tools/crosscheck), Release build, benchmarks
+#      compiled;
 #   2. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. a one-minute libFuzzer run (20 s per target) from the committed corpus.
 # `--quick` stops after 1. Run ./scripts/setup.sh first (the README does).
@@ -12,7 +14,19 @@ quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
 echo "== 1/3 release build and suite"
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSEVLM_BUILD_BENCH=ON
+# A venv with NumPy for the cross-check (PyPI); without one that test is skipped.
+venv=build/venv
+if ! "$venv/bin/python" -c "import numpy" 2>/dev/null; then
+  mkdir -p build
+  if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q numpy; }; then
+    echo "WARNING: could not make a NumPy venv: the crosscheck test will not run"
+  fi
+fi
+pyarg=()
+if "$venv/bin/python" -c "import numpy" 2>/dev/null; then
+  pyarg=(-DSPARSEVLM_PYTHON="$PWD/$venv/bin/python")
+fi
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSEVLM_BUILD_BENCH=ON "${pyarg[@]}"
 cmake --build build -j"$jobs"
 ctest --test-dir build --output-on-failure -j"$jobs"
 [ "$quick" = 1 ] && exit 0
