@@ -87,8 +87,9 @@ inline npy_array load_array(const std::filesystem::path& dir, const nlohmann::js
 }  // namespace detail_case
 
 /// Parses case.json text and loads the arrays it names from `dir`. Checks the
-/// format string, key types, dtypes (float32/float16) and ranks; shape agreement
-/// between arrays is checked when the step runs.
+/// format string, key types, dtypes (float32/float16), ranks, and the shapes that
+/// tie attn, q and k together; agreement with embeds/hidden and the span is
+/// checked when the step runs.
 /// Errors: sparsevlm::error (errc::bad_file for JSON and files).
 inline case_data load_case_json(const std::string& text, const std::filesystem::path& dir) {
   using namespace detail_case;
@@ -149,6 +150,27 @@ inline case_data load_case_json(const std::string& text, const std::filesystem::
   if (root.contains("q") || root.contains("k")) {
     c.q = load_array(dir, root, "q", 3);
     c.k = load_array(dir, root, "k", 3);
+  }
+  // Shapes the spec ties together, checked here because a step reads only one
+  // of attn and q/k: attn [H, L, L]; q [H, L, dh]; k [Hkv, L, dh], H % Hkv == 0.
+  const auto shape_str = [](const npy_array& a) {
+    std::string out = "(";
+    for (std::size_t i = 0; i < a.shape.size(); ++i) out += (i ? ", " : "") + std::to_string(a.shape[i]);
+    return out + ")";
+  };
+  const index_t H = c.attn.shape[0], L = c.attn.shape[1];
+  if (c.attn.shape[2] != L) bad("attn.npy", "a shape (H, L, L)", shape_str(c.attn));
+  if (c.q) {
+    const auto& q = *c.q;
+    const auto& k = *c.k;
+    if (q.shape[0] != H || q.shape[1] != L)
+      bad("q.npy", "a shape (" + std::to_string(H) + ", " + std::to_string(L) + ", dh) like attn's",
+          shape_str(q));
+    if (k.shape[1] != L || k.shape[2] != q.shape[2] || k.shape[0] < 1 || H % k.shape[0] != 0)
+      bad("k.npy",
+          "a shape (Hkv, " + std::to_string(L) + ", " + std::to_string(q.shape[2]) +
+              ") with Hkv dividing " + std::to_string(H),
+          shape_str(k));
   }
   return c;
 }
