@@ -2,7 +2,7 @@
 // forming the full [H, L, L] causal softmax and its head mean, which is what the
 // authors' code does at each pruning layer. Reports time and temporary bytes.
 //
-// Shapes: LLaVA-1.5-7B (H 32, dh 128, L 671 = 35 + 576 + 60, R 30 raters) and a
+// Shapes: LLaVA-1.5-7B (H 32, dh 128, L 671 = 35 + 576 + 60, R 10, 30, 40 raters) and a
 // long video prompt (16 × 576 visual tokens, L 9311), where the full matrix
 // would need 32 · 9311² floats (11 GB): only our path runs there.
 #include <benchmark/benchmark.h>
@@ -26,10 +26,10 @@ struct qk_case {
   index_t L() const { return prefix + N + text; }
 };
 
-const qk_case& make_case(index_t n_visual) {
+const qk_case& make_case(index_t n_visual, index_t n_raters = 30) {
   static std::vector<std::unique_ptr<qk_case>> cache;
   for (const auto& c : cache)
-    if (c->N == n_visual) return *c;
+    if (c->N == n_visual && static_cast<index_t>(c->raters.size()) == n_raters) return *c;
   auto c = std::make_unique<qk_case>();
   c->N = n_visual;
   std::mt19937 rng(5);
@@ -38,13 +38,14 @@ const qk_case& make_case(index_t n_visual) {
   c->k.resize(static_cast<std::size_t>(c->Hkv * c->L() * c->dh));
   for (float& v : c->q) v = normal(rng);
   for (float& v : c->k) v = normal(rng);
-  for (index_t t = c->prefix + c->N; t < c->L(); t += 2) c->raters.push_back(t);  // 30 raters
+  // n_raters of the 60 text tokens, evenly spread.
+  for (index_t i = 0; i < n_raters; ++i) c->raters.push_back(c->prefix + c->N + i * c->text / n_raters);
   cache.push_back(std::move(c));
   return *cache.back();
 }
 
 void BM_scores_from_qk(benchmark::State& state) {
-  const qk_case& c = make_case(state.range(0));
+  const qk_case& c = make_case(state.range(0), state.range(1));
   const index_t L = c.L(), R = static_cast<index_t>(c.raters.size());
   qk_view<float, float> qk{tensor3_view<const float>(c.q.data(), {c.H, L, c.dh}),
                            tensor3_view<const float>(c.k.data(), {c.Hkv, L, c.dh}), std::nullopt, 0.0};
@@ -61,7 +62,12 @@ void BM_scores_from_qk(benchmark::State& state) {
   state.counters["full_matrix_bytes"] = static_cast<double>(c.H) * static_cast<double>(L) *
                                         static_cast<double>(L) * sizeof(float);
 }
-BENCHMARK(BM_scores_from_qk)->Arg(576)->Arg(16 * 576)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_scores_from_qk)
+    ->Args({576, 10})
+    ->Args({576, 30})
+    ->Args({576, 40})
+    ->Args({16 * 576, 30})
+    ->Unit(benchmark::kMillisecond);
 
 // The authors' way: softmax(Q·Kᵀ·scale + causal mask) for every head and row,
 // the head mean of the whole [L, L], then the rater rows' visual columns.
