@@ -1,5 +1,6 @@
-// Times each stage of a pruning step in memory (shared by the CLI's `bench`
-// and the demo), calling the public stage functions exactly as prune_step does.
+// Times each stage of a pruning step in memory (shared by the CLI's `bench` and
+// the demo), through prune_step's per-stage hook: the stages are timed inside the
+// real step, as an engine runs it.
 #pragma once
 
 #include <algorithm>
@@ -20,96 +21,43 @@ template <class TE, class TQ, class TK, class TH>
 index_t sequence_length(const step_inputs_qk<TE, TQ, TK, TH>& in) {
   return in.qk.k.extent(1);
 }
-template <class TE, class TA, class TH>
-void score_stage(const step_inputs<TE, TA, TH>& in, std::span<const index_t> raters,
-                 matrix_view<float> P, std::span<float> scores, const score_options& o,
-                 workspace& ws) {
-  relevance_scores(in.attn, raters, in.visual, P, scores, o, ws);
-}
-template <class TE, class TQ, class TK, class TH>
-void score_stage(const step_inputs_qk<TE, TQ, TK, TH>& in, std::span<const index_t> raters,
-                 matrix_view<float> P, std::span<float> scores, const score_options& o,
-                 workspace& ws) {
-  relevance_scores_qk(in.qk, raters, in.visual, P, scores, o, ws);
-}
 
-/// Median milliseconds per stage over `repeat` runs; "total" is prune_step plus
-/// applying its plan to the hidden states (the whole step an engine pays for).
+/// Median milliseconds per stage over `repeat` runs. "plan" includes applying the
+/// plan to the hidden states (apply_plan into a second buffer), and "total" is
+/// the whole: prune_step plus that copy, what an engine pays for one step.
 /// `Inputs` is a step_inputs or a step_inputs_qk.
 template <class Inputs>
 std::map<std::string, double> time_stages(const Inputs& in, const step_options& opt, int repeat) {
-  using TH = typename decltype(in.hidden)::value_type;
   using clock = std::chrono::steady_clock;
-  const char* names[] = {"total", "raters", "scores", "rank", "keep", "recycle", "plan"};
+  using TH = typename decltype(in.hidden)::value_type;
   std::map<std::string, std::vector<double>> samples;
   workspace ws;
   const index_t L = sequence_length(in);
-  const index_t N = in.visual.len;
   const index_t d = in.hidden.extent(1);
   std::vector<TH> out_rows(static_cast<std::size_t>(L * d));
   const auto ms = [](clock::time_point a, clock::time_point b) {
     return std::chrono::duration<double, std::milli>(b - a).count();
   };
   for (int it = 0; it < repeat; ++it) {
-    auto t0 = clock::now();
-    const step_result full = prune_step(in, opt, ws);
-    matrix_view<const float> merged(full.recycled.merged.data(),
-                                    {static_cast<index_t>(full.recycled.clusters.size()), d});
-    apply_plan(std::span<const index_t>(full.sequence), in.hidden, merged,
-               matrix_view<TH>(out_rows.data(), {static_cast<index_t>(full.sequence.size()), d}));
-    auto t1 = clock::now();
+    const auto t0 = clock::now();
+    auto last = t0;
+    const step_result r = prune_step(in, opt, ws, [&](const char* stage) {
+      const auto now = clock::now();
+      samples[stage].push_back(ms(last, now));
+      last = now;
+    });
+    const index_t c = static_cast<index_t>(r.recycled.clusters.size());
+    apply_plan(std::span<const index_t>(r.sequence), in.hidden,
+               matrix_view<const float>(r.recycled.merged.data(), {c, d}),
+               matrix_view<TH>(out_rows.data(), {static_cast<index_t>(r.sequence.size()), d}));
+    const auto t1 = clock::now();
+    samples["plan"].back() += ms(last, t1);
     samples["total"].push_back(ms(t0, t1));
-
-    t0 = clock::now();
-    std::vector<index_t> raters = in.raters ? std::vector<index_t>(in.raters->begin(), in.raters->end())
-                                            : select_raters(in.embeds, in.visual, ws);
-    t1 = clock::now();
-    samples["raters"].push_back(ms(t0, t1));
-
-    const index_t R = static_cast<index_t>(raters.size());
-    std::vector<float> pbuf(static_cast<std::size_t>(R * N)), scores(static_cast<std::size_t>(N));
-    matrix_view<float> P(pbuf.data(), {R, N});
-    t0 = clock::now();
-    score_stage(in, raters, P, scores, opt.scoring, ws);
-    t1 = clock::now();
-    samples["scores"].push_back(ms(t0, t1));
-
-    t0 = clock::now();
-    const index_t rank = R > 0 ? numerical_rank(matrix_view<const float>(P), ws) : 0;
-    t1 = clock::now();
-    samples["rank"].push_back(ms(t0, t1));
-
-    t0 = clock::now();
-    const index_t keep = keep_count(opt.policy, rank, N, R);
-    const index_t pruned = N - keep;
-    const bool recycling = opt.recycle.enabled && pruned > 0;
-    const index_t s = recycling ? core::recycle_count(pruned, opt.recycle.fraction) : 0;
-    std::vector<index_t> kept, order;
-    select_keep(scores, in.visual.start, keep, s, kept, order, ws);
-    t1 = clock::now();
-    samples["keep"].push_back(ms(t0, t1));
-
-    recycle_result rec;
-    t0 = clock::now();
-    if (recycling)
-      recycle(in.hidden, in.visual, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)),
-              core::cluster_count(s, opt.recycle.cluster_divisor), rec, ws);
-    t1 = clock::now();
-    samples["recycle"].push_back(ms(t0, t1));
-
-    t0 = clock::now();
-    const auto seq = make_sequence(L, in.visual, kept, static_cast<index_t>(rec.clusters.size()));
-    apply_plan(std::span<const index_t>(seq), in.hidden,
-               matrix_view<const float>(rec.merged.data(), {static_cast<index_t>(rec.clusters.size()), d}),
-               matrix_view<TH>(out_rows.data(), {static_cast<index_t>(seq.size()), d}));
-    t1 = clock::now();
-    samples["plan"].push_back(ms(t0, t1));
   }
   std::map<std::string, double> median;
-  for (const char* n : names) {
-    auto& v = samples[n];
+  for (auto& [name, v] : samples) {
     std::sort(v.begin(), v.end());
-    median[n] = v.empty() ? 0.0 : v[v.size() / 2];
+    median[name] = v[v.size() / 2];
   }
   return median;
 }

@@ -3,6 +3,7 @@
 #include <Eigen/SVD>
 #include <algorithm>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "test_util.hpp"
@@ -547,4 +548,26 @@ TEST_CASE("step: a span whose end overflows int64 is refused with a message") {
   in.hidden = sparsevlm::matrix_view<const float>(h.data(), {4, 2});
   in.visual = {1, std::numeric_limits<sparsevlm::index_t>::max()};
   SV_CHECK_THROWS(sparsevlm::errc::shape_mismatch, "visual", sparsevlm::prune_step(in, sparsevlm::step_options{}));
+}
+
+TEST_CASE("step: the per-stage hook sees every stage once, in order") {
+  std::vector<float> a(2 * 6 * 6, 1.0f / 6.0f), e(6 * 2), h(6 * 2);
+  for (std::size_t i = 0; i < e.size(); ++i) {
+    e[i] = static_cast<float>(i % 5) / 4.0f;
+    h[i] = static_cast<float>(i);
+  }
+  sparsevlm::step_inputs<float, float, float> in;
+  in.embeds = sparsevlm::matrix_view<const float>(e.data(), {6, 2});
+  in.attn = sparsevlm::tensor3_view<const float>(a.data(), {2, 6, 6});
+  in.hidden = sparsevlm::matrix_view<const float>(h.data(), {6, 2});
+  in.visual = {1, 3};
+  std::vector<std::string> seen;
+  sparsevlm::workspace ws;
+  const auto with_hook = sparsevlm::prune_step(in, sparsevlm::step_options{}, ws,
+                                               [&](const char* stage) { seen.emplace_back(stage); });
+  CHECK(seen == std::vector<std::string>{"raters", "scores", "rank", "keep", "recycle", "plan"});
+  // The hook observes; it does not change the decisions.
+  const auto without = sparsevlm::prune_step(in, sparsevlm::step_options{}, ws);
+  CHECK(with_hook.keep == without.keep);
+  CHECK(with_hook.sequence == without.sequence);
 }

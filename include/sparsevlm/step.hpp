@@ -42,6 +42,11 @@ struct step_inputs_qk {
 
 namespace detail {
 
+/// The default per-stage hook of prune_step.
+struct no_op {
+  void operator()(const char*) const noexcept {}
+};
+
 /// Checks shared by both input forms, with L taken from the attention source.
 template <class TE, class TH>
 void check_step_common(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
@@ -65,11 +70,13 @@ void check_step_common(matrix_view<const TE> embeds, matrix_view<const TH> hidde
   check_finite_rows(hidden, 0, L, "hidden");
 }
 
-/// Steps 1 and 3-8 around a scoring callback `score(raters, P, scores)`.
-template <class TE, class TH, class Score>
+/// Steps 1 and 3-8 around a scoring callback `score(raters, P, scores)`;
+/// `done(stage)` is called after each stage (see prune_step).
+template <class TE, class TH, class Score, class Done>
 step_result run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
                      visual_span visual, const std::optional<std::span<const index_t>>& raters,
-                     index_t L, const step_options& opt, workspace& ws, Score&& score) {
+                     index_t L, const step_options& opt, workspace& ws, Score&& score,
+                     Done&& done) {
   const index_t N = visual.len;
   step_result res;
   if (raters) {
@@ -77,13 +84,16 @@ step_result run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
   } else {
     res.raters = select_raters(embeds, visual, ws);
   }
+  done("raters");
   const index_t R = static_cast<index_t>(res.raters.size());
 
   res.scores.assign(static_cast<std::size_t>(N), 0.0f);
   // Rater selection is done with f32_a and the scorers do not use it, so P lives there.
   matrix_view<float> P(workspace::take(ws.f32_a, static_cast<std::size_t>(R * N)), {R, N}, "P");
   score(std::span<const index_t>(res.raters), P, std::span<float>(res.scores));
+  done("scores");
   res.rank = R > 0 ? numerical_rank(matrix_view<const float>(P), ws) : 0;
+  done("rank");
   res.keep_count = keep_count(opt.policy, res.rank, N, R);
 
   const index_t pruned = N - res.keep_count;
@@ -91,6 +101,7 @@ step_result run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
   const index_t s = recycling ? core::recycle_count(pruned, opt.recycle.fraction) : 0;
   std::vector<index_t>& order = ws.idx_b;
   select_keep(res.scores, visual.start, res.keep_count, s, res.keep, order, ws);
+  done("keep");
   if (recycling) {
     const index_t c = core::cluster_count(s, opt.recycle.cluster_divisor);
     recycle(hidden, visual, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)), c,
@@ -98,8 +109,10 @@ step_result run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
   } else {
     res.recycled.dim = hidden.extent(1);
   }
+  done("recycle");
   res.sequence =
       make_sequence(L, visual, res.keep, static_cast<index_t>(res.recycled.clusters.size()));
+  done("plan");
   return res;
 }
 
@@ -141,30 +154,37 @@ void check_step(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& op
 ///   the result's vectors are allocated.
 /// - Errors: sparsevlm::error (see check_step); nothing is returned on error.
 /// - Deterministic: same inputs, same decisions, on every run and thread count.
-template <class TE, class TA, class TH>
-step_result prune_step(const step_inputs<TE, TA, TH>& in, const step_options& opt,
-                       workspace& ws) {
+///
+/// `done`, when given, is called as `done(stage)` right after each stage, with
+/// stage "raters", "scores", "rank", "keep", "recycle", "plan" in that order (a
+/// hook for per-stage timing or tracing; the default does nothing and costs
+/// nothing).
+template <class TE, class TA, class TH, class Done = detail::no_op>
+step_result prune_step(const step_inputs<TE, TA, TH>& in, const step_options& opt, workspace& ws,
+                       Done&& done = {}) {
   check_step(in, opt);
   return detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.attn.extent(1), opt, ws,
                           [&](std::span<const index_t> raters, matrix_view<float> P,
                               std::span<float> scores) {
                             relevance_scores(in.attn, raters, in.visual, P, scores, opt.scoring, ws);
-                          });
+                          },
+                          done);
 }
 
 /// One pruning step from queries and keys (fused-attention engines): the same
 /// decisions as the attention form on the attention these q/k produce, with
 /// scoring by relevance_scores_qk (cost O(H·R·L·dh), nothing of size L²).
-template <class TE, class TQ, class TK, class TH>
+template <class TE, class TQ, class TK, class TH, class Done = detail::no_op>
 step_result prune_step(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& opt,
-                       workspace& ws) {
+                       workspace& ws, Done&& done = {}) {
   check_step(in, opt);
   return detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.qk.k.extent(1), opt, ws,
                           [&](std::span<const index_t> raters, matrix_view<float> P,
                               std::span<float> scores) {
                             relevance_scores_qk(in.qk, raters, in.visual, P, scores, opt.scoring,
                                                 ws);
-                          });
+                          },
+                          done);
 }
 
 /// Convenience overload with a temporary workspace (either input form).
