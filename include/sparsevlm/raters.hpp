@@ -31,7 +31,7 @@ inline float dot_f32(const float* a, const float* b, index_t n) noexcept {
   index_t k = 0;
   for (; k + 8 <= n; k += 8)
     for (int l = 0; l < 8; ++l) acc[l] += a[k + l] * b[k + l];
-  for (int l = 0; k < n; ++k, ++l) acc[l] += a[k] * b[k];
+  for (int l = 0; l < 8 && k < n; ++k, ++l) acc[l] += a[k] * b[k];  // the < 8 tail
   return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 

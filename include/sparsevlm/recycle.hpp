@@ -26,7 +26,7 @@ inline double squared_distance(const double* a, const double* b, index_t n) noex
       const double diff = a[c + l] - b[c + l];
       acc[l] += diff * diff;
     }
-  for (int l = 0; c < n; ++c, ++l) {
+  for (int l = 0; l < 4 && c < n; ++c, ++l) {  // the < 4 tail
     const double diff = a[c] - b[c];
     acc[l] += diff * diff;
   }
