@@ -3,15 +3,21 @@
 //   sparsevlm run CASE_DIR OUT_DIR     write OUT_DIR/result.json (+ merged.npy)
 //   sparsevlm check CASE_DIR           compare with CASE_DIR/expected/
 //   sparsevlm bench CASE_DIR [--repeat N]   median in-memory time per stage, JSON
-//   --scores-from qk (any command): score from the case's q.npy/k.npy instead of
+//   sparsevlm plan --model NAME --preset NAME --text T [--visual N] [--prefix P]
+//                  [--layers --heads --hidden --mlp] [--derive]
+//                                      token counts and FLOPs of a preset, JSON
+//   --scores-from qk (run, check, bench): score from the case's q.npy/k.npy instead of
 //   attn.npy, the path of fused-attention engines.
 //
 // Exit codes: 0 success / agreement, 1 disagreement, 2 bad input (one line on
 // stderr saying why).
 #include <CLI/CLI.hpp>
+#include <array>
 #include <cstdio>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <sparsevlm/budget.hpp>
 #include <sparsevlm/io/case.hpp>
 
 #include "stage_timer.hpp"
@@ -45,9 +51,10 @@ int cmd_check(const std::string& case_dir, io::scores_source from) {
 
 int cmd_bench(const std::string& case_dir, int repeat, io::scores_source from) {
   const io::case_data c = io::load_case(case_dir);
+  step_result first;
   {
     workspace ws;
-    (void)io::run_case(c, ws, from);  // validates the inputs once, before timing
+    first = io::run_case(c, ws, from);  // validates the inputs once, before timing
   }
   const auto med = io::visit_case(
       c, [&](const auto& in) { return examples::time_stages(in, c.options, repeat); }, from);
@@ -59,6 +66,89 @@ int cmd_bench(const std::string& case_dir, int repeat, io::scores_source from) {
   j["median_ms"] = nlohmann::ordered_json::object();
   for (const char* stage : {"total", "raters", "scores", "rank", "keep", "recycle", "plan"})
     j["median_ms"][stage] = med.at(stage);
+  std::cout << j.dump() << "\n";
+
+  // The median total against the memory bandwidth of this core: the bytes the
+  // step must touch (examples::step_traffic) over a memcpy probe run here.
+  const examples::step_traffic b = io::visit_case(
+      c, [&](const auto& in) { return examples::traffic(in, first); }, from);
+  const double seconds = med.at("total") * 1e-3;
+  const double probe = examples::copy_bandwidth().wall;
+  nlohmann::ordered_json w;
+  w["isa"] = cpu::isa_name(cpu::active_isa());
+  w["bytes"] = b.total();
+  w["bytes_by_stage"] = {{"raters", b.raters}, {"scores", b.scores}, {"recycle", b.recycle},
+                         {"plan", b.compaction}};
+  w["achieved_GB_per_s"] = static_cast<double>(b.total()) / seconds * 1e-9;
+  w["copy_probe_GB_per_s"] = probe * 1e-9;  // memcpy of 256 MB, read + written, best of 5
+  w["x_of_bandwidth_limit"] = seconds / (static_cast<double>(b.total()) / probe);
+  std::cout << w.dump() << "\n";
+  return 0;
+}
+
+/// What `plan` was asked: a model name ("custom" for none), shape overrides, a
+/// preset name, the counts.
+struct plan_request {
+  std::string model = "llava-1.5-7b", preset;
+  index_t text = 0;
+  std::optional<index_t> visual, prefix, layers, heads, hidden, mlp;
+  bool derive = false;
+};
+
+int cmd_plan(const plan_request& q) {
+  model_shape m;
+  if (q.model == "custom") {
+    m.name = "custom";
+    for (const auto& [flag, v] : {std::pair{"--layers", q.layers}, std::pair{"--heads", q.heads},
+                                  std::pair{"--hidden", q.hidden}, std::pair{"--mlp", q.mlp},
+                                  std::pair{"--visual", q.visual}}) {
+      SPARSEVLM_CHECK(v.has_value(), errc::invalid_argument, flag, "a value with --model custom",
+                      "none");
+    }
+    m.visual = *q.visual;
+  } else {
+    m = find_model(q.model);
+  }
+  if (q.layers) m.layers = *q.layers;
+  if (q.heads) m.heads = *q.heads;
+  if (q.hidden) m.hidden = *q.hidden;
+  if (q.mlp) m.mlp = *q.mlp;
+  preset p = find_preset(q.preset);
+  if (q.derive) {  // to the shape planned for, --visual included
+    model_shape to = m;
+    if (q.visual) to.visual = *q.visual;
+    p = derive_schedule(p, find_model(p.model), to);
+  }
+  const budget_plan b = plan_budget(m, p, q.text, q.visual, q.prefix);
+
+  nlohmann::ordered_json j;
+  j["model"] = {{"name", m.name},     {"layers", m.layers}, {"heads", m.heads},
+                {"hidden", m.hidden}, {"mlp", m.mlp},       {"prefix", b.prefix},
+                {"visual", b.visual}};
+  const step_options o = step_options_at(p, 0, m);
+  j["preset"] = {{"name", p.name},
+                 {"source", p.source},
+                 {"recycle", p.recycle.enabled},
+                 {"top_heads", o.scoring.top_heads},
+                 {"gravity", p.gravity},
+                 {"positions", p.position_ids == position_policy::renumber ? "renumber"
+                                                                            : "keep_original"}};
+  j["text_tokens"] = b.text;
+  j["exact"] = b.exact;
+  j["visual_tokens_per_layer"] = b.visual_tokens_per_layer;
+  j["visual_tokens_out_per_layer"] = b.visual_tokens_out_per_layer;
+  j["equivalent_tokens"] = b.equivalent_tokens;
+  j["authors_equivalent_tokens"] = b.authors_equivalent_tokens;
+  j["flops"] = {{"dense", b.flops.dense},
+                {"pruned", b.flops.pruned},
+                {"ratio", b.flops.pruned / b.flops.dense}};
+  j["pruning_layers"] = nlohmann::ordered_json::array();
+  for (const pruning_count& c : b.pruning)
+    j["pruning_layers"].push_back({{"layer", c.layer},
+                                   {"visual_in", c.visual_in},
+                                   {"keep", c.keep},
+                                   {"recycled", c.recycled},
+                                   {"visual_out", c.visual_out}});
   std::cout << j.dump() << "\n";
   return 0;
 }
@@ -83,6 +173,22 @@ int main(int argc, char** argv) {
     sub->add_option("--scores-from", scores_from,
                     "attn: the case's attention matrix; qk: its q.npy/k.npy (fused-attention path)")
         ->check(CLI::IsMember({"attn", "qk"}));
+  plan_request pq;
+  std::array<index_t, 6> shape_flags{};  // --visual --prefix --layers --heads --hidden --mlp
+  auto* plan = app.add_subcommand("plan", "token counts and FLOPs of a preset on a model, JSON");
+  plan->add_option("--model", pq.model, "built-in model, or custom (give every shape flag)");
+  plan->add_option("--preset", pq.preset, "preset name (v1-192, v1.5-128, plus-64, video, ...)")
+      ->required();
+  plan->add_option("--text", pq.text, "text tokens (the question)")->required();
+  const std::array<CLI::Option*, 6> shape_opts{
+      plan->add_option("--visual", shape_flags[0], "visual tokens N (overrides)"),
+      plan->add_option("--prefix", shape_flags[1], "tokens before the image (overrides)"),
+      plan->add_option("--layers", shape_flags[2], "decoder layers (overrides)"),
+      plan->add_option("--heads", shape_flags[3], "attention heads (overrides)"),
+      plan->add_option("--hidden", shape_flags[4], "hidden size d (overrides)"),
+      plan->add_option("--mlp", shape_flags[5], "MLP intermediate size m (overrides)")};
+  plan->add_flag("--derive", pq.derive,
+                 "carry the schedule over from the preset's own model (docs/presets.md)");
 
   try {
     app.parse(argc, argv);
@@ -94,6 +200,13 @@ int main(int argc, char** argv) {
   }
   try {
     const auto from = scores_from == "qk" ? io::scores_source::qk : io::scores_source::attn;
+    if (*plan) {
+      std::optional<index_t>* const fields[] = {&pq.visual, &pq.prefix, &pq.layers,
+                                                &pq.heads,  &pq.hidden, &pq.mlp};
+      for (std::size_t i = 0; i < shape_opts.size(); ++i)
+        if (shape_opts[i]->count() > 0) *fields[i] = shape_flags[i];
+      return cmd_plan(pq);
+    }
     if (*run) return cmd_run(case_dir, out_dir, from);
     if (*check) return cmd_check(case_dir, from);
     return cmd_bench(case_dir, repeat, from);

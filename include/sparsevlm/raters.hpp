@@ -8,31 +8,40 @@
 #include <vector>
 
 #include "check.hpp"
+#include "cpu/dispatch.hpp"
 #include "workspace.hpp"
 
 namespace sparsevlm {
 
 namespace detail {
 
-/// Copies rows [r0, r0 + n) of `m` into a row-major float32 buffer.
+/// Rows [r0, r0 + n) of `m` as float32 rows: a pointer into `m` itself when
+/// its rows are float32 and contiguous (returns the row stride), else a copy
+/// into `buf` (converted with the active kernels; returns d).
 template <class T>
-void rows_to_f32(matrix_view<const T> m, index_t r0, index_t n, float* out) {
+const float* rows_as_f32(matrix_view<const T> m, index_t r0, index_t n, std::vector<float>& buf,
+                         index_t& ld) {
   const index_t d = m.extent(1);
-  for (index_t r = 0; r < n; ++r)
-    for (index_t c = 0; c < d; ++c) out[r * d + c] = to_float(m(r0 + r, c));
-}
-
-/// Dot product in float32 with a fixed association (8 interleaved partial sums,
-/// combined in a fixed order). Every logit is computed the same way, so identical
-/// text embeddings give bit-identical logits, which the "all m equal" rule needs;
-/// a blocked GEMM does not promise that across its panels.
-inline float dot_f32(const float* a, const float* b, index_t n) noexcept {
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  index_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += a[k + l] * b[k + l];
-  for (int l = 0; l < 8 && k < n; ++k, ++l) acc[l] += a[k] * b[k];  // the < 8 tail
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  if constexpr (std::is_same_v<T, float>) {
+    if (m.stride(1) == 1) {
+      ld = m.stride(0);
+      return m.row(r0);
+    }
+  }
+  float* out = workspace::take(buf, static_cast<std::size_t>(n * d));
+  ld = d;
+  const cpu::kernel_table& k = cpu::kernels();
+  for (index_t r = 0; r < n; ++r) {
+    float* o = out + r * d;
+    if (m.stride(1) == 1 && !std::is_same_v<T, float>) {
+      const auto* bits = reinterpret_cast<const std::uint16_t*>(m.row(r0 + r));
+      if constexpr (std::is_same_v<T, half>) k.cvt_f16(o, bits, d);
+      else k.cvt_bf16(o, bits, d);
+    } else {
+      for (index_t c = 0; c < d; ++c) o[c] = to_float(m(r0 + r, c));
+    }
+  }
+  return out;
 }
 
 }  // namespace detail
@@ -48,11 +57,13 @@ inline float dot_f32(const float* a, const float* b, index_t n) noexcept {
 /// - `embeds`: [L, d] float32/float16/bfloat16, any strides; d >= 1.
 /// - `visual`: [S, S+N) inside [0, L), N >= 1.
 /// - Returns the raters (R <= L - S - N of them).
-/// - Cost: O(N·T·d) for the logits (float32 dot products, one fixed summation
-///   order for all), O(N·T) exp in double. Scratch from `ws`: (N + T)·d floats,
-///   2T doubles.
+/// - Cost: O(N·T·d) for the logits (float32 dot products with the fixed
+///   association of cpu/kernel_table.hpp, so every instruction set gives the same
+///   bits), O(N·T) exp in double. Scratch from `ws`: N·T floats, 2T doubles, and
+///   (N + T)·d floats unless the rows are contiguous float32 (read in place).
 /// - Errors: shape_mismatch for a bad span or d = 0; non_finite for NaN/Inf in
-///   the rows of `embeds` it reads (rows S..L), or a logit that overflows float32.
+///   the rows of `embeds` it reads (rows S..L; none when T = 0), or a logit that
+///   overflows float32.
 template <class T>
 std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visual,
                                    workspace& ws) {
@@ -60,33 +71,40 @@ std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visu
   const index_t d = embeds.extent(1);
   detail::check_span(visual, L, "embeds.extent[0]");
   SPARSEVLM_CHECK(d >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1", d);
-  detail::check_finite_rows(embeds, visual.start, L, "embeds");
 
   const index_t N = visual.len;
   const index_t Tn = L - visual.end();
   std::vector<index_t> raters;
   if (Tn == 0) return raters;
 
-  float* vbuf = workspace::take(ws.f32_a, static_cast<std::size_t>(N * d));
-  float* tbuf = workspace::take(ws.f32_b, static_cast<std::size_t>(Tn * d));
-  detail::rows_to_f32(embeds, visual.start, N, vbuf);
-  detail::rows_to_f32(embeds, visual.end(), Tn, tbuf);
+  index_t ldv = 0, ldt = 0;
+  const float* vrows = detail::rows_as_f32(embeds, visual.start, N, ws.f32_a, ldv);
+  const float* trows = detail::rows_as_f32(embeds, visual.end(), Tn, ws.f32_b, ldt);
+  float* logits = workspace::take(ws.f32_c, static_cast<std::size_t>(N * Tn));
+  cpu::kernels().dot_rows(vrows, ldv, N, trows, ldt, Tn, d, logits, Tn);
+  // Every visual row meets every text row, so a NaN/Inf anywhere in rows S..L
+  // makes some logit non-finite: one check of the N·T logits replaces a scan of
+  // the (N + T)·d inputs. Finite inputs can still overflow a float32 dot
+  // product; the softmax would then turn Inf − Inf into NaN and silently choose
+  // no raters.
+  for (index_t i = 0; i < N * Tn; ++i) {
+    if (!std::isfinite(logits[i])) {
+      detail::check_finite_rows(embeds, visual.start, L, "embeds");  // names an element
+      detail::fail(errc::non_finite,
+                   detail::concat("embeds rows ", visual.start + i / Tn, " and ",
+                                  visual.end() + i % Tn),
+                   "a dot product that fits in float32", "an overflow to Inf");
+    }
+  }
   double* e = workspace::take(ws.f64_b, static_cast<std::size_t>(Tn));
   double* m = workspace::take(ws.f64_a, static_cast<std::size_t>(Tn));
   std::fill(m, m + Tn, 0.0);
   for (index_t i = 0; i < N; ++i) {
+    const float* li = logits + i * Tn;
     double mx = -std::numeric_limits<double>::infinity();
-    for (index_t t = 0; t < Tn; ++t) {
-      e[t] = static_cast<double>(detail::dot_f32(vbuf + i * d, tbuf + t * d, d));
-      // Finite embeddings can still overflow a float32 dot product; the softmax
-      // would then turn Inf − Inf into NaN and silently choose no raters.
-      SPARSEVLM_CHECK(std::isfinite(e[t]), errc::non_finite,
-                      detail::concat("embeds rows ", visual.start + i, " and ", visual.end() + t),
-                      "a dot product that fits in float32", "an overflow to Inf");
-      mx = std::max(mx, e[t]);
-    }
+    for (index_t t = 0; t < Tn; ++t) mx = std::max(mx, static_cast<double>(li[t]));
     double sum = 0.0;
-    for (index_t t = 0; t < Tn; ++t) sum += (e[t] = std::exp(e[t] - mx));
+    for (index_t t = 0; t < Tn; ++t) sum += (e[t] = std::exp(static_cast<double>(li[t]) - mx));
     for (index_t t = 0; t < Tn; ++t) m[t] += e[t] / sum;
   }
   for (index_t t = 0; t < Tn; ++t) m[t] /= static_cast<double>(N);

@@ -8,6 +8,7 @@
 
 #include "check.hpp"
 #include "core/math.hpp"
+#include "cpu/dispatch.hpp"
 #include "gravity.hpp"
 #include "raters.hpp"
 #include "types.hpp"
@@ -35,14 +36,16 @@ inline void finish_scores(matrix_view<float> P, std::span<float> scores, index_t
 }
 
 /// The scoring driver shared by both paths. `row(h, r, out)` writes the N
-/// visual-column probabilities of head h, rater row r into `out`. Applies the
+/// visual-column probabilities of head h, rater row r into `out`; `add(h, r,
+/// dst)` adds them to `dst` (the fused form used when there is no gravity
+/// correction; it must add exactly the values `row` writes). Applies the
 /// gravity correction and head selection of `o`, then sums the chosen heads in
 /// head order into P and finishes the scores (finish_scores).
 /// Scratch: N + R·N floats (N without gravity), H doubles and indices.
-template <class RowFn>
+template <class RowFn, class AddFn>
 void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span visual,
                        index_t length, const score_options& o, matrix_view<float> P,
-                       std::span<float> scores, workspace& ws, RowFn&& row) {
+                       std::span<float> scores, workspace& ws, RowFn&& row, AddFn&& add) {
   const index_t R = static_cast<index_t>(raters.size());
   const index_t N = visual.len;
   SPARSEVLM_CHECK(o.top_heads >= 0 && o.top_heads <= H, errc::invalid_argument,
@@ -90,8 +93,12 @@ void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span v
   for (index_t h = 0; h < H; ++h) {
     if (!chosen[static_cast<std::size_t>(h)]) continue;
     for (index_t r = 0; r < R; ++r) {
-      load(h, r);
-      for (index_t j = 0; j < N; ++j) P(r, j) += buf[j];
+      if (gt) {
+        load(h, r);
+        for (index_t j = 0; j < N; ++j) P(r, j) += buf[j];
+      } else {
+        add(h, r, &P(r, 0));
+      }
     }
   }
   finish_scores(P, scores, k);
@@ -144,11 +151,32 @@ void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> rater
                   N, scores.size());
 
   const index_t as = attn.stride(2);
-  detail::accumulate_scores(H, raters, visual, L, opt, P, scores, ws,
-                            [&](index_t h, index_t r, float* out) {
-                              const T* arow = &attn(h, raters[static_cast<std::size_t>(r)], visual.start);
-                              for (index_t j = 0; j < N; ++j) out[j] = to_float(arow[j * as]);
-                            });
+  const cpu::kernel_table& k = cpu::kernels();
+  const auto rater_row = [&](index_t h, index_t r) {
+    return &attn(h, raters[static_cast<std::size_t>(r)], visual.start);
+  };
+  detail::accumulate_scores(
+      H, raters, visual, L, opt, P, scores, ws,
+      [&](index_t h, index_t r, float* out) {
+        const T* arow = rater_row(h, r);
+        for (index_t j = 0; j < N; ++j) out[j] = to_float(arow[j * as]);
+      },
+      [&](index_t h, index_t r, float* dst) {
+        // P is contiguous (workspace or caller [R, N] row-major is checked below).
+        const T* arow = rater_row(h, r);
+        if (as == 1 && P.stride(1) == 1) {
+          if constexpr (std::is_same_v<T, float>) {
+            k.add_f32(dst, arow, N);
+          } else if constexpr (std::is_same_v<T, half>) {
+            k.add_f16(dst, reinterpret_cast<const std::uint16_t*>(arow), N);
+          } else {
+            k.add_bf16(dst, reinterpret_cast<const std::uint16_t*>(arow), N);
+          }
+        } else {
+          const index_t ps = P.stride(1);
+          for (index_t j = 0; j < N; ++j) dst[j * ps] += to_float(arow[j * as]);
+        }
+      });
   for (index_t j = 0; j < N; ++j) {
     if (!std::isfinite(scores[static_cast<std::size_t>(j)])) {
       // Locate the culprit so the message names an element, not a column sum.

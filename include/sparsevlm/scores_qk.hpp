@@ -9,6 +9,7 @@
 
 #include "check.hpp"
 #include "raters.hpp"
+#include "cpu/dispatch.hpp"
 #include "scores.hpp"
 #include "workspace.hpp"
 
@@ -135,9 +136,10 @@ void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> rat
   float* kbuf = workspace::take(ws.f32_b, static_cast<std::size_t>(kmax * dh));
   float* qbuf = workspace::take(ws.f32_c, static_cast<std::size_t>(dh));
   double* z = workspace::take(ws.f64_c, static_cast<std::size_t>(L));
+  float* zf = workspace::take(ws.f32_f, static_cast<std::size_t>(L));
+  const cpu::kernel_table& kt = cpu::kernels();
   index_t cached = -1;  // the key head now in kbuf; heads are visited in order
-  detail::accumulate_scores(H, raters, visual, L, opt, P, scores, ws, [&](index_t h, index_t r,
-                                                                         float* out) {
+  const auto row = [&](index_t h, index_t r, float* out) {
     const index_t g = h / group;
     if (g != cached) {
       for (index_t u = 0; u < kmax; ++u) detail::row_to_f32(qk.k, g, u, kbuf + u * dh);
@@ -148,8 +150,9 @@ void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> rat
     detail::row_to_f32(qk.q, h, qrow, qbuf);
     double mx = -std::numeric_limits<double>::infinity();
     bool finite = true;
+    kt.dot_rows(qbuf, dh, 1, kbuf, dh, t + 1, dh, zf, t + 1);
     for (index_t u = 0; u <= t; ++u) {
-      z[u] = static_cast<double>(scale * detail::dot_f32(qbuf, kbuf + u * dh, dh));
+      z[u] = static_cast<double>(scale * zf[u]);
       finite = finite && std::isfinite(z[u]);
       mx = std::max(mx, z[u]);
     }
@@ -162,7 +165,14 @@ void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> rat
       for (index_t u = 0; u <= t; ++u) sum += (z[u] = std::exp(z[u] - mx));
       for (index_t j = 0; j < N; ++j) out[j] = static_cast<float>(z[visual.start + j] / sum);
     }
-  });
+  };
+  float* tmp = workspace::take(ws.f32_d, static_cast<std::size_t>(N));  // the driver's row buffer
+  detail::accumulate_scores(H, raters, visual, L, opt, P, scores, ws, row,
+                            [&](index_t h, index_t r, float* dst) {
+                              row(h, r, tmp);
+                              const index_t ps = P.stride(1);
+                              for (index_t j = 0; j < N; ++j) dst[j * ps] += tmp[j];
+                            });
   for (index_t j = 0; j < N; ++j)
     SPARSEVLM_CHECK(std::isfinite(scores[static_cast<std::size_t>(j)]), errc::non_finite,
                     detail::concat("scores[", j, "]"), "a finite value (check lse)",

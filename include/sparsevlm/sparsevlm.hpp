@@ -6,6 +6,7 @@
 // and prune_step, which runs them in order. See docs/algorithm.md.
 #pragma once
 
+#include "budget.hpp"
 #include "config.hpp"
 #include "core/math.hpp"
 #include "dtype.hpp"
@@ -13,7 +14,10 @@
 #include "gravity.hpp"
 #include "keep_count.hpp"
 #include "keep_set.hpp"
+#include "kv_cache.hpp"
 #include "plan.hpp"
+#include "positions.hpp"
+#include "presets.hpp"
 #include "rank.hpp"
 #include "raters.hpp"
 #include "recycle.hpp"

@@ -67,7 +67,8 @@ void check_step_common(matrix_view<const TE> embeds, matrix_view<const TH> hidde
   }
   check_policy(opt.policy);
   if (opt.recycle.enabled) check_recycle_options(opt.recycle);
-  check_finite_rows(hidden, 0, L, "hidden");
+  // `hidden` is read only in the rows recycling merges, which recycle() checks:
+  // a full scan would cost as much as compacting the hidden states.
 }
 
 /// Steps 1 and 3-8 around a scoring callback `score(raters, P, scores)`;
@@ -119,8 +120,10 @@ step_result run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
 }  // namespace detail
 
 /// Validates a step's inputs and options: shapes agree (L from attn), the span is
-/// inside the sequence with N >= 1, d >= 1, options in range, raters valid, and
-/// `hidden` entirely finite. Throws sparsevlm::error naming the argument.
+/// inside the sequence with N >= 1, d >= 1, options in range, raters valid.
+/// Throws sparsevlm::error naming the argument. (Values are checked where they
+/// are read: embeds by rater selection, the attention by scoring, the hidden
+/// rows that recycling merges by recycle().)
 template <class TE, class TA, class TH>
 void check_step(const step_inputs<TE, TA, TH>& in, const step_options& opt) {
   const index_t L = in.attn.extent(1);

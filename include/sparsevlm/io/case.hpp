@@ -239,6 +239,12 @@ decltype(auto) visit_case(const case_data& c, F&& f, scores_source from = scores
 /// Runs the case's step through prune_step, scoring from `from`.
 inline step_result run_case(const case_data& c, workspace& ws,
                             scores_source from = scores_source::attn) {
+  // prune_step reads (and checks) only the hidden rows it recycles; a dumped
+  // case is checked whole, since a NaN anywhere in it is a broken dump.
+  detail_case::with_view<2>(c.hidden, "hidden", [](auto h) {
+    detail::check_finite_rows(h, 0, h.extent(0), "hidden");
+    return 0;
+  });
   return visit_case(c, [&](const auto& in) { return prune_step(in, c.options, ws); }, from);
 }
 

@@ -1,0 +1,64 @@
+// The hot loops of a pruning step as a table of function pointers, one table per
+// instruction set. Self-contained on purpose (no other sparsevlm header): the
+// per-ISA translation units (cpu/instantiate.hpp) include it under -mavx2 or
+// -mavx512f, and any inline function they share with the rest of the program
+// could be compiled there with instructions the machine may lack.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+namespace sparsevlm::cpu {
+
+/// The instruction sets a kernel table can be compiled for.
+enum class isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
+inline constexpr int isa_count = 3;
+
+constexpr const char* isa_name(isa i) noexcept {
+  switch (i) {
+    case isa::scalar: return "scalar";
+    case isa::avx2: return "avx2";
+    case isa::avx512: return "avx512";
+  }
+  return "unknown";
+}
+
+/// One instruction set's kernels. Every path computes bit-identical results
+/// (the "canonical arithmetic" below), so which one runs never changes a
+/// decision:
+///
+/// - float32 dot products use 16 partial sums, lane l accumulating elements
+///   l, l + 16, l + 32, ... with fused multiply-adds, the last partial chunk
+///   zero-padded; the 16 sums are combined pairwise (l + 8, then + 4, + 2, + 1).
+///   AVX-512 holds the 16 sums in one register, AVX2 in two, scalar in an array
+///   with std::fma.
+/// - float64 dot products (of float32 rows, widened exactly) use 8 partial sums
+///   the same way (l + 4, + 2, + 1).
+/// - element-wise kernels (row sums, conversions) are exact per element.
+struct kernel_table {
+  isa id;
+  /// out[i·ldo + t] = dot32(a + i·lda, b + t·ldb, d) for i < na, t < nb.
+  void (*dot_rows)(const float* a, std::int64_t lda, std::int64_t na, const float* b,
+                   std::int64_t ldb, std::int64_t nb, std::int64_t d, float* out,
+                   std::int64_t ldo);
+  /// g[i·n + j] = g[j·n + i] = dot64(x_i, x_j) for i <= j < n (the full
+  /// symmetric matrix, each pair computed once).
+  void (*gram_f64)(const float* x, std::int64_t ldx, std::int64_t n, std::int64_t d, double* g);
+  /// acc[j] += src[j] for j < n, with src float32 / float16 bits / bfloat16 bits.
+  void (*add_f32)(float* acc, const float* src, std::int64_t n);
+  void (*add_f16)(float* acc, const std::uint16_t* src, std::int64_t n);
+  void (*add_bf16)(float* acc, const std::uint16_t* src, std::int64_t n);
+  /// dst[j] = float(src[j]) for j < n (exact).
+  void (*cvt_f16)(float* dst, const std::uint16_t* src, std::int64_t n);
+  void (*cvt_bf16)(float* dst, const std::uint16_t* src, std::int64_t n);
+};
+
+namespace detail {
+/// The tables the per-ISA translation units registered (null: not compiled in).
+/// Constant-initialised, so a registration during static initialisation is
+/// never lost to initialisation order.
+inline constinit std::atomic<const kernel_table*> registry[isa_count] = {};
+}  // namespace detail
+
+}  // namespace sparsevlm::cpu

@@ -1,0 +1,297 @@
+// xsimd kernels, templated on the xsimd architecture. Included by the per-ISA
+// translation units (cpu/instantiate.hpp), which are compiled with the matching
+// -m flags; see kernel_table.hpp for the arithmetic every path shares.
+//
+// Everything here is a template on Arch, so two translation units compiled for
+// different instruction sets never define the same symbol differently.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <xsimd/xsimd.hpp>
+
+#include "kernel_table.hpp"
+
+namespace sparsevlm::cpu::simd {
+
+using i64 = std::int64_t;
+
+/// What xsimd 8.1 does not provide: float16 / bfloat16 bits to float32 and
+/// float32 widened to float64 (one register's worth), and a fused multiply-add
+/// on AVX-512 (xsimd 8.1 falls back to a·b + c there, rounded twice).
+template <class Arch>
+struct loads;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+template <>
+struct loads<xsimd::avx512bw> {
+  using F = xsimd::batch<float, xsimd::avx512bw>;
+  using D = xsimd::batch<double, xsimd::avx512bw>;
+  static F f16(const std::uint16_t* p) noexcept {
+    return F(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+  }
+  static F bf16(const std::uint16_t* p) noexcept {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return F(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));
+  }
+  static D widen(const float* p) noexcept { return D(_mm512_cvtps_pd(_mm256_loadu_ps(p))); }
+  static F fma(F a, F b, F c) noexcept { return F(_mm512_fmadd_ps(a, b, c)); }
+  static D fma(D a, D b, D c) noexcept { return D(_mm512_fmadd_pd(a, b, c)); }
+};
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+template <>
+struct loads<xsimd::fma3<xsimd::avx2>> {
+  using F = xsimd::batch<float, xsimd::fma3<xsimd::avx2>>;
+  using D = xsimd::batch<double, xsimd::fma3<xsimd::avx2>>;
+  static F f16(const std::uint16_t* p) noexcept {
+    return F(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F bf16(const std::uint16_t* p) noexcept {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return F(_mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  static D widen(const float* p) noexcept { return D(_mm256_cvtps_pd(_mm_loadu_ps(p))); }
+  static F fma(F a, F b, F c) noexcept { return F(_mm256_fmadd_ps(a, b, c)); }
+  static D fma(D a, D b, D c) noexcept { return D(_mm256_fmadd_pd(a, b, c)); }
+};
+#endif
+
+/// The 16 float sums of one dot product combined pairwise (kernel_table.hpp).
+template <class Arch>
+inline float reduce16(const float* s) noexcept {
+  float h[8];
+  for (int l = 0; l < 8; ++l) h[l] = s[l] + s[l + 8];
+  for (int l = 0; l < 4; ++l) h[l] = h[l] + h[l + 4];
+  for (int l = 0; l < 2; ++l) h[l] = h[l] + h[l + 2];
+  return h[0] + h[1];
+}
+
+template <class Arch>
+inline double reduce8(const double* s) noexcept {
+  double h[4];
+  for (int l = 0; l < 4; ++l) h[l] = s[l] + s[l + 4];
+  for (int l = 0; l < 2; ++l) h[l] = h[l] + h[l + 2];
+  return h[0] + h[1];
+}
+
+/// An MA×MB tile of float32 dot products over the whole depth d, the partial
+/// sums held in registers (16 lanes = 16/W registers of W lanes each).
+template <class Arch, int MA, int MB>
+inline void dot_tile(const float* a, i64 lda, const float* b, i64 ldb, i64 d, float* out,
+                     i64 ldo) noexcept {
+  using F = xsimd::batch<float, Arch>;
+  constexpr int W = static_cast<int>(F::size);
+  constexpr int V = 16 / W;
+  static_assert(V * W == 16, "16 lanes per dot product");
+  F acc[MA][MB][V];
+  for (int i = 0; i < MA; ++i)
+    for (int t = 0; t < MB; ++t)
+      for (int v = 0; v < V; ++v) acc[i][t][v] = F(0.0f);
+  const auto step = [&](const float* const* pa, const float* const* pb, i64 k) {
+    for (int v = 0; v < V; ++v) {
+      F bv[MB];
+      for (int t = 0; t < MB; ++t) bv[t] = F::load_unaligned(pb[t] + k + v * W);
+      for (int i = 0; i < MA; ++i) {
+        const F av = F::load_unaligned(pa[i] + k + v * W);
+        for (int t = 0; t < MB; ++t) acc[i][t][v] = loads<Arch>::fma(av, bv[t], acc[i][t][v]);
+      }
+    }
+  };
+  const float* ra[MA];
+  const float* rb[MB];
+  for (int i = 0; i < MA; ++i) ra[i] = a + i * lda;
+  for (int t = 0; t < MB; ++t) rb[t] = b + t * ldb;
+  i64 k = 0;
+  for (; k + 16 <= d; k += 16) step(ra, rb, k);
+  if (k < d) {  // the zero-padded last chunk
+    alignas(64) float pa[MA][16] = {};
+    alignas(64) float pb[MB][16] = {};
+    const std::size_t rem = static_cast<std::size_t>(d - k) * sizeof(float);
+    const float* qa[MA];
+    const float* qb[MB];
+    for (int i = 0; i < MA; ++i) {
+      std::memcpy(pa[i], ra[i] + k, rem);
+      qa[i] = pa[i];
+    }
+    for (int t = 0; t < MB; ++t) {
+      std::memcpy(pb[t], rb[t] + k, rem);
+      qb[t] = pb[t];
+    }
+    step(qa, qb, 0);
+  }
+  alignas(64) float lanes[16];
+  for (int i = 0; i < MA; ++i)
+    for (int t = 0; t < MB; ++t) {
+      for (int v = 0; v < V; ++v) acc[i][t][v].store_aligned(lanes + v * W);
+      out[i * ldo + t] = reduce16<Arch>(lanes);
+    }
+}
+
+/// Tile sizes: as many accumulators as the register file holds with room for
+/// the loads (32 registers on AVX-512, 16 on AVX2).
+template <class Arch>
+struct tiles {
+  static constexpr int dot_a = xsimd::batch<float, Arch>::size == 16 ? 4 : 2;
+  static constexpr int dot_b = xsimd::batch<float, Arch>::size == 16 ? 4 : 2;
+  static constexpr int gram = xsimd::batch<double, Arch>::size == 8 ? 4 : 2;
+};
+
+template <class Arch>
+void dot_rows(const float* a, i64 lda, i64 na, const float* b, i64 ldb, i64 nb, i64 d, float* out,
+              i64 ldo) noexcept {
+  constexpr int MA = tiles<Arch>::dot_a, MB = tiles<Arch>::dot_b;
+  // Text rows (b) are few and stay in cache; visual rows (a) stream once.
+  i64 i = 0;
+  for (; i + MA <= na; i += MA) {
+    i64 t = 0;
+    for (; t + MB <= nb; t += MB)
+      dot_tile<Arch, MA, MB>(a + i * lda, lda, b + t * ldb, ldb, d, out + i * ldo + t, ldo);
+    for (; t < nb; ++t)
+      dot_tile<Arch, MA, 1>(a + i * lda, lda, b + t * ldb, ldb, d, out + i * ldo + t, ldo);
+  }
+  for (; i < na; ++i) {
+    i64 t = 0;
+    for (; t + MB <= nb; t += MB)
+      dot_tile<Arch, 1, MB>(a + i * lda, lda, b + t * ldb, ldb, d, out + i * ldo + t, ldo);
+    for (; t < nb; ++t)
+      dot_tile<Arch, 1, 1>(a + i * lda, lda, b + t * ldb, ldb, d, out + i * ldo + t, ldo);
+  }
+}
+
+/// An M×M tile of float64 dot products of float32 rows (widened in registers).
+template <class Arch, int MI, int MJ>
+inline void gram_tile(const float* x, i64 ldx, i64 i0, i64 j0, i64 n, i64 d, double* g) noexcept {
+  using D = xsimd::batch<double, Arch>;
+  constexpr int W = static_cast<int>(D::size);
+  constexpr int V = 8 / W;
+  static_assert(V * W == 8, "8 lanes per dot product");
+  D acc[MI][MJ][V];
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < MJ; ++j)
+      for (int v = 0; v < V; ++v) acc[i][j][v] = D(0.0);
+  const auto step = [&](const float* const* pi, const float* const* pj, i64 k) {
+    for (int v = 0; v < V; ++v) {
+      D bj[MJ];
+      for (int j = 0; j < MJ; ++j) bj[j] = loads<Arch>::widen(pj[j] + k + v * W);
+      for (int i = 0; i < MI; ++i) {
+        const D ai = loads<Arch>::widen(pi[i] + k + v * W);
+        for (int j = 0; j < MJ; ++j) acc[i][j][v] = loads<Arch>::fma(ai, bj[j], acc[i][j][v]);
+      }
+    }
+  };
+  const float* ri[MI];
+  const float* rj[MJ];
+  for (int i = 0; i < MI; ++i) ri[i] = x + (i0 + i) * ldx;
+  for (int j = 0; j < MJ; ++j) rj[j] = x + (j0 + j) * ldx;
+  i64 k = 0;
+  for (; k + 8 <= d; k += 8) step(ri, rj, k);
+  if (k < d) {
+    alignas(64) float pi[MI][8] = {};
+    alignas(64) float pj[MJ][8] = {};
+    const std::size_t rem = static_cast<std::size_t>(d - k) * sizeof(float);
+    const float* qi[MI];
+    const float* qj[MJ];
+    for (int i = 0; i < MI; ++i) {
+      std::memcpy(pi[i], ri[i] + k, rem);
+      qi[i] = pi[i];
+    }
+    for (int j = 0; j < MJ; ++j) {
+      std::memcpy(pj[j], rj[j] + k, rem);
+      qj[j] = pj[j];
+    }
+    step(qi, qj, 0);
+  }
+  alignas(64) double lanes[8];
+  for (int i = 0; i < MI; ++i)
+    for (int j = 0; j < MJ; ++j) {
+      if (j0 + j < i0 + i) continue;  // the upper triangle is written, then mirrored
+      for (int v = 0; v < V; ++v) acc[i][j][v].store_aligned(lanes + v * W);
+      g[(i0 + i) * n + (j0 + j)] = reduce8<Arch>(lanes);
+    }
+}
+
+template <class Arch>
+void gram_f64(const float* x, i64 ldx, i64 n, i64 d, double* g) noexcept {
+  constexpr int M = tiles<Arch>::gram;
+  const i64 nf = n - n % M;
+  for (i64 i = 0; i < nf; i += M) {
+    for (i64 j = i; j < nf; j += M) gram_tile<Arch, M, M>(x, ldx, i, j, n, d, g);
+    for (i64 j = nf; j < n; ++j) gram_tile<Arch, M, 1>(x, ldx, i, j, n, d, g);
+  }
+  for (i64 i = nf; i < n; ++i)
+    for (i64 j = i; j < n; ++j) gram_tile<Arch, 1, 1>(x, ldx, i, j, n, d, g);
+  for (i64 i = 0; i < n; ++i)
+    for (i64 j = 0; j < i; ++j) g[i * n + j] = g[j * n + i];
+}
+
+/// acc[j] += f(src[j]) with a register-wide load `ld`; the tail goes through a
+/// zero-padded buffer so it uses the same conversion as the body.
+template <class Arch, class S, class Load>
+inline void add_row(float* acc, const S* src, i64 n, Load ld) noexcept {
+  using F = xsimd::batch<float, Arch>;
+  constexpr i64 W = static_cast<i64>(F::size);
+  i64 j = 0;
+  for (; j + W <= n; j += W) (F::load_unaligned(acc + j) + ld(src + j)).store_unaligned(acc + j);
+  if (j < n) {
+    alignas(64) S ps[W] = {};
+    alignas(64) float pf[W];
+    std::memcpy(ps, src + j, static_cast<std::size_t>(n - j) * sizeof(S));
+    ld(ps).store_aligned(pf);
+    for (i64 l = 0; l < n - j; ++l) acc[j + l] += pf[l];
+  }
+}
+
+template <class Arch, class S, class Load>
+inline void cvt_row(float* dst, const S* src, i64 n, Load ld) noexcept {
+  using F = xsimd::batch<float, Arch>;
+  constexpr i64 W = static_cast<i64>(F::size);
+  i64 j = 0;
+  for (; j + W <= n; j += W) ld(src + j).store_unaligned(dst + j);
+  if (j < n) {
+    alignas(64) S ps[W] = {};
+    alignas(64) float pf[W];
+    std::memcpy(ps, src + j, static_cast<std::size_t>(n - j) * sizeof(S));
+    ld(ps).store_aligned(pf);
+    std::memcpy(dst + j, pf, static_cast<std::size_t>(n - j) * sizeof(float));
+  }
+}
+
+template <class Arch>
+void add_f32(float* acc, const float* src, i64 n) noexcept {
+  add_row<Arch>(acc, src, n, [](const float* p) { return xsimd::batch<float, Arch>::load_unaligned(p); });
+}
+template <class Arch>
+void add_f16(float* acc, const std::uint16_t* src, i64 n) noexcept {
+  add_row<Arch>(acc, src, n, [](const std::uint16_t* p) { return loads<Arch>::f16(p); });
+}
+template <class Arch>
+void add_bf16(float* acc, const std::uint16_t* src, i64 n) noexcept {
+  add_row<Arch>(acc, src, n, [](const std::uint16_t* p) { return loads<Arch>::bf16(p); });
+}
+template <class Arch>
+void cvt_f16(float* dst, const std::uint16_t* src, i64 n) noexcept {
+  cvt_row<Arch>(dst, src, n, [](const std::uint16_t* p) { return loads<Arch>::f16(p); });
+}
+template <class Arch>
+void cvt_bf16(float* dst, const std::uint16_t* src, i64 n) noexcept {
+  cvt_row<Arch>(dst, src, n, [](const std::uint16_t* p) { return loads<Arch>::bf16(p); });
+}
+
+/// The table of one architecture.
+template <class Arch>
+constexpr kernel_table make_table(isa id) noexcept {
+  return kernel_table{id,
+                      &dot_rows<Arch>,
+                      &gram_f64<Arch>,
+                      &add_f32<Arch>,
+                      &add_f16<Arch>,
+                      &add_bf16<Arch>,
+                      &cvt_f16<Arch>,
+                      &cvt_bf16<Arch>};
+}
+
+}  // namespace sparsevlm::cpu::simd

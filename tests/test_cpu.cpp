@@ -1,0 +1,280 @@
+// cpu/: the kernel tables and their run-time selection. Every instruction set
+// this machine supports is compiled into the test binary
+// (sparsevlm_add_isa_kernels), and each must give the scalar path's bits.
+#include <cstring>
+#include <filesystem>
+#include <sparsevlm/io/case.hpp>
+
+#include "test_util.hpp"
+
+namespace cpu = sparsevlm::cpu;
+namespace io = sparsevlm::io;
+namespace fs = std::filesystem;
+using sparsevlm::index_t;
+
+namespace {
+
+/// The instruction sets other than scalar that can run here.
+std::vector<cpu::isa> simd_paths() {
+  std::vector<cpu::isa> out;
+  for (cpu::isa i : {cpu::isa::avx2, cpu::isa::avx512})
+    if (cpu::isa_available(i)) out.push_back(i);
+  return out;
+}
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+/// Random floats over many binades, with signed zeros and float32 subnormals.
+std::vector<float> wild_floats(std::mt19937& g, std::size_t n) {
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  std::uniform_int_distribution<int> e(-30, 8), pick(0, 19);
+  std::vector<float> v(n);
+  for (float& x : v) {
+    const int p = pick(g);
+    x = p == 0 ? -0.0f : p == 1 ? 1e-40f * u(g) : std::ldexp(u(g), e(g));
+  }
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("cpu: selection, availability and forcing") {
+  CHECK(cpu::isa_available(cpu::isa::scalar));
+  CHECK(cpu::isa_supported(cpu::isa::scalar));
+  // The test binary compiles every set in: what the CPU supports is available.
+  for (cpu::isa i : {cpu::isa::avx2, cpu::isa::avx512}) {
+    CHECK(cpu::isa_available(i) == cpu::isa_supported(i));
+    if (!cpu::isa_supported(i)) MESSAGE(cpu::isa_name(i), " is not supported here: its path is not tested");
+  }
+  CHECK_FALSE(cpu::isa_available(static_cast<cpu::isa>(7)));
+  SV_CHECK_THROWS(sparsevlm::errc::invalid_argument, "isa", cpu::force_isa(static_cast<cpu::isa>(7)));
+  const cpu::isa best = cpu::best_isa();
+  CHECK(cpu::active_isa() == best);
+  {
+    cpu::scoped_isa s(cpu::isa::scalar);
+    CHECK(cpu::active_isa() == cpu::isa::scalar);
+    CHECK(cpu::kernels().id == cpu::isa::scalar);
+  }
+  CHECK(cpu::active_isa() == best);
+  for (cpu::isa i : simd_paths()) {
+    cpu::scoped_isa s(i);
+    CHECK(cpu::kernels().id == i);
+  }
+}
+
+TEST_CASE("cpu: dot_rows gives the scalar bits on every path, and is a dot product") {
+  std::mt19937 g(11);
+  const cpu::kernel_table& ref = cpu::scalar::table;
+  for (index_t d : {1, 2, 7, 8, 15, 16, 17, 31, 32, 33, 100, 257, 4096}) {
+    for (index_t na : {1, 3, 4, 9}) {
+      for (index_t nb : {1, 2, 5, 8}) {
+        INFO("d=", d, " na=", na, " nb=", nb);
+        const index_t lda = d + 3, ldb = d + 1;  // rows need not be packed
+        const auto a = wild_floats(g, static_cast<std::size_t>(na * lda));
+        const auto b = wild_floats(g, static_cast<std::size_t>(nb * ldb));
+        std::vector<float> want(static_cast<std::size_t>(na * nb));
+        ref.dot_rows(a.data(), lda, na, b.data(), ldb, nb, d, want.data(), nb);
+        for (index_t i = 0; i < na; ++i)
+          for (index_t t = 0; t < nb; ++t) {
+            long double exact = 0, mag = 0;
+            for (index_t k = 0; k < d; ++k) {
+              const long double p = static_cast<long double>(a[static_cast<std::size_t>(i * lda + k)]) *
+                                    b[static_cast<std::size_t>(t * ldb + k)];
+              exact += p;
+              mag += std::fabs(p);
+            }
+            CHECK(std::fabs(static_cast<long double>(want[static_cast<std::size_t>(i * nb + t)]) - exact) <=
+                  mag * 1e-6L + 1e-37L);
+          }
+        for (cpu::isa p : simd_paths()) {
+          cpu::scoped_isa s(p);
+          std::vector<float> got(want.size(), 123.0f);
+          cpu::kernels().dot_rows(a.data(), lda, na, b.data(), ldb, nb, d, got.data(), nb);
+          CHECK_MESSAGE(same_bits(got, want), std::string(cpu::isa_name(p)));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("cpu: gram_f64 gives the scalar bits, is symmetric, and duplicates give equal entries") {
+  std::mt19937 g(12);
+  for (index_t d : {1, 5, 8, 9, 64, 1000}) {
+    for (index_t n : {1, 2, 3, 5, 9, 13}) {
+      INFO("d=", d, " n=", n);
+      auto x = wild_floats(g, static_cast<std::size_t>(n * d));
+      if (n >= 3)  // row 2 duplicates row 0
+        std::copy(x.begin(), x.begin() + d, x.begin() + 2 * d);
+      std::vector<double> want(static_cast<std::size_t>(n * n));
+      cpu::scalar::table.gram_f64(x.data(), d, n, d, want.data());
+      for (index_t i = 0; i < n; ++i)
+        for (index_t j = 0; j < n; ++j)
+          CHECK(want[static_cast<std::size_t>(i * n + j)] == want[static_cast<std::size_t>(j * n + i)]);
+      if (n >= 3) {  // ‖x0 − x2‖² from the Gram entries is exactly 0
+        CHECK(want[0] + want[static_cast<std::size_t>(2 * n + 2)] - 2.0 * want[2] == 0.0);
+      }
+      for (cpu::isa p : simd_paths()) {
+        cpu::scoped_isa s(p);
+        std::vector<double> got(want.size(), 7.0);
+        cpu::kernels().gram_f64(x.data(), d, n, d, got.data());
+        CHECK_MESSAGE(same_bits(got, want), std::string(cpu::isa_name(p)));
+      }
+    }
+  }
+}
+
+TEST_CASE("cpu: conversions and row sums are exact for every 16-bit pattern") {
+  std::vector<std::uint16_t> bits(65536 + 5);  // + 5: a ragged tail
+  for (std::size_t i = 0; i < bits.size(); ++i) bits[i] = static_cast<std::uint16_t>(i * 40503u);
+  const auto n = static_cast<index_t>(bits.size());
+  std::vector<float> base(bits.size());
+  std::mt19937 g(13);
+  for (float& x : base) x = std::uniform_real_distribution<float>(-2.0f, 2.0f)(g);
+  for (cpu::isa p : simd_paths()) {
+    cpu::scoped_isa s(p);
+    const cpu::kernel_table& k = cpu::kernels();
+    std::vector<float> h(bits.size()), b(bits.size());
+    k.cvt_f16(h.data(), bits.data(), n);
+    k.cvt_bf16(b.data(), bits.data(), n);
+    std::vector<float> ah = base, ab = base, af = base;
+    k.add_f16(ah.data(), bits.data(), n);
+    k.add_bf16(ab.data(), bits.data(), n);
+    k.add_f32(af.data(), b.data(), n);
+    std::size_t bad = 0;
+    for (std::size_t i = 0; i < bits.size(); ++i) {
+      const float wh = sparsevlm::to_float(sparsevlm::half{bits[i]});
+      const float wb = sparsevlm::to_float(sparsevlm::bfloat16{bits[i]});
+      const auto same = [](float x, float y) {
+        return (std::isnan(x) && std::isnan(y)) || std::memcmp(&x, &y, sizeof x) == 0;
+      };
+      if (!same(h[i], wh) || !same(b[i], wb) || !same(ah[i], base[i] + wh) ||
+          !same(ab[i], base[i] + wb) || !same(af[i], base[i] + wb))
+        ++bad;
+    }
+    CHECK_MESSAGE(bad == 0, std::string(cpu::isa_name(p)));
+  }
+}
+
+namespace {
+
+struct rand_step {
+  index_t S, N, T, H, d, dh, L;
+  std::vector<float> embeds, attn, hidden, q, k;
+};
+
+rand_step make_step(std::mt19937& g) {
+  rand_step c{};
+  c.S = svt::rand_int(g, 0, 4);
+  c.N = svt::rand_int(g, 1, 70);
+  c.T = svt::rand_int(g, 0, 12);
+  c.H = svt::rand_int(g, 1, 4);
+  c.d = svt::rand_int(g, 1, 40);
+  c.dh = svt::rand_int(g, 1, 20);
+  c.L = c.S + c.N + c.T;
+  c.embeds = svt::random_floats(g, static_cast<std::size_t>(c.L * c.d), -1.0f, 1.0f);
+  c.attn = svt::random_floats(g, static_cast<std::size_t>(c.H * c.L * c.L), 0.0f, 1.0f);
+  c.hidden = svt::random_floats(g, static_cast<std::size_t>(c.L * c.d), -2.0f, 2.0f);
+  c.q = svt::random_floats(g, static_cast<std::size_t>(c.H * c.L * c.dh), -1.0f, 1.0f);
+  c.k = svt::random_floats(g, static_cast<std::size_t>(c.H * c.L * c.dh), -1.0f, 1.0f);
+  return c;
+}
+
+template <class T>
+sparsevlm::step_result run(const rand_step& c, const std::vector<T>& e, const std::vector<T>& a,
+                           const std::vector<T>& h, const sparsevlm::step_options& o, bool qk) {
+  using namespace sparsevlm;
+  matrix_view<const T> ev(e.data(), {c.L, c.d}, "embeds");
+  matrix_view<const T> hv(h.data(), {c.L, c.d}, "hidden");
+  if (qk) {
+    step_inputs_qk<T, float, float, T> in{
+        ev,
+        {tensor3_view<const float>(c.q.data(), {c.H, c.L, c.dh}, "q"),
+         tensor3_view<const float>(c.k.data(), {c.H, c.L, c.dh}, "k"), std::nullopt, 0.0},
+        hv, visual_span{c.S, c.N}, std::nullopt};
+    return prune_step(in, o);
+  }
+  step_inputs<T, T, T> in{ev, tensor3_view<const T>(a.data(), {c.H, c.L, c.L}, "attn"), hv,
+                          visual_span{c.S, c.N}, std::nullopt};
+  return prune_step(in, o);
+}
+
+bool identical(const sparsevlm::step_result& x, const sparsevlm::step_result& y) {
+  return x.raters == y.raters && same_bits(x.scores, y.scores) && x.rank == y.rank &&
+         x.keep_count == y.keep_count && x.keep == y.keep &&
+         x.recycled.clusters == y.recycled.clusters && same_bits(x.recycled.merged, y.recycled.merged) &&
+         x.sequence == y.sequence;
+}
+
+template <class T>
+void check_paths(const rand_step& c, const sparsevlm::step_options& o, bool qk) {
+  const auto e = svt::convert<T>(c.embeds), a = svt::convert<T>(c.attn), h = svt::convert<T>(c.hidden);
+  sparsevlm::step_result want;
+  {
+    cpu::scoped_isa s(cpu::isa::scalar);
+    want = run<T>(c, e, a, h, o, qk);
+  }
+  for (cpu::isa p : simd_paths()) {
+    cpu::scoped_isa s(p);
+    CHECK_MESSAGE(identical(run<T>(c, e, a, h, o, qk), want), std::string(cpu::isa_name(p)));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("cpu: random steps decide bit for bit alike on every instruction set") {
+  std::mt19937 g(2026);
+  if (simd_paths().empty()) MESSAGE("no SIMD path on this machine: only scalar runs");
+  sparsevlm::step_options o;
+  o.policy = sparsevlm::keep_policy::rank(0.7, 1.0);
+  o.recycle.fraction = 0.6;
+  o.recycle.cluster_divisor = 3.0;
+  int pruned = 0;
+  for (int it = 0; it < 40; ++it) {
+    const rand_step c = make_step(g);
+    INFO("it=", it, " S=", c.S, " N=", c.N, " T=", c.T, " H=", c.H, " d=", c.d);
+    check_paths<float>(c, o, false);
+    check_paths<sparsevlm::half>(c, o, false);
+    check_paths<sparsevlm::bfloat16>(c, o, false);
+    check_paths<float>(c, o, true);
+    {
+      cpu::scoped_isa s(cpu::isa::scalar);
+      const auto r = run<float>(c, c.embeds, c.attn, c.hidden, o, false);
+      if (r.keep_count < c.N && !r.recycled.clusters.empty()) ++pruned;
+    }
+  }
+  CHECK(pruned >= 10);  // the draws exercise pruning and recycling
+}
+
+TEST_CASE("cpu: every shared case agrees with its expected result on every instruction set") {
+  const fs::path dir = SPARSEVLM_TEST_CASES_DIR;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    MESSAGE("no case folder at ", dir.string(), ": skipped");
+    return;
+  }
+  std::vector<fs::path> cases;
+  for (const auto& entry : fs::directory_iterator(dir))
+    if (fs::exists(entry.path() / "case.json")) cases.push_back(entry.path());
+  std::sort(cases.begin(), cases.end());
+  CHECK_FALSE(cases.empty());
+  std::vector<cpu::isa> paths = simd_paths();
+  paths.insert(paths.begin(), cpu::isa::scalar);
+  for (cpu::isa p : paths) {
+    cpu::scoped_isa s(p);
+    sparsevlm::workspace ws;
+    for (const auto& c : cases) {
+      INFO("case ", c.filename().string(), " on ", std::string(cpu::isa_name(p)));
+      const io::case_data data = io::load_case(c);
+      const io::expected_result e = io::read_expected(c / "expected");
+      auto diffs = io::compare(io::run_case(data, ws), e);
+      CHECK_MESSAGE(diffs.empty(), (diffs.empty() ? std::string() : diffs.front()));
+      if (fs::exists(c / "q.npy") && fs::exists(c / "k.npy")) {
+        diffs = io::compare(io::run_case(data, ws, io::scores_source::qk), e);
+        CHECK_MESSAGE(diffs.empty(), (diffs.empty() ? std::string() : diffs.front()));
+      }
+    }
+  }
+}
