@@ -1,7 +1,10 @@
 // Stage 4: numerical rank of P.
 #include <Eigen/Dense>
 #include <Eigen/SVD>
+#include <algorithm>
+#include <array>
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include "test_util.hpp"
@@ -144,4 +147,89 @@ TEST_CASE("rank: agrees with Eigen JacobiSVD on random, duplicated-row and scale
   }
   CHECK(compared >= 170);
   CHECK(skipped <= 10);
+}
+
+TEST_CASE("rank: near-rank-deficient matrices around the tolerance, and larger shapes") {
+  // P = A·B (rank k) + δ·E with δ set so that the extra singular values sit at
+  // a chosen multiple of the tolerance: the count must match JacobiSVD's
+  // whenever no singular value is within 1% of the threshold.
+  std::mt19937 g(4242);
+  int compared = 0, skipped = 0;
+  for (int it = 0; it < 120; ++it) {
+    const index_t R = svt::rand_int(g, 2, 40), N = svt::rand_int(g, 2, 120);
+    const index_t k = svt::rand_int(g, 1, std::min(R, N) - 1);
+    const auto A = svt::random_floats(g, static_cast<std::size_t>(R * k), 0.0f, 1.0f);
+    const auto B = svt::random_floats(g, static_cast<std::size_t>(k * N), 0.0f, 1.0f);
+    const auto E = svt::random_floats(g, static_cast<std::size_t>(R * N), -1.0f, 1.0f);
+    std::vector<double> base(static_cast<std::size_t>(R * N));
+    for (index_t r = 0; r < R; ++r)
+      for (index_t j = 0; j < N; ++j) {
+        double acc = 0.0;
+        for (index_t q = 0; q < k; ++q)
+          acc += double(A[static_cast<std::size_t>(r * k + q)]) * B[static_cast<std::size_t>(q * N + j)];
+        base[static_cast<std::size_t>(r * N + j)] = acc;
+      }
+    // σ_max ≈ ‖A·B‖₂; a random R×N matrix of ±1 entries has σ ≈ sqrt(R) + sqrt(N).
+    Eigen::MatrixXd M(R, N);
+    for (index_t r = 0; r < R; ++r)
+      for (index_t j = 0; j < N; ++j) M(r, j) = base[static_cast<std::size_t>(r * N + j)];
+    const double smax = Eigen::JacobiSVD<Eigen::MatrixXd>(M).singularValues()(0);
+    const double tol = smax * static_cast<double>(std::max(R, N)) * std::ldexp(1.0, -23);
+    const double factor = std::array<double, 6>{0.05, 0.3, 0.8, 1.3, 3.0, 30.0}[it % 6];
+    const double delta = factor * tol / (std::sqrt(double(R)) + std::sqrt(double(N)));
+    std::vector<float> p(static_cast<std::size_t>(R * N));
+    for (std::size_t i = 0; i < p.size(); ++i) p[i] = static_cast<float>(base[i] + delta * E[i]);
+    INFO("it=", it, " R=", R, " N=", N, " k=", k, " factor=", factor);
+    const svd_rank want = jacobi_rank(p, R, N);
+    if (want.closest < 0.01) {
+      ++skipped;
+      continue;
+    }
+    ++compared;
+    CHECK(rank_of(p, R, N) == want.rank);
+  }
+  CHECK(compared >= 100);
+  MESSAGE(compared, " compared, ", skipped, " within 1% of the threshold");
+  // Both orientations of a larger matrix (R > N uses Pᵀ·P).
+  for (const auto& [R, N] : {std::pair<index_t, index_t>{64, 2880}, {90, 30}}) {
+    const auto p = svt::random_floats(g, static_cast<std::size_t>(R * N), 0.0f, 1.0f);
+    const svd_rank want = jacobi_rank(p, R, N);
+    if (want.closest >= 0.01) CHECK(rank_of(p, R, N) == want.rank);
+  }
+}
+
+TEST_CASE("rank: the symmetric eigen-solver on its own") {
+  // diag(3, 1, 2) rotated: eigenvalues 1, 2, 3 whatever the rotation.
+  const double c = std::cos(0.7), s = std::sin(0.7);
+  const double Q[3][3] = {{c, -s, 0}, {s, c, 0}, {0, 0, 1}};
+  const double D[3] = {3, 1, 2};
+  double a[9];
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 3; ++j) {
+      double v = 0;
+      for (int q = 0; q < 3; ++q) v += Q[i][q] * D[q] * Q[j][q];
+      a[i * 3 + j] = v;
+    }
+  double d[3], e[3];
+  REQUIRE(sparsevlm::core::symmetric_eigenvalues(a, 3, d, e));
+  std::sort(d, d + 3);
+  CHECK(d[0] == doctest::Approx(1.0).epsilon(1e-14));
+  CHECK(d[1] == doctest::Approx(2.0).epsilon(1e-14));
+  CHECK(d[2] == doctest::Approx(3.0).epsilon(1e-14));
+  // Random symmetric matrices against Eigen's solver.
+  std::mt19937 g(5);
+  for (int n : {1, 2, 3, 7, 30, 64}) {
+    Eigen::MatrixXd M = Eigen::MatrixXd::Random(n, n);
+    M = (M + M.transpose()).eval();
+    std::vector<double> buf(static_cast<std::size_t>(n * n)), dd(static_cast<std::size_t>(n)),
+        ee(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < n; ++j) buf[static_cast<std::size_t>(i * n + j)] = M(i, j);
+    REQUIRE(sparsevlm::core::symmetric_eigenvalues(buf.data(), n, dd.data(), ee.data()));
+    std::sort(dd.begin(), dd.end());
+    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> ref(M, Eigen::EigenvaluesOnly);
+    const double scale = ref.eigenvalues().cwiseAbs().maxCoeff();
+    for (int i = 0; i < n; ++i)
+      CHECK(std::fabs(dd[static_cast<std::size_t>(i)] - ref.eigenvalues()(i)) <= 1e-12 * scale);
+  }
 }

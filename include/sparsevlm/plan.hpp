@@ -20,8 +20,8 @@ namespace sparsevlm {
 /// - Returns L − N + keep.size() + c entries. Every source entry p at output
 ///   position i satisfies p >= i, which is what makes apply_plan_inplace safe.
 /// - Cost: O(L). Errors: shape_mismatch / invalid_argument for bad arguments.
-inline std::vector<index_t> make_sequence(index_t length, visual_span visual,
-                                          std::span<const index_t> keep, index_t recycled) {
+inline void make_sequence(index_t length, visual_span visual, std::span<const index_t> keep,
+                          index_t recycled, std::vector<index_t>& seq) {
   detail::check_span(visual, length, "length");
   const index_t k = static_cast<index_t>(keep.size());
   for (std::size_t i = 0; i < keep.size(); ++i) {
@@ -35,12 +35,19 @@ inline std::vector<index_t> make_sequence(index_t length, visual_span visual,
   }
   SPARSEVLM_CHECK(recycled >= 0 && recycled <= visual.len - k, errc::invalid_argument, "recycled",
                   detail::concat("in [0, ", visual.len - k, "] (the pruned count)"), recycled);
-  std::vector<index_t> seq;
+  seq.clear();  // keeps its capacity
   seq.reserve(static_cast<std::size_t>(length - visual.len + k + recycled));
   for (index_t p = 0; p < visual.start; ++p) seq.push_back(p);
   seq.insert(seq.end(), keep.begin(), keep.end());
   for (index_t i = 0; i < recycled; ++i) seq.push_back(-(i + 1));
   for (index_t p = visual.end(); p < length; ++p) seq.push_back(p);
+}
+
+/// As above, returning the sequence in a new vector.
+inline std::vector<index_t> make_sequence(index_t length, visual_span visual,
+                                          std::span<const index_t> keep, index_t recycled) {
+  std::vector<index_t> seq;
+  make_sequence(length, visual, keep, recycled, seq);
   return seq;
 }
 

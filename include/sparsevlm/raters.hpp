@@ -56,7 +56,8 @@ const float* rows_as_f32(matrix_view<const T> m, index_t r0, index_t n, std::vec
 ///
 /// - `embeds`: [L, d] float32/float16/bfloat16, any strides; d >= 1.
 /// - `visual`: [S, S+N) inside [0, L), N >= 1.
-/// - Returns the raters (R <= L - S - N of them).
+/// - `raters` receives the raters (R <= L - S - N of them), reusing its
+///   capacity; it is untouched on error.
 /// - Cost: O(N·T·d) for the logits (float32 dot products with the fixed
 ///   association of cpu/kernel_table.hpp, so every instruction set gives the same
 ///   bits), O(N·T) exp in double. Scratch from `ws`: N·T floats, 2T doubles, and
@@ -65,8 +66,8 @@ const float* rows_as_f32(matrix_view<const T> m, index_t r0, index_t n, std::vec
 ///   the rows of `embeds` it reads (rows S..L; none when T = 0), or a logit that
 ///   overflows float32.
 template <class T>
-std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visual,
-                                   workspace& ws) {
+void select_raters(matrix_view<const T> embeds, visual_span visual, workspace& ws,
+                   std::vector<index_t>& raters) {
   const index_t L = embeds.extent(0);
   const index_t d = embeds.extent(1);
   detail::check_span(visual, L, "embeds.extent[0]");
@@ -74,8 +75,10 @@ std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visu
 
   const index_t N = visual.len;
   const index_t Tn = L - visual.end();
-  std::vector<index_t> raters;
-  if (Tn == 0) return raters;
+  if (Tn == 0) {
+    raters.clear();
+    return;
+  }
 
   index_t ldv = 0, ldt = 0;
   const float* vrows = detail::rows_as_f32(embeds, visual.start, N, ws.f32_a, ldv);
@@ -108,12 +111,21 @@ std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visu
     for (index_t t = 0; t < Tn; ++t) m[t] += e[t] / sum;
   }
   for (index_t t = 0; t < Tn; ++t) m[t] /= static_cast<double>(N);
-  if (std::all_of(m, m + Tn, [&](double v) { return v == m[0]; })) return raters;
+  raters.clear();  // keeps its capacity: no allocation once sized
+  if (std::all_of(m, m + Tn, [&](double v) { return v == m[0]; })) return;
   double mean = 0.0;
   for (index_t t = 0; t < Tn; ++t) mean += m[t];
   mean /= static_cast<double>(Tn);
   for (index_t t = 0; t < Tn; ++t)
     if (m[t] > mean) raters.push_back(visual.end() + t);
+}
+
+/// As above, returning the raters in a new vector.
+template <class T>
+std::vector<index_t> select_raters(matrix_view<const T> embeds, visual_span visual,
+                                   workspace& ws) {
+  std::vector<index_t> raters;
+  select_raters(embeds, visual, ws, raters);
   return raters;
 }
 

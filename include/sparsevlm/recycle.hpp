@@ -107,7 +107,8 @@ inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector
 /// Cost: O(s²·d/2) multiply-adds for D, O(s·d) for the means. Scratch: s·d
 /// floats, 2s² + 3s + d doubles, N + 2s indices.
 /// Errors: shape_mismatch / invalid_argument for bad extents or indices;
-/// non_finite for NaN/Inf in a selected hidden row. `out` is untouched on error.
+/// non_finite for NaN/Inf in a selected hidden row. `out` is untouched on error;
+/// otherwise its vectors are reused (no allocation once they are large enough).
 template <class T>
 void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const index_t> selected,
              index_t clusters, recycle_result& out, workspace& ws) {
@@ -176,9 +177,11 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
   dpc_knn(std::span<const double>(D, static_cast<std::size_t>(s * s)), s, clusters, centres, label,
           ws);
 
-  recycle_result r;
+  // Every check has passed: fill `out` in place, reusing its capacity.
+  recycle_result& r = out;
   r.dim = d;
   r.clusters.resize(static_cast<std::size_t>(clusters));
+  for (auto& members : r.clusters) members.clear();
   for (index_t i = 0; i < s; ++i)
     r.clusters[static_cast<std::size_t>(label[static_cast<std::size_t>(i)])].push_back(
         visual.start + selected[static_cast<std::size_t>(i)]);
@@ -200,7 +203,6 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
       r.merged[static_cast<std::size_t>(q * d + c)] =
           static_cast<float>(acc[c] / count);
   }
-  out = std::move(r);
 }
 
 }  // namespace sparsevlm

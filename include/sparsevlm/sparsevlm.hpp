@@ -23,6 +23,7 @@
 #include "recycle.hpp"
 #include "scores.hpp"
 #include "scores_qk.hpp"
+#include "spans.hpp"
 #include "step.hpp"
 #include "types.hpp"
 #include "view.hpp"

@@ -3,6 +3,7 @@
 
 #include <optional>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "keep_count.hpp"
@@ -74,16 +75,15 @@ void check_step_common(matrix_view<const TE> embeds, matrix_view<const TH> hidde
 /// Steps 1 and 3-8 around a scoring callback `score(raters, P, scores)`;
 /// `done(stage)` is called after each stage (see prune_step).
 template <class TE, class TH, class Score, class Done>
-step_result run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
-                     visual_span visual, const std::optional<std::span<const index_t>>& raters,
-                     index_t L, const step_options& opt, workspace& ws, Score&& score,
-                     Done&& done) {
+void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden, visual_span visual,
+              const std::optional<std::span<const index_t>>& raters, index_t L,
+              const step_options& opt, workspace& ws, step_result& res, Score&& score,
+              Done&& done) {
   const index_t N = visual.len;
-  step_result res;
   if (raters) {
     res.raters.assign(raters->begin(), raters->end());
   } else {
-    res.raters = select_raters(embeds, visual, ws);
+    select_raters(embeds, visual, ws, res.raters);
   }
   done("raters");
   const index_t R = static_cast<index_t>(res.raters.size());
@@ -108,13 +108,14 @@ step_result run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
     recycle(hidden, visual, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)), c,
             res.recycled, ws);
   } else {
+    res.recycled.clusters.clear();
+    res.recycled.merged.clear();
     res.recycled.dim = hidden.extent(1);
   }
   done("recycle");
-  res.sequence =
-      make_sequence(L, visual, res.keep, static_cast<index_t>(res.recycled.clusters.size()));
+  make_sequence(L, visual, res.keep, static_cast<index_t>(res.recycled.clusters.size()),
+                res.sequence);
   done("plan");
-  return res;
 }
 
 }  // namespace detail
@@ -142,7 +143,7 @@ void check_step(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& op
                             "k.extent[1]", opt);
 }
 
-/// One pruning step (spec steps 1-8) on the CPU.
+/// One pruning step (spec steps 1-8) on the CPU, into a caller-held result.
 ///
 /// Decides raters, scores, rank, keep count, keep set, recycled clusters with
 /// their merged rows, and the new sequence; it does not move the engine's
@@ -153,41 +154,56 @@ void check_step(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& op
 /// - Cost: O(N·T·d_e) rater selection (skipped with caller raters), O(H·R·N)
 ///   scoring, O(min(R,N)²·max(R,N)) rank, O(N) keep set, O(s²·d) recycling,
 ///   O(L) plan, with s = min(n, floor(fraction·n) + 1), n = N − keep.
-/// - Scratch comes from `ws` (reuse it across steps: no allocation once sized);
-///   the result's vectors are allocated.
-/// - Errors: sparsevlm::error (see check_step); nothing is returned on error.
-/// - Deterministic: same inputs, same decisions, on every run and thread count.
+/// - Allocation: none once `ws` (see workspace::reserve) and `out` have held a
+///   step of this shape: every temporary lives in `ws`, and `out`'s vectors are
+///   reused (the result is built in `ws.result` and swapped into `out`).
+/// - Errors: sparsevlm::error (see check_step); `out` is untouched on error.
+/// - Deterministic: same inputs, same decisions, on every run, thread count and
+///   instruction set (cpu/kernel_table.hpp).
 ///
 /// `done`, when given, is called as `done(stage)` right after each stage, with
 /// stage "raters", "scores", "rank", "keep", "recycle", "plan" in that order (a
 /// hook for per-stage timing or tracing; the default does nothing and costs
 /// nothing).
 template <class TE, class TA, class TH, class Done = detail::no_op>
-step_result prune_step(const step_inputs<TE, TA, TH>& in, const step_options& opt, workspace& ws,
-                       Done&& done = {}) {
+void prune_step_into(const step_inputs<TE, TA, TH>& in, const step_options& opt, workspace& ws,
+                     step_result& out, Done&& done = {}) {
   check_step(in, opt);
-  return detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.attn.extent(1), opt, ws,
-                          [&](std::span<const index_t> raters, matrix_view<float> P,
-                              std::span<float> scores) {
-                            relevance_scores(in.attn, raters, in.visual, P, scores, opt.scoring, ws);
-                          },
-                          done);
+  detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.attn.extent(1), opt, ws,
+                   ws.result,
+                   [&](std::span<const index_t> raters, matrix_view<float> P,
+                       std::span<float> scores) {
+                     relevance_scores(in.attn, raters, in.visual, P, scores, opt.scoring, ws);
+                   },
+                   done);
+  std::swap(out, ws.result);
 }
 
 /// One pruning step from queries and keys (fused-attention engines): the same
 /// decisions as the attention form on the attention these q/k produce, with
 /// scoring by relevance_scores_qk (cost O(H·R·L·dh), nothing of size L²).
 template <class TE, class TQ, class TK, class TH, class Done = detail::no_op>
-step_result prune_step(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& opt,
-                       workspace& ws, Done&& done = {}) {
+void prune_step_into(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& opt,
+                     workspace& ws, step_result& out, Done&& done = {}) {
   check_step(in, opt);
-  return detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.qk.k.extent(1), opt, ws,
-                          [&](std::span<const index_t> raters, matrix_view<float> P,
-                              std::span<float> scores) {
-                            relevance_scores_qk(in.qk, raters, in.visual, P, scores, opt.scoring,
-                                                ws);
-                          },
-                          done);
+  detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.qk.k.extent(1), opt, ws,
+                   ws.result,
+                   [&](std::span<const index_t> raters, matrix_view<float> P,
+                       std::span<float> scores) {
+                     relevance_scores_qk(in.qk, raters, in.visual, P, scores, opt.scoring, ws);
+                   },
+                   done);
+  std::swap(out, ws.result);
+}
+
+/// prune_step_into returning a new result (allocates the result's vectors; the
+/// temporaries still come from `ws`). Either input form.
+template <class Inputs, class Done = detail::no_op>
+step_result prune_step(const Inputs& in, const step_options& opt, workspace& ws,
+                       Done&& done = {}) {
+  step_result out;
+  prune_step_into(in, opt, ws, out, std::forward<Done>(done));
+  return out;
 }
 
 /// Convenience overload with a temporary workspace (either input form).

@@ -1,12 +1,29 @@
 // Reusable scratch memory for a pruning step.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
+#include <type_traits>
 #include <vector>
 
+#include "types.hpp"
 #include "view.hpp"
 
 namespace sparsevlm {
+
+/// The largest step a workspace is reserved for (one model shape). Where the
+/// data decide a size (raters R <= text tokens, recycled rows s), the worst case
+/// is assumed.
+struct step_shape {
+  index_t length = 0;       ///< L, the longest sequence
+  index_t visual = 0;       ///< N
+  index_t heads = 0;        ///< H
+  index_t embed_dim = 0;    ///< d_e (0 when the caller always gives the raters)
+  index_t hidden_dim = 0;   ///< d
+  index_t head_dim = 0;     ///< dh of the q/k form (0: attention form only)
+  double recycle_fraction = 0.0;  ///< the largest recycling fraction (0: off)
+  bool gravity = false;     ///< SparseVLM+'s RoPE correction is used
+};
 
 /// Scratch buffers reused across steps. A step grows them to the shape it sees
 /// and never shrinks them, so after the first step of a model shape the stages
@@ -26,6 +43,30 @@ class workspace {
                sizeof(index_t);
   }
 
+  /// Reserves every buffer for steps up to `shape`, so that no stage allocates
+  /// afterwards (the result's vectors are reserved too, in `result`).
+  /// Uses the same table as required_bytes, so the two cannot disagree.
+  void reserve(const step_shape& shape) {
+    visit_needs(shape, [](auto& v, std::size_t n) { v.reserve(std::max(v.capacity(), n)); });
+    const std::size_t c = cluster_bound(shape);
+    result.raters.reserve(text_bound(shape));
+    result.scores.reserve(static_cast<std::size_t>(shape.visual));
+    result.keep.reserve(static_cast<std::size_t>(shape.visual));
+    result.sequence.reserve(static_cast<std::size_t>(shape.length));
+    result.recycled.merged.reserve(c * static_cast<std::size_t>(shape.hidden_dim));
+    result.recycled.clusters.reserve(c);
+  }
+
+  /// The scratch bytes a step of `shape` needs at most (the size query an
+  /// engine budgets with; the result's own vectors are not included).
+  [[nodiscard]] static std::size_t required_bytes(const step_shape& shape) {
+    std::size_t total = 0;
+    visit_sizes(shape, [&](auto& v, std::size_t n) {
+      total += n * sizeof(typename std::remove_reference_t<decltype(v)>::value_type);
+    });
+    return total;
+  }
+
   /// Grows `v` to at least `n` elements and returns its data.
   template <class T>
   static T* take(std::vector<T>& v, std::size_t n) {
@@ -38,13 +79,14 @@ class workspace {
   // another stage where this table says so (take() may reallocate):
   //   f32_a  raters: visual rows (when converted); prune_step: P (after raters)
   //   f32_b  raters: text rows (when converted);  scores_qk: one key head;
-  //          recycle: the selected rows
+  //          rank: P copied (transposed when R > N);  recycle: the selected rows
   //   f32_c  raters: logits (N·T);  scores_qk: one query row
   //   f32_d  scoring driver: one row of probabilities
   //   f32_e  scoring driver: the gravity table (R·N)
   //   f32_f  scores_qk: one row of logits
-  //   f64_a  raters: m;  gravity: one row of biases;  recycle: the Gram matrix
-  //   f64_b  raters: exps;  scoring driver: head totals;  rank: P in double;
+  //   f64_a  raters: m;  gravity: one row of biases;  rank: eigenvalues + scratch;
+  //          recycle: the Gram matrix
+  //   f64_b  raters: exps;  scoring driver: head totals;
   //          dpc_knn: rho, gamma, scratch row
   //   f64_c  rank: Gram matrix;  scores_qk: logits;  recycle: D
   //   f64_d  recycle: cluster sums; gravity: frequencies
@@ -56,6 +98,58 @@ class workspace {
   std::vector<float> f32_a, f32_b, f32_c, f32_d, f32_e, f32_f;
   std::vector<double> f64_a, f64_b, f64_c, f64_d, f64_e;
   std::vector<index_t> idx_a, idx_b, idx_c, idx_d, idx_e;
+  /// prune_step_into builds its result here and swaps it into the caller's
+  /// (so the caller's result is untouched on error, and both sets of vectors
+  /// keep their capacity for the next step).
+  step_result result;
+
+ private:
+  static std::size_t text_bound(const step_shape& s) {
+    return static_cast<std::size_t>(std::max<index_t>(s.length - s.visual, 0));
+  }
+  /// s_max = min(N, floor(fraction·N) + 1) recycled rows, and as many clusters.
+  static std::size_t cluster_bound(const step_shape& s) {
+    if (!(s.recycle_fraction > 0.0)) return 0;
+    const auto n = static_cast<std::size_t>(s.visual);
+    return std::min(n, static_cast<std::size_t>(s.recycle_fraction * static_cast<double>(n)) + 1);
+  }
+
+  /// fn(buffer, elements) for every buffer, with the largest size any stage
+  /// takes it to for a step of `shape` (the table above, as sizes).
+  template <class Self, class Fn>
+  static void visit_needs_impl(Self* self, const step_shape& s, Fn&& fn) {
+    using z = std::size_t;
+    const z L = static_cast<z>(s.length), N = static_cast<z>(s.visual), H = static_cast<z>(s.heads);
+    const z de = static_cast<z>(s.embed_dim), d = static_cast<z>(s.hidden_dim);
+    const z dh = static_cast<z>(s.head_dim);
+    const z T = text_bound(s), R = T, m = std::min(R, N), sm = cluster_bound(s);
+    const z qkL = dh > 0 ? L : 0, grav = s.gravity ? 1 : 0;
+    fn(self->f32_a, std::max(N * de, R * N));
+    fn(self->f32_b, std::max({T * de, qkL * dh, R * N, sm * d}));
+    fn(self->f32_c, std::max(N * T, dh));
+    fn(self->f32_d, N);
+    fn(self->f32_e, grav * R * N);
+    fn(self->f32_f, qkL);
+    fn(self->f64_a, std::max({T, grav * L, 2 * m, sm * sm}));
+    fn(self->f64_b, std::max({T, H, 3 * sm}));
+    fn(self->f64_c, std::max({m * m, qkL, sm * sm}));
+    fn(self->f64_d, std::max(sm > 0 ? d : z{0}, grav * dh));
+    fn(self->f64_e, grav * (4 * L + 1));
+    fn(self->idx_a, N);
+    fn(self->idx_b, N);
+    fn(self->idx_c, std::max(H, N));
+    fn(self->idx_d, std::max(H, sm));
+    fn(self->idx_e, sm);
+  }
+  template <class Fn>
+  void visit_needs(const step_shape& s, Fn&& fn) {
+    visit_needs_impl(this, s, fn);
+  }
+  template <class Fn>
+  static void visit_sizes(const step_shape& s, Fn&& fn) {
+    workspace probe;  // sizes only: nothing is allocated through it
+    visit_needs_impl(&probe, s, fn);
+  }
 };
 
 }  // namespace sparsevlm

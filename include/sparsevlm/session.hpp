@@ -1,0 +1,477 @@
+// A prefill session: SparseVLM over every pruning layer of one sequence. See
+// docs/integration.md ("A prefill with the session, step by step").
+#pragma once
+
+#include <algorithm>
+#include <numeric>
+#include <optional>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kv_cache.hpp"
+#include "positions.hpp"
+#include "presets.hpp"
+#include "step.hpp"
+
+namespace sparsevlm {
+
+/// Where the parts of one sequence sit before layer 0: the prefix (system
+/// prompt) is [0, S), the visual tokens [S, S+N), the text [S+N, length).
+///
+/// One visual span. Several images per sequence would replace `visual` by a list
+/// of spans; the session's bookkeeping (span, raters, origins) is written per
+/// span so that this is the one place such a layout enters.
+struct prefill_layout {
+  index_t length = 0;
+  visual_span visual{};
+
+  /// The layout of `prefix` + `visual` + `text` tokens.
+  static prefill_layout from_counts(index_t prefix, index_t visual, index_t text) {
+    return {prefix + visual + text, visual_span{prefix, visual}};
+  }
+};
+
+/// One pruning layer of a session: the output of decoder layer `layer`
+/// (0-based) is pruned with `options`, so layer `layer + 1` is the first to see
+/// the pruned sequence.
+struct pruning_layer {
+  index_t layer = 0;
+  step_options options{};
+};
+
+/// What a session does over the forward.
+struct session_config {
+  index_t layers = 0;                  ///< decoder layers of the model (its depth)
+  std::vector<pruning_layer> schedule;  ///< strictly increasing, in [0, layers − 1); may be empty
+  /// Position ids of the layers after each pruning layer (positions.hpp).
+  position_policy positions = position_policy::renumber;
+};
+
+/// The configuration of preset `p` on model `m`: one pruning layer per schedule
+/// entry with step_options_at(p, i, m), p's position policy, m.layers. The engine
+/// still sets each entry's gravity base and rotary_dim when the preset corrects
+/// for RoPE (the session supplies the gravity's position ids itself).
+/// Errors: as step_options_at (a bad shape). The schedule is validated against
+/// the real sequence when the session is built.
+inline session_config make_session_config(const preset& p, const model_shape& m) {
+  check_model_shape(m);
+  session_config c;
+  c.layers = m.layers;
+  c.positions = p.position_ids;
+  c.schedule.reserve(p.schedule.size());
+  for (std::size_t i = 0; i < p.schedule.size(); ++i)
+    c.schedule.push_back({p.schedule[i].layer, step_options_at(p, i, m)});
+  return c;
+}
+
+/// What one pruning layer decided, and the state the layers after it run with.
+struct layer_plan {
+  index_t layer = 0;  ///< the decoder layer whose output was pruned
+  /// The step, in the coordinates of this layer's tokens (the session's length
+  /// before the call): compact the hidden states with
+  /// apply_plan_inplace(step.sequence, hidden, merged rows of step.recycled).
+  step_result step;
+  /// step.sequence without recycled entries (kv_sequence): compacts the caches
+  /// of the layers written with this layer's tokens (those after the previous
+  /// pruning layer, up to `layer`) to the real survivors. Earlier caches that
+  /// were kept whole: prefill_session::kv_rows.
+  std::vector<index_t> kv_sequence;
+  index_t length = 0;   ///< tokens after the step (step.sequence.size())
+  visual_span visual{};  ///< the new visual span: kept + recycled tokens
+  index_t rows = 1;      ///< rows of `positions`
+  /// [rows, length] row-major: the position ids of layers layer + 1, ….
+  std::vector<index_t> positions;
+
+  [[nodiscard]] matrix_view<const index_t> positions_view() const {
+    return matrix_view<const index_t>(positions.data(), {rows, length}, "positions");
+  }
+};
+
+namespace detail {
+
+/// Adds `prefix` to the argument an error names ("visual.len: …" becomes
+/// "layout.visual.len: …").
+template <class F>
+void with_prefix(const std::string& prefix, F&& f) {
+  try {
+    f();
+  } catch (const error& e) {
+    throw error(e.code(), prefix + e.what());
+  }
+}
+
+template <class TE, class TA, class TH>
+step_inputs<TE, TA, TH> make_step_inputs(matrix_view<const TE> embeds,
+                                         tensor3_view<const TA> attn,
+                                         matrix_view<const TH> hidden, visual_span visual,
+                                         std::optional<std::span<const index_t>> raters) {
+  return {embeds, attn, hidden, visual, raters};
+}
+
+template <class TE, class TQ, class TK, class TH>
+step_inputs_qk<TE, TQ, TK, TH> make_step_inputs(matrix_view<const TE> embeds,
+                                                const qk_view<TQ, TK>& qk,
+                                                matrix_view<const TH> hidden, visual_span visual,
+                                                std::optional<std::span<const index_t>> raters) {
+  return {embeds, qk, hidden, visual, raters};
+}
+
+/// The token count of an attention source: attn.extent[1] or k.extent[1].
+template <class TA>
+index_t source_length(tensor3_view<const TA> attn) {
+  return attn.extent(1);
+}
+template <class TQ, class TK>
+index_t source_length(const qk_view<TQ, TK>& qk) {
+  return qk.k.extent(1);
+}
+template <class TA>
+const char* source_name(tensor3_view<const TA>) {
+  return "attn.extent[1]";
+}
+template <class TQ, class TK>
+const char* source_name(const qk_view<TQ, TK>&) {
+  return "k.extent[1]";
+}
+
+}  // namespace detail
+
+class prefill_session;
+
+namespace detail {
+template <class Source, class TH>
+step_result session_compute(const prefill_session& s, index_t layer, const Source& src,
+                            matrix_view<const TH> hidden, workspace& ws);
+layer_plan session_commit(prefill_session& s, step_result&& r);
+}  // namespace detail
+
+/// SparseVLM over the forward of one sequence.
+///
+/// Built before layer 0 from the layout, the input embeddings (the raters are
+/// chosen there, once, with select_raters, as the paper does) or caller raters,
+/// and a config: the pruning layers with their step options, and the position
+/// policy. After each decoder layer the engine asks prunes_after(layer); at a
+/// pruning layer it hands prune() that layer's attention (or Q/K) and output
+/// hidden states and gets the layer_plan back, which it applies to its own
+/// tensors (see docs/integration.md). Other layers cost nothing.
+///
+/// The session tracks, across layers:
+/// - the visual span: [S, S + keep + c) after a step: kept visual tokens, then
+///   the c recycled tokens, which count as visual tokens at the next pruning
+///   layer (the authors' `v_token_num = kept + cluster_num`);
+/// - the raters: the same text tokens throughout (as in the authors' code),
+///   at their current positions, which move left as visual tokens go;
+/// - the position ids, [rows, length] (1 row, or 3 for mRoPE), under the
+///   config's policy, row-wise; a recycled token takes every row of its ids
+///   from its cluster's first member under keep_original (pruned_positions);
+/// - each current token's original position (origins, −1 for a recycled one),
+///   and every step's sequence, for KV caches kept whole until later (kv_rows).
+///
+/// Errors: sparsevlm::error naming the argument; a failed call leaves the
+/// session as it was. Not thread-safe; distinct sessions are independent.
+class prefill_session {
+ public:
+  /// A session whose raters come from `embeds` ([length, d_e], float32, half or
+  /// bfloat16): select_raters over the layout's visual span, with scratch from
+  /// `ws`. `positions`: the ids of the input, [rows >= 1, length] (1 row for
+  /// 1-D RoPE, 3 for Qwen2-VL's mRoPE), any strides, copied; default 0..length−1
+  /// in one row.
+  /// Errors: see validate(); shape_mismatch for embeds.extent[0] != length;
+  /// non_finite as select_raters.
+  template <class TE>
+  prefill_session(const prefill_layout& layout, matrix_view<const TE> embeds,
+                  session_config config, workspace& ws,
+                  std::optional<matrix_view<const index_t>> positions = std::nullopt) {
+    validate(layout, config, positions);
+    SPARSEVLM_CHECK(embeds.extent(0) == layout.length, errc::shape_mismatch, "embeds.extent[0]",
+                    detail::concat(layout.length, " (layout.length)"), embeds.extent(0));
+    std::vector<index_t> raters = select_raters(embeds, layout.visual, ws);
+    init(layout, std::move(config), std::move(raters), positions);
+  }
+
+  /// A session with caller raters: absolute positions in the input, ascending,
+  /// unique, inside the text (check_raters). Otherwise as above.
+  prefill_session(const prefill_layout& layout, std::span<const index_t> raters,
+                  session_config config,
+                  std::optional<matrix_view<const index_t>> positions = std::nullopt) {
+    validate(layout, config, positions);
+    check_raters(raters, layout.visual, layout.length);
+    init(layout, std::move(config), std::vector<index_t>(raters.begin(), raters.end()), positions);
+  }
+
+  /// True when `layer` is the next pruning layer of the schedule: then prune()
+  /// must be called with that layer's outputs before layer + 1 runs. O(1).
+  [[nodiscard]] bool prunes_after(index_t layer) const noexcept {
+    return next_ < cfg_.schedule.size() && cfg_.schedule[next_].layer == layer;
+  }
+  /// The next pruning layer, or nullopt when all are done.
+  [[nodiscard]] std::optional<index_t> next_layer() const noexcept {
+    if (finished()) return std::nullopt;
+    return cfg_.schedule[next_].layer;
+  }
+  /// Pruning layers done so far (an index into config().schedule).
+  [[nodiscard]] std::size_t steps_done() const noexcept { return next_; }
+  /// True when every pruning layer of the schedule is done.
+  [[nodiscard]] bool finished() const noexcept { return next_ == cfg_.schedule.size(); }
+
+  [[nodiscard]] const session_config& config() const noexcept { return cfg_; }
+  [[nodiscard]] const prefill_layout& layout() const noexcept { return layout_; }
+  /// Tokens the next layer runs on.
+  [[nodiscard]] index_t length() const noexcept { return n_; }
+  /// The current visual span (recycled tokens included). Its length can reach 0
+  /// under a rank policy that keeps nothing with recycling off; later pruning
+  /// layers then keep everything.
+  [[nodiscard]] visual_span visual() const noexcept { return visual_; }
+  /// The raters at their current positions, ascending (possibly none).
+  [[nodiscard]] std::span<const index_t> raters() const noexcept { return raters_; }
+  /// The current position ids [rows, length], row-major.
+  [[nodiscard]] matrix_view<const index_t> positions() const {
+    return matrix_view<const index_t>(pos_.data(), {rows_, n_}, "positions");
+  }
+  /// The original position of each current token; −1 for a recycled token.
+  [[nodiscard]] std::span<const index_t> origins() const noexcept { return origin_; }
+  /// The sequences of the steps done, in order (step k's entries index step
+  /// k−1's output; step 0's index the input).
+  [[nodiscard]] std::span<const std::vector<index_t>> sequences() const noexcept { return seqs_; }
+
+  /// The position id of the first generated token in the layers after the last
+  /// pruning layer done (next_position with the input's ids): the current
+  /// length under renumber, 1 + the input's largest id under keep_original.
+  /// Layers before the first pruning layer continue from 1 + the input's
+  /// largest id under either policy (docs/integration.md, "Decode positions").
+  [[nodiscard]] index_t next_position() const {
+    return sparsevlm::next_position(
+        matrix_view<const index_t>(pos0_.data(), {rows_, layout_.length}, "positions"), n_,
+        cfg_.positions);
+  }
+
+  /// The rows that the K/V cache of decoder layer `layer` keeps to hold the
+  /// current tokens less the recycled ones, for a cache left whole since it was
+  /// written: kv_sequence over the steps done at layers >= `layer` (see
+  /// kv_cache.hpp); 0..length−1 when no step after `layer` is done yet.
+  /// Cost O(entries of those steps). Errors: invalid_argument for `layer`
+  /// outside [0, config().layers).
+  [[nodiscard]] std::vector<index_t> kv_rows(index_t layer) const {
+    SPARSEVLM_CHECK(layer >= 0 && layer < cfg_.layers, errc::invalid_argument, "layer",
+                    detail::concat("in [0, ", cfg_.layers, ")"), layer);
+    std::size_t first = 0;
+    while (first < next_ && cfg_.schedule[first].layer < layer) ++first;
+    if (first == next_) {
+      std::vector<index_t> all(static_cast<std::size_t>(n_));
+      std::iota(all.begin(), all.end(), index_t{0});
+      return all;
+    }
+    return kv_sequence(std::span<const std::vector<index_t>>(seqs_).subspan(first));
+  }
+
+  /// Prunes the output of decoder layer `layer` from its attention probabilities
+  /// `attn` [H, n, n] and output hidden states `hidden` [n, d], n = length():
+  /// prune_step with the schedule's options and the session's raters, then the
+  /// state moves to the new sequence. Scratch from `ws` (reuse it).
+  ///
+  /// The step scores with the session's current raters (embeds are not read
+  /// again); a RoPE gravity correction gets the current ids (row 0) as its
+  /// positions. With no visual token left the step is the identity.
+  ///
+  /// Errors: invalid_argument when `layer` is not the next pruning layer
+  /// ("layer: expected 3 (the next pruning layer), got 5") or all are done;
+  /// shape_mismatch when attn.extent[1] != length(); then as prune_step. The
+  /// session is unchanged on error.
+  template <class TA, class TH>
+  layer_plan prune(index_t layer, tensor3_view<const TA> attn, matrix_view<const TH> hidden,
+                   workspace& ws) {
+    return detail::session_commit(*this, detail::session_compute(*this, layer, attn, hidden, ws));
+  }
+
+  /// As above from queries and keys (relevance_scores_qk): q [H, n or R, dh]
+  /// (R rows in the order of raters()), k [Hkv, n, dh].
+  template <class TQ, class TK, class TH>
+  layer_plan prune(index_t layer, const qk_view<TQ, TK>& qk, matrix_view<const TH> hidden,
+                   workspace& ws) {
+    return detail::session_commit(*this, detail::session_compute(*this, layer, qk, hidden, ws));
+  }
+
+ private:
+  template <class Source, class TH>
+  friend step_result detail::session_compute(const prefill_session& s, index_t layer,
+                                             const Source& src, matrix_view<const TH> hidden,
+                                             workspace& ws);
+  friend layer_plan detail::session_commit(prefill_session& s, step_result&& r);
+
+  /// Checks the layout, the config against it, and the position ids:
+  /// - layout: the span inside [0, length) with N >= 1 ("layout.visual…");
+  /// - config.layers >= 1; schedule layers strictly increasing, in
+  ///   [0, layers − 1) ("config.schedule[1].layer: expected > 3 (strictly
+  ///   increasing), got 3"); each policy and recycle options valid; a fixed
+  ///   keep below the visual tokens entering its step (N, then keep + c after
+  ///   each fixed step; an upper bound after a rank step), since the step would
+  ///   silently clamp it; gravity positions left empty (the session supplies
+  ///   them) and only with one-row ids (the correction models 1-D RoPE);
+  /// - positions: [rows >= 1, length].
+  static void validate(const prefill_layout& layout, const session_config& cfg,
+                       const std::optional<matrix_view<const index_t>>& positions) {
+    detail::with_prefix("layout.", [&] { detail::check_span(layout.visual, layout.length, "length"); });
+    const index_t rows = positions ? positions->extent(0) : 1;
+    if (positions) {
+      SPARSEVLM_CHECK(rows >= 1, errc::shape_mismatch, "positions.extent[0] (rows)", ">= 1", rows);
+      SPARSEVLM_CHECK(positions->extent(1) == layout.length, errc::shape_mismatch,
+                      "positions.extent[1]", detail::concat(layout.length, " (layout.length)"),
+                      positions->extent(1));
+    }
+    detail::check_policy(cfg.positions);
+    SPARSEVLM_CHECK(cfg.layers >= 1, errc::invalid_argument, "config.layers", ">= 1", cfg.layers);
+    index_t visual = layout.visual.len;
+    for (std::size_t i = 0; i < cfg.schedule.size(); ++i) {
+      const pruning_layer& s = cfg.schedule[i];
+      const std::string at = detail::concat("config.schedule[", i, "]");
+      SPARSEVLM_CHECK(s.layer >= 0 && s.layer < cfg.layers - 1, errc::invalid_argument,
+                      at + ".layer",
+                      detail::concat("in [0, ", cfg.layers - 1, ") for a ", cfg.layers,
+                                     "-layer model (a pruned output needs a later layer)"),
+                      s.layer);
+      if (i > 0)
+        SPARSEVLM_CHECK(s.layer > cfg.schedule[i - 1].layer, errc::invalid_argument,
+                        at + ".layer",
+                        detail::concat("> ", cfg.schedule[i - 1].layer, " (strictly increasing)"),
+                        s.layer);
+      detail::with_prefix(at + ".options.", [&] {
+        check_policy(s.options.policy);
+        if (s.options.recycle.enabled) check_recycle_options(s.options.recycle);
+      });
+      const rope_gravity& g = s.options.scoring.gravity;
+      if (g.enabled) {
+        SPARSEVLM_CHECK(g.positions.empty(), errc::invalid_argument,
+                        at + ".options.scoring.gravity.positions",
+                        "empty (the session supplies the current ids)",
+                        detail::concat(g.positions.size(), " ids"));
+        SPARSEVLM_CHECK(rows == 1, errc::invalid_argument,
+                        at + ".options.scoring.gravity.enabled",
+                        "false with several rows of position ids (the correction models 1-D RoPE)",
+                        detail::concat("true with ", rows, " rows"));
+      }
+      if (s.options.policy.kind == keep_policy::kind_t::fixed) {
+        SPARSEVLM_CHECK(s.options.policy.keep < visual, errc::invalid_argument,
+                        at + ".options.policy.keep",
+                        detail::concat("< ", visual, " (visual tokens entering the step after layer ",
+                                       s.layer, ")"),
+                        s.options.policy.keep);
+        const index_t pruned = visual - s.options.policy.keep;
+        const recycle_options& r = s.options.recycle;
+        visual = s.options.policy.keep +
+                 (r.enabled ? core::cluster_count(core::recycle_count(pruned, r.fraction),
+                                                  r.cluster_divisor)
+                            : 0);
+      }
+    }
+  }
+
+  void init(const prefill_layout& layout, session_config cfg, std::vector<index_t> raters,
+            const std::optional<matrix_view<const index_t>>& positions) {
+    layout_ = layout;
+    cfg_ = std::move(cfg);
+    raters_ = std::move(raters);
+    n_ = layout.length;
+    visual_ = layout.visual;
+    rows_ = positions ? positions->extent(0) : 1;
+    pos0_.resize(static_cast<std::size_t>(rows_ * n_));
+    for (index_t r = 0; r < rows_; ++r)
+      for (index_t t = 0; t < n_; ++t)
+        pos0_[static_cast<std::size_t>(r * n_ + t)] = positions ? (*positions)(r, t) : t;
+    pos_ = pos0_;
+    origin_.resize(static_cast<std::size_t>(n_));
+    std::iota(origin_.begin(), origin_.end(), index_t{0});
+  }
+
+  prefill_layout layout_{};
+  session_config cfg_{};
+  std::size_t next_ = 0;              // index of the next pruning layer in cfg_.schedule
+  index_t n_ = 0;                     // current length
+  visual_span visual_{};              // current visual span
+  index_t rows_ = 1;                  // rows of position ids
+  std::vector<index_t> raters_;       // current positions of the raters
+  std::vector<index_t> pos0_;         // [rows, layout.length] input ids
+  std::vector<index_t> pos_;          // [rows, n] current ids
+  std::vector<index_t> origin_;       // [n] input position, or −1 for recycled
+  std::vector<std::vector<index_t>> seqs_;  // the sequences of the steps done
+};
+
+namespace detail {
+
+/// The decisions of the session's next step, without changing the session
+/// (so that a batch can decide every sequence before committing any).
+template <class Source, class TH>
+step_result session_compute(const prefill_session& s, index_t layer, const Source& src,
+                            matrix_view<const TH> hidden, workspace& ws) {
+  SPARSEVLM_CHECK(!s.finished(), errc::invalid_argument, "layer",
+                  concat("no more calls (all ", s.cfg_.schedule.size(),
+                         " pruning layers of the session are done)"),
+                  layer);
+  const pruning_layer& at = s.cfg_.schedule[s.next_];
+  SPARSEVLM_CHECK(at.layer == layer, errc::invalid_argument, "layer",
+                  concat(at.layer, " (the next pruning layer of the session)"), layer);
+  const index_t n = s.n_;
+  SPARSEVLM_CHECK(source_length(src) == n, errc::shape_mismatch, source_name(src),
+                  concat(n, " (the session's current length)"), source_length(src));
+  if (s.visual_.len == 0) {
+    // Nothing left to prune: the identity step (prune_step needs N >= 1).
+    SPARSEVLM_CHECK(hidden.extent(0) == n, errc::shape_mismatch, "hidden.extent[0]",
+                    concat(n, " (the session's current length)"), hidden.extent(0));
+    step_result r;
+    r.raters = s.raters_;
+    r.recycled.dim = hidden.extent(1);
+    r.sequence.resize(static_cast<std::size_t>(n));
+    std::iota(r.sequence.begin(), r.sequence.end(), index_t{0});
+    return r;
+  }
+  step_options opt = at.options;
+  if (opt.scoring.gravity.enabled)
+    opt.scoring.gravity.positions = std::span<const index_t>(s.pos_.data(), static_cast<std::size_t>(n));
+  const auto in = make_step_inputs(matrix_view<const float>(), src, hidden, s.visual_,
+                                   std::optional<std::span<const index_t>>(s.raters_));
+  return prune_step(in, opt, ws);
+}
+
+/// Moves the session to the sequence of `r` (a result of session_compute on it).
+inline layer_plan session_commit(prefill_session& s, step_result&& r) {
+  const index_t n_old = s.n_;
+  const index_t n = static_cast<index_t>(r.sequence.size());
+  const index_t removed = n_old - n;  // visual tokens gone (pruned − recycled)
+
+  layer_plan plan;
+  plan.layer = s.cfg_.schedule[s.next_].layer;
+  plan.length = n;
+  plan.visual = visual_span{s.visual_.start, s.visual_.len - removed};
+  plan.rows = s.rows_;
+  plan.positions.resize(static_cast<std::size_t>(s.rows_ * n));
+  pruned_positions(r.sequence, r.recycled.clusters, s.positions(), s.cfg_.positions,
+                   matrix_view<index_t>(plan.positions.data(), {s.rows_, n}, "positions"));
+  plan.kv_sequence = kv_sequence(r.sequence);
+
+  std::vector<index_t> origin(static_cast<std::size_t>(n));
+  for (index_t i = 0; i < n; ++i) {
+    const index_t p = r.sequence[static_cast<std::size_t>(i)];
+    origin[static_cast<std::size_t>(i)] = p >= 0 ? s.origin_[static_cast<std::size_t>(p)] : -1;
+  }
+  std::vector<index_t> raters = s.raters_;
+  for (index_t& p : raters) p -= removed;  // text follows the visual span
+  std::vector<index_t> pos = plan.positions;
+  std::vector<index_t> seq = r.sequence;
+  s.seqs_.reserve(s.seqs_.size() + 1);
+
+  // Nothing below throws: the session changes all at once.
+  s.seqs_.push_back(std::move(seq));
+  s.origin_.swap(origin);
+  s.raters_.swap(raters);
+  s.pos_.swap(pos);
+  s.n_ = n;
+  s.visual_ = plan.visual;
+  ++s.next_;
+  plan.step = std::move(r);
+  return plan;
+}
+
+}  // namespace detail
+
+}  // namespace sparsevlm
