@@ -1,6 +1,7 @@
 // cpu/: the kernel tables and their run-time selection. Every instruction set
 // this machine supports is compiled into the test binary
 // (sparsevlm_add_isa_kernels), and each must give the scalar path's bits.
+#include <array>
 #include <cstring>
 #include <filesystem>
 #include <sparsevlm/io/case.hpp>
@@ -98,12 +99,28 @@ TEST_CASE("cpu: dot_rows gives the scalar bits on every path, and is a dot produ
       }
     }
   }
+  // Past the cache blocks: more than 64 b rows, several depth blocks and a
+  // ragged last one, an output with its own stride.
+  for (const auto& [na, nb, d] : {std::array<index_t, 3>{13, 70, 530}, {7, 129, 1000}, {1, 65, 257}}) {
+    INFO("na=", na, " nb=", nb, " d=", d);
+    const auto a = wild_floats(g, static_cast<std::size_t>(na * d));
+    const auto b = wild_floats(g, static_cast<std::size_t>(nb * d));
+    const index_t ldo = nb + 2;
+    std::vector<float> want(static_cast<std::size_t>(na * ldo), -1.0f);
+    ref.dot_rows(a.data(), d, na, b.data(), d, nb, d, want.data(), ldo);
+    for (cpu::isa p : simd_paths()) {
+      cpu::scoped_isa s(p);
+      std::vector<float> got(want.size(), -1.0f);
+      cpu::kernels().dot_rows(a.data(), d, na, b.data(), d, nb, d, got.data(), ldo);
+      CHECK_MESSAGE(same_bits(got, want), std::string(cpu::isa_name(p)));
+    }
+  }
 }
 
 TEST_CASE("cpu: gram_f64 gives the scalar bits, is symmetric, and duplicates give equal entries") {
   std::mt19937 g(12);
-  for (index_t d : {1, 5, 8, 9, 64, 1000}) {
-    for (index_t n : {1, 2, 3, 5, 9, 13}) {
+  for (index_t d : {1, 5, 8, 9, 64, 300, 1000}) {
+    for (index_t n : {1, 2, 3, 5, 9, 13, 50, 101}) {
       INFO("d=", d, " n=", n);
       auto x = wild_floats(g, static_cast<std::size_t>(n * d));
       if (n >= 3)  // row 2 duplicates row 0

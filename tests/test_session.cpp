@@ -877,3 +877,64 @@ TEST_CASE("session: prune_sessions refuses a skipped layer and changes no sessio
                                             std::span<const tensor3_view<const float>>(av), hv,
                                             std::span<workspace>(wss)));
 }
+
+// docs/integration.md, "A prefill with the session, step by step": the snippet
+// between the markers is the one on that page (keep them the same).
+TEST_CASE("session: integration.md snippet") {
+  const toy_model model(7);
+  const std::vector<float> input = toy_embeds(8);  // [L, d] input embeddings
+  const index_t layers = kLayers, d = kDim, heads = kHeads, head_dim = kHeadDim;
+  const auto run_layer = [&](index_t l, std::vector<float>& hidden, index_t n,
+                             std::vector<float>& attn, std::vector<float>& k_rows) {
+    const std::vector<float> x(hidden.begin(), hidden.begin() + n * d);
+    attn = model.attention(l, x, n);
+    const std::vector<float> kh = model.keys(l, x, n);  // [H, n, dh] -> [n, H, dh]
+    k_rows.assign(static_cast<std::size_t>(n * d), 0.0f);
+    for (index_t t = 0; t < n; ++t)
+      for (index_t h = 0; h < heads; ++h)
+        for (index_t c = 0; c < head_dim; ++c)
+          k_rows[static_cast<std::size_t>((t * heads + h) * head_dim + c)] =
+              kh[static_cast<std::size_t>((h * n + t) * head_dim + c)];
+    const std::vector<float> out = model.forward(l, x, n, attn);
+    std::copy(out.begin(), out.end(), hidden.begin());
+  };
+  std::vector<float> hidden = input;
+  std::vector<std::vector<float>> k_cache(static_cast<std::size_t>(layers));
+  std::vector<index_t> cache_len(static_cast<std::size_t>(layers), 0);
+  std::vector<float> attn;
+  const session_config config = v15_config(true, renumber);
+  using namespace sparsevlm;
+  // [snippet]
+  workspace ws;
+  const prefill_layout layout = prefill_layout::from_counts(/*prefix*/ 3, /*visual*/ 24, /*text*/ 8);
+  // Raters are chosen here, once, from the input embeddings.
+  prefill_session session(layout, matrix_view<const float>(input.data(), {layout.length, d}), config, ws);
+  for (index_t l = 0; l < layers; ++l) {
+    const index_t n = session.length();  // layer l runs on n tokens, ids session.positions()
+    run_layer(l, hidden, n, attn, k_cache[l]);
+    cache_len[l] = n;
+    if (!session.prunes_after(l)) continue;  // nothing to do, nothing spent
+    const layer_plan plan = session.prune(l, tensor3_view<const float>(attn.data(), {heads, n, n}),
+                                          matrix_view<const float>(hidden.data(), {n, d}), ws);
+    const index_t c = static_cast<index_t>(plan.step.recycled.clusters.size());
+    // Hidden states: n -> plan.length rows, recycled tokens after the kept visual ones.
+    apply_plan_inplace(plan.step.sequence, matrix_view<float>(hidden.data(), {n, d}),
+                       matrix_view<const float>(plan.step.recycled.merged.data(), {c, d}));
+    // KV caches, option 3 (same tokens in every layer): each layer written so far.
+    for (index_t j = 0; j <= l; ++j) {
+      const tensor3_view<float> cache(k_cache[j].data(), {cache_len[j], heads, head_dim});
+      std::vector<float> rec(static_cast<std::size_t>(c * heads * head_dim));
+      const tensor3_view<float> rv(rec.data(), {c, heads, head_dim});
+      merge_kv(plan.step.recycled.clusters, tensor3_view<const float>(cache),
+               kv_layout::tokens_heads_dim, rv);
+      cache_len[j] = compact_kv(plan.step.sequence, cache, kv_layout::tokens_heads_dim,
+                                tensor3_view<const float>(rv));
+    }
+  }
+  const index_t first_decode_id = session.next_position();  // for the layers after the last step
+  // [snippet]
+  CHECK(session.finished());
+  CHECK(first_decode_id == session.length());
+  for (index_t j = 0; j < layers; ++j) CHECK(cache_len[static_cast<std::size_t>(j)] == session.length());
+  CHECK(session.length() == kPrefix + 6 + 1 + kText);
+}

@@ -455,6 +455,45 @@ TEST_CASE("spans: scores from q/k in one pass equal each span scored alone") {
   }
 }
 
+TEST_CASE("spans: each span's rank sees its own columns only") {
+  // Within each span every key (and every attention column) is the same, so
+  // each span's P has rank 1 and the union's P rank 3 (one column direction per
+  // span); a column of the text between spans leaking in would raise them.
+  std::mt19937 g(2718);
+  const std::vector<visual_span> spans{{1, 5}, {9, 4}, {15, 6}};
+  layout lay(g, 30, spans);  // caller raters 21, 23, ..., 29: R = 5
+  const auto Lz = static_cast<std::size_t>(lay.L);
+  for (const auto& v : spans)
+    for (index_t p = v.start + 1; p < v.end(); ++p) {
+      for (index_t kh = 0; kh < lay.Hkv; ++kh)
+        for (index_t c = 0; c < lay.dh; ++c)
+          lay.k[static_cast<std::size_t>((kh * lay.L + p) * lay.dh + c)] =
+              lay.k[static_cast<std::size_t>((kh * lay.L + v.start) * lay.dh + c)];
+      for (std::size_t row = 0; row < static_cast<std::size_t>(lay.H) * Lz; ++row)
+        lay.attn[row * Lz + static_cast<std::size_t>(p)] =
+            lay.attn[row * Lz + static_cast<std::size_t>(v.start)];
+    }
+  for (const bool qk : {false, true}) {
+    INFO("q/k: ", qk);
+    span_options o;
+    o.policy = keep_policy::rank(2.0, 0.0);
+    o.recycle.enabled = false;
+    const auto g_res = qk ? prune_step_spans(lay.inputs_qk(true), lay.view(), o)
+                          : prune_step_spans(lay.inputs(true), lay.view(), o);
+    CHECK(g_res.rank == 3);
+    CHECK(g_res.keep_count == 6);
+    o.budget = span_budget::per_span;
+    const auto p_res = qk ? prune_step_spans(lay.inputs_qk(true), lay.view(), o)
+                          : prune_step_spans(lay.inputs(true), lay.view(), o);
+    for (const auto& part : p_res.spans) {
+      CHECK(part.rank == 1);
+      CHECK(part.keep_count == 2);
+      // Equal scores within a span: ties go to the lower positions.
+      CHECK(part.keep == seq_t{part.visual.start, part.visual.start + 1});
+    }
+  }
+}
+
 TEST_CASE("spans: recycling never mixes spans, and the plan applies") {
   // Three spans, a global budget of 4 out of 24: most tokens are pruned and
   // every span recycles its own.

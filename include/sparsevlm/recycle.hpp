@@ -180,8 +180,24 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
   // Every check has passed: fill `out` in place, reusing its capacity.
   recycle_result& r = out;
   r.dim = d;
-  r.clusters.resize(static_cast<std::size_t>(clusters));
-  for (auto& members : r.clusters) members.clear();
+  // Resize the cluster lists through the workspace's spare lists, so that a
+  // list and its capacity survive steps with fewer clusters (no allocation
+  // once every list has held its largest cluster; workspace::reserve sizes them).
+  auto& cl = r.clusters;
+  auto& spare = ws.spare_clusters;
+  while (static_cast<index_t>(cl.size()) > clusters) {
+    spare.push_back(std::move(cl.back()));
+    cl.pop_back();
+  }
+  while (static_cast<index_t>(cl.size()) < clusters) {
+    if (spare.empty()) {
+      cl.emplace_back();
+    } else {
+      cl.push_back(std::move(spare.back()));
+      spare.pop_back();
+    }
+  }
+  for (auto& members : cl) members.clear();
   for (index_t i = 0; i < s; ++i)
     r.clusters[static_cast<std::size_t>(label[static_cast<std::size_t>(i)])].push_back(
         visual.start + selected[static_cast<std::size_t>(i)]);

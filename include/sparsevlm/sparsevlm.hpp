@@ -6,6 +6,7 @@
 // and prune_step, which runs them in order. See docs/algorithm.md.
 #pragma once
 
+#include "batch.hpp"
 #include "budget.hpp"
 #include "config.hpp"
 #include "core/math.hpp"
@@ -23,6 +24,7 @@
 #include "recycle.hpp"
 #include "scores.hpp"
 #include "scores_qk.hpp"
+#include "session.hpp"
 #include "spans.hpp"
 #include "step.hpp"
 #include "types.hpp"

@@ -108,7 +108,11 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden, visual
     recycle(hidden, visual, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)), c,
             res.recycled, ws);
   } else {
-    res.recycled.clusters.clear();
+    // Park the cluster lists in the workspace rather than free them.
+    while (!res.recycled.clusters.empty()) {
+      ws.spare_clusters.push_back(std::move(res.recycled.clusters.back()));
+      res.recycled.clusters.pop_back();
+    }
     res.recycled.merged.clear();
     res.recycled.dim = hidden.extent(1);
   }

@@ -23,6 +23,7 @@ struct step_shape {
   index_t head_dim = 0;     ///< dh of the q/k form (0: attention form only)
   double recycle_fraction = 0.0;  ///< the largest recycling fraction (0: off)
   bool gravity = false;     ///< SparseVLM+'s RoPE correction is used
+  double cluster_divisor = 10.0;  ///< the smallest recycling cluster divisor
 };
 
 /// Scratch buffers reused across steps. A step grows them to the shape it sees
@@ -44,17 +45,20 @@ class workspace {
   }
 
   /// Reserves every buffer for steps up to `shape`, so that no stage allocates
-  /// afterwards (the result's vectors are reserved too, in `result`).
+  /// afterwards; with `out`, also the caller's result that prune_step_into will
+  /// fill (it swaps `out` with `result`, so both are reserved). After this, a
+  /// step of at most `shape` allocates nothing at all.
   /// Uses the same table as required_bytes, so the two cannot disagree.
-  void reserve(const step_shape& shape) {
+  void reserve(const step_shape& shape, step_result* out = nullptr) {
     visit_needs(shape, [](auto& v, std::size_t n) { v.reserve(std::max(v.capacity(), n)); });
-    const std::size_t c = cluster_bound(shape);
-    result.raters.reserve(text_bound(shape));
-    result.scores.reserve(static_cast<std::size_t>(shape.visual));
-    result.keep.reserve(static_cast<std::size_t>(shape.visual));
-    result.sequence.reserve(static_cast<std::size_t>(shape.length));
-    result.recycled.merged.reserve(c * static_cast<std::size_t>(shape.hidden_dim));
-    result.recycled.clusters.reserve(c);
+    reserve_result(result, shape);
+    if (out) reserve_result(*out, shape);
+    // Cluster member lists for this result and the caller's, each large enough
+    // for any cluster (up to s_max members): 2·c_max·s_max indices in all.
+    const std::size_t c = cluster_bound(shape), members = cluster_rows(shape);
+    spare_clusters.reserve(2 * c);
+    while (spare_clusters.size() < 2 * c) spare_clusters.emplace_back();
+    for (auto& m : spare_clusters) m.reserve(members);
   }
 
   /// The scratch bytes a step of `shape` needs at most (the size query an
@@ -102,16 +106,34 @@ class workspace {
   /// (so the caller's result is untouched on error, and both sets of vectors
   /// keep their capacity for the next step).
   step_result result;
+  /// Cluster member lists not in use (see recycle()).
+  std::vector<std::vector<index_t>> spare_clusters;
 
  private:
+  static void reserve_result(step_result& r, const step_shape& s) {
+    const std::size_t c = cluster_bound(s);
+    r.raters.reserve(text_bound(s));
+    r.scores.reserve(static_cast<std::size_t>(s.visual));
+    r.keep.reserve(static_cast<std::size_t>(s.visual));
+    r.sequence.reserve(static_cast<std::size_t>(s.length));
+    r.recycled.merged.reserve(c * static_cast<std::size_t>(s.hidden_dim));
+    r.recycled.clusters.reserve(c);
+  }
   static std::size_t text_bound(const step_shape& s) {
     return static_cast<std::size_t>(std::max<index_t>(s.length - s.visual, 0));
   }
-  /// s_max = min(N, floor(fraction·N) + 1) recycled rows, and as many clusters.
-  static std::size_t cluster_bound(const step_shape& s) {
+  /// s_max = min(N, floor(fraction·N) + 1) recycled rows (0: recycling off).
+  static std::size_t cluster_rows(const step_shape& s) {
     if (!(s.recycle_fraction > 0.0)) return 0;
     const auto n = static_cast<std::size_t>(s.visual);
     return std::min(n, static_cast<std::size_t>(s.recycle_fraction * static_cast<double>(n)) + 1);
+  }
+  /// c_max = floor(s_max / divisor) + 1 clusters, at most s_max.
+  static std::size_t cluster_bound(const step_shape& s) {
+    const std::size_t rows = cluster_rows(s);
+    if (rows == 0) return 0;
+    const double div = s.cluster_divisor > 1.0 ? s.cluster_divisor : 1.0;
+    return std::min(rows, static_cast<std::size_t>(static_cast<double>(rows) / div) + 1);
   }
 
   /// fn(buffer, elements) for every buffer, with the largest size any stage
@@ -122,7 +144,7 @@ class workspace {
     const z L = static_cast<z>(s.length), N = static_cast<z>(s.visual), H = static_cast<z>(s.heads);
     const z de = static_cast<z>(s.embed_dim), d = static_cast<z>(s.hidden_dim);
     const z dh = static_cast<z>(s.head_dim);
-    const z T = text_bound(s), R = T, m = std::min(R, N), sm = cluster_bound(s);
+    const z T = text_bound(s), R = T, m = std::min(R, N), sm = cluster_rows(s);
     const z qkL = dh > 0 ? L : 0, grav = s.gravity ? 1 : 0;
     fn(self->f32_a, std::max(N * de, R * N));
     fn(self->f32_b, std::max({T * de, qkL * dh, R * N, sm * d}));

@@ -78,11 +78,13 @@ inline double reduce8(const double* s) noexcept {
   return h[0] + h[1];
 }
 
-/// An MA×MB tile of float32 dot products over the whole depth d, the partial
-/// sums held in registers (16 lanes = 16/W registers of W lanes each).
+/// An MA×MB tile of float32 dot products over depth [0, kl) of the given row
+/// pointers, continuing the 16-lane partial sums held in `part` (row i, column
+/// t at part + (i·ldp + t)·16). Depth kl is a multiple of 16 except in the
+/// last block, whose partial chunk is zero-padded (kernel_table.hpp).
 template <class Arch, int MA, int MB>
-inline void dot_tile(const float* a, i64 lda, const float* b, i64 ldb, i64 d, float* out,
-                     i64 ldo) noexcept {
+inline void dot_tile(const float* a, i64 lda, const float* b, i64 ldb, i64 kl, float* part,
+                     i64 ldp) noexcept {
   using F = xsimd::batch<float, Arch>;
   constexpr int W = static_cast<int>(F::size);
   constexpr int V = 16 / W;
@@ -90,7 +92,7 @@ inline void dot_tile(const float* a, i64 lda, const float* b, i64 ldb, i64 d, fl
   F acc[MA][MB][V];
   for (int i = 0; i < MA; ++i)
     for (int t = 0; t < MB; ++t)
-      for (int v = 0; v < V; ++v) acc[i][t][v] = F(0.0f);
+      for (int v = 0; v < V; ++v) acc[i][t][v] = F::load_aligned(part + (i * ldp + t) * 16 + v * W);
   const auto step = [&](const float* const* pa, const float* const* pb, i64 k) {
     for (int v = 0; v < V; ++v) {
       F bv[MB];
@@ -106,11 +108,11 @@ inline void dot_tile(const float* a, i64 lda, const float* b, i64 ldb, i64 d, fl
   for (int i = 0; i < MA; ++i) ra[i] = a + i * lda;
   for (int t = 0; t < MB; ++t) rb[t] = b + t * ldb;
   i64 k = 0;
-  for (; k + 16 <= d; k += 16) step(ra, rb, k);
-  if (k < d) {  // the zero-padded last chunk
+  for (; k + 16 <= kl; k += 16) step(ra, rb, k);
+  if (k < kl) {  // the zero-padded last chunk
     alignas(64) float pa[MA][16] = {};
     alignas(64) float pb[MB][16] = {};
-    const std::size_t rem = static_cast<std::size_t>(d - k) * sizeof(float);
+    const std::size_t rem = static_cast<std::size_t>(kl - k) * sizeof(float);
     const float* qa[MA];
     const float* qb[MB];
     for (int i = 0; i < MA; ++i) {
@@ -123,48 +125,70 @@ inline void dot_tile(const float* a, i64 lda, const float* b, i64 ldb, i64 d, fl
     }
     step(qa, qb, 0);
   }
-  alignas(64) float lanes[16];
   for (int i = 0; i < MA; ++i)
-    for (int t = 0; t < MB; ++t) {
-      for (int v = 0; v < V; ++v) acc[i][t][v].store_aligned(lanes + v * W);
-      out[i * ldo + t] = reduce16<Arch>(lanes);
-    }
+    for (int t = 0; t < MB; ++t)
+      for (int v = 0; v < V; ++v) acc[i][t][v].store_aligned(part + (i * ldp + t) * 16 + v * W);
 }
 
 /// Tile sizes: as many accumulators as the register file holds with room for
-/// the loads (32 registers on AVX-512, 16 on AVX2).
+/// the loads (32 registers on AVX-512, 16 on AVX2), and the cache blocks.
 template <class Arch>
 struct tiles {
-  static constexpr int dot_a = xsimd::batch<float, Arch>::size == 16 ? 4 : 2;
-  static constexpr int dot_b = xsimd::batch<float, Arch>::size == 16 ? 4 : 2;
-  static constexpr int gram = xsimd::batch<double, Arch>::size == 8 ? 4 : 2;
+  static constexpr bool wide = xsimd::batch<float, Arch>::size == 16;
+  static constexpr int dot_a = wide ? 6 : 3;  // rows of a per register tile
+  static constexpr int dot_b = wide ? 4 : 2;  // rows of b per register tile
+  static constexpr int gram_i = wide ? 6 : 3;  // rows i per register tile
+  static constexpr int gram_j = wide ? 4 : 2;  // rows j per register tile
+  /// Depth block: the a tile's block stays in L1 while b's rows stream past.
+  static constexpr i64 depth_block = 256;
+  /// b rows per pass: the partial sums of an a tile against them stay in L1.
+  static constexpr i64 b_block = 64;
+  /// Rows j per pass of the Gram kernel (its partial sums stay in L1).
+  static constexpr i64 gram_block = 48;
 };
+
+/// One a tile (MA rows) against b rows [0, nb), nb <= b_block, all depths.
+template <class Arch, int MA>
+inline void dot_panel(const float* a, i64 lda, const float* b, i64 ldb, i64 nb, i64 d, float* out,
+                      i64 ldo) noexcept {
+  constexpr int MB = tiles<Arch>::dot_b;
+  constexpr i64 KC = tiles<Arch>::depth_block, NB = tiles<Arch>::b_block;
+  alignas(64) float part[MA * NB * 16];
+  for (i64 x = 0; x < MA * nb * 16; ++x) part[x] = 0.0f;
+  for (i64 k0 = 0; k0 < d; k0 += KC) {
+    const i64 kl = d - k0 < KC ? d - k0 : KC;
+    i64 t = 0;
+    for (; t + MB <= nb; t += MB)
+      dot_tile<Arch, MA, MB>(a + k0, lda, b + t * ldb + k0, ldb, kl, part + t * 16, nb);
+    for (; t < nb; ++t) dot_tile<Arch, MA, 1>(a + k0, lda, b + t * ldb + k0, ldb, kl, part + t * 16, nb);
+  }
+  for (int i = 0; i < MA; ++i)
+    for (i64 t = 0; t < nb; ++t) out[i * ldo + t] = reduce16<Arch>(part + (i * nb + t) * 16);
+}
 
 template <class Arch>
 void dot_rows(const float* a, i64 lda, i64 na, const float* b, i64 ldb, i64 nb, i64 d, float* out,
               i64 ldo) noexcept {
-  constexpr int MA = tiles<Arch>::dot_a, MB = tiles<Arch>::dot_b;
-  // Text rows (b) are few and stay in cache; visual rows (a) stream once.
-  i64 i = 0;
-  for (; i + MA <= na; i += MA) {
-    i64 t = 0;
-    for (; t + MB <= nb; t += MB)
-      dot_tile<Arch, MA, MB>(a + i * lda, lda, b + t * ldb, ldb, d, out + i * ldo + t, ldo);
-    for (; t < nb; ++t)
-      dot_tile<Arch, MA, 1>(a + i * lda, lda, b + t * ldb, ldb, d, out + i * ldo + t, ldo);
-  }
-  for (; i < na; ++i) {
-    i64 t = 0;
-    for (; t + MB <= nb; t += MB)
-      dot_tile<Arch, 1, MB>(a + i * lda, lda, b + t * ldb, ldb, d, out + i * ldo + t, ldo);
-    for (; t < nb; ++t)
-      dot_tile<Arch, 1, 1>(a + i * lda, lda, b + t * ldb, ldb, d, out + i * ldo + t, ldo);
+  constexpr int MA = tiles<Arch>::dot_a;
+  constexpr i64 NB = tiles<Arch>::b_block;
+  for (i64 t0 = 0; t0 < nb; t0 += NB) {
+    const i64 nbc = nb - t0 < NB ? nb - t0 : NB;
+    i64 i = 0;
+    for (; i + MA <= na; i += MA)
+      dot_panel<Arch, MA>(a + i * lda, lda, b + t0 * ldb, ldb, nbc, d, out + i * ldo + t0, ldo);
+    for (; i < na; ++i)
+      dot_panel<Arch, 1>(a + i * lda, lda, b + t0 * ldb, ldb, nbc, d, out + i * ldo + t0, ldo);
   }
 }
 
-/// An M×M tile of float64 dot products of float32 rows (widened in registers).
+/// An MI×MJ tile of float64 dot products over depth [0, kl): rows i come
+/// widened and zero-padded to a multiple of 8 in `xi` (packed once per depth
+/// block, reused by every tile of the panel), rows j as float32 (widened in
+/// registers), continuing the 8-lane partial sums in `part` (row i, column t at
+/// part + (i·ldp + t)·8).
 template <class Arch, int MI, int MJ>
-inline void gram_tile(const float* x, i64 ldx, i64 i0, i64 j0, i64 n, i64 d, double* g) noexcept {
+inline void gram_tile(const double* xi, i64 ldi, const float* xj, i64 ldj, i64 kl, double* part,
+                      i64 ldp) noexcept {
   using D = xsimd::batch<double, Arch>;
   constexpr int W = static_cast<int>(D::size);
   constexpr int V = 8 / W;
@@ -172,60 +196,76 @@ inline void gram_tile(const float* x, i64 ldx, i64 i0, i64 j0, i64 n, i64 d, dou
   D acc[MI][MJ][V];
   for (int i = 0; i < MI; ++i)
     for (int j = 0; j < MJ; ++j)
-      for (int v = 0; v < V; ++v) acc[i][j][v] = D(0.0);
-  const auto step = [&](const float* const* pi, const float* const* pj, i64 k) {
+      for (int v = 0; v < V; ++v) acc[i][j][v] = D::load_aligned(part + (i * ldp + j) * 8 + v * W);
+  const auto step = [&](const float* const* pj, i64 k, i64 kj) {
     for (int v = 0; v < V; ++v) {
       D bj[MJ];
-      for (int j = 0; j < MJ; ++j) bj[j] = loads<Arch>::widen(pj[j] + k + v * W);
+      for (int j = 0; j < MJ; ++j) bj[j] = loads<Arch>::widen(pj[j] + kj + v * W);
       for (int i = 0; i < MI; ++i) {
-        const D ai = loads<Arch>::widen(pi[i] + k + v * W);
+        const D ai = D::load_aligned(xi + i * ldi + k + v * W);
         for (int j = 0; j < MJ; ++j) acc[i][j][v] = loads<Arch>::fma(ai, bj[j], acc[i][j][v]);
       }
     }
   };
-  const float* ri[MI];
   const float* rj[MJ];
-  for (int i = 0; i < MI; ++i) ri[i] = x + (i0 + i) * ldx;
-  for (int j = 0; j < MJ; ++j) rj[j] = x + (j0 + j) * ldx;
+  for (int j = 0; j < MJ; ++j) rj[j] = xj + j * ldj;
   i64 k = 0;
-  for (; k + 8 <= d; k += 8) step(ri, rj, k);
-  if (k < d) {
-    alignas(64) float pi[MI][8] = {};
+  for (; k + 8 <= kl; k += 8) step(rj, k, k);
+  if (k < kl) {  // the zero-padded last chunk
     alignas(64) float pj[MJ][8] = {};
-    const std::size_t rem = static_cast<std::size_t>(d - k) * sizeof(float);
-    const float* qi[MI];
     const float* qj[MJ];
-    for (int i = 0; i < MI; ++i) {
-      std::memcpy(pi[i], ri[i] + k, rem);
-      qi[i] = pi[i];
-    }
     for (int j = 0; j < MJ; ++j) {
-      std::memcpy(pj[j], rj[j] + k, rem);
+      std::memcpy(pj[j], rj[j] + k, static_cast<std::size_t>(kl - k) * sizeof(float));
       qj[j] = pj[j];
     }
-    step(qi, qj, 0);
+    step(qj, k, 0);
   }
-  alignas(64) double lanes[8];
   for (int i = 0; i < MI; ++i)
-    for (int j = 0; j < MJ; ++j) {
-      if (j0 + j < i0 + i) continue;  // the upper triangle is written, then mirrored
-      for (int v = 0; v < V; ++v) acc[i][j][v].store_aligned(lanes + v * W);
-      g[(i0 + i) * n + (j0 + j)] = reduce8<Arch>(lanes);
+    for (int j = 0; j < MJ; ++j)
+      for (int v = 0; v < V; ++v) acc[i][j][v].store_aligned(part + (i * ldp + j) * 8 + v * W);
+}
+
+/// Rows [i0, i0 + MI) against rows [j0, j0 + nj), nj <= gram_block, all depths;
+/// writes g[i][j] for j >= i.
+template <class Arch, int MI>
+inline void gram_panel(const float* x, i64 ldx, i64 i0, i64 j0, i64 nj, i64 n, i64 d,
+                       double* g) noexcept {
+  constexpr int MJ = tiles<Arch>::gram_j;
+  constexpr i64 KC = tiles<Arch>::depth_block, NB = tiles<Arch>::gram_block;
+  alignas(64) double part[MI * NB * 8];
+  alignas(64) double xi[MI * KC];
+  for (i64 q = 0; q < MI * nj * 8; ++q) part[q] = 0.0;
+  for (i64 k0 = 0; k0 < d; k0 += KC) {
+    const i64 kl = d - k0 < KC ? d - k0 : KC;
+    const i64 kp = (kl + 7) / 8 * 8;
+    for (int i = 0; i < MI; ++i) {
+      const float* src = x + (i0 + i) * ldx + k0;
+      for (i64 k = 0; k < kp; ++k) xi[i * KC + k] = k < kl ? static_cast<double>(src[k]) : 0.0;
     }
+    i64 t = 0;
+    for (; t + MJ <= nj; t += MJ)
+      gram_tile<Arch, MI, MJ>(xi, KC, x + (j0 + t) * ldx + k0, ldx, kl, part + t * 8, nj);
+    for (; t < nj; ++t)
+      gram_tile<Arch, MI, 1>(xi, KC, x + (j0 + t) * ldx + k0, ldx, kl, part + t * 8, nj);
+  }
+  for (int i = 0; i < MI; ++i)
+    for (i64 t = 0; t < nj; ++t)
+      if (j0 + t >= i0 + i) g[(i0 + i) * n + (j0 + t)] = reduce8<Arch>(part + (i * nj + t) * 8);
 }
 
 template <class Arch>
 void gram_f64(const float* x, i64 ldx, i64 n, i64 d, double* g) noexcept {
-  constexpr int M = tiles<Arch>::gram;
-  const i64 nf = n - n % M;
-  for (i64 i = 0; i < nf; i += M) {
-    for (i64 j = i; j < nf; j += M) gram_tile<Arch, M, M>(x, ldx, i, j, n, d, g);
-    for (i64 j = nf; j < n; ++j) gram_tile<Arch, M, 1>(x, ldx, i, j, n, d, g);
-  }
-  for (i64 i = nf; i < n; ++i)
-    for (i64 j = i; j < n; ++j) gram_tile<Arch, 1, 1>(x, ldx, i, j, n, d, g);
-  for (i64 i = 0; i < n; ++i)
-    for (i64 j = 0; j < i; ++j) g[i * n + j] = g[j * n + i];
+  constexpr int MI = tiles<Arch>::gram_i;
+  constexpr i64 NB = tiles<Arch>::gram_block;
+  i64 i = 0;
+  for (; i + MI <= n; i += MI)
+    for (i64 j0 = i; j0 < n; j0 += NB)
+      gram_panel<Arch, MI>(x, ldx, i, j0, n - j0 < NB ? n - j0 : NB, n, d, g);
+  for (; i < n; ++i)
+    for (i64 j0 = i; j0 < n; j0 += NB)
+      gram_panel<Arch, 1>(x, ldx, i, j0, n - j0 < NB ? n - j0 : NB, n, d, g);
+  for (i64 r = 0; r < n; ++r)
+    for (i64 c = 0; c < r; ++c) g[r * n + c] = g[c * n + r];
 }
 
 /// acc[j] += f(src[j]) with a register-wide load `ld`; the tail goes through a
