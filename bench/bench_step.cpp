@@ -5,6 +5,10 @@
 //                              apply_plan of the hidden states into a preallocated
 //                              buffer; counters bytes, GB/s, probe_GB/s,
 //                              x_of_limit (common.hpp), us_per_token = time / N
+//   BM_layer/<shape>/<type>    one pruning layer as the session runs it: raters
+//                              given (chosen once before layer 0), workspace and
+//                              result reserved (prune_step_into, no allocation),
+//                              plus the compaction; same counters as BM_step
 //   BM_stages/<shape>/<type>   the same step, each stage timed inside it through
 //                              prune_step's hook: <stage>_ms, and the
 //                              bandwidth-bound stages against the probe
@@ -92,6 +96,39 @@ void BM_step(benchmark::State& state, shape sh, bool scalar) {
   state.SetLabel(f->label());
 }
 
+/// One pruning layer as the session runs it: raters chosen once before layer 0
+/// and given to every step, the workspace and the result reserved for the
+/// shape (prune_step_into: no allocation), then the hidden-state compaction.
+template <class T>
+void BM_layer(benchmark::State& state, shape sh, bool scalar) {
+  std::optional<cpu::scoped_isa> force;
+  if (scalar) force.emplace(cpu::isa::scalar);
+  std::optional<step_fixture<T>> f;
+  try {
+    f.emplace(data_for<T>(sh));
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+    return;
+  }
+  step_inputs<T, T, T> in = f->in;
+  const std::vector<index_t> raters = f->first.raters;
+  in.raters = std::span<const index_t>(raters);
+  step_shape shp{in.attn.extent(1),      sh.n_visual, in.attn.extent(0), 0,
+                 in.hidden.extent(1),    0,           f->opt.recycle.fraction};
+  workspace ws;
+  step_result r;
+  ws.reserve(shp, &r);
+  for (auto _ : state) {
+    prune_step_into(in, f->opt, ws, r);
+    f->apply(r);
+    benchmark::DoNotOptimize(f->out.data());
+    benchmark::ClobberMemory();
+  }
+  const examples::step_traffic b = examples::traffic(in, f->first);
+  report_bandwidth(state, static_cast<double>(b.total()));
+  state.SetLabel(f->label());
+}
+
 template <class T>
 void BM_stages(benchmark::State& state, shape sh, bool scalar) {
   using clock = std::chrono::steady_clock;
@@ -140,6 +177,7 @@ void register_shape(const shape& sh, bool with_scalar) {
         ->UseRealTime();
   };
   add("BM_step" + tail, BM_step<T>, false);
+  add("BM_layer" + tail, BM_layer<T>, false);
   add("BM_stages" + tail, BM_stages<T>, false);
   if (with_scalar) {
     add("BM_step" + tail + "/scalar", BM_step<T>, true);

@@ -187,6 +187,22 @@ def tables(ctx, b):
         out.append(table(["shape", "type", "ms", "GB/s", "x of limit", "µs / visual token",
                           "decided", "cpu/real"], rows))
 
+    layer = {split(n): v for n, v in b.items() if n.startswith("BM_layer/") and split(n)}
+    rows = []
+    for key, v in layer.items():
+        if key[3]:
+            continue
+        _, shape, t, _ = key
+        whole = step.get(("BM_step", shape, t, False))
+        rows.append([shape, TYPES[t], fmt(ms(v)), fmt(rate(v, "GB/s")), fmt(timed(v, "x_of_limit")),
+                     fmt(ms(whole) / ms(v), 2) if whole else "?",
+                     fmt(v["cpu_time"] / v["real_time"], 2)])
+    if rows:
+        out.append("\n### One pruning layer as the session runs it (raters given, "
+                   "prune_step_into with a reserved workspace, + compaction)\n")
+        out.append(table(["shape", "type", "ms", "GB/s", "x of limit", "step / layer",
+                          "cpu/real"], rows))
+
     rows = []
     for key, v in stages.items():
         if key[3]:
@@ -260,7 +276,8 @@ def tables(ctx, b):
 
     rows = []
     for n, v in b.items():
-        if n.startswith(("BM_step/", "BM_stages/", "BM_scores_from_qk/", "BM_full_attention/")):
+        if n.startswith(("BM_step/", "BM_layer/", "BM_stages/", "BM_scores_from_qk/",
+                         "BM_full_attention/")):
             continue
         counters = {"GB/s": rate(v, "GB/s"), "x_of_limit": timed(v, "x_of_limit"),
                     "rank": v.get("rank")}
