@@ -71,17 +71,26 @@ struct step_fixture {
   }
 };
 
+/// Forces the scalar kernels when asked and builds the fixture; false (with the
+/// benchmark marked skipped) when the shape's data cannot be made.
 template <class T>
-void BM_step(benchmark::State& state, shape sh, bool scalar) {
-  std::optional<cpu::scoped_isa> force;
+bool setup(benchmark::State& state, const shape& sh, bool scalar,
+           std::optional<cpu::scoped_isa>& force, std::optional<step_fixture<T>>& f) {
   if (scalar) force.emplace(cpu::isa::scalar);
-  std::optional<step_fixture<T>> f;
   try {
     f.emplace(data_for<T>(sh));
   } catch (const std::exception& e) {
     state.SkipWithError(e.what());
-    return;
+    return false;
   }
+  return true;
+}
+
+template <class T>
+void BM_step(benchmark::State& state, shape sh, bool scalar) {
+  std::optional<cpu::scoped_isa> force;
+  std::optional<step_fixture<T>> f;
+  if (!setup(state, sh, scalar, force, f)) return;
   for (auto _ : state) {
     const step_result r = prune_step(f->in, f->opt, f->ws);
     f->apply(r);
@@ -102,14 +111,8 @@ void BM_step(benchmark::State& state, shape sh, bool scalar) {
 template <class T>
 void BM_layer(benchmark::State& state, shape sh, bool scalar) {
   std::optional<cpu::scoped_isa> force;
-  if (scalar) force.emplace(cpu::isa::scalar);
   std::optional<step_fixture<T>> f;
-  try {
-    f.emplace(data_for<T>(sh));
-  } catch (const std::exception& e) {
-    state.SkipWithError(e.what());
-    return;
-  }
+  if (!setup(state, sh, scalar, force, f)) return;
   step_inputs<T, T, T> in = f->in;
   const std::vector<index_t> raters = f->first.raters;
   in.raters = std::span<const index_t>(raters);
@@ -133,14 +136,8 @@ template <class T>
 void BM_stages(benchmark::State& state, shape sh, bool scalar) {
   using clock = std::chrono::steady_clock;
   std::optional<cpu::scoped_isa> force;
-  if (scalar) force.emplace(cpu::isa::scalar);
   std::optional<step_fixture<T>> f;
-  try {
-    f.emplace(data_for<T>(sh));
-  } catch (const std::exception& e) {
-    state.SkipWithError(e.what());
-    return;
-  }
+  if (!setup(state, sh, scalar, force, f)) return;
   constexpr std::array<const char*, 6> names{"raters", "scores", "rank", "keep", "recycle", "plan"};
   std::array<double, 6> sum{};  // seconds per stage over all iterations
   for (auto _ : state) {

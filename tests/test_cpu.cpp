@@ -266,17 +266,8 @@ TEST_CASE("cpu: random steps decide bit for bit alike on every instruction set")
 }
 
 TEST_CASE("cpu: every shared case agrees with its expected result on every instruction set") {
-  const fs::path dir = SPARSEVLM_TEST_CASES_DIR;
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec)) {
-    MESSAGE("no case folder at ", dir.string(), ": skipped");
-    return;
-  }
-  std::vector<fs::path> cases;
-  for (const auto& entry : fs::directory_iterator(dir))
-    if (fs::exists(entry.path() / "case.json")) cases.push_back(entry.path());
-  std::sort(cases.begin(), cases.end());
-  CHECK_FALSE(cases.empty());
+  const std::vector<fs::path> cases = svt::shared_case_dirs();
+  if (cases.empty()) return;
   std::vector<cpu::isa> paths = simd_paths();
   paths.insert(paths.begin(), cpu::isa::scalar);
   for (cpu::isa p : paths) {

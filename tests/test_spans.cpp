@@ -270,17 +270,8 @@ TEST_CASE("spans: one span equals prune_step on random inputs (attention and q/k
 }
 
 TEST_CASE("spans: one span equals prune_step and the expected result on the shared cases") {
-  const fs::path dir = SPARSEVLM_TEST_CASES_DIR;
-  std::error_code ec;
-  if (!fs::is_directory(dir, ec)) {
-    MESSAGE("no case folder at ", dir.string(), ": skipped");
-    return;
-  }
-  std::vector<fs::path> cases;
-  for (const auto& entry : fs::directory_iterator(dir))
-    if (fs::exists(entry.path() / "case.json")) cases.push_back(entry.path());
-  std::sort(cases.begin(), cases.end());
-  CHECK_FALSE(cases.empty());
+  const std::vector<fs::path> cases = svt::shared_case_dirs();
+  if (cases.empty()) return;
   sparsevlm::workspace ws;
   for (const auto& c : cases) {
     INFO("case ", c.filename().string());

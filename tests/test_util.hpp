@@ -6,6 +6,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <filesystem>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -36,6 +37,27 @@
   } while (false)
 
 namespace svt {
+
+#ifdef SPARSEVLM_TEST_CASES_DIR
+/// The spec case folders under SPARSEVLM_TEST_CASES_DIR, sorted; empty (with a
+/// MESSAGE saying so) when that folder does not exist, a failed check when it
+/// exists but holds no case.
+inline std::vector<std::filesystem::path> shared_case_dirs() {
+  namespace fs = std::filesystem;
+  const fs::path dir = SPARSEVLM_TEST_CASES_DIR;
+  std::vector<fs::path> cases;
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    MESSAGE("no case folder at ", dir.string(), ": skipped");
+    return cases;
+  }
+  for (const auto& entry : fs::directory_iterator(dir))
+    if (fs::exists(entry.path() / "case.json")) cases.push_back(entry.path());
+  std::sort(cases.begin(), cases.end());
+  CHECK_MESSAGE(!cases.empty(), "no case.json under ", dir.string());
+  return cases;
+}
+#endif
 
 using sparsevlm::index_t;
 
