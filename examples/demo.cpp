@@ -1,12 +1,16 @@
 // The main demo: synthesises one LLaVA-1.5-7B-shaped pruning step in memory
 // (32 heads, 35 prefix + 576 visual + 60 text tokens, hidden size 4096), prunes it
 // with the authors' 192-token preset, and prints what was decided and how long
-// each stage took; then runs a short multi-layer prefill with prefill_session on
-// a toy model and prints the tokens per layer. No files needed.
+// each stage took; then what the whole prefill costs with that preset and with
+// v1.5-192 (plan_budget: visual tokens per layer, equivalent tokens, FLOPs);
+// then runs a short multi-layer prefill with prefill_session on a toy model, once
+// with one image and once with two (per-span budgets), and prints the tokens per
+// layer. No files needed.
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
+#include <string>
 #include <random>
 #include <thread>
 #include <vector>
@@ -49,37 +53,74 @@ void write_case(const synthetic_step& s, const std::filesystem::path& dir) {
   std::ofstream(dir / "case.json") << j.dump(1) << "\n";
 }
 
+/// "576 x3, 301 x4, …": each run of equal counts, with its length.
+std::string runs(const std::vector<index_t>& v) {
+  std::string out;
+  for (std::size_t i = 0; i < v.size();) {
+    std::size_t j = i;
+    while (j < v.size() && v[j] == v[i]) ++j;
+    out += (out.empty() ? "" : ", ") + std::to_string(v[i]) + " x" + std::to_string(j - i);
+    i = j;
+  }
+  return out;
+}
+
+/// What preset `name` costs on LLaVA-1.5-7B with `text` text tokens, before the
+/// forward (plan_budget): the visual tokens entering each of the 32 layers,
+/// the equivalent tokens, and the prefill FLOPs of the decoder layers.
+void print_plan(const char* name, index_t text) {
+  const model_shape& m = find_model("llava-1.5-7b");
+  const budget_plan b = plan_budget(m, find_preset(name), text);
+  std::printf("plan %s on %s (prefix %lld, visual %lld, text %lld)%s:\n", name, m.name.c_str(),
+              static_cast<long long>(b.prefix), static_cast<long long>(b.visual),
+              static_cast<long long>(b.text),
+              b.exact ? ", exact" : ", upper bounds (the keep follows the rank found in the forward)");
+  std::printf("  visual tokens entering each layer: %s\n", runs(b.visual_tokens_per_layer).c_str());
+  std::printf("  equivalent tokens: %.2f (authors' count: %.2f)\n", b.equivalent_tokens,
+              b.authors_equivalent_tokens);
+  std::printf("  prefill FLOPs: dense %.2f T, pruned %.2f T (%.3f of dense)\n", b.flops.dense * 1e-12,
+              b.flops.pruned * 1e-12, b.flops.pruned / b.flops.dense);
+}
+
 /// A short multi-layer prefill with prefill_session on a toy 6-layer decoder
-/// (prefix 3, 48 visual, 8 text tokens, d = 32, 4 heads): each layer's causal
-/// attention is recomputed from the compacted hidden states, and the session
-/// prunes after layers 1 and 3 (fixed 24 then 12 kept, recycling on).
-void session_demo() {
-  constexpr index_t prefix = 3, n_visual = 48, n_text = 8, d = 32, heads = 4, dh = d / heads;
+/// (d = 32, 4 heads) over `layout`: each layer's causal attention is recomputed
+/// from the compacted hidden states, and the session prunes after layers 1 and
+/// 3 (fixed 24 then 12 kept over all spans, split by `budget`, recycling on).
+void session_demo(const char* title, const prefill_layout& layout, span_budget budget) {
+  constexpr index_t d = 32, heads = 4, dh = d / heads;
   constexpr index_t layers = 6;
   std::mt19937 g(2410);
   std::uniform_real_distribution<float> u(-0.5f, 0.5f);
   std::vector<float> wq(static_cast<std::size_t>(layers * d * d)), wk(wq.size());
   for (float& w : wq) w = u(g);
   for (float& w : wk) w = u(g);
-  const prefill_layout layout = prefill_layout::from_counts(prefix, n_visual, n_text);
   std::vector<float> x(static_cast<std::size_t>(layout.length * d));
   for (float& v : x) v = 2.0f * u(g);
 
   session_config cfg;
   cfg.layers = layers;
+  cfg.budget = budget;
   step_options keep24, keep12;
   keep24.policy = keep_policy::fixed(24);
   keep12.policy = keep_policy::fixed(12);
   cfg.schedule = {{1, keep24}, {3, keep12}};
   workspace ws;
   prefill_session session(layout, matrix_view<const float>(x.data(), {layout.length, d}), cfg, ws);
-  std::printf("prefill session on a toy %lld-layer model (prefix %lld, visual %lld, text %lld):\n",
-              static_cast<long long>(layers), static_cast<long long>(prefix),
-              static_cast<long long>(n_visual), static_cast<long long>(n_text));
+  const auto spans_text = [&] {
+    std::string t;
+    for (const visual_span& v : session.spans())
+      t += (t.empty() ? "" : " + ") + std::to_string(v.len);
+    return t;
+  };
+  std::printf("prefill session on a toy %lld-layer model, %s (%lld tokens, visual %s):\n",
+              static_cast<long long>(layers), title, static_cast<long long>(layout.length),
+              spans_text().c_str());
   for (index_t l = 0; l < layers; ++l) {
     const index_t n = session.length();
-    std::printf("  layer %lld: %lld tokens (%lld visual)\n", static_cast<long long>(l),
-                static_cast<long long>(n), static_cast<long long>(session.visual().len));
+    std::printf("  layer %lld: %lld tokens (%lld visual%s%s)\n", static_cast<long long>(l),
+                static_cast<long long>(n), static_cast<long long>(session.visual_tokens()),
+                session.spans().size() > 1 ? ": " : "",
+                session.spans().size() > 1 ? spans_text().c_str() : "");
     // The toy layer: x += mean over heads of softmax(q kᵀ / sqrt(dh)) x, causal.
     std::vector<float> q(static_cast<std::size_t>(n * d), 0.0f), k(q.size(), 0.0f);
     for (index_t t = 0; t < n; ++t)
@@ -120,9 +161,14 @@ void session_demo() {
     apply_plan_inplace(plan.step.sequence, matrix_view<float>(x.data(), {n, d}),
                        matrix_view<const float>(plan.step.recycled.merged.data(), {c, d}));
     x.resize(static_cast<std::size_t>(plan.length * d));
-    std::printf("  pruned after layer %lld: kept %lld of %lld visual, %lld recycled -> %lld tokens\n",
+    std::string kept;
+    for (const span_part& p : plan.parts)
+      kept += (kept.empty() ? "" : " + ") + std::to_string(p.keep_count);
+    std::printf("  pruned after layer %lld: kept %lld of %lld visual%s%s%s, %lld recycled -> %lld tokens\n",
                 static_cast<long long>(l), static_cast<long long>(plan.step.keep_count),
-                static_cast<long long>(plan.step.scores.size()), static_cast<long long>(c),
+                static_cast<long long>(plan.step.scores.size()),
+                plan.parts.size() > 1 ? " (" : "", plan.parts.size() > 1 ? kept.c_str() : "",
+                plan.parts.size() > 1 ? ")" : "", static_cast<long long>(c),
                 static_cast<long long>(plan.length));
   }
 }
@@ -179,6 +225,15 @@ int main(int argc, char** argv) {
               std::thread::hardware_concurrency());
   for (const char* n : {"raters", "scores", "rank", "keep", "recycle", "plan", "total"})
     std::printf("  %-8s %9.3f ms\n", n, med.at(n));
-  session_demo();
+  print_plan("v1-192", s.n_text);  // the policy above, at every pruning layer
+  std::printf("  (the step above, one such layer: rank %lld kept %lld of %lld, %zu recycled)\n",
+              static_cast<long long>(r.rank), static_cast<long long>(r.keep_count),
+              static_cast<long long>(s.n_visual), r.recycled.clusters.size());
+  print_plan("v1.5-192", s.n_text);  // its fixed-keep release
+  session_demo("one image", prefill_layout::from_counts(3, 48, 8), span_budget::global);
+  // Two 24-token images with "Image 2:" (2 tokens) between them.
+  session_demo("two images, per-span budget",
+               prefill_layout::from_counts(3, std::vector<index_t>{24, 24}, 8, 2),
+               span_budget::per_span);
   return 0;
 }

@@ -286,3 +286,44 @@ TEST_CASE("cpu: every shared case agrees with its expected result on every instr
     }
   }
 }
+
+TEST_CASE("cpu: exp_f64 gives the scalar bits on every path and is within 2 ulp of exp") {
+  std::mt19937 g(14);
+  std::vector<double> x;
+  for (double v = -750.0; v <= 712.0; v += 0.37) x.push_back(v);  // both range ends
+  std::uniform_real_distribution<double> u(-40.0, 0.0), w(-1e-3, 1e-3);
+  for (int i = 0; i < 20000; ++i) x.push_back(i % 2 ? u(g) : w(g));  // softmax's range
+  for (double v : {0.0, -0.0, 1e-300, -1e-300, 709.78, -708.4, -745.1, -745.2,
+                   std::numeric_limits<double>::infinity(), -std::numeric_limits<double>::infinity(),
+                   std::numeric_limits<double>::quiet_NaN()})
+    x.push_back(v);
+  x.push_back(0.5);  // a ragged tail for every register width
+  std::vector<double> want = x;
+  cpu::scalar::table.exp_f64(want.data(), static_cast<index_t>(want.size()));
+  int far = 0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double e = std::exp(x[i]);
+    if (std::isnan(x[i])) {
+      CHECK(std::isnan(want[i]));
+    } else if (std::isinf(e)) {
+      CHECK(want[i] == e);
+    } else if (e >= std::numeric_limits<double>::min()) {
+      if (std::fabs(want[i] - e) > 4.5e-16 * e) ++far;  // 2 ulp
+    } else {
+      CHECK(std::fabs(want[i] - e) <= std::numeric_limits<double>::denorm_min() * 2);
+    }
+  }
+  CHECK(far == 0);
+  for (cpu::isa p : simd_paths()) {
+    cpu::scoped_isa s(p);
+    std::vector<double> got = x;
+    cpu::kernels().exp_f64(got.data(), static_cast<index_t>(got.size()));
+    std::size_t bad = 0;
+    for (std::size_t i = 0; i < x.size(); ++i)
+      if (!(std::isnan(got[i]) && std::isnan(want[i])) && std::memcmp(&got[i], &want[i], 8) != 0) {
+        ++bad;
+        MESSAGE("x=", x[i], " got ", got[i], " want ", want[i]);
+      }
+    CHECK_MESSAGE(bad == 0, std::string(cpu::isa_name(p)));
+  }
+}

@@ -113,3 +113,15 @@ TEST_CASE("view: contiguous strides that would overflow int64 are refused") {
   SV_CHECK_THROWS(sparsevlm::errc::shape_mismatch, "extents",
                   sparsevlm::tensor3_view<const float>(&x, ext));
 }
+
+TEST_CASE("view: a huge leading extent is not multiplied into a stride") {
+  // {2^40, 2^40}: the strides {2^40, 1} fit, and the leading extent must not be
+  // multiplied in (that product overflows: UBSan would catch it). The view is
+  // then refused for its last offset, which does not fit.
+  const std::array<sparsevlm::index_t, 2> ext{sparsevlm::index_t{1} << 40, sparsevlm::index_t{1} << 40};
+  const auto s = sparsevlm::matrix_view<const float>::contiguous_strides(ext);
+  CHECK(s[0] == (sparsevlm::index_t{1} << 40));
+  CHECK(s[1] == 1);
+  float x = 0.0f;
+  SV_CHECK_THROWS(sparsevlm::errc::shape_mismatch, "", sparsevlm::matrix_view<const float>(&x, ext));
+}

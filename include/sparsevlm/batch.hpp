@@ -273,7 +273,7 @@ std::vector<std::optional<layer_plan>> prune_sessions(std::span<prefill_session>
     if (s.prunes_after(layer)) todo.push_back(b);
   }
 
-  std::vector<step_result> steps(todo.size());
+  std::vector<layer_plan> steps(todo.size());
   detail::run_tasks(
       static_cast<index_t>(todo.size()), ws, parallel_for,
       [&](index_t i, workspace& w) {

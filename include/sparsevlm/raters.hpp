@@ -84,7 +84,8 @@ void select_raters(matrix_view<const T> embeds, visual_span visual, workspace& w
   const float* vrows = detail::rows_as_f32(embeds, visual.start, N, ws.f32_a, ldv);
   const float* trows = detail::rows_as_f32(embeds, visual.end(), Tn, ws.f32_b, ldt);
   float* logits = workspace::take(ws.f32_c, static_cast<std::size_t>(N * Tn));
-  cpu::kernels().dot_rows(vrows, ldv, N, trows, ldt, Tn, d, logits, Tn);
+  const cpu::kernel_table& kt = cpu::kernels();
+  kt.dot_rows(vrows, ldv, N, trows, ldt, Tn, d, logits, Tn);
   // Every visual row meets every text row, so a NaN/Inf anywhere in rows S..L
   // makes some logit non-finite: one check of the N·T logits replaces a scan of
   // the (N + T)·d inputs. Finite inputs can still overflow a float32 dot
@@ -106,8 +107,10 @@ void select_raters(matrix_view<const T> embeds, visual_span visual, workspace& w
     const float* li = logits + i * Tn;
     double mx = -std::numeric_limits<double>::infinity();
     for (index_t t = 0; t < Tn; ++t) mx = std::max(mx, static_cast<double>(li[t]));
+    for (index_t t = 0; t < Tn; ++t) e[t] = static_cast<double>(li[t]) - mx;
+    kt.exp_f64(e, Tn);  // the shared exp: the same bits on every instruction set
     double sum = 0.0;
-    for (index_t t = 0; t < Tn; ++t) sum += (e[t] = std::exp(static_cast<double>(li[t]) - mx));
+    for (index_t t = 0; t < Tn; ++t) sum += e[t];
     for (index_t t = 0; t < Tn; ++t) m[t] += e[t] / sum;
   }
   for (index_t t = 0; t < Tn; ++t) m[t] /= static_cast<double>(N);

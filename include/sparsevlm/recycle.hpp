@@ -56,14 +56,13 @@ inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector
     std::copy(D.begin() + i * s, D.begin() + (i + 1) * s, tmp);
     std::nth_element(tmp, tmp + (k - 1), tmp + s);
     std::sort(tmp, tmp + k);
-    double sum = 0.0;
-    for (index_t t = 0; t < k; ++t) sum += tmp[t] * tmp[t];
-    rho[i] = std::exp(-(sum / static_cast<double>(k)));
+    rho[i] = core::density(tmp, k);
   }
   for (index_t i = 0; i < s; ++i) {
     double delta = dmax;
     for (index_t j = 0; j < s; ++j)
-      if (core::denser(rho[j], j, rho[i], i)) delta = std::min(delta, D[static_cast<std::size_t>(i * s + j)]);
+      if (core::denser(rho[j], j, rho[i], i))
+        delta = core::nearer(delta, D[static_cast<std::size_t>(i * s + j)]);
     gamma[i] = rho[i] * delta;
   }
   centres.resize(static_cast<std::size_t>(s));
@@ -165,8 +164,7 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
   for (index_t i = 0; i < s; ++i) {
     D[i * s + i] = 0.0;
     for (index_t j = i + 1; j < s; ++j) {
-      const double sq = (G[i * s + i] + G[j * s + j]) - 2.0 * G[i * s + j];
-      const double dist = std::sqrt(std::max(sq, 0.0)) / sqrt_d;
+      const double dist = core::gram_distance(G[i * s + i], G[j * s + j], G[i * s + j], sqrt_d);
       D[i * s + j] = dist;
       D[j * s + i] = dist;
     }

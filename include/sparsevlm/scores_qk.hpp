@@ -159,10 +159,15 @@ void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> rat
     if (!finite) detail::fail_non_finite_qk(qk, h, qrow, g, t);
     if (qk.lse) {
       const double lse = static_cast<double>((*qk.lse)(h, qrow));
-      for (index_t j = 0; j < N; ++j) out[j] = static_cast<float>(std::exp(z[visual.start + j] - lse));
+      double* zv = z + visual.start;
+      for (index_t j = 0; j < N; ++j) zv[j] -= lse;
+      kt.exp_f64(zv, N);
+      for (index_t j = 0; j < N; ++j) out[j] = static_cast<float>(zv[j]);
     } else {
+      for (index_t u = 0; u <= t; ++u) z[u] -= mx;
+      kt.exp_f64(z, t + 1);
       double sum = 0.0;
-      for (index_t u = 0; u <= t; ++u) sum += (z[u] = std::exp(z[u] - mx));
+      for (index_t u = 0; u <= t; ++u) sum += z[u];
       for (index_t j = 0; j < N; ++j) out[j] = static_cast<float>(z[visual.start + j] / sum);
     }
   };

@@ -10,26 +10,52 @@
 #include <utility>
 #include <vector>
 
+#include "budget.hpp"
 #include "kv_cache.hpp"
 #include "positions.hpp"
 #include "presets.hpp"
+#include "spans.hpp"
 #include "step.hpp"
 
 namespace sparsevlm {
 
-/// Where the parts of one sequence sit before layer 0: the prefix (system
-/// prompt) is [0, S), the visual tokens [S, S+N), the text [S+N, length).
+/// Where the parts of one sequence sit before layer 0.
 ///
-/// One visual span. Several images per sequence would replace `visual` by a list
-/// of spans; the session's bookkeeping (span, raters, origins) is written per
-/// span so that this is the one place such a layout enters.
+/// One visual span: `visual` = [S, S+N); the prefix (system prompt) is [0, S), the
+/// text [S+N, length). Several (interleaved images, video frames): `spans`, sorted
+/// by position, not overlapping (adjacent is fine), each with len >= 1, and
+/// `visual` left unset ({0, 0}); tokens between spans (e.g. "Image 2:") are kept
+/// as they are, and the text after the last span holds the raters (spans.hpp).
 struct prefill_layout {
   index_t length = 0;
-  visual_span visual{};
+  visual_span visual{};  ///< the visual span of a one-span layout
+  std::vector<visual_span> spans{};  ///< several spans; when non-empty, `visual` is unset
 
   /// The layout of `prefix` + `visual` + `text` tokens.
   static prefill_layout from_counts(index_t prefix, index_t visual, index_t text) {
-    return {prefix + visual + text, visual_span{prefix, visual}};
+    return {prefix + visual + text, visual_span{prefix, visual}, {}};
+  }
+
+  /// The layout of `prefix` tokens, then spans of visual[0], visual[1], …
+  /// tokens with `between` tokens between consecutive spans, then `text` tokens
+  /// (e.g. 8 video frames of 256: from_counts(35, std::vector<index_t>(8, 256), 60)).
+  /// Not validated here (the session does it).
+  static prefill_layout from_counts(index_t prefix, const std::vector<index_t>& visual,
+                                    index_t text, index_t between = 0) {
+    prefill_layout l;
+    index_t p = prefix;
+    for (std::size_t i = 0; i < visual.size(); ++i) {
+      if (i > 0) p += between;
+      l.spans.push_back({p, visual[i]});
+      p += visual[i];
+    }
+    l.length = p + text;
+    return l;
+  }
+
+  /// The visual spans: `spans`, or `visual` alone.
+  [[nodiscard]] std::vector<visual_span> visual_spans() const {
+    return spans.empty() ? std::vector<visual_span>{visual} : spans;
   }
 };
 
@@ -47,6 +73,14 @@ struct session_config {
   std::vector<pruning_layer> schedule;  ///< strictly increasing, in [0, layers − 1); may be empty
   /// Position ids of the layers after each pruning layer (positions.hpp).
   position_policy positions = position_policy::renumber;
+  /// With several visual spans, how each pruning layer's keep policy is spread
+  /// (prune_step_spans). global: one policy over the union of the spans.
+  /// per_span: a rank policy applies to each span's own rank; a fixed keep K is
+  /// the layer's total, apportioned over the spans by their current visual
+  /// tokens (detail::apportion_keep: largest remainder, each span at most
+  /// N_i − 1), so a preset's schedule keeps its meaning and every span its
+  /// share. With one span both are prune_step.
+  span_budget budget = span_budget::global;
 };
 
 /// The configuration of preset `p` on model `m`: one pruning layer per schedule
@@ -72,15 +106,29 @@ struct layer_plan {
   /// The step, in the coordinates of this layer's tokens (the session's length
   /// before the call): compact the hidden states with
   /// apply_plan_inplace(step.sequence, hidden, merged rows of step.recycled).
+  /// With several spans it is prune_step_spans' result: `scores` span after
+  /// span (spans with tokens left), `recycled` every span's clusters span after
+  /// span, `rank` the union's under the global budget, else the pruned span's
+  /// when only one has tokens left, else −1 (see `parts`).
   step_result step;
+  /// One per span of the layout, in order, in this layer's coordinates: the
+  /// span as it entered, its rank (per_span budget; −1 under global), keep
+  /// count and keep set, and its clusters in `step.recycled`. A span with no
+  /// token left has len 0 and nothing kept.
+  std::vector<span_part> parts;
   /// step.sequence without recycled entries (kv_sequence): compacts the caches
   /// of the layers written with this layer's tokens (those after the previous
   /// pruning layer, up to `layer`) to the real survivors. Earlier caches that
   /// were kept whole: prefill_session::kv_rows.
   std::vector<index_t> kv_sequence;
-  index_t length = 0;   ///< tokens after the step (step.sequence.size())
-  visual_span visual{};  ///< the new visual span: kept + recycled tokens
-  index_t rows = 1;      ///< rows of `positions`
+  index_t length = 0;  ///< tokens after the step (step.sequence.size())
+  /// The new visual spans, one per span of the layout: span i's kept tokens,
+  /// then its recycled tokens (which belong to span i from now on).
+  std::vector<visual_span> spans;
+  /// With one span, that span; with several, their hull [spans.front().start,
+  /// spans.back().end()), which also holds the tokens between spans.
+  visual_span visual{};
+  index_t rows = 1;  ///< rows of `positions`
   /// [rows, length] row-major: the position ids of layers layer + 1, ….
   std::vector<index_t> positions;
 
@@ -136,48 +184,90 @@ const char* source_name(const qk_view<TQ, TK>&) {
   return "k.extent[1]";
 }
 
+/// A fixed keep `keep` spread over spans of v[i] visual tokens (the per_span
+/// budget of a session): K = min(keep, Σ max(v_i − 1, 0)), since a span keeps
+/// at most N_i − 1 (the spec's clamp); span i first gets ⌊K·v_i / V⌋ (V = Σ v_i),
+/// then the remaining tokens go one at a time to the span with the largest
+/// remainder K·v_i − k_i·V among those below v_i − 1, ties to the lower span.
+/// The result sums to K; an empty span gets 0. Exact integer arithmetic; O(S²)
+/// at most for S spans.
+inline std::vector<index_t> apportion_keep(index_t keep, std::span<const index_t> v) {
+  std::vector<index_t> k(v.size(), 0);
+  index_t total = 0, cap = 0;
+  for (index_t n : v) {
+    total += n;
+    cap += n > 0 ? n - 1 : 0;
+  }
+  const index_t K = std::min(std::max(keep, index_t{0}), cap);
+  if (K == 0) return k;
+  index_t left = K;
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    k[i] = K * v[i] / total;  // <= v_i − 1, since K < total
+    left -= k[i];
+  }
+  while (left > 0) {
+    std::size_t best = v.size();
+    for (std::size_t i = 0; i < v.size(); ++i)
+      if (k[i] < v[i] - 1 &&
+          (best == v.size() || K * v[i] - k[i] * total > K * v[best] - k[best] * total))
+        best = i;
+    ++k[best];  // one exists while Σ k < K <= Σ (v_i − 1)
+    --left;
+  }
+  return k;
+}
+
 }  // namespace detail
 
 class prefill_session;
 
 namespace detail {
 template <class Source, class TH>
-step_result session_compute(const prefill_session& s, index_t layer, const Source& src,
-                            matrix_view<const TH> hidden, workspace& ws);
-layer_plan session_commit(prefill_session& s, step_result&& r);
+layer_plan session_compute(const prefill_session& s, index_t layer, const Source& src,
+                           matrix_view<const TH> hidden, workspace& ws);
+layer_plan session_commit(prefill_session& s, layer_plan&& p);
 }  // namespace detail
 
 /// SparseVLM over the forward of one sequence.
 ///
 /// Built before layer 0 from the layout, the input embeddings (the raters are
 /// chosen there, once, with select_raters, as the paper does) or caller raters,
-/// and a config: the pruning layers with their step options, and the position
-/// policy. After each decoder layer the engine asks prunes_after(layer); at a
-/// pruning layer it hands prune() that layer's attention (or Q/K) and output
-/// hidden states and gets the layer_plan back, which it applies to its own
-/// tensors (see docs/integration.md). Other layers cost nothing.
+/// and a config: the pruning layers with their step options, the position
+/// policy, and (several visual spans) the budget mode. After each decoder layer
+/// the engine asks prunes_after(layer); at a pruning layer it hands prune() that
+/// layer's attention (or Q/K) and output hidden states and gets the layer_plan
+/// back, which it applies to its own tensors (see docs/integration.md). Other
+/// layers cost nothing.
 ///
 /// The session tracks, across layers:
-/// - the visual span: [S, S + keep + c) after a step: kept visual tokens, then
-///   the c recycled tokens, which count as visual tokens at the next pruning
-///   layer (the authors' `v_token_num = kept + cluster_num`);
-/// - the raters: the same text tokens throughout (as in the authors' code),
-///   at their current positions, which move left as visual tokens go;
+/// - each visual span: [S_i, S_i + keep_i + c_i) after a step: span i's kept
+///   tokens, then its c_i recycled tokens, which count as span i's visual
+///   tokens at the next pruning layer (the authors' `v_token_num = kept +
+///   cluster_num`); a cluster never mixes spans;
+/// - the raters: the same text tokens (after the last span) throughout, as in
+///   the authors' code, at their current positions, which move left as visual
+///   tokens go;
 /// - the position ids, [rows, length] (1 row, or 3 for mRoPE), under the
 ///   config's policy, row-wise; a recycled token takes every row of its ids
 ///   from its cluster's first member under keep_original (pruned_positions);
 /// - each current token's original position (origins, −1 for a recycled one),
 ///   and every step's sequence, for KV caches kept whole until later (kv_rows).
 ///
+/// One span: each step is prune_step. Several: prune_step_spans over the spans
+/// that still hold tokens, with config().budget; a step in which one span alone
+/// holds tokens is prune_step on it. Either way a session over a one-span
+/// layout decides exactly what it did before spans existed.
+///
 /// Errors: sparsevlm::error naming the argument; a failed call leaves the
 /// session as it was. Not thread-safe; distinct sessions are independent.
 class prefill_session {
  public:
   /// A session whose raters come from `embeds` ([length, d_e], float32, half or
-  /// bfloat16): select_raters over the layout's visual span, with scratch from
+  /// bfloat16): select_raters over the layout's visual span (several spans:
+  /// over their union, with the text after the last span), with scratch from
   /// `ws`. `positions`: the ids of the input, [rows >= 1, length] (1 row for
-  /// 1-D RoPE, 3 for Qwen2-VL's mRoPE), any strides, copied; default 0..length−1
-  /// in one row.
+  /// 1-D RoPE, 3 for Qwen2-VL's mRoPE), any strides, copied; default
+  /// 0..length−1 in one row.
   /// Errors: see validate(); shape_mismatch for embeds.extent[0] != length;
   /// non_finite as select_raters.
   template <class TE>
@@ -187,17 +277,20 @@ class prefill_session {
     validate(layout, config, positions);
     SPARSEVLM_CHECK(embeds.extent(0) == layout.length, errc::shape_mismatch, "embeds.extent[0]",
                     detail::concat(layout.length, " (layout.length)"), embeds.extent(0));
-    std::vector<index_t> raters = select_raters(embeds, layout.visual, ws);
+    std::vector<index_t> raters;
+    detail::select_raters_spans(embeds, std::span<const visual_span>(layout.visual_spans()), ws,
+                                raters);
     init(layout, std::move(config), std::move(raters), positions);
   }
 
   /// A session with caller raters: absolute positions in the input, ascending,
-  /// unique, inside the text (check_raters). Otherwise as above.
+  /// unique, inside the text after the last span (check_raters). Otherwise as
+  /// above.
   prefill_session(const prefill_layout& layout, std::span<const index_t> raters,
                   session_config config,
                   std::optional<matrix_view<const index_t>> positions = std::nullopt) {
     validate(layout, config, positions);
-    check_raters(raters, layout.visual, layout.length);
+    check_raters(raters, layout.visual_spans().back(), layout.length);
     init(layout, std::move(config), std::vector<index_t>(raters.begin(), raters.end()), positions);
   }
 
@@ -220,10 +313,22 @@ class prefill_session {
   [[nodiscard]] const prefill_layout& layout() const noexcept { return layout_; }
   /// Tokens the next layer runs on.
   [[nodiscard]] index_t length() const noexcept { return n_; }
-  /// The current visual span (recycled tokens included). Its length can reach 0
-  /// under a rank policy that keeps nothing with recycling off; later pruning
-  /// layers then keep everything.
-  [[nodiscard]] visual_span visual() const noexcept { return visual_; }
+  /// The current visual spans, one per span of the layout, in order (recycled
+  /// tokens included). A span's length can reach 0 (a rank policy that keeps
+  /// nothing, or a global budget that keeps none of its tokens, with recycling
+  /// off); later pruning layers skip it, and keep everything once all are empty.
+  [[nodiscard]] std::span<const visual_span> spans() const noexcept { return spans_; }
+  /// With one span, that span; with several, their hull [spans().front().start,
+  /// spans().back().end()) (tokens between spans included).
+  [[nodiscard]] visual_span visual() const noexcept {
+    return {spans_.front().start, spans_.back().end() - spans_.front().start};
+  }
+  /// Visual tokens over all spans (recycled ones included).
+  [[nodiscard]] index_t visual_tokens() const noexcept {
+    index_t n = 0;
+    for (const visual_span& v : spans_) n += v.len;
+    return n;
+  }
   /// The raters at their current positions, ascending (possibly none).
   [[nodiscard]] std::span<const index_t> raters() const noexcept { return raters_; }
   /// The current position ids [rows, length], row-major.
@@ -268,13 +373,16 @@ class prefill_session {
 
   /// Prunes the output of decoder layer `layer` from its attention probabilities
   /// `attn` [H, n, n] and output hidden states `hidden` [n, d], n = length():
-  /// prune_step with the schedule's options and the session's raters, then the
-  /// state moves to the new sequence. Scratch from `ws` (reuse it).
+  /// prune_step (one span with tokens) or prune_step_spans (several) with the
+  /// schedule's options, the session's raters and budget mode, then the state
+  /// moves to the new sequence. Scratch from `ws` (reuse it).
   ///
   /// The step scores with the session's current raters (embeds are not read
   /// again); a RoPE gravity correction gets the current ids (row 0) as its
   /// positions. With no visual token left the step is the identity.
   ///
+  /// Cost: prune_step's, or prune_step_spans' (which allocates its result) with
+  /// several spans; plus O(rows·n) for the ids and O(n) bookkeeping.
   /// Errors: invalid_argument when `layer` is not the next pruning layer
   /// ("layer: expected 3 (the next pruning layer), got 5") or all are done;
   /// shape_mismatch when attn.extent[1] != length(); then as prune_step. The
@@ -295,24 +403,38 @@ class prefill_session {
 
  private:
   template <class Source, class TH>
-  friend step_result detail::session_compute(const prefill_session& s, index_t layer,
-                                             const Source& src, matrix_view<const TH> hidden,
-                                             workspace& ws);
-  friend layer_plan detail::session_commit(prefill_session& s, step_result&& r);
+  friend layer_plan detail::session_compute(const prefill_session& s, index_t layer,
+                                            const Source& src, matrix_view<const TH> hidden,
+                                            workspace& ws);
+  friend layer_plan detail::session_commit(prefill_session& s, layer_plan&& p);
 
   /// Checks the layout, the config against it, and the position ids:
-  /// - layout: the span inside [0, length) with N >= 1 ("layout.visual…");
+  /// - layout: one span inside [0, length) with N >= 1 ("layout.visual…"), or
+  ///   several (check_spans: sorted, not overlapping, each inside with len >= 1,
+  ///   "layout.spans[1].start…") with `visual` unset;
   /// - config.layers >= 1; schedule layers strictly increasing, in
   ///   [0, layers − 1) ("config.schedule[1].layer: expected > 3 (strictly
-  ///   increasing), got 3"); each policy and recycle options valid; a fixed
-  ///   keep below the visual tokens entering its step (N, then keep + c after
-  ///   each fixed step; an upper bound after a rank step), since the step would
-  ///   silently clamp it; gravity positions left empty (the session supplies
-  ///   them) and only with one-row ids (the correction models 1-D RoPE);
+  ///   increasing), got 3"); each policy and recycle options valid; the budget
+  ///   mode valid; gravity positions left empty (the session supplies them) and
+  ///   only with one-row ids (the correction models 1-D RoPE);
+  /// - a fixed keep that the step would certainly clamp: not below the visual
+  ///   tokens entering its step (all spans; N, then keep + c after each fixed
+  ///   step), or, per_span with several spans holding tokens, above their count
+  ///   less one per span. Counts are exact through fixed steps of one span and
+  ///   per_span steps; after a rank step, or a global step over several spans
+  ///   (whose split is decided by the scores), they are upper bounds;
   /// - positions: [rows >= 1, length].
   static void validate(const prefill_layout& layout, const session_config& cfg,
                        const std::optional<matrix_view<const index_t>>& positions) {
-    detail::with_prefix("layout.", [&] { detail::check_span(layout.visual, layout.length, "length"); });
+    if (layout.spans.empty()) {
+      detail::with_prefix("layout.",
+                          [&] { detail::check_span(layout.visual, layout.length, "length"); });
+    } else {
+      SPARSEVLM_CHECK(layout.visual.start == 0 && layout.visual.len == 0, errc::invalid_argument,
+                      "layout.visual", "unset ({0, 0}) when layout.spans is given",
+                      detail::concat("start ", layout.visual.start, ", len ", layout.visual.len));
+      detail::with_prefix("layout.", [&] { check_spans(layout.spans, layout.length, "length"); });
+    }
     const index_t rows = positions ? positions->extent(0) : 1;
     if (positions) {
       SPARSEVLM_CHECK(rows >= 1, errc::shape_mismatch, "positions.extent[0] (rows)", ">= 1", rows);
@@ -321,8 +443,15 @@ class prefill_session {
                       positions->extent(1));
     }
     detail::check_policy(cfg.positions);
+    SPARSEVLM_CHECK(cfg.budget == span_budget::global || cfg.budget == span_budget::per_span,
+                    errc::invalid_argument, "config.budget", "global or per_span",
+                    static_cast<int>(cfg.budget));
     SPARSEVLM_CHECK(cfg.layers >= 1, errc::invalid_argument, "config.layers", ">= 1", cfg.layers);
-    index_t visual = layout.visual.len;
+    // Visual tokens of each span entering the next step: exact while `exact`,
+    // else upper bounds (a step never grows a span: keep_i + c_i <= N_i).
+    std::vector<index_t> v;
+    for (const visual_span& s : layout.visual_spans()) v.push_back(s.len);
+    bool exact = true;
     for (std::size_t i = 0; i < cfg.schedule.size(); ++i) {
       const pruning_layer& s = cfg.schedule[i];
       const std::string at = detail::concat("config.schedule[", i, "]");
@@ -351,18 +480,41 @@ class prefill_session {
                         "false with several rows of position ids (the correction models 1-D RoPE)",
                         detail::concat("true with ", rows, " rows"));
       }
-      if (s.options.policy.kind == keep_policy::kind_t::fixed) {
-        SPARSEVLM_CHECK(s.options.policy.keep < visual, errc::invalid_argument,
-                        at + ".options.policy.keep",
-                        detail::concat("< ", visual, " (visual tokens entering the step after layer ",
+      if (s.options.policy.kind != keep_policy::kind_t::fixed) {
+        exact = false;
+        continue;
+      }
+      const index_t keep = s.options.policy.keep;
+      const recycle_options& r = s.options.recycle;
+      index_t total = 0, holding = 0;
+      for (index_t n : v) {
+        total += n;
+        holding += n > 0 ? 1 : 0;
+      }
+      const bool split = exact && holding >= 2 && cfg.budget == span_budget::per_span;
+      if (split) {
+        SPARSEVLM_CHECK(keep <= total - holding, errc::invalid_argument, at + ".options.policy.keep",
+                        detail::concat("<= ", total - holding, " (the ", total,
+                                       " visual tokens entering the step after layer ", s.layer,
+                                       ", less one for each of the ", holding,
+                                       " spans: a span keeps at most N_i - 1)"),
+                        keep);
+      } else {
+        SPARSEVLM_CHECK(keep < total, errc::invalid_argument, at + ".options.policy.keep",
+                        detail::concat("< ", total, " (visual tokens entering the step after layer ",
                                        s.layer, ")"),
-                        s.options.policy.keep);
-        const index_t pruned = visual - s.options.policy.keep;
-        const recycle_options& r = s.options.recycle;
-        visual = s.options.policy.keep +
-                 (r.enabled ? core::cluster_count(core::recycle_count(pruned, r.fraction),
-                                                  r.cluster_divisor)
-                            : 0);
+                        keep);
+      }
+      if (exact && holding == 1) {
+        for (index_t& n : v)
+          if (n > 0) n = keep + detail::recycled_for(r, n - keep);
+      } else if (split) {
+        const std::vector<index_t> k = detail::apportion_keep(keep, v);
+        for (std::size_t j = 0; j < v.size(); ++j)
+          if (v[j] > 0) v[j] = k[j] + detail::recycled_for(r, v[j] - k[j]);
+      } else {
+        for (index_t& n : v) n = std::min(n, keep + detail::recycled_for(r, n));
+        exact = false;
       }
     }
   }
@@ -373,7 +525,7 @@ class prefill_session {
     cfg_ = std::move(cfg);
     raters_ = std::move(raters);
     n_ = layout.length;
-    visual_ = layout.visual;
+    spans_ = layout.visual_spans();
     rows_ = positions ? positions->extent(0) : 1;
     pos0_.resize(static_cast<std::size_t>(rows_ * n_));
     for (index_t r = 0; r < rows_; ++r)
@@ -388,7 +540,7 @@ class prefill_session {
   session_config cfg_{};
   std::size_t next_ = 0;              // index of the next pruning layer in cfg_.schedule
   index_t n_ = 0;                     // current length
-  visual_span visual_{};              // current visual span
+  std::vector<visual_span> spans_;    // current visual spans, one per span of the layout
   index_t rows_ = 1;                  // rows of position ids
   std::vector<index_t> raters_;       // current positions of the raters
   std::vector<index_t> pos0_;         // [rows, layout.length] input ids
@@ -399,11 +551,12 @@ class prefill_session {
 
 namespace detail {
 
-/// The decisions of the session's next step, without changing the session
-/// (so that a batch can decide every sequence before committing any).
+/// The decisions of the session's next step (plan.step and plan.parts), without
+/// changing the session (so that a batch can decide every sequence before
+/// committing any).
 template <class Source, class TH>
-step_result session_compute(const prefill_session& s, index_t layer, const Source& src,
-                            matrix_view<const TH> hidden, workspace& ws) {
+layer_plan session_compute(const prefill_session& s, index_t layer, const Source& src,
+                           matrix_view<const TH> hidden, workspace& ws) {
   SPARSEVLM_CHECK(!s.finished(), errc::invalid_argument, "layer",
                   concat("no more calls (all ", s.cfg_.schedule.size(),
                          " pruning layers of the session are done)"),
@@ -414,50 +567,124 @@ step_result session_compute(const prefill_session& s, index_t layer, const Sourc
   const index_t n = s.n_;
   SPARSEVLM_CHECK(source_length(src) == n, errc::shape_mismatch, source_name(src),
                   concat(n, " (the session's current length)"), source_length(src));
-  if (s.visual_.len == 0) {
+
+  layer_plan plan;
+  plan.layer = layer;
+  std::vector<visual_span> holding;  // the spans with tokens left
+  std::vector<index_t> counts;       // every span's tokens, for the per_span split
+  for (const visual_span& v : s.spans_) {
+    if (v.len > 0) holding.push_back(v);
+    counts.push_back(v.len);
+  }
+  step_result& r = plan.step;
+  if (holding.empty()) {
     // Nothing left to prune: the identity step (prune_step needs N >= 1).
     SPARSEVLM_CHECK(hidden.extent(0) == n, errc::shape_mismatch, "hidden.extent[0]",
                     concat(n, " (the session's current length)"), hidden.extent(0));
-    step_result r;
     r.raters = s.raters_;
     r.recycled.dim = hidden.extent(1);
     r.sequence.resize(static_cast<std::size_t>(n));
     std::iota(r.sequence.begin(), r.sequence.end(), index_t{0});
-    return r;
+  } else {
+    step_options opt = at.options;
+    if (opt.scoring.gravity.enabled)
+      opt.scoring.gravity.positions =
+          std::span<const index_t>(s.pos_.data(), static_cast<std::size_t>(n));
+    const std::optional<std::span<const index_t>> raters(s.raters_);
+    if (holding.size() == 1) {
+      // Either budget: the union is this span, and a fixed keep apportioned over
+      // one span is the keep itself (clamped by the step to N − 1).
+      r = prune_step(make_step_inputs(matrix_view<const float>(), src, hidden, holding[0], raters),
+                     opt, ws);
+    } else {
+      std::vector<keep_policy> shares;
+      span_options so;
+      so.budget = s.cfg_.budget;
+      so.policy = opt.policy;
+      so.recycle = opt.recycle;
+      so.scoring = opt.scoring;
+      if (so.budget == span_budget::per_span && opt.policy.kind == keep_policy::kind_t::fixed) {
+        const std::vector<index_t> k = apportion_keep(opt.policy.keep, counts);
+        for (std::size_t i = 0; i < counts.size(); ++i)
+          if (counts[i] > 0) shares.push_back(keep_policy::fixed(k[i]));
+        so.span_policies = shares;
+      }
+      spans_result sr = prune_step_spans(
+          make_step_inputs(matrix_view<const float>(), src, hidden, visual_span{}, raters),
+          std::span<const visual_span>(holding), so, ws);
+      r.raters = std::move(sr.raters);
+      r.scores = std::move(sr.scores);
+      r.rank = sr.rank;
+      r.keep_count = sr.keep_count;
+      r.keep = std::move(sr.keep);
+      r.recycled = std::move(sr.recycled);
+      r.sequence = std::move(sr.sequence);
+      plan.parts = std::move(sr.spans);
+    }
   }
-  step_options opt = at.options;
-  if (opt.scoring.gravity.enabled)
-    opt.scoring.gravity.positions = std::span<const index_t>(s.pos_.data(), static_cast<std::size_t>(n));
-  const auto in = make_step_inputs(matrix_view<const float>(), src, hidden, s.visual_,
-                                   std::optional<std::span<const index_t>>(s.raters_));
-  return prune_step(in, opt, ws);
+  // One part per span of the layout; spans without tokens get an empty part.
+  if (plan.parts.empty() && !holding.empty()) {
+    span_part p;
+    p.visual = holding[0];
+    p.rank = s.cfg_.budget == span_budget::per_span ? r.rank : -1;
+    p.keep_count = r.keep_count;
+    p.keep = r.keep;
+    p.clusters = static_cast<index_t>(r.recycled.clusters.size());
+    plan.parts.push_back(std::move(p));
+  }
+  std::vector<span_part> parts;
+  parts.reserve(s.spans_.size());
+  std::size_t next = 0;
+  index_t clusters = 0;
+  for (const visual_span& v : s.spans_) {
+    if (v.len > 0) {
+      parts.push_back(std::move(plan.parts[next++]));
+      clusters = parts.back().first_cluster + parts.back().clusters;
+    } else {
+      span_part p;
+      p.visual = v;
+      p.first_cluster = clusters;
+      parts.push_back(std::move(p));
+    }
+  }
+  plan.parts = std::move(parts);
+  return plan;
 }
 
-/// Moves the session to the sequence of `r` (a result of session_compute on it).
-inline layer_plan session_commit(prefill_session& s, step_result&& r) {
+/// Moves the session to the sequence of `p` (a result of session_compute on it).
+inline layer_plan session_commit(prefill_session& s, layer_plan&& p) {
+  const step_result& r = p.step;
   const index_t n_old = s.n_;
   const index_t n = static_cast<index_t>(r.sequence.size());
   const index_t removed = n_old - n;  // visual tokens gone (pruned − recycled)
 
-  layer_plan plan;
-  plan.layer = s.cfg_.schedule[s.next_].layer;
-  plan.length = n;
-  plan.visual = visual_span{s.visual_.start, s.visual_.len - removed};
-  plan.rows = s.rows_;
-  plan.positions.resize(static_cast<std::size_t>(s.rows_ * n));
+  p.length = n;
+  p.spans.clear();
+  p.spans.reserve(s.spans_.size());
+  index_t gone = 0;  // tokens removed before the span
+  for (const span_part& part : p.parts) {
+    const index_t len = part.keep_count + part.clusters;
+    p.spans.push_back({part.visual.start - gone, len});
+    gone += part.visual.len - len;
+  }
+  SPARSEVLM_ASSERT(gone == removed);
+  p.visual = {p.spans.front().start, p.spans.back().end() - p.spans.front().start};
+  p.rows = s.rows_;
+  p.positions.resize(static_cast<std::size_t>(s.rows_ * n));
   pruned_positions(r.sequence, r.recycled.clusters, s.positions(), s.cfg_.positions,
-                   matrix_view<index_t>(plan.positions.data(), {s.rows_, n}, "positions"));
-  plan.kv_sequence = kv_sequence(r.sequence);
+                   matrix_view<index_t>(p.positions.data(), {s.rows_, n}, "positions"));
+  p.kv_sequence = kv_sequence(r.sequence);
 
   std::vector<index_t> origin(static_cast<std::size_t>(n));
   for (index_t i = 0; i < n; ++i) {
-    const index_t p = r.sequence[static_cast<std::size_t>(i)];
-    origin[static_cast<std::size_t>(i)] = p >= 0 ? s.origin_[static_cast<std::size_t>(p)] : -1;
+    const index_t q = r.sequence[static_cast<std::size_t>(i)];
+    origin[static_cast<std::size_t>(i)] = q >= 0 ? s.origin_[static_cast<std::size_t>(q)] : -1;
   }
   std::vector<index_t> raters = s.raters_;
-  for (index_t& p : raters) p -= removed;  // text follows the visual span
-  std::vector<index_t> pos = plan.positions;
+  for (index_t& q : raters) q -= removed;  // text after the last span
+  std::vector<index_t> pos = p.positions;
   std::vector<index_t> seq = r.sequence;
+  std::vector<visual_span> spans = p.spans;
   s.seqs_.reserve(s.seqs_.size() + 1);
 
   // Nothing below throws: the session changes all at once.
@@ -465,11 +692,11 @@ inline layer_plan session_commit(prefill_session& s, step_result&& r) {
   s.origin_.swap(origin);
   s.raters_.swap(raters);
   s.pos_.swap(pos);
+  s.spans_.swap(spans);
   s.n_ = n;
-  s.visual_ = plan.visual;
   ++s.next_;
-  plan.step = std::move(r);
-  return plan;
+  layer_plan out = std::move(p);
+  return out;
 }
 
 }  // namespace detail

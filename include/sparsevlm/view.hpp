@@ -86,8 +86,9 @@ class strided_view {
     index_t acc = 1;
     for (std::size_t d = Rank; d-- > 0;) {
       s[d] = acc;
+      if (d == 0) break;  // the leading extent multiplies no stride
       const index_t e = extents[d] > 0 ? extents[d] : 1;
-      if (d > 0 && acc > std::numeric_limits<index_t>::max() / e)
+      if (acc > std::numeric_limits<index_t>::max() / e)
         detail::fail(errc::shape_mismatch, "extents", "a product that fits in int64",
                      "an overflowing one");
       acc *= e;

@@ -63,4 +63,27 @@ SPARSEVLM_HD inline std::int64_t cluster_count(std::int64_t s, double cluster_di
   return v >= static_cast<double>(s) ? s : static_cast<std::int64_t>(v);
 }
 
+/// Spec step 7, one entry of D from the Gram matrix G = X·Xᵀ (double):
+/// ‖x_i − x_j‖₂ / sqrt(d) = sqrt(max((G_ii + G_jj) − 2·G_ij, 0)) / sqrt(d).
+/// Duplicate rows give three identical Gram entries, hence exactly 0.
+SPARSEVLM_HD inline double gram_distance(double g_ii, double g_jj, double g_ij,
+                                         double sqrt_d) noexcept {
+  const double sq = (g_ii + g_jj) - 2.0 * g_ij;
+  return std::sqrt(sq < 0.0 ? 0.0 : sq) / sqrt_d;  // std::max(sq, 0.0), bit for bit
+}
+
+/// Spec step 7: ρ = exp(−mean of the squares of the k smallest distances of a
+/// row), `smallest` holding them in ascending order (so equal multisets give
+/// equal sums, hence exactly equal densities).
+SPARSEVLM_HD inline double density(const double* smallest, std::int64_t k) noexcept {
+  double sum = 0.0;
+  for (std::int64_t t = 0; t < k; ++t) sum += smallest[t] * smallest[t];
+  return std::exp(-(sum / static_cast<double>(k)));
+}
+
+/// Spec step 7, δ: min(delta, dist) as std::min computes it.
+SPARSEVLM_HD inline double nearer(double delta, double dist) noexcept {
+  return dist < delta ? dist : delta;
+}
+
 }  // namespace sparsevlm::core

@@ -36,6 +36,10 @@ constexpr const char* isa_name(isa i) noexcept {
 /// - float64 dot products (of float32 rows, widened exactly) use 8 partial sums
 ///   the same way (l + 4, + 2, + 1).
 /// - element-wise kernels (row sums, conversions) are exact per element.
+/// - exp in double (softmax weights) is one fixed algorithm, not the C
+///   library's: k = nearbyint(x·log2 e), r = x − k·ln2 (two fused steps), a
+///   degree-13 Taylor polynomial by fused Horner steps, then p·2^k correctly
+///   rounded (ldexp). Within 2 ulp of the true value, the same bits everywhere.
 struct kernel_table {
   isa id;
   /// out[i·ldo + t] = dot32(a + i·lda, b + t·ldb, d) for i < na, t < nb.
@@ -52,6 +56,22 @@ struct kernel_table {
   /// dst[j] = float(src[j]) for j < n (exact).
   void (*cvt_f16)(float* dst, const std::uint16_t* src, std::int64_t n);
   void (*cvt_bf16)(float* dst, const std::uint16_t* src, std::int64_t n);
+  /// x[j] = exp(x[j]) for j < n, in place (exp_constants below).
+  void (*exp_f64)(double* x, std::int64_t n);
+};
+
+/// The constants of the shared exp (kernel_table::exp_f64).
+struct exp_constants {
+  static constexpr double log2e = 1.4426950408889634;
+  static constexpr double ln2_hi = 0x1.62e42fefa3800p-1;  // ln 2, last 11 bits zero
+  static constexpr double ln2_lo = 0x1.ef35793c7673p-45;   // ln 2 − ln2_hi
+  static constexpr double lo = -746.0, hi = 710.0;         // 0 and +Inf beyond
+  /// 1/13!, 1/12!, ..., 1/1!, 1/0!: Horner order.
+  static constexpr double c[14] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+                                   1.0 / 3628800.0,    1.0 / 362880.0,    1.0 / 40320.0,
+                                   1.0 / 5040.0,       1.0 / 720.0,       1.0 / 120.0,
+                                   1.0 / 24.0,         1.0 / 6.0,         0.5,
+                                   1.0,                1.0};
 };
 
 namespace detail {

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../core/dot.hpp"
 #include "../dtype.hpp"
 #include "kernel_table.hpp"
 
@@ -13,35 +14,12 @@ namespace sparsevlm::cpu::scalar {
 
 using i64 = std::int64_t;
 
-/// dot32 of kernel_table.hpp: 16 fused partial sums, zero-padded last chunk.
-inline float dot32(const float* a, const float* b, i64 d) noexcept {
-  float acc[16] = {};
-  for (i64 k = 0; k < d; k += 16)
-    for (int l = 0; l < 16; ++l) {
-      const bool in = k + l < d;
-      acc[l] = std::fma(in ? a[k + l] : 0.0f, in ? b[k + l] : 0.0f, acc[l]);
-    }
-  float h[8];
-  for (int l = 0; l < 8; ++l) h[l] = acc[l] + acc[l + 8];
-  for (int l = 0; l < 4; ++l) h[l] = h[l] + h[l + 4];
-  for (int l = 0; l < 2; ++l) h[l] = h[l] + h[l + 2];
-  return h[0] + h[1];
-}
+/// dot32 of kernel_table.hpp: 16 fused partial sums, zero-padded last chunk
+/// (core/dot.hpp, which the CUDA kernels share).
+inline float dot32(const float* a, const float* b, i64 d) noexcept { return core::dot32(a, b, d); }
 
 /// dot64 of kernel_table.hpp: float32 rows widened, 8 fused partial sums.
-inline double dot64(const float* a, const float* b, i64 d) noexcept {
-  double acc[8] = {};
-  for (i64 k = 0; k < d; k += 8)
-    for (int l = 0; l < 8; ++l) {
-      const bool in = k + l < d;
-      acc[l] = std::fma(in ? static_cast<double>(a[k + l]) : 0.0,
-                        in ? static_cast<double>(b[k + l]) : 0.0, acc[l]);
-    }
-  double h[4];
-  for (int l = 0; l < 4; ++l) h[l] = acc[l] + acc[l + 4];
-  for (int l = 0; l < 2; ++l) h[l] = h[l] + h[l + 2];
-  return h[0] + h[1];
-}
+inline double dot64(const float* a, const float* b, i64 d) noexcept { return core::dot64(a, b, d); }
 
 inline void dot_rows(const float* a, i64 lda, i64 na, const float* b, i64 ldb, i64 nb, i64 d,
                      float* out, i64 ldo) noexcept {
@@ -70,7 +48,24 @@ inline void cvt_bf16(float* dst, const std::uint16_t* src, i64 n) noexcept {
   for (i64 j = 0; j < n; ++j) dst[j] = to_float(bfloat16{src[j]});
 }
 
-inline constexpr kernel_table table{isa::scalar, &dot_rows, &gram_f64, &add_f32, &add_f16,
-                                    &add_bf16,   &cvt_f16,  &cvt_bf16};
+/// exp of kernel_table.hpp (the reference for the SIMD paths).
+inline double exp64(double x) noexcept {
+  using K = exp_constants;
+  if (x != x) return x;  // NaN
+  x = x < K::lo ? K::lo : (x > K::hi ? K::hi : x);
+  const double k = std::nearbyint(x * K::log2e);
+  double r = std::fma(-k, K::ln2_hi, x);
+  r = std::fma(-k, K::ln2_lo, r);
+  double p = K::c[0];
+  for (int i = 1; i < 14; ++i) p = std::fma(p, r, K::c[i]);
+  return std::ldexp(p, static_cast<int>(k));
+}
+
+inline void exp_f64(double* x, i64 n) noexcept {
+  for (i64 j = 0; j < n; ++j) x[j] = exp64(x[j]);
+}
+
+inline constexpr kernel_table table{isa::scalar, &dot_rows, &gram_f64, &add_f32,  &add_f16,
+                                    &add_bf16,   &cvt_f16,  &cvt_bf16, &exp_f64};
 
 }  // namespace sparsevlm::cpu::scalar

@@ -39,6 +39,11 @@ struct loads<xsimd::avx512bw> {
   static D widen(const float* p) noexcept { return D(_mm512_cvtps_pd(_mm256_loadu_ps(p))); }
   static F fma(F a, F b, F c) noexcept { return F(_mm512_fmadd_ps(a, b, c)); }
   static D fma(D a, D b, D c) noexcept { return D(_mm512_fmadd_pd(a, b, c)); }
+  static D round(D x) noexcept {
+    return D(_mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  /// p·2^k correctly rounded (k integral), as std::ldexp.
+  static D ldexp(D p, D k) noexcept { return D(_mm512_scalef_pd(p, k)); }
 };
 #endif
 
@@ -57,6 +62,26 @@ struct loads<xsimd::fma3<xsimd::avx2>> {
   static D widen(const float* p) noexcept { return D(_mm256_cvtps_pd(_mm_loadu_ps(p))); }
   static F fma(F a, F b, F c) noexcept { return F(_mm256_fmadd_ps(a, b, c)); }
   static D fma(D a, D b, D c) noexcept { return D(_mm256_fmadd_pd(a, b, c)); }
+  static D round(D x) noexcept {
+    return D(_mm256_round_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  /// p·2^k correctly rounded (k integral, |k| <= 1100), as std::ldexp: p·2^h
+  /// is exact for h = floor(k/2), so the one rounding is the last product's.
+  static D ldexp(D p, D k) noexcept {
+    const __m256d h = _mm256_floor_pd(_mm256_mul_pd(k, _mm256_set1_pd(0.5)));
+    const __m256d k2 = _mm256_sub_pd(k, h);
+    return D(_mm256_mul_pd(_mm256_mul_pd(p, pow2(h)), pow2(k2)));
+  }
+
+ private:
+  /// 2^h for integral h in [-1022, 1023], built in the exponent field.
+  static __m256d pow2(__m256d h) noexcept {
+    const __m256d magic = _mm256_set1_pd(0x1.8p52);
+    __m256i i = _mm256_castpd_si256(_mm256_add_pd(h, magic));
+    i = _mm256_sub_epi64(i, _mm256_castpd_si256(magic));
+    i = _mm256_slli_epi64(_mm256_add_epi64(i, _mm256_set1_epi64x(1023)), 52);
+    return _mm256_castsi256_pd(i);
+  }
 };
 #endif
 
@@ -321,6 +346,36 @@ void cvt_bf16(float* dst, const std::uint16_t* src, i64 n) noexcept {
   cvt_row<Arch>(dst, src, n, [](const std::uint16_t* p) { return loads<Arch>::bf16(p); });
 }
 
+/// exp of kernel_table.hpp on one register.
+template <class Arch>
+inline xsimd::batch<double, Arch> exp_batch(xsimd::batch<double, Arch> x) noexcept {
+  using D = xsimd::batch<double, Arch>;
+  using K = exp_constants;
+  const D x0 = x;
+  const auto nan = xsimd::isnan(x);
+  x = xsimd::min(xsimd::max(x, D(K::lo)), D(K::hi));
+  const D k = loads<Arch>::round(x * D(K::log2e));
+  D r = loads<Arch>::fma(-k, D(K::ln2_hi), x);
+  r = loads<Arch>::fma(-k, D(K::ln2_lo), r);
+  D p(K::c[0]);
+  for (int i = 1; i < 14; ++i) p = loads<Arch>::fma(p, r, D(K::c[i]));
+  return xsimd::select(nan, x0, loads<Arch>::ldexp(p, k));
+}
+
+template <class Arch>
+void exp_f64(double* x, i64 n) noexcept {
+  using D = xsimd::batch<double, Arch>;
+  constexpr i64 W = static_cast<i64>(D::size);
+  i64 j = 0;
+  for (; j + W <= n; j += W) exp_batch<Arch>(D::load_unaligned(x + j)).store_unaligned(x + j);
+  if (j < n) {
+    alignas(64) double buf[W] = {};
+    for (i64 l = 0; l < n - j; ++l) buf[l] = x[j + l];
+    exp_batch<Arch>(D::load_aligned(buf)).store_aligned(buf);
+    for (i64 l = 0; l < n - j; ++l) x[j + l] = buf[l];
+  }
+}
+
 /// The table of one architecture.
 template <class Arch>
 constexpr kernel_table make_table(isa id) noexcept {
@@ -331,7 +386,8 @@ constexpr kernel_table make_table(isa id) noexcept {
                       &add_f16<Arch>,
                       &add_bf16<Arch>,
                       &cvt_f16<Arch>,
-                      &cvt_bf16<Arch>};
+                      &cvt_bf16<Arch>,
+                      &exp_f64<Arch>};
 }
 
 }  // namespace sparsevlm::cpu::simd

@@ -1,0 +1,43 @@
+// The shared spec cases as plain arrays, and the CPU step on copies of them in
+// any element type: what the CUDA backend's tests compare against. Declared
+// here, defined in step_case.cpp (host compiler: it reads the case files), so
+// that nvcc-compiled tests can use it without compiling nlohmann/json.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <sparsevlm/types.hpp>
+#include <sparsevlm/view.hpp>
+
+namespace svt {
+
+using sparsevlm::index_t;
+
+/// One case, every array as float32 values (float16 files are widened exactly).
+struct flat_case {
+  std::string name;
+  index_t L = 0, S = 0, N = 0, H = 0, de = 0, d = 0;
+  index_t Hkv = 0, dh = 0;  ///< 0 without q/k
+  std::vector<float> embeds, attn, hidden, q, k;
+  std::optional<std::vector<index_t>> raters;
+  sparsevlm::step_options options;
+  [[nodiscard]] bool has_qk() const { return dh > 0; }
+};
+
+/// The element type a test copies a case into.
+enum class elem { f32, f16, bf16 };
+const char* elem_name(elem e);
+
+/// Every case folder under `dir` (sorted by name); empty when `dir` does not exist.
+std::vector<flat_case> load_flat_cases(const std::string& dir);
+
+/// prune_step on the CPU with embeds, attention (or q/k) and hidden converted
+/// to `e` (round to nearest even), scoring from q/k when `qk`.
+sparsevlm::step_result cpu_step(const flat_case& c, elem e, bool qk);
+
+/// The values a case array holds after conversion to `e` (as float32).
+std::vector<float> rounded(const std::vector<float>& v, elem e);
+
+}  // namespace svt

@@ -1,0 +1,510 @@
+// core/: the arithmetic and kernels the CPU and CUDA backends share.
+//
+// The CUDA kernels (core/kernels.hpp) and their launch sequence
+// (core/pipeline.hpp) are written against a block context, so this file runs
+// them on CPU threads (cpu_exec below: one std::thread per CUDA thread, a
+// std::barrier for __syncthreads) and checks that the whole device pipeline
+// decides exactly what prune_step decides, bit for bit, on every shared case.
+// What this cannot check (the CUDA runtime, launch limits, the device's own
+// exp) is left to tests/cuda/test_cuda.cu on a GPU machine.
+#include <algorithm>
+#include <barrier>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include <sparsevlm/core/block.hpp>
+#include <sparsevlm/core/dot.hpp>
+#include <sparsevlm/core/eigen.hpp>
+#include <sparsevlm/core/pipeline.hpp>
+
+#include "step_case.hpp"
+#include "test_util.hpp"
+
+namespace core = sparsevlm::core;
+namespace kn = sparsevlm::core::kernels;
+namespace pl = sparsevlm::core::pipeline;
+using sparsevlm::index_t;
+
+namespace {
+
+/// A CUDA block on CPU threads.
+struct cpu_block {
+  index_t r, n, x, y, gxv, gyv;
+  std::barrier<>* bar;
+  index_t rank() const noexcept { return r; }
+  index_t size() const noexcept { return n; }
+  index_t bx() const noexcept { return x; }
+  index_t by() const noexcept { return y; }
+  index_t gx() const noexcept { return gxv; }
+  index_t gy() const noexcept { return gyv; }
+  void sync() const { bar->arrive_and_wait(); }
+};
+
+/// Runs `body` over a grid: the blocks one after another, each on `threads`
+/// threads. Shared memory is filled with 0xff bytes (NaN) before every block,
+/// so a kernel that reads it before writing it computes garbage.
+template <class Body>
+void run_grid(const Body& body, index_t gx, index_t gy, int threads, std::size_t smem) {
+  std::vector<double> shared(smem / sizeof(double) + 1);
+  std::barrier<> bar(threads);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (index_t y = 0; y < gy; ++y)
+        for (index_t x = 0; x < gx; ++x) {
+          if (t == 0) std::memset(shared.data(), 0xff, shared.size() * sizeof(double));
+          bar.arrive_and_wait();
+          body(cpu_block{t, threads, x, y, gx, gy, &bar}, static_cast<void*>(shared.data()));
+          bar.arrive_and_wait();
+        }
+    });
+  for (auto& th : pool) th.join();
+}
+
+/// The pipeline's executor on the CPU: small blocks and grids, so that every
+/// grid-stride loop, tile edge and scan carry is exercised on the small cases.
+struct cpu_exec {
+  static constexpr int tile = 4;  // 4×4 dot tiles: tile_threads<4> = 4 threads
+  int block = 8;
+  index_t max_blocks = 3;
+  std::size_t shared = std::size_t{1} << 20;
+  int launches = 0;
+
+  int threads() const { return block; }
+  index_t grid(index_t n) const {
+    return n <= 0 ? 0 : std::min<index_t>(core::ceil_div(n, block), max_blocks);
+  }
+  std::size_t max_shared() const { return shared; }
+  template <class Body>
+  void launch(const Body& body, index_t gx, index_t gy, int threads, std::size_t smem) {
+    REQUIRE(smem <= shared);
+    if (gx <= 0 || gy <= 0) return;
+    ++launches;
+    run_grid(body, gx, gy, threads, smem);
+  }
+};
+
+/// Host memory laid out as the device workspace.
+struct host_workspace {
+  std::vector<double> store;
+  pl::buffers buf;
+  explicit host_workspace(const pl::bounds& b) {
+    const std::size_t bytes = pl::layout(b, nullptr, buf);
+    store.assign(bytes / sizeof(double) + 64, std::numeric_limits<double>::quiet_NaN());
+    // 256-byte alignment, as cudaMalloc gives.
+    auto p = reinterpret_cast<std::uintptr_t>(store.data());
+    void* base = reinterpret_cast<void*>((p + 255) / 256 * 256);
+    CHECK(pl::layout(b, base, buf) == bytes);
+  }
+};
+
+template <class T>
+std::vector<T> as(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = sparsevlm::from_float<T>(v[i]);
+  return out;
+}
+
+template <class T>
+bool same_bits(const T* a, const T* b, std::size_t n) {
+  return std::memcmp(a, b, n * sizeof(T)) == 0;
+}
+
+/// What the device pipeline produced, read back from (host) workspace memory.
+struct pipeline_out {
+  kn::step_counts counts;
+  std::vector<index_t> raters, keep, sequence;
+  std::vector<float> scores, merged;
+  std::vector<std::vector<index_t>> clusters;
+};
+
+pipeline_out read_back(const pl::buffers& b, index_t N, index_t d) {
+  pipeline_out o;
+  o.counts = *b.counts;
+  const auto& c = o.counts;
+  o.raters.assign(b.raters, b.raters + c.raters);
+  o.scores.assign(b.scores, b.scores + N);
+  if (c.length < 0) return o;
+  o.keep.assign(b.keep, b.keep + c.keep);
+  o.sequence.assign(b.sequence, b.sequence + c.length);
+  for (index_t q = 0; q < c.clusters; ++q)
+    o.clusters.emplace_back(b.members + b.offsets[q], b.members + b.offsets[q + 1]);
+  o.merged.assign(b.merged, b.merged + c.clusters * d);
+  return o;
+}
+
+pl::decide_args decide_of(const sparsevlm::step_options& o) {
+  pl::decide_args a;
+  a.fixed = o.policy.kind == sparsevlm::keep_policy::kind_t::fixed;
+  a.scale = o.policy.scale;
+  a.bias = o.policy.bias;
+  a.fixed_keep = o.policy.keep;
+  a.recycle = o.recycle.enabled;
+  a.fraction = o.recycle.fraction;
+  a.divisor = o.recycle.cluster_divisor;
+  return a;
+}
+
+pl::bounds bounds_of(const svt::flat_case& c, bool qk) {
+  const auto& r = c.options.recycle;
+  return pl::make_bounds(c.L, c.N, c.H, c.raters ? 0 : c.de, c.d, qk, r.enabled ? r.fraction : 0.0,
+                         r.cluster_divisor);
+}
+
+/// Runs case `c` in element type T through the device pipeline on `ex`, into `ws`.
+template <class T>
+pipeline_out emulate(cpu_exec& ex, const svt::flat_case& c, bool qk, host_workspace& ws,
+                     const pl::bounds& bd) {
+  const std::vector<T> e = as<T>(c.embeds), h = as<T>(c.hidden);
+  pl::step_args<T, T> a;
+  a.embeds = kn::rows2<T>{e.data(), c.de, 1};
+  a.embed_dim = c.de;
+  a.given = c.raters.has_value();
+  if (a.given) {
+    a.raters = c.raters->data();
+    a.n_raters = static_cast<index_t>(c.raters->size());
+  }
+  a.hidden = kn::rows2<T>{h.data(), c.d, 1};
+  a.hidden_dim = c.d;
+  a.length = c.L;
+  a.first_visual = c.S;
+  a.n_visual = c.N;
+  a.decide = decide_of(c.options);
+  if (qk) {
+    const std::vector<T> q = as<T>(c.q), k = as<T>(c.k);
+    pl::qk_args<T, T> g;
+    g.q = kn::rows3<T>{q.data(), c.L * c.dh, c.dh, 1};
+    g.k = kn::rows3<T>{k.data(), c.L * c.dh, c.dh, 1};
+    g.heads = c.H;
+    g.kv_heads = c.Hkv;
+    g.head_dim = c.dh;
+    g.length = c.L;
+    g.all_queries = true;
+    g.scale = 1.0f / std::sqrt(static_cast<float>(c.dh));
+    pl::run_step(ex, a, g, bd, ws.buf);
+  } else {
+    const std::vector<T> at = as<T>(c.attn);
+    pl::run_step(ex, a, kn::rows3<T>{at.data(), c.L * c.L, c.L, 1}, c.H, bd, ws.buf);
+  }
+  return read_back(ws.buf, c.N, c.d);
+}
+
+/// Everything the step decides, compared with prune_step's result bit for bit.
+void check_same(const pipeline_out& g, const sparsevlm::step_result& r) {
+  CHECK(g.counts.length >= 0);
+  for (int f = 0; f < kn::flag_count; ++f) CHECK(g.counts.flags[f] == 0);
+  CHECK(g.raters == r.raters);
+  CHECK(g.scores.size() == r.scores.size());
+  CHECK(same_bits(g.scores.data(), r.scores.data(), std::min(g.scores.size(), r.scores.size())));
+  CHECK(g.counts.rank == r.rank);
+  CHECK(g.counts.keep == r.keep_count);
+  CHECK(g.keep == r.keep);
+  CHECK(g.clusters == r.recycled.clusters);
+  CHECK(g.merged.size() == r.recycled.merged.size());
+  CHECK(same_bits(g.merged.data(), r.recycled.merged.data(),
+                  std::min(g.merged.size(), r.recycled.merged.size())));
+  CHECK(g.sequence == r.sequence);
+}
+
+std::vector<svt::flat_case> cases() {
+  std::vector<svt::flat_case> out;
+#ifdef SPARSEVLM_TEST_CASES_DIR
+  out = svt::load_flat_cases(SPARSEVLM_TEST_CASES_DIR);
+#endif
+  if (out.empty()) MESSAGE("no shared cases: the emulated device pipeline is not compared");
+  return out;
+}
+
+std::vector<double> random_symmetric(std::mt19937& g, index_t n, index_t rank) {
+  // A = B·Bᵀ with B n×rank: symmetric positive semi-definite of the given rank.
+  std::vector<double> b(static_cast<std::size_t>(n * rank)), a(static_cast<std::size_t>(n * n));
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (double& x : b) x = u(g);
+  for (index_t i = 0; i < n; ++i)
+    for (index_t j = 0; j < n; ++j) {
+      double s = 0.0;
+      for (index_t k = 0; k < rank; ++k) s += b[i * rank + k] * b[j * rank + k];
+      a[static_cast<std::size_t>(i * n + j)] = s;
+    }
+  return a;
+}
+
+}  // namespace
+
+TEST_CASE("core: canonical dot products with loaders equal the kernel tables") {
+  std::mt19937 g(7);
+  for (index_t d : {1, 7, 15, 16, 17, 31, 33, 100, 257}) {
+    const auto a = svt::random_floats(g, static_cast<std::size_t>(d), -2.0f, 2.0f);
+    const auto b = svt::random_floats(g, static_cast<std::size_t>(d), -2.0f, 2.0f);
+    float t32 = 0.0f;
+    double t64 = 0.0;
+    sparsevlm::cpu::kernels().dot_rows(a.data(), d, 1, b.data(), d, 1, d, &t32, 1);
+    std::vector<double> gm(4);
+    std::vector<float> two(a);
+    two.insert(two.end(), b.begin(), b.end());
+    sparsevlm::cpu::kernels().gram_f64(two.data(), d, 2, d, gm.data());
+    t64 = gm[1];
+    const float c32 = core::dot32(a.data(), b.data(), d);
+    const double c64 = core::dot64(a.data(), b.data(), d);
+    CHECK(std::memcmp(&t32, &c32, sizeof t32) == 0);
+    CHECK(std::memcmp(&t64, &c64, sizeof t64) == 0);
+    // Through typed loaders (bfloat16 storage, strided): the same as converting first.
+    const auto ab = as<sparsevlm::bfloat16>(a);
+    std::vector<float> aw(ab.size());
+    for (std::size_t i = 0; i < ab.size(); ++i) aw[i] = sparsevlm::to_float(ab[i]);
+    const float l32 = core::dot32_by([&](index_t k) { return sparsevlm::to_float(ab[k]); },
+                                     [&](index_t k) { return b[k]; }, d);
+    const float w32 = core::dot32(aw.data(), b.data(), d);
+    CHECK(std::memcmp(&l32, &w32, sizeof l32) == 0);
+  }
+}
+
+TEST_CASE("core: the DPC-KNN rules") {
+  // Duplicate rows: three identical Gram entries give exactly 0.
+  CHECK(core::gram_distance(2.5, 2.5, 2.5, 4.0) == 0.0);
+  // Cancellation below zero is clamped, as std::max(sq, 0.0).
+  CHECK(core::gram_distance(1.0, 1.0, 1.0 + 1e-15, 1.0) == 0.0);
+  CHECK(core::gram_distance(4.0, 0.0, 0.0, 2.0) == 1.0);
+  const double v[3] = {0.0, 0.5, 1.0};
+  CHECK(core::density(v, 3) == std::exp(-(1.25 / 3.0)));
+  CHECK(core::nearer(2.0, 1.0) == 1.0);
+  CHECK(core::nearer(1.0, 2.0) == 1.0);
+  CHECK(core::denser(0.5, 1, 0.5, 2));
+  CHECK_FALSE(core::denser(0.5, 2, 0.5, 1));
+  CHECK(core::ranks_before(1.0f, 5, 0.5f, 1));
+  CHECK(core::ranks_before(0.0f, 1, -0.0f, 2));  // -0 == +0: the lower index first
+}
+
+TEST_CASE("core: the block-parallel eigen-solver gives the serial bits on any block size") {
+  std::mt19937 g(11);
+  for (index_t n : {1, 2, 3, 5, 17, 40}) {
+    for (index_t rank : {index_t{1}, std::max<index_t>(n / 2, 1), n}) {
+      const auto a0 = random_symmetric(g, n, rank);
+      std::vector<double> a = a0, d(static_cast<std::size_t>(n)), e(static_cast<std::size_t>(n));
+      REQUIRE(core::symmetric_eigenvalues(a.data(), n, d.data(), e.data()));
+      for (int threads : {1, 3, 8}) {
+        INFO("n ", n, " rank ", rank, " threads ", threads);
+        std::vector<double> b = a0, db(static_cast<std::size_t>(n)), eb(static_cast<std::size_t>(n));
+        std::vector<double> bc(4);
+        std::vector<int> ok(static_cast<std::size_t>(threads));
+        run_grid(
+            [&](const cpu_block& blk, void*) {
+              ok[static_cast<std::size_t>(blk.rank())] =
+                  core::symmetric_eigenvalues(blk, b.data(), n, db.data(), eb.data(), bc.data());
+            },
+            1, 1, threads, 0);
+        for (int t = 0; t < threads; ++t) CHECK(ok[static_cast<std::size_t>(t)] == 1);
+        CHECK(same_bits(d.data(), db.data(), d.size()));
+      }
+    }
+  }
+}
+
+TEST_CASE("core: block bitonic sort and the keep-set scan") {
+  std::mt19937 g(3);
+  for (index_t n : {1, 2, 8, 64}) {
+    std::vector<double> v(static_cast<std::size_t>(n));
+    for (double& x : v) x = std::uniform_int_distribution<int>(0, 9)(g);  // many ties
+    auto want = v;
+    std::sort(want.begin(), want.end());
+    run_grid([&](const cpu_block& b, void*) { kn::bitonic_sort(b, v.data(), n); }, 1, 1, 3, 0);
+    CHECK(v == want);
+  }
+}
+
+TEST_CASE("core: the device pipeline, emulated on CPU threads, decides as prune_step on every case") {
+  const auto all = cases();
+  for (const auto& c : all) {
+    for (bool qk : {false, true}) {
+      if (qk && !c.has_qk()) continue;
+      for (svt::elem e : {svt::elem::f32, svt::elem::f16, svt::elem::bf16}) {
+        INFO("case ", c.name, qk ? " (q/k)" : " (attn)", " ", svt::elem_name(e));
+        sparsevlm::step_result want;
+        try {
+          want = svt::cpu_step(c, e, qk);
+        } catch (const sparsevlm::error& err) {
+          MESSAGE("CPU refuses this copy (", err.what(), "): skipped");
+          continue;
+        }
+        const pl::bounds bd = bounds_of(c, qk);
+        host_workspace ws(bd);
+        cpu_exec ex;
+        pipeline_out got;
+        switch (e) {
+          case svt::elem::f32: got = emulate<float>(ex, c, qk, ws, bd); break;
+          case svt::elem::f16: got = emulate<sparsevlm::half>(ex, c, qk, ws, bd); break;
+          case svt::elem::bf16: got = emulate<sparsevlm::bfloat16>(ex, c, qk, ws, bd); break;
+        }
+        check_same(got, want);
+      }
+    }
+  }
+}
+
+TEST_CASE("core: the rank's global-memory fallback and other block shapes decide the same") {
+  const auto all = cases();
+  for (const auto& c : all) {
+    INFO("case ", c.name);
+    const auto want = svt::cpu_step(c, svt::elem::f32, false);
+    const pl::bounds bd = bounds_of(c, false);
+    for (int variant = 0; variant < 2; ++variant) {
+      cpu_exec ex;
+      if (variant == 0) {
+        ex.shared = pl::rank_shared_bytes(bd.m_max()) - 8;  // G does not fit: global memory
+        ex.shared = std::max(ex.shared, pl::density_shared_bytes(bd.s_max));
+        ex.shared = std::max<std::size_t>(ex.shared, kn::tile_smem<4>);
+        if (pl::rank_shared_bytes(bd.m_max()) <= ex.shared) continue;
+      } else {
+        ex.block = 5;  // not a power of two
+        ex.max_blocks = 1000;
+      }
+      host_workspace ws(bd);
+      check_same(emulate<float>(ex, c, false, ws, bd), want);
+    }
+  }
+}
+
+TEST_CASE("core: a workspace sized for a larger shape serves a smaller step; steps reuse it") {
+  const auto all = cases();
+  if (all.empty()) return;
+  pl::bounds big;
+  for (const auto& c : all) {
+    const auto b = bounds_of(c, c.has_qk());
+    big.length = std::max(big.length, b.length);
+    big.visual = std::max(big.visual, b.visual);
+    big.text = std::max(big.text, b.text);
+    big.heads = std::max(big.heads, b.heads);
+    big.embed_dim = std::max(big.embed_dim, c.de);
+    big.hidden_dim = std::max(big.hidden_dim, b.hidden_dim);
+    big.qk = true;
+    big.s_max = std::max(big.s_max, b.s_max);
+    big.c_max = std::max(big.c_max, b.c_max);
+  }
+  host_workspace ws(big);
+  // Every case, one after another in the same workspace (a ragged batch run
+  // sequence by sequence): the leftovers of one step never leak into the next.
+  for (int round = 0; round < 2; ++round)
+    for (const auto& c : all) {
+      INFO("case ", c.name, " round ", round);
+      const bool qk = round == 1 && c.has_qk();
+      cpu_exec ex;
+      // The kernels read their sizes from the step, the grids from the bounds.
+      auto got = emulate<float>(ex, c, qk, ws, big);
+      check_same(got, svt::cpu_step(c, svt::elem::f32, qk));
+    }
+}
+
+TEST_CASE("core: the plan gathers hidden states, position ids and K/V rows as plan.hpp does") {
+  const auto all = cases();
+  for (const auto& c : all) {
+    INFO("case ", c.name);
+    const auto want = svt::cpu_step(c, svt::elem::f32, false);
+    const pl::bounds bd = bounds_of(c, false);
+    host_workspace ws(bd);
+    cpu_exec ex;
+    emulate<float>(ex, c, false, ws, bd);
+    const index_t n = static_cast<index_t>(want.sequence.size());
+    const index_t ncl = static_cast<index_t>(want.recycled.clusters.size());
+    // Hidden states in bfloat16: recycled rows come from the float32 means.
+    const auto hb = as<sparsevlm::bfloat16>(c.hidden);
+    std::vector<sparsevlm::bfloat16> out(static_cast<std::size_t>(c.L * c.d), sparsevlm::bfloat16{0x7fc1});
+    kn::plan_gather<sparsevlm::bfloat16> gh{hb.data(), c.d, 0, 1, out.data(), c.d, 0, 1,
+                                            c.L, 1, c.d, kn::recycled_rows::merged,
+                                            ws.buf.merged, ws.buf.offsets, ws.buf.members,
+                                            ws.buf.sequence, c.S, ws.buf.counts};
+    pl::gather(ex, gh);
+    std::vector<sparsevlm::bfloat16> ref(static_cast<std::size_t>(n * c.d));
+    sparsevlm::apply_plan(std::span<const index_t>(want.sequence),
+                          sparsevlm::matrix_view<const sparsevlm::bfloat16>(hb.data(), {c.L, c.d}),
+                          sparsevlm::matrix_view<const float>(want.recycled.merged.data(), {ncl, c.d}),
+                          sparsevlm::matrix_view<sparsevlm::bfloat16>(ref.data(), {n, c.d}));
+    CHECK(same_bits(out.data(), ref.data(), ref.size()));
+    if (n < c.L) CHECK(out[static_cast<std::size_t>(n * c.d)].bits == 0x7fc1);  // rows past n untouched
+
+    // Position ids [2, L] (two rows, as mRoPE's), keep_original: a recycled
+    // token takes its cluster's first member's ids.
+    std::vector<index_t> pos(static_cast<std::size_t>(2 * c.L)), pout(pos.size(), -7);
+    for (index_t i = 0; i < c.L; ++i) {
+      pos[static_cast<std::size_t>(i)] = i;
+      pos[static_cast<std::size_t>(c.L + i)] = 1000 + 2 * i;
+    }
+    kn::plan_gather<index_t> gp{pos.data(), 1, 0, c.L, pout.data(), 1, 0, c.L,
+                                c.L, 1, 2, kn::recycled_rows::first_member,
+                                nullptr, ws.buf.offsets, ws.buf.members,
+                                ws.buf.sequence, c.S, ws.buf.counts};
+    pl::gather(ex, gp);
+    std::vector<index_t> pref(static_cast<std::size_t>(2 * n));
+    sparsevlm::pruned_positions(
+        std::span<const index_t>(want.sequence), want.recycled.clusters,
+        sparsevlm::matrix_view<const index_t>(pos.data(), {2, c.L}),
+        sparsevlm::position_policy::keep_original,
+        sparsevlm::matrix_view<index_t>(pref.data(), {2, n}));
+    for (index_t r = 0; r < 2; ++r)
+      for (index_t i = 0; i < n; ++i)
+        CHECK(pout[static_cast<std::size_t>(r * c.L + i)] == pref[static_cast<std::size_t>(r * n + i)]);
+
+    // Renumbered ids.
+    std::vector<index_t> ren(static_cast<std::size_t>(c.L), -7);
+    ex.launch(kn::plan_renumber{ren.data(), 0, 1, 1, c.L, ws.buf.counts}, ex.grid(c.L), 1,
+              ex.threads(), 0);
+    for (index_t i = 0; i < c.L; ++i) CHECK(ren[static_cast<std::size_t>(i)] == (i < n ? i : -7));
+
+    // K/V rows [L, 2 heads, 3] of a layer before the step: recycled entries dropped.
+    const index_t heads = 2, hd = 3;
+    std::vector<float> kv(static_cast<std::size_t>(c.L * heads * hd)), kout(kv.size(), -1.0f);
+    for (std::size_t i = 0; i < kv.size(); ++i) kv[i] = static_cast<float>(i);
+    kn::plan_gather<float> gk{kv.data(), heads * hd, hd, 1, kout.data(), heads * hd, hd, 1,
+                              c.L, heads, hd, kn::recycled_rows::drop,
+                              nullptr, nullptr, nullptr, ws.buf.sequence, c.S, ws.buf.counts};
+    pl::gather(ex, gk);
+    const auto kseq = sparsevlm::kv_sequence(std::span<const index_t>(want.sequence));
+    for (std::size_t i = 0; i < kseq.size(); ++i)
+      for (index_t x = 0; x < heads * hd; ++x)
+        CHECK(kout[i * static_cast<std::size_t>(heads * hd) + static_cast<std::size_t>(x)] ==
+              kv[static_cast<std::size_t>(kseq[i] * heads * hd + x)]);
+    if (static_cast<index_t>(kseq.size()) < c.L)
+      CHECK(kout[kseq.size() * static_cast<std::size_t>(heads * hd)] == -1.0f);
+  }
+}
+
+TEST_CASE("core: a NaN flags the step (length -1) and the plan writes nothing") {
+  const auto all = cases();
+  for (const auto& c0 : all) {
+    if (c0.raters || c0.N < 8) continue;
+    for (int where = 0; where < 3; ++where) {
+      svt::flat_case c = c0;
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      if (where == 0) c.embeds[static_cast<std::size_t>(c.S * c.de)] = nan;  // a visual embedding
+      if (where == 1)  // every head's attention from every text row to visual token 0
+        for (index_t h = 0; h < c.H; ++h)
+          for (index_t t = c.S + c.N; t < c.L; ++t)
+            c.attn[static_cast<std::size_t>((h * c.L + t) * c.L + c.S)] = nan;
+      if (where == 2)  // every visual hidden row: recycling must meet one
+        for (index_t j = 0; j < c.N; ++j) c.hidden[static_cast<std::size_t>((c.S + j) * c.d)] = nan;
+      bool cpu_throws = false;
+      try {
+        (void)svt::cpu_step(c, svt::elem::f32, false);
+      } catch (const sparsevlm::error&) {
+        cpu_throws = true;
+      }
+      INFO("case ", c.name, " NaN in ", where == 0 ? "embeds" : where == 1 ? "attn" : "hidden");
+      const pl::bounds bd = bounds_of(c, false);
+      host_workspace ws(bd);
+      cpu_exec ex;
+      const auto got = emulate<float>(ex, c, false, ws, bd);
+      CHECK((got.counts.length < 0) == cpu_throws);
+      if (cpu_throws) {
+        std::vector<float> out(static_cast<std::size_t>(c.L * c.d), 5.0f);
+        kn::plan_gather<float> gh{c.hidden.data(), c.d, 0, 1, out.data(), c.d, 0, 1,
+                                  c.L, 1, c.d, kn::recycled_rows::merged,
+                                  ws.buf.merged, ws.buf.offsets, ws.buf.members,
+                                  ws.buf.sequence, c.S, ws.buf.counts};
+        pl::gather(ex, gh);
+        CHECK(std::all_of(out.begin(), out.end(), [](float v) { return v == 5.0f; }));
+      }
+    }
+  }
+}
