@@ -168,10 +168,9 @@ void check_same(const step_result& a, const step_result& b) {
   CHECK(a.recycled.dim == b.recycled.dim);
   CHECK(a.sequence == b.sequence);
   REQUIRE(a.scores.size() == b.scores.size());
-  CHECK(std::memcmp(a.scores.data(), b.scores.data(), a.scores.size() * sizeof(float)) == 0);
+  CHECK(svt::same_bits(a.scores, b.scores));
   REQUIRE(a.recycled.merged.size() == b.recycled.merged.size());
-  CHECK(std::memcmp(a.recycled.merged.data(), b.recycled.merged.data(),
-                    a.recycled.merged.size() * sizeof(float)) == 0);
+  CHECK(svt::same_bits(a.recycled.merged, b.recycled.merged));
 }
 
 }  // namespace

@@ -183,6 +183,7 @@ pipeline_out emulate(cpu_exec& ex, const svt::flat_case& c, bool qk, host_worksp
     g.head_dim = c.dh;
     g.length = c.L;
     g.all_queries = true;
+    g.q_rows = c.L;
     g.scale = 1.0f / std::sqrt(static_cast<float>(c.dh));
     pl::run_step(ex, a, g, bd, ws.buf);
   } else {
@@ -340,6 +341,35 @@ TEST_CASE("core: the device pipeline, emulated on CPU threads, decides as prune_
         }
         check_same(got, want);
       }
+    }
+  }
+}
+
+TEST_CASE("core: the emulated pipeline with caller raters (and bad ones, flagged)") {
+  const auto all = cases();
+  for (const auto& c0 : all) {
+    INFO("case ", c0.name);
+    const auto chosen = svt::cpu_step(c0, svt::elem::f32, false).raters;
+    svt::flat_case c = c0;
+    c.raters = chosen;
+    const auto want = svt::cpu_step(c, svt::elem::f32, false);
+    const pl::bounds bd = bounds_of(c, false);
+    CHECK(bd.embed_dim == 0);
+    {
+      host_workspace ws(bd);
+      cpu_exec ex;
+      check_same(emulate<float>(ex, c, false, ws, bd), want);
+    }
+    // A visual position, then a repeated one: check_raters refuses both.
+    for (const std::vector<index_t>& bad :
+         {std::vector<index_t>{c.S}, std::vector<index_t>{c.L - 1, c.L - 1}}) {
+      if (c.S + c.N >= c.L) continue;
+      c.raters = bad;
+      host_workspace ws(bd);
+      cpu_exec ex;
+      const auto got = emulate<float>(ex, c, false, ws, bd);
+      CHECK(got.counts.flags[kn::flag_raters] == 1);
+      CHECK(got.counts.length == -1);
     }
   }
 }

@@ -23,10 +23,7 @@ std::vector<cpu::isa> simd_paths() {
   return out;
 }
 
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
+using svt::same_bits;
 
 /// Random floats over many binades, with signed zeros and float32 subnormals.
 std::vector<float> wild_floats(std::mt19937& g, std::size_t n) {

@@ -50,10 +50,7 @@ std::vector<T> filled(kv_layout layout, index_t tokens, index_t heads, index_t d
   return buf;
 }
 
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
+using svt::same_bits;
 
 // Checks the first seq.size() tokens hold the sequence and the rest is as before.
 template <class T>

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <random>
@@ -64,6 +65,14 @@ using sparsevlm::index_t;
 inline constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 inline constexpr float kNaNf = std::numeric_limits<float>::quiet_NaN();
 inline constexpr float kInff = std::numeric_limits<float>::infinity();
+
+/// Whether two vectors hold the same bytes (memcmp, which must not see the null
+/// data of an empty vector).
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() &&
+         (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
 
 /// Uniform integer in [lo, hi].
 inline index_t rand_int(std::mt19937& g, index_t lo, index_t hi) {
