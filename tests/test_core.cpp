@@ -374,6 +374,89 @@ TEST_CASE("core: the emulated pipeline with caller raters (and bad ones, flagged
   }
 }
 
+TEST_CASE("core: the emulated q/k path with only the rater rows of q, and with an LSE") {
+  const auto all = cases();
+  for (const auto& c : all) {
+    if (!c.has_qk()) continue;
+    INFO("case ", c.name);
+    const auto want = svt::cpu_step(c, svt::elem::f32, true);
+    const index_t R = static_cast<index_t>(want.raters.size());
+    if (R == 0) continue;
+    // q_r[h][r] = q[h][raters[r]]; LSE of every query row over its causal keys.
+    std::vector<float> qr(static_cast<std::size_t>(c.H * R * c.dh));
+    for (index_t h = 0; h < c.H; ++h)
+      for (index_t r = 0; r < R; ++r)
+        for (index_t x = 0; x < c.dh; ++x)
+          qr[static_cast<std::size_t>((h * R + r) * c.dh + x)] = c.q[static_cast<std::size_t>(
+              (h * c.L + want.raters[static_cast<std::size_t>(r)]) * c.dh + x)];
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.dh));
+    std::vector<float> lse(static_cast<std::size_t>(c.H * c.L));
+    for (index_t h = 0; h < c.H; ++h)
+      for (index_t t = 0; t < c.L; ++t) {
+        double mx = -INFINITY, sum = 0.0;
+        std::vector<double> z(static_cast<std::size_t>(t + 1));
+        for (index_t u = 0; u <= t; ++u) {
+          double acc = 0.0;
+          for (index_t x = 0; x < c.dh; ++x)
+            acc += static_cast<double>(c.q[static_cast<std::size_t>((h * c.L + t) * c.dh + x)]) *
+                   c.k[static_cast<std::size_t>(((h / (c.H / c.Hkv)) * c.L + u) * c.dh + x)];
+          z[static_cast<std::size_t>(u)] = scale * acc;
+          mx = std::max(mx, z[static_cast<std::size_t>(u)]);
+        }
+        for (double v : z) sum += std::exp(v - mx);
+        lse[static_cast<std::size_t>(h * c.L + t)] = static_cast<float>(mx + std::log(sum));
+      }
+    using namespace sparsevlm;
+    step_inputs_qk<float, float, float, float> host{
+        matrix_view<const float>(c.embeds.data(), {c.L, c.de}),
+        qk_view<float, float>{tensor3_view<const float>(c.q.data(), {c.H, c.L, c.dh}),
+                              tensor3_view<const float>(c.k.data(), {c.Hkv, c.L, c.dh}),
+                              matrix_view<const float>(lse.data(), {c.H, c.L}), 0.0},
+        matrix_view<const float>(c.hidden.data(), {c.L, c.d}), visual_span{c.S, c.N}, std::nullopt};
+    const step_result want_lse = prune_step(host, c.options);
+
+    const pl::bounds bd = bounds_of(c, true);
+    for (int variant = 0; variant < 3; ++variant) {
+      pl::step_args<float, float> a;
+      a.embeds = kn::rows2<float>{c.embeds.data(), c.de, 1};
+      a.embed_dim = c.de;
+      a.hidden = kn::rows2<float>{c.hidden.data(), c.d, 1};
+      a.hidden_dim = c.d;
+      a.length = c.L;
+      a.first_visual = c.S;
+      a.n_visual = c.N;
+      a.decide = decide_of(c.options);
+      pl::qk_args<float, float> g;
+      g.k = kn::rows3<float>{c.k.data(), c.L * c.dh, c.dh, 1};
+      g.heads = c.H;
+      g.kv_heads = c.Hkv;
+      g.head_dim = c.dh;
+      g.length = c.L;
+      g.scale = scale;
+      if (variant < 2) {  // rater rows only (variant 1: q claims one row too many)
+        g.q = kn::rows3<float>{qr.data(), R * c.dh, c.dh, 1};
+        g.all_queries = false;
+        g.q_rows = R + variant;
+      } else {
+        g.q = kn::rows3<float>{c.q.data(), c.L * c.dh, c.dh, 1};
+        g.all_queries = true;
+        g.q_rows = c.L;
+        g.lse = lse.data();
+        g.lse_s0 = c.L;
+        g.lse_s1 = 1;
+      }
+      host_workspace ws(bd);
+      cpu_exec ex;
+      pl::run_step(ex, a, g, bd, ws.buf);
+      const pipeline_out got = read_back(ws.buf, c.N, c.d);
+      INFO("variant ", variant);
+      if (variant == 0) check_same(got, want);
+      if (variant == 1) CHECK((got.counts.length == -1 && got.counts.flags[kn::flag_scores] == 1));
+      if (variant == 2) check_same(got, want_lse);
+    }
+  }
+}
+
 TEST_CASE("core: the rank's global-memory fallback and other block shapes decide the same") {
   const auto all = cases();
   for (const auto& c : all) {

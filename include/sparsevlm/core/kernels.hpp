@@ -12,8 +12,9 @@
 //
 // Arithmetic: every value that a CPU stage computes is computed here with the
 // same operations in the same order (the comment of each body names the CPU
-// code it mirrors): dot products through core/dot.hpp, sums in one thread in
-// the CPU's order, decisions through core/math.hpp.
+// code it mirrors): dot products through core/dot.hpp, exp through
+// core/exp.hpp, sums in one thread in the CPU's order, decisions through
+// core/math.hpp.
 #pragma once
 
 #include <cmath>
@@ -24,6 +25,7 @@
 #include "block.hpp"
 #include "dot.hpp"
 #include "eigen.hpp"
+#include "exp.hpp"
 #include "math.hpp"
 
 namespace sparsevlm::core::kernels {
@@ -37,7 +39,8 @@ enum step_flag : int {
   flag_scores = 1,     ///< a score is NaN/Inf (non-finite attention or q/k/lse)
   flag_hidden = 2,     ///< a hidden row that recycling merges holds NaN/Inf
   flag_eigen = 3,      ///< the rank's eigen-solver did not converge
-  flag_count = 4
+  flag_raters = 4,     ///< caller raters not ascending or not text positions
+  flag_count = 5
 };
 
 /// The device-resident state of one step: the counts the data decide, and the
@@ -232,7 +235,7 @@ struct rater_row_stats {
         mx = mx < v ? v : mx;  // std::max(mx, v)
       }
       double sum = 0.0;
-      for (i64 t = 0; t < n_text; ++t) sum += std::exp(static_cast<double>(li[t]) - mx);
+      for (i64 t = 0; t < n_text; ++t) sum += exp64(static_cast<double>(li[t]) - mx);
       row_max[i] = mx;
       row_sum[i] = sum;
     }
@@ -254,7 +257,7 @@ struct rater_column_means {
     for (i64 t = thread_id(b); t < n_text; t += thread_count(b)) {
       double acc = 0.0;
       for (i64 i = 0; i < n_visual; ++i)
-        acc += std::exp(static_cast<double>(logits[i * n_text + t]) - row_max[i]) / row_sum[i];
+        acc += exp64(static_cast<double>(logits[i * n_text + t]) - row_max[i]) / row_sum[i];
       m[t] = acc / static_cast<double>(n_visual);
     }
   }
@@ -285,16 +288,22 @@ struct rater_pick {
   }
 };
 
-/// Caller-given raters (absolute positions, validated by the caller or trusted).
+/// Caller-given raters: copied, and checked as check_raters does (ascending,
+/// unique, inside the text [first_text, L)), which raises flag_raters. Grid-stride.
 struct rater_copy {
   const i64* given;
-  i64 n_given;
+  i64 n_given, first_text, length;
   i64* raters;
   step_counts* counts;
 
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void*) const {
-    for (i64 r = thread_id(b); r < n_given; r += thread_count(b)) raters[r] = given[r];
+    for (i64 r = thread_id(b); r < n_given; r += thread_count(b)) {
+      const i64 v = given[r];
+      if (v < first_text || v >= length || (r > 0 && !(v > given[r - 1])))
+        raise_flag(&counts->flags[flag_raters]);
+      raters[r] = v;
+    }
     if (thread_id(b) == 0) counts->raters = n_given;
   }
 };
@@ -328,6 +337,7 @@ struct scores_from_attention {
 
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void*) const {
+    if (failed(counts, flag_scores)) return;
     const i64 R = counts->raters;
     const float hf = static_cast<float>(heads);
     for (i64 j = thread_id(b); j < n_visual; j += thread_count(b)) {
@@ -356,6 +366,7 @@ struct qk_logits {
   rows3<TK> k;
   i64 group;         ///< H / Hkv
   bool all_queries;  ///< q holds all L rows (else only the R rater rows)
+  i64 q_rows;        ///< q's rows: L, or R (else the step is flagged)
   i64 head_dim, r_tiles, r_max, k_max;
   const i64* raters;
   float* z;  ///< [H, r_max, k_max]
@@ -364,7 +375,11 @@ struct qk_logits {
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
     const i64 R = counts->raters;
-    if (R == 0) return;
+    if (R == 0 || failed(counts, flag_scores)) return;
+    if (!all_queries && q_rows != R) {  // q holds rater rows, but not R of them
+      raise_flag(&counts->flags[flag_scores]);
+      return;
+    }
     const i64 keys = raters[R - 1] + 1;
     const i64 h = b.by() / r_tiles, r0 = (b.by() % r_tiles) * Tile, u0 = b.bx() * Tile;
     if (r0 >= R || u0 >= keys) return;  // the whole block leaves together
@@ -405,7 +420,7 @@ struct qk_row_stats {
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
     const i64 r = b.bx(), h = b.by();
-    if (r >= counts->raters) return;
+    if (r >= counts->raters || failed(counts, flag_scores)) return;
     double* buf = static_cast<double*>(smem);
     const i64 t = raters[r];
     const float* zr = z + (h * r_max + r) * k_max;
@@ -442,7 +457,7 @@ struct qk_row_stats {
     double s = 0.0;  // thread 0's running sum, keys in order
     for (i64 base = 0; base <= t; base += nt) {
       const i64 u = base + tid;
-      buf[tid] = u <= t ? std::exp(static_cast<double>(scale * zr[u]) - row_max) : 0.0;
+      buf[tid] = u <= t ? exp64(static_cast<double>(scale * zr[u]) - row_max) : 0.0;
       b.sync();
       if (tid == 0) {
         const i64 n = t + 1 - base < nt ? t + 1 - base : nt;
@@ -473,6 +488,7 @@ struct scores_from_qk {
 
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void*) const {
+    if (failed(counts, flag_scores)) return;
     const i64 R = counts->raters;
     const float hf = static_cast<float>(heads);
     for (i64 j = thread_id(b); j < n_visual; j += thread_count(b)) {
@@ -482,7 +498,7 @@ struct scores_from_qk {
         for (i64 h = 0; h < heads; ++h) {
           const i64 idx = h * r_max + r;
           const double zz = static_cast<double>(scale * z[idx * k_max + first_visual + j]);
-          p += static_cast<float>(std::exp(zz - offset[idx]) / sum[idx]);
+          p += static_cast<float>(exp64(zz - offset[idx]) / sum[idx]);
         }
         p /= hf;
         P[r * n_visual + j] = p;

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../config.hpp"
+#include "exp.hpp"
 
 namespace sparsevlm::core {
 
@@ -74,11 +75,12 @@ SPARSEVLM_HD inline double gram_distance(double g_ii, double g_jj, double g_ij,
 
 /// Spec step 7: ρ = exp(−mean of the squares of the k smallest distances of a
 /// row), `smallest` holding them in ascending order (so equal multisets give
-/// equal sums, hence exactly equal densities).
+/// equal sums, hence exactly equal densities). exp is the library's own
+/// (core/exp.hpp), so the CPU and the GPU compute the same densities.
 SPARSEVLM_HD inline double density(const double* smallest, std::int64_t k) noexcept {
   double sum = 0.0;
   for (std::int64_t t = 0; t < k; ++t) sum += smallest[t] * smallest[t];
-  return std::exp(-(sum / static_cast<double>(k)));
+  return exp64(-(sum / static_cast<double>(k)));
 }
 
 /// Spec step 7, δ: min(delta, dist) as std::min computes it.

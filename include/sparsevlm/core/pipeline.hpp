@@ -214,11 +214,13 @@ void select_raters(Exec& ex, rows2<TE> embeds, i64 length, i64 first_visual, i64
   ex.launch(rater_pick{buf.m, T, first_text, buf.raters, buf.counts}, 1, 1, 1, 0);
 }
 
-/// Stage 1 with the caller's raters (device array of n absolute positions).
+/// Stage 1 with the caller's raters (device array of n absolute positions,
+/// checked on the device: flag_raters).
 template <class Exec>
-void given_raters(Exec& ex, const i64* raters, i64 n, const buffers& buf) {
-  ex.launch(rater_copy{raters, n, buf.raters, buf.counts}, std::max<i64>(ex.grid(n), 1), 1,
-            ex.threads(), 0);
+void given_raters(Exec& ex, const i64* raters, i64 n, i64 first_text, i64 length,
+                  const buffers& buf) {
+  ex.launch(rater_copy{raters, n, first_text, length, buf.raters, buf.counts},
+            std::max<i64>(ex.grid(n), 1), 1, ex.threads(), 0);
 }
 
 /// Stages 2-3 from the attention probabilities [H, L, L].
@@ -237,6 +239,7 @@ struct qk_args {
   rows3<TK> k;
   i64 heads = 0, kv_heads = 0, head_dim = 0, length = 0;
   bool all_queries = true;  ///< q is [H, L, dh] (else [H, R, dh])
+  i64 q_rows = 0;           ///< q.extent[1]
   float scale = 0.0f;       ///< the softmax scale as the CPU rounds it
   const float* lse = nullptr;
   i64 lse_s0 = 0, lse_s1 = 0;
@@ -252,8 +255,9 @@ void scores_qk(Exec& ex, const qk_args<TQ, TK>& a, i64 first_visual, i64 n_visua
   const i64 k_max = a.length;
   const i64 r_tiles = ceil_div(r_max, tile);
   if (r_max > 0) {
-    ex.launch(qk_logits<TQ, TK, tile>{a.q, a.k, a.heads / a.kv_heads, a.all_queries, a.head_dim,
-                                       r_tiles, r_max, k_max, buf.raters, buf.z, buf.counts},
+    ex.launch(qk_logits<TQ, TK, tile>{a.q, a.k, a.heads / a.kv_heads, a.all_queries, a.q_rows,
+                                       a.head_dim, r_tiles, r_max, k_max, buf.raters, buf.z,
+                                       buf.counts},
               ceil_div(k_max, tile), a.heads * r_tiles, tile_threads<tile>,
               static_cast<std::size_t>(tile_smem<tile>));
     ex.launch(qk_row_stats{buf.z, r_max, k_max, a.scale, a.lse, a.lse_s0, a.lse_s1,
@@ -386,7 +390,7 @@ template <class Exec, class TE, class TH>
 void begin_step(Exec& ex, const step_args<TE, TH>& a, const buffers& buf) {
   reset(ex, buf);
   if (a.given) {
-    given_raters(ex, a.raters, a.n_raters, buf);
+    given_raters(ex, a.raters, a.n_raters, a.first_visual + a.n_visual, a.length, buf);
   } else {
     select_raters(ex, a.embeds, a.length, a.first_visual, a.n_visual, a.embed_dim, buf);
   }

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "../core/dot.hpp"
+#include "../core/exp.hpp"
 #include "../dtype.hpp"
 #include "kernel_table.hpp"
 
@@ -48,18 +49,9 @@ inline void cvt_bf16(float* dst, const std::uint16_t* src, i64 n) noexcept {
   for (i64 j = 0; j < n; ++j) dst[j] = to_float(bfloat16{src[j]});
 }
 
-/// exp of kernel_table.hpp (the reference for the SIMD paths).
-inline double exp64(double x) noexcept {
-  using K = exp_constants;
-  if (x != x) return x;  // NaN
-  x = x < K::lo ? K::lo : (x > K::hi ? K::hi : x);
-  const double k = std::nearbyint(x * K::log2e);
-  double r = std::fma(-k, K::ln2_hi, x);
-  r = std::fma(-k, K::ln2_lo, r);
-  double p = K::c[0];
-  for (int i = 1; i < 14; ++i) p = std::fma(p, r, K::c[i]);
-  return std::ldexp(p, static_cast<int>(k));
-}
+/// exp of kernel_table.hpp (the reference for the SIMD paths; core/exp.hpp,
+/// which the CUDA kernels share).
+inline double exp64(double x) noexcept { return core::exp64(x); }
 
 inline void exp_f64(double* x, i64 n) noexcept {
   for (i64 j = 0; j < n; ++j) x[j] = exp64(x[j]);

@@ -1,0 +1,58 @@
+// Stages 5-6 on the device: the keep count (keep_count.hpp) and the keep set
+// (keep_set.hpp's select_keep), with the recycling sizes s and c.
+#pragma once
+
+#include "../keep_count.hpp"
+#include "../recycle.hpp"
+#include "common.cuh"
+
+namespace sparsevlm::cuda {
+
+/// keep from the rank and `opt.policy` (keep_count), then s = recycle_count and
+/// c = cluster_count when `opt.recycle` is on (core/math.hpp's functions, the
+/// CPU's). One thread.
+/// Errors: sparsevlm::error for a bad policy or recycling options, or a
+/// recycling fraction / divisor beyond the workspace's shape.
+inline cudaError_t keep_count_async(const device_step& step, const step_options& opt,
+                                    cudaStream_t stream) {
+  check_policy(opt.policy);
+  core::pipeline::decide_args a;
+  a.fixed = opt.policy.kind == keep_policy::kind_t::fixed;
+  a.scale = opt.policy.scale;
+  a.bias = opt.policy.bias;
+  a.fixed_keep = opt.policy.keep;
+  a.recycle = opt.recycle.enabled;
+  if (a.recycle) {
+    check_recycle_options(opt.recycle);
+    const index_t N = step.visual.len;
+    const index_t s = core::recycle_count(N, opt.recycle.fraction);
+    const index_t c = core::cluster_count(s, opt.recycle.cluster_divisor);
+    SPARSEVLM_CHECK(s <= step.bounds.s_max && c <= step.bounds.c_max, errc::invalid_argument,
+                    "recycle options",
+                    sparsevlm::detail::concat("at most ", step.bounds.s_max, " rows in ",
+                                              step.bounds.c_max,
+                                              " clusters (the workspace's shape)"),
+                    sparsevlm::detail::concat(s, " rows in ", c, " clusters"));
+    a.fraction = opt.recycle.fraction;
+    a.divisor = opt.recycle.cluster_divisor;
+  }
+  detail::device_exec ex(stream);
+  if (ex.status != cudaSuccess) return ex.status;
+  core::pipeline::keep_count(ex, step.visual.len, a, step.buf);
+  return ex.status;
+}
+
+/// The keep set: the `keep` tokens first in the order core::ranks_before (higher
+/// score, ties to the lower position), listed ascending; the pruned tokens in
+/// that order feed recycling. Each token's place is the count of tokens ranking
+/// before it (O(N²) comparisons from shared memory, ~85 M at N = 9216: cheaper
+/// than a radix sort's launches at these sizes, and exact), then a block-wide
+/// prefix sum lists the kept positions.
+inline cudaError_t select_keep_async(const device_step& step, cudaStream_t stream) {
+  detail::device_exec ex(stream);
+  if (ex.status != cudaSuccess) return ex.status;
+  core::pipeline::keep_set(ex, step.visual.start, step.visual.len, step.buf);
+  return ex.status;
+}
+
+}  // namespace sparsevlm::cuda

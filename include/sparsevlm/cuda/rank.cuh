@@ -1,0 +1,29 @@
+// Stage 4 on the device: the numerical rank of P (rank.hpp's numerical_rank).
+#pragma once
+
+#include "common.cuh"
+
+namespace sparsevlm::cuda {
+
+/// rank = #{λ of G > λ_max·(max(R, N)·2^-23)²} with G = P·Pᵀ (R <= N) or Pᵀ·P,
+/// m = min(R, N): G by canonical float64 dot products in 32×32 tiles, its
+/// eigenvalues by the CPU's own Householder + QL solver (core/eigen.hpp) run by
+/// ONE thread block: the reduction's per-row loops are split over the block,
+/// every cross-row sum and the QL phase run in thread 0 in the serial order,
+/// so the eigenvalues, hence the rank, have the CPU's bits.
+///
+/// Limit and fallback: G lives in shared memory while (m² + 2m + 4)·8 bytes fit
+/// the device's opt-in limit (227 KB on H100: m <= 166; 163 KB on A100: m <= 141;
+/// m <= 128 fits both); a larger m runs the same code on G in global memory
+/// (same bits; the O(m²) serial steps then pay global-memory latency). m is
+/// bounded by the workspace's shape (min(T, N)).
+/// Cost: m²·max(R,N)/2 multiply-adds for G; 4m³/3 for the reduction in O(m²)
+/// block-wide steps, then O(m²) serial QL work.
+inline cudaError_t numerical_rank_async(const device_step& step, cudaStream_t stream) {
+  detail::device_exec ex(stream);
+  if (ex.status != cudaSuccess) return ex.status;
+  core::pipeline::rank(ex, step.visual.len, step.bounds.m_max(), step.buf);
+  return ex.status;
+}
+
+}  // namespace sparsevlm::cuda

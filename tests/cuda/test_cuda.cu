@@ -1,0 +1,411 @@
+// The CUDA backend against the CPU path, on a GPU. One binary, no doctest
+// (its templated test cases do not build under nvcc): a small harness that
+// counts failures. Exit status 77 when there is no usable device, which CTest
+// reports as skipped (tests/CMakeLists.txt: SKIP_RETURN_CODE 77).
+//
+// Every shared case (SPARSEVLM_TEST_CASES_DIR) runs on the CPU (prune_step)
+// and on the GPU (cuda::prune_step_async), in float32, float16 and bfloat16
+// copies, from the attention and from q/k (all rows, rater rows only, and with
+// an LSE), alone and as one ragged batch of 32; the results must be equal:
+// raters, rank, keep count, keep set, clusters and sequence exactly, the
+// scores and merged rows bit for bit (the arithmetic is shared: core/), and
+// within the spec's tolerance as a fallback report. Then the plan's gathers
+// against plan.hpp / positions.hpp / kv_cache.hpp, the pinned length slot, and
+// the NaN flags.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <sparsevlm/cuda/step.cuh>
+#include <sparsevlm/kv_cache.hpp>
+#include <sparsevlm/plan.hpp>
+#include <sparsevlm/positions.hpp>
+
+#include "../step_case.hpp"
+
+namespace {
+
+using sparsevlm::index_t;
+namespace cu = sparsevlm::cuda;
+
+int failures = 0;
+int checks = 0;
+std::string context;
+
+#define EXPECT(cond)                                                                       \
+  do {                                                                                     \
+    ++checks;                                                                              \
+    if (!(cond)) {                                                                         \
+      ++failures;                                                                          \
+      std::printf("FAIL %s:%d [%s] %s\n", __FILE__, __LINE__, context.c_str(), #cond);     \
+    }                                                                                      \
+  } while (0)
+
+#define CUDA_OK(expr)                                                                      \
+  do {                                                                                     \
+    const cudaError_t e_ = (expr);                                                         \
+    if (e_ != cudaSuccess) {                                                               \
+      std::printf("CUDA error %s at %s:%d [%s]: %s\n", cudaGetErrorString(e_), __FILE__,   \
+                  __LINE__, context.c_str(), #expr);                                       \
+      std::exit(1);                                                                        \
+    }                                                                                      \
+  } while (0)
+
+/// A device copy of a host vector (freed with the object).
+template <class T>
+struct dev {
+  T* p = nullptr;
+  std::size_t n = 0;
+  dev() = default;
+  explicit dev(std::size_t count) : n(count) {
+    CUDA_OK(cudaMalloc(reinterpret_cast<void**>(&p), (n > 0 ? n : 1) * sizeof(T)));
+  }
+  explicit dev(const std::vector<T>& v) : dev(v.size()) {
+    if (n > 0) CUDA_OK(cudaMemcpy(p, v.data(), n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  dev(const dev&) = delete;
+  dev& operator=(const dev&) = delete;
+  dev(dev&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr; }
+  ~dev() { cudaFree(p); }
+  std::vector<T> get() const {
+    std::vector<T> v(n);
+    if (n > 0) CUDA_OK(cudaMemcpy(v.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
+template <class T>
+std::vector<T> as(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = sparsevlm::from_float<T>(v[i]);
+  return out;
+}
+
+template <class T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+bool within_spec(const std::vector<float>& a, const std::vector<float>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (!(std::fabs(static_cast<double>(a[i]) - b[i]) <= 1e-5 + 1e-4 * std::fabs(static_cast<double>(b[i]))))
+      return false;
+  return true;
+}
+
+/// Compares a downloaded GPU result with the CPU's.
+void compare(const sparsevlm::step_result& g, const cu::step_status& st,
+             const sparsevlm::step_result& c) {
+  EXPECT(st.ok());
+  EXPECT(g.raters == c.raters);
+  EXPECT(g.rank == c.rank);
+  EXPECT(g.keep_count == c.keep_count);
+  EXPECT(g.keep == c.keep);
+  EXPECT(g.recycled.clusters == c.recycled.clusters);
+  EXPECT(g.sequence == c.sequence);
+  EXPECT(within_spec(g.recycled.merged, c.recycled.merged));
+  EXPECT(same_bits(g.recycled.merged, c.recycled.merged));
+  EXPECT(same_bits(g.scores, c.scores));
+}
+
+/// One case's tensors on the device, in element type T.
+template <class T>
+struct device_case {
+  dev<T> embeds, attn, hidden, q, k;
+  dev<index_t> raters;
+  explicit device_case(const svt::flat_case& c)
+      : embeds(as<T>(c.embeds)), attn(as<T>(c.attn)), hidden(as<T>(c.hidden)),
+        q(as<T>(c.q)), k(as<T>(c.k)), raters(c.raters ? *c.raters : std::vector<index_t>{}) {}
+
+  sparsevlm::step_inputs<T, T, T> inputs(const svt::flat_case& c) const {
+    using namespace sparsevlm;
+    std::optional<std::span<const index_t>> r;
+    if (c.raters) r = std::span<const index_t>(raters.p, c.raters->size());
+    return {matrix_view<const T>(embeds.p, {c.L, c.de}, "embeds"),
+            tensor3_view<const T>(attn.p, {c.H, c.L, c.L}, "attn"),
+            matrix_view<const T>(hidden.p, {c.L, c.d}, "hidden"), visual_span{c.S, c.N}, r};
+  }
+  sparsevlm::step_inputs_qk<T, T, T, T> inputs_qk(const svt::flat_case& c) const {
+    using namespace sparsevlm;
+    std::optional<std::span<const index_t>> r;
+    if (c.raters) r = std::span<const index_t>(raters.p, c.raters->size());
+    return {matrix_view<const T>(embeds.p, {c.L, c.de}, "embeds"),
+            qk_view<T, T>{tensor3_view<const T>(q.p, {c.H, c.L, c.dh}, "q"),
+                          tensor3_view<const T>(k.p, {c.Hkv, c.L, c.dh}, "k"), std::nullopt, 0.0},
+            matrix_view<const T>(hidden.p, {c.L, c.d}, "hidden"), visual_span{c.S, c.N}, r};
+  }
+};
+
+/// Runs one step on the GPU (two-phase workspace), downloads it.
+template <class Inputs>
+sparsevlm::step_result gpu_step(const Inputs& in, const sparsevlm::step_options& opt,
+                                cu::step_status& st, cudaStream_t stream, index_t* pinned) {
+  std::size_t bytes = 0;
+  cu::device_step step;
+  CUDA_OK(cu::prune_step_async(in, opt, nullptr, bytes, step, nullptr, stream));
+  dev<unsigned char> ws(bytes);
+  CUDA_OK(cu::prune_step_async(in, opt, ws.p, bytes, step, pinned, stream));
+  sparsevlm::step_result r;
+  CUDA_OK(cu::download(step, r, st, stream));
+  return r;
+}
+
+template <class T>
+void run_case(const svt::flat_case& c, svt::elem e, cudaStream_t stream, index_t* pinned) {
+  const device_case<T> d(c);
+  for (bool qk : {false, true}) {
+    if (qk && !c.has_qk()) continue;
+    context = c.name + (qk ? " q/k " : " attn ") + svt::elem_name(e);
+    sparsevlm::step_result want;
+    try {
+      want = svt::cpu_step(c, e, qk);
+    } catch (const sparsevlm::error& err) {
+      std::printf("note [%s]: the CPU refuses this copy (%s): skipped\n", context.c_str(), err.what());
+      continue;
+    }
+    cu::step_status st;
+    *pinned = -7;
+    const auto got = qk ? gpu_step(d.inputs_qk(c), c.options, st, stream, pinned)
+                        : gpu_step(d.inputs(c), c.options, st, stream, pinned);
+    compare(got, st, want);
+    EXPECT(*pinned == static_cast<index_t>(want.sequence.size()));  // download synchronised
+  }
+}
+
+/// q holding only the rater rows, and an engine's LSE: the same decisions.
+void run_qk_variants(const svt::flat_case& c, cudaStream_t stream) {
+  if (!c.has_qk()) return;
+  const auto want = svt::cpu_step(c, svt::elem::f32, true);
+  const index_t R = static_cast<index_t>(want.raters.size());
+  if (R == 0) return;
+  using namespace sparsevlm;
+  // Rater rows only: q_r[h][r] = q[h][raters[r]].
+  std::vector<float> qr(static_cast<std::size_t>(c.H * R * c.dh));
+  for (index_t h = 0; h < c.H; ++h)
+    for (index_t r = 0; r < R; ++r)
+      for (index_t x = 0; x < c.dh; ++x)
+        qr[static_cast<std::size_t>((h * R + r) * c.dh + x)] =
+            c.q[static_cast<std::size_t>((h * c.L + want.raters[static_cast<std::size_t>(r)]) * c.dh + x)];
+  // LSE of every query row over its causal keys (float32, natural log).
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.dh));
+  std::vector<float> lse(static_cast<std::size_t>(c.H * c.L));
+  const index_t group = c.H / c.Hkv;
+  for (index_t h = 0; h < c.H; ++h)
+    for (index_t t = 0; t < c.L; ++t) {
+      std::vector<double> z(static_cast<std::size_t>(t + 1));
+      double mx = -INFINITY;
+      for (index_t u = 0; u <= t; ++u) {
+        double s = 0.0;
+        for (index_t x = 0; x < c.dh; ++x)
+          s += static_cast<double>(c.q[static_cast<std::size_t>((h * c.L + t) * c.dh + x)]) *
+               c.k[static_cast<std::size_t>(((h / group) * c.L + u) * c.dh + x)];
+        z[static_cast<std::size_t>(u)] = scale * s;
+        mx = std::max(mx, z[static_cast<std::size_t>(u)]);
+      }
+      double sum = 0.0;
+      for (double v : z) sum += std::exp(v - mx);
+      lse[static_cast<std::size_t>(h * c.L + t)] = static_cast<float>(mx + std::log(sum));
+    }
+  const dev<float> e(c.embeds), hd(c.hidden), q(c.q), k(c.k), qrd(qr), lsed(lse);
+  const matrix_view<const float> ev(e.p, {c.L, c.de}), hv(hd.p, {c.L, c.d});
+  const tensor3_view<const float> kv(k.p, {c.Hkv, c.L, c.dh});
+  {
+    context = c.name + " q/k rater rows";
+    step_inputs_qk<float, float, float, float> in{
+        ev, qk_view<float, float>{tensor3_view<const float>(qrd.p, {c.H, R, c.dh}), kv, std::nullopt, 0.0},
+        hv, visual_span{c.S, c.N}, std::nullopt};
+    cu::step_status st;
+    index_t slot = 0;
+    compare(gpu_step(in, c.options, st, stream, &slot), st, want);
+  }
+  {
+    context = c.name + " q/k with lse";
+    step_inputs_qk<float, float, float, float> in{
+        ev,
+        qk_view<float, float>{tensor3_view<const float>(q.p, {c.H, c.L, c.dh}), kv,
+                              matrix_view<const float>(lsed.p, {c.H, c.L}), 0.0},
+        hv, visual_span{c.S, c.N}, std::nullopt};
+    step_inputs_qk<float, float, float, float> host{
+        matrix_view<const float>(c.embeds.data(), {c.L, c.de}),
+        qk_view<float, float>{tensor3_view<const float>(c.q.data(), {c.H, c.L, c.dh}),
+                              tensor3_view<const float>(c.k.data(), {c.Hkv, c.L, c.dh}),
+                              matrix_view<const float>(lse.data(), {c.H, c.L}), 0.0},
+        matrix_view<const float>(c.hidden.data(), {c.L, c.d}), visual_span{c.S, c.N}, std::nullopt};
+    const auto want_lse = prune_step(host, c.options);
+    cu::step_status st;
+    index_t slot = 0;
+    compare(gpu_step(in, c.options, st, stream, &slot), st, want_lse);
+  }
+}
+
+/// A ragged batch of 32 steps (the cases in turn), one workspace, one stream.
+void run_batch(const std::vector<svt::flat_case>& all, cudaStream_t stream, index_t* pinned) {
+  if (all.empty()) return;
+  context = "batch of 32";
+  std::vector<std::unique_ptr<device_case<float>>> held;
+  std::vector<sparsevlm::step_inputs<float, float, float>> steps;
+  std::vector<sparsevlm::step_options> opts;
+  std::vector<sparsevlm::step_result> want;
+  for (int b = 0; b < 32; ++b) {
+    const auto& c = all[static_cast<std::size_t>(b) % all.size()];
+    held.push_back(std::make_unique<device_case<float>>(c));
+    steps.push_back(held.back()->inputs(c));
+    opts.push_back(c.options);
+    want.push_back(svt::cpu_step(c, svt::elem::f32, false));
+  }
+  std::vector<cu::device_step> out(steps.size());
+  std::size_t bytes = 0;
+  using In = sparsevlm::step_inputs<float, float, float>;
+  CUDA_OK(cu::prune_batch_async<In>(steps, opts, nullptr, bytes, out, nullptr, stream));
+  dev<unsigned char> ws(bytes);
+  CUDA_OK(cu::prune_batch_async<In>(steps, opts, ws.p, bytes, out, pinned, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  for (std::size_t b = 0; b < steps.size(); ++b) {
+    context = "batch of 32, step " + std::to_string(b);
+    sparsevlm::step_result r;
+    cu::step_status st;
+    CUDA_OK(cu::download(out[b], r, st, stream));
+    compare(r, st, want[b]);
+    EXPECT(pinned[b] == static_cast<index_t>(want[b].sequence.size()));
+  }
+}
+
+/// The plan on the device: hidden states (bfloat16), position ids, K/V rows.
+void run_plan(const svt::flat_case& c, cudaStream_t stream) {
+  using namespace sparsevlm;
+  context = c.name + " plan";
+  const auto want = svt::cpu_step(c, svt::elem::f32, false);
+  const device_case<float> d(c);
+  std::size_t bytes = 0;
+  cu::device_step step;
+  CUDA_OK(cu::prune_step_async(d.inputs(c), c.options, nullptr, bytes, step, nullptr, stream));
+  dev<unsigned char> ws(bytes);
+  CUDA_OK(cu::prune_step_async(d.inputs(c), c.options, ws.p, bytes, step, nullptr, stream));
+  const index_t n = static_cast<index_t>(want.sequence.size());
+  const index_t ncl = static_cast<index_t>(want.recycled.clusters.size());
+
+  const auto hb = as<bfloat16>(c.hidden);
+  const dev<bfloat16> hin(hb);
+  dev<bfloat16> hout(hb.size());
+  CUDA_OK(cu::apply_plan_async(step, matrix_view<const bfloat16>(hin.p, {c.L, c.d}),
+                               matrix_view<bfloat16>(hout.p, {c.L, c.d}), stream));
+  std::vector<bfloat16> ref(static_cast<std::size_t>(n * c.d));
+  apply_plan(std::span<const index_t>(want.sequence), matrix_view<const bfloat16>(hb.data(), {c.L, c.d}),
+             matrix_view<const float>(want.recycled.merged.data(), {ncl, c.d}),
+             matrix_view<bfloat16>(ref.data(), {n, c.d}));
+  auto got = hout.get();
+  got.resize(ref.size());
+  EXPECT(same_bits(got, ref));
+
+  std::vector<index_t> pos(static_cast<std::size_t>(3 * c.L));
+  for (std::size_t i = 0; i < pos.size(); ++i) pos[i] = static_cast<index_t>(7 * i + 1);
+  const dev<index_t> pin(pos);
+  for (position_policy policy : {position_policy::renumber, position_policy::keep_original}) {
+    dev<index_t> pout(pos.size());
+    CUDA_OK(cu::pruned_positions_async(step, matrix_view<const index_t>(pin.p, {3, c.L}), policy,
+                                       matrix_view<index_t>(pout.p, {3, c.L}), stream));
+    std::vector<index_t> pref(static_cast<std::size_t>(3 * n));
+    pruned_positions(std::span<const index_t>(want.sequence), want.recycled.clusters,
+                     matrix_view<const index_t>(pos.data(), {3, c.L}), policy,
+                     matrix_view<index_t>(pref.data(), {3, n}));
+    const auto pg = pout.get();
+    bool same = true;
+    for (index_t r = 0; r < 3; ++r)
+      for (index_t i = 0; i < n; ++i)
+        same = same && pg[static_cast<std::size_t>(r * c.L + i)] == pref[static_cast<std::size_t>(r * n + i)];
+    EXPECT(same);
+  }
+
+  // A [heads, L, dh] cache seen as [L, heads, dh].
+  const index_t heads = 2, hd = 4;
+  std::vector<float> kv(static_cast<std::size_t>(heads * c.L * hd));
+  for (std::size_t i = 0; i < kv.size(); ++i) kv[i] = static_cast<float>(i);
+  const dev<float> kin(kv);
+  dev<float> kout(kv.size());
+  CUDA_OK(cu::apply_plan_kv_async(
+      step, tensor3_view<const float>(kin.p, {c.L, heads, hd}, {hd, c.L * hd, 1}),
+      tensor3_view<float>(kout.p, {c.L, heads, hd}, {hd, c.L * hd, 1}), stream));
+  const auto kg = kout.get();
+  const auto kseq = kv_sequence(std::span<const index_t>(want.sequence));
+  bool same = true;
+  for (std::size_t i = 0; i < kseq.size(); ++i)
+    for (index_t h = 0; h < heads; ++h)
+      for (index_t x = 0; x < hd; ++x)
+        same = same && kg[static_cast<std::size_t>(h * c.L * hd + static_cast<index_t>(i) * hd + x)] ==
+                           kv[static_cast<std::size_t>(h * c.L * hd + kseq[i] * hd + x)];
+  EXPECT(same);
+}
+
+/// NaN in the attention: the step's length is −1 and the flag says why.
+void run_flags(const svt::flat_case& c0, cudaStream_t stream) {
+  if (c0.raters || c0.S + c0.N >= c0.L) return;
+  svt::flat_case c = c0;
+  for (index_t h = 0; h < c.H; ++h)
+    for (index_t t = c.S + c.N; t < c.L; ++t)
+      c.attn[static_cast<std::size_t>((h * c.L + t) * c.L + c.S)] = std::numeric_limits<float>::quiet_NaN();
+  bool cpu_throws = false;
+  try {
+    (void)svt::cpu_step(c, svt::elem::f32, false);
+  } catch (const sparsevlm::error&) {
+    cpu_throws = true;
+  }
+  context = c.name + " NaN attention";
+  const device_case<float> d(c);
+  cu::step_status st;
+  index_t slot = 0;
+  const auto got = gpu_step(d.inputs(c), c.options, st, stream, &slot);
+  EXPECT((slot == -1) == cpu_throws);
+  EXPECT(st.non_finite_scores == cpu_throws);
+}
+
+}  // namespace
+
+int main() {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  if (e != cudaSuccess || count == 0) {
+    std::printf("no CUDA device: skipped (%s)\n",
+                e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount() = 0");
+    return 77;
+  }
+  cudaDeviceProp prop{};
+  CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device 0: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
+#ifdef SPARSEVLM_TEST_CASES_DIR
+  const std::vector<svt::flat_case> all = svt::load_flat_cases(SPARSEVLM_TEST_CASES_DIR);
+#else
+  const std::vector<svt::flat_case> all;
+#endif
+  if (all.empty()) {
+    std::printf("no shared cases found: nothing to compare\n");
+    return 1;
+  }
+  cudaStream_t stream = nullptr;
+  CUDA_OK(cudaStreamCreate(&stream));
+  index_t* pinned = nullptr;
+  CUDA_OK(cudaMallocHost(reinterpret_cast<void**>(&pinned), 32 * sizeof(index_t)));
+  for (const auto& c : all) {
+    run_case<float>(c, svt::elem::f32, stream, pinned);
+    run_case<sparsevlm::half>(c, svt::elem::f16, stream, pinned);
+    run_case<sparsevlm::bfloat16>(c, svt::elem::bf16, stream, pinned);
+    run_qk_variants(c, stream);
+    run_plan(c, stream);
+    run_flags(c, stream);
+  }
+  run_batch(all, stream, pinned);
+  CUDA_OK(cudaFreeHost(pinned));
+  CUDA_OK(cudaStreamDestroy(stream));
+  std::printf("%d checks, %d failed, %zu cases\n", checks, failures, all.size());
+  return failures == 0 ? 0 : 1;
+}
