@@ -159,19 +159,7 @@ struct fixture {
   }
 };
 
-void check_same(const step_result& a, const step_result& b) {
-  CHECK(a.raters == b.raters);
-  CHECK(a.rank == b.rank);
-  CHECK(a.keep_count == b.keep_count);
-  CHECK(a.keep == b.keep);
-  CHECK(a.recycled.clusters == b.recycled.clusters);
-  CHECK(a.recycled.dim == b.recycled.dim);
-  CHECK(a.sequence == b.sequence);
-  REQUIRE(a.scores.size() == b.scores.size());
-  CHECK(svt::same_bits(a.scores, b.scores));
-  REQUIRE(a.recycled.merged.size() == b.recycled.merged.size());
-  CHECK(svt::same_bits(a.recycled.merged, b.recycled.merged));
-}
+void check_same(const step_result& a, const step_result& b) { svt::check_same_result(a, b); }
 
 }  // namespace
 

@@ -74,6 +74,19 @@ bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
          (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
+/// Checks that two step results are the same, scores and merged rows bit for bit.
+inline void check_same_result(const sparsevlm::step_result& a, const sparsevlm::step_result& b) {
+  CHECK(a.raters == b.raters);
+  CHECK(a.rank == b.rank);
+  CHECK(a.keep_count == b.keep_count);
+  CHECK(a.keep == b.keep);
+  CHECK(a.recycled.clusters == b.recycled.clusters);
+  CHECK(a.recycled.dim == b.recycled.dim);
+  CHECK(a.sequence == b.sequence);
+  CHECK(same_bits(a.scores, b.scores));
+  CHECK(same_bits(a.recycled.merged, b.recycled.merged));
+}
+
 /// Uniform integer in [lo, hi].
 inline index_t rand_int(std::mt19937& g, index_t lo, index_t hi) {
   return std::uniform_int_distribution<index_t>(lo, hi)(g);

@@ -7,6 +7,9 @@
 #pragma once
 
 #include <atomic>
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#endif
 
 #include "../error.hpp"
 #include "kernel_table.hpp"
@@ -19,6 +22,16 @@ namespace detail {
 inline constinit std::atomic<int> forced{-1};
 }  // namespace detail
 
+namespace detail {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+/// CPUID.1:ECX.F16C[bit 29] (clang 14's __builtin_cpu_supports has no "f16c").
+inline bool cpu_has_f16c() noexcept {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid(1, &a, &b, &c, &d) != 0 && ((c >> 29) & 1u) != 0;
+}
+#endif
+}  // namespace detail
+
 /// Whether this CPU (and its OS) runs the instructions of `i`.
 inline bool isa_supported(isa i) noexcept {
   switch (i) {
@@ -27,7 +40,7 @@ inline bool isa_supported(isa i) noexcept {
     // Checks the OS-enabled register state too, not only CPUID.
     case isa::avx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+             detail::cpu_has_f16c();
     case isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
