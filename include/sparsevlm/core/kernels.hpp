@@ -158,6 +158,23 @@ SPARSEVLM_HD void dot_tile(const Block& b, float* smem, i64 na, i64 nb, i64 dept
   }
 }
 
+/// The Tile×Tile block (i0, j0) of a symmetric Gram matrix g (row stride ld) in
+/// double (dot_tile with Acc = double): rows are load(r, k); only pairs with
+/// i <= j are computed into both g[i][j] and g[j][i] (blocks below the diagonal
+/// are the caller's to skip), so each pair is one number.
+template <int Tile, class Block, class Load>
+SPARSEVLM_HD void gram_tile(const Block& b, float* smem, i64 i0, i64 j0, i64 na, i64 nb,
+                            i64 depth, Load load, double* g, i64 ld) {
+  dot_tile<double, Tile>(
+      b, smem, na, nb, depth, [load, i0](i64 r, i64 k) { return load(i0 + r, k); },
+      [load, j0](i64 r, i64 k) { return load(j0 + r, k); },
+      [g, ld, i0, j0](i64 i, i64 j, double v) {
+        if (i0 + i > j0 + j) return;
+        g[(i0 + i) * ld + j0 + j] = v;
+        g[(j0 + j) * ld + i0 + i] = v;
+      });
+}
+
 /// Sorts v[0, n) ascending in shared memory, n a power of two (bitonic network).
 template <class Block>
 SPARSEVLM_HD void bitonic_sort(const Block& b, double* v, i64 n) {
@@ -533,16 +550,7 @@ struct rank_gram {
     const float* p = P;
     const bool rows = R <= N;  // the m vectors are rows of P (else its columns)
     const auto load = [p, rows, N](i64 i, i64 k) { return rows ? p[i * N + k] : p[k * N + i]; };
-    double* g = G;
-    dot_tile<double, Tile>(
-        b, static_cast<float*>(smem), na, nb, depth,
-        [load, i0](i64 r, i64 k) { return load(i0 + r, k); },
-        [load, j0](i64 r, i64 k) { return load(j0 + r, k); },
-        [g, m, i0, j0](i64 i, i64 j, double v) {
-          if (i0 + i > j0 + j) return;
-          g[(i0 + i) * m + j0 + j] = v;
-          g[(j0 + j) * m + i0 + i] = v;
-        });
+    gram_tile<Tile>(b, static_cast<float*>(smem), i0, j0, na, nb, depth, load, G, m);
   }
 };
 
@@ -723,17 +731,7 @@ struct recycle_gram {
       if (!std::isfinite(v)) raise_flag(flag);
       return v;
     };
-    double* g = G;
-    const i64 l = ld;
-    dot_tile<double, Tile>(
-        b, static_cast<float*>(smem), na, nb, dim,
-        [load, i0](i64 r, i64 k) { return load(i0 + r, k); },
-        [load, j0](i64 r, i64 k) { return load(j0 + r, k); },
-        [g, l, i0, j0](i64 i, i64 j, double v) {
-          if (i0 + i > j0 + j) return;
-          g[(i0 + i) * l + j0 + j] = v;
-          g[(j0 + j) * l + i0 + i] = v;
-        });
+    gram_tile<Tile>(b, static_cast<float*>(smem), i0, j0, na, nb, dim, load, G, ld);
   }
 };
 
