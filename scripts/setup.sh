@@ -8,7 +8,7 @@ packages=(
   libeigen3-dev libxsimd-dev doctest-dev libbenchmark-dev libdlpack-dev
   nlohmann-json3-dev libcli11-dev
   clang libclang-rt-dev xxd
-  python3 python3-venv
+  python3 python3-venv python3-dev libpng-dev
 )
 
 missing=()

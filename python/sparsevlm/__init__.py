@@ -1,0 +1,339 @@
+"""SparseVLM visual-token sparsification (arXiv 2410.04417) for Python engines.
+
+The same C++ core as the header-only library (``include/sparsevlm``), over the
+arrays an engine already has: anything that speaks DLPack (NumPy, PyTorch, CuPy,
+JAX) in float32, float16 or bfloat16, with any strides, read in place (no
+copy). Every computation releases the GIL. Results come back in the caller's
+framework: NumPy arrays for NumPy input, ``torch`` tensors on the input's
+device for PyTorch input. Errors raise :class:`Error` (a ``ValueError``) with
+"argument: expected X, got Y". See docs/python.md.
+
+Shapes: ``L`` sequence length, ``H`` heads, ``d`` hidden size, ``N`` visual
+tokens, ``R`` raters, ``c`` recycled clusters, ``dh`` head size.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _sparsevlm as _ext
+from ._sparsevlm import (
+    Error,
+    KeepPolicy,
+    Layout,
+    RecycleOptions,
+    RopeGravity,
+    SessionConfig,
+    StepOptions,
+    isa,
+    model_names,
+    preset_config,
+    preset_config_for,
+    preset_names,
+)
+
+__version__: str = _ext.__version__
+
+__all__ = [
+    "Error", "KeepPolicy", "RecycleOptions", "RopeGravity", "StepOptions", "SessionConfig",
+    "Layout", "StepResult", "LayerPlan", "PrefillSession", "prune_step", "select_raters",
+    "apply_plan", "run_case", "preset_config", "preset_config_for", "preset_names",
+    "model_names", "isa",
+]
+
+Array = Any  # any DLPack-capable array (numpy.ndarray, torch.Tensor, ...)
+Span = Tuple[int, int]  # (start, len) of a visual span
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _arg(x: Optional[Array], name: str) -> Optional[Array]:
+    """An array as the extension reads it (None stays None)."""
+    if x is None:
+        return None
+    if _is_torch(x):
+        if x.device.type != "cpu":
+            raise Error(f"{name}: expected a CPU tensor (this build of sparsevlm has no CUDA "
+                        f"backend; see docs/python.md), got device {x.device}")
+        return x.detach()  # DLPack refuses tensors that require grad
+    if isinstance(x, np.ndarray) or hasattr(x, "__dlpack__"):
+        return x
+    return np.asarray(x)
+
+
+def _span(v: Sequence[int], name: str = "visual") -> Span:
+    try:
+        s, n = v
+        return int(s), int(n)
+    except (TypeError, ValueError):
+        raise Error(f"{name}: expected a (start, len) pair, got {v!r}") from None
+
+
+def _ints(v: Optional[Sequence[int]], name: str) -> Optional[list]:
+    if v is None:
+        return None
+    a = np.asarray(v.cpu() if _is_torch(v) else v)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise Error(f"{name}: expected a 1-D sequence of integers, got {a.dtype} of shape {a.shape}")
+    return [int(i) for i in a]
+
+
+class _Like:
+    """Converts the extension's NumPy outputs to the framework and device of `ref`."""
+
+    def __init__(self, ref: Any):
+        self.device = ref.device if _is_torch(ref) else None
+
+    def __call__(self, a: np.ndarray) -> Array:
+        if self.device is None:
+            return a
+        import torch
+
+        return torch.from_numpy(a).to(self.device)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one pruning step decided (the spec's result, plus the scores).
+
+    raters: [R] int64 absolute positions, ascending. scores: [N] float32, one per
+    visual token. rank: numerical rank of the [R, N] relevance matrix. keep_count
+    and keep: [keep_count] int64 absolute positions, ascending. clusters: each
+    recycled cluster's members (absolute positions, ascending), clusters in
+    descending order of their centre's rho*delta. merged: [c, d] float32, row i
+    the mean of cluster i's hidden rows. sequence: the new sequence as source
+    positions, -(i+1) standing for merged row i.
+    """
+
+    raters: Array
+    scores: Array
+    rank: int
+    keep_count: int
+    keep: Array
+    clusters: list
+    merged: Array
+    sequence: Array
+
+
+@dataclass(frozen=True)
+class LayerPlan(StepResult):
+    """What one pruning layer of a session decided, and the state after it.
+
+    layer: the decoder layer whose output was pruned. kv_sequence: `sequence`
+    without recycled entries, the rows to keep in the K/V caches written with this
+    layer's tokens. length: tokens after the step. spans / visual: the new visual
+    spans as (start, len). parts: per span of the layout, its keep decisions.
+    positions: [rows, length] int64 position ids of the layers after this one.
+    """
+
+    layer: int = -1
+    kv_sequence: Array = None
+    length: int = 0
+    spans: list = None
+    visual: Span = (0, 0)
+    parts: list = None
+    positions: Array = None
+
+
+_STEP_KEYS = ("raters", "scores", "rank", "keep_count", "keep", "clusters", "merged", "sequence")
+_ARRAY_KEYS = ("raters", "scores", "keep", "merged", "sequence", "kv_sequence", "positions")
+
+
+def _result(d: dict, like: _Like, cls=StepResult):
+    return cls(**{k: (like(v) if k in _ARRAY_KEYS else v) for k, v in d.items()})
+
+
+def _source(attn, q, k, lse, scale):
+    return _ext._Source(attn=_arg(attn, "attn"), q=_arg(q, "q"), k=_arg(k, "k"),
+                        lse=_arg(lse, "lse"), scale=float(scale))
+
+
+def select_raters(embeds: Array, visual: Sequence[int]) -> Array:
+    """The text raters of a sequence (spec step 1).
+
+    embeds: [L, d_e] input embeddings (float32/float16/bfloat16); visual: (S, N).
+    Returns [R] int64 absolute positions, ascending (possibly empty). Cost
+    O(N*T*d_e), T = L - S - N text tokens.
+    """
+    return _Like(embeds)(_ext.select_raters(_arg(embeds, "embeds"), _span(visual)))
+
+
+def prune_step(hidden: Array, visual: Sequence[int], *, attn: Optional[Array] = None,
+               q: Optional[Array] = None, k: Optional[Array] = None,
+               lse: Optional[Array] = None, scale: float = 0.0,
+               embeds: Optional[Array] = None, raters: Optional[Sequence[int]] = None,
+               options: Optional[StepOptions] = None) -> StepResult:
+    """One SparseVLM pruning step of one sequence (spec steps 1-8).
+
+    hidden: [L, d] the pruning layer's output. visual: (S, N), the visual tokens
+    are positions [S, S+N). Scores come from either ``attn`` [H, L, L] (attention
+    probabilities, row = query) or ``q`` [H, L or R, dh] and ``k`` [Hkv, L, dh]
+    after RoPE (fused-attention engines; optional ``lse`` [H, L or R] float32,
+    ``scale`` 0 means 1/sqrt(dh)). Raters from ``embeds`` [L, d_e], or given as
+    ``raters`` (absolute positions in the text, ascending). The step decides; it
+    does not move your tensors: ``apply_plan(result, hidden)`` compacts them.
+
+    Cost: O(N*T*d_e) raters + O(H*R*N) scores (O(H*R*L*dh) from q/k) + O(s^2*d)
+    recycling. Deterministic: the same decisions on every CPU instruction set.
+    """
+    like = _Like(hidden)
+    d = _ext.prune_step(_arg(hidden, "hidden"), _span(visual), _source(attn, q, k, lse, scale),
+                        embeds=_arg(embeds, "embeds"), raters=_ints(raters, "raters"),
+                        options=options if options is not None else StepOptions())
+    return _result(d, like)
+
+
+def apply_plan(plan: Union[StepResult, Array], hidden: Array,
+               merged: Optional[Array] = None) -> Array:
+    """The compacted hidden states: ``hidden`` [L, d] gathered along ``plan.sequence``.
+
+    Entry p >= 0 takes row p of hidden, entry -(i+1) row i of ``merged`` (default
+    ``plan.merged``, cast to hidden's dtype). ``plan`` is a StepResult/LayerPlan
+    or a sequence array (then pass ``merged`` when it has negative entries).
+    Returns [len(sequence), d] in hidden's framework, dtype and device (NumPy or
+    torch, CUDA tensors included). Cost O(len(sequence)*d).
+    """
+    if isinstance(plan, StepResult):
+        seq, m = plan.sequence, (plan.merged if merged is None else merged)
+    else:
+        seq, m = plan, merged
+    if getattr(hidden, "ndim", None) != 2:
+        raise Error(f"hidden: expected a 2-D [L, d] array, got {getattr(hidden, 'ndim', type(hidden))} dims")
+    L, d = int(hidden.shape[0]), int(hidden.shape[1])
+    s = np.asarray(seq.cpu() if _is_torch(seq) else seq)
+    if s.ndim != 1 or (s.size and not np.issubdtype(s.dtype, np.integer)):
+        raise Error(f"sequence: expected 1-D integers, got {s.dtype} of shape {s.shape}")
+    s = s.astype(np.int64)
+    c = int(-s.min()) if s.size and s.min() < 0 else 0
+    if s.size and s.max() >= L:
+        raise Error(f"sequence: expected entries < {L} (hidden.shape[0]), got {int(s.max())}")
+    rows = 0 if m is None else int(m.shape[0])
+    if c > 0 and (m is None or m.ndim != 2 or rows < c or int(m.shape[1]) != d):
+        got = "None" if m is None else f"shape {tuple(m.shape)}"
+        raise Error(f"merged: expected [>= {c}, {d}] rows for the recycled entries, got {got}")
+    idx = np.where(s >= 0, s, L - 1 - s)  # -(i+1) -> row L+i of [hidden; merged]
+    if _is_torch(hidden):
+        import torch
+
+        src = hidden
+        if c > 0:
+            mt = m if _is_torch(m) else torch.from_numpy(np.ascontiguousarray(m))
+            src = torch.cat([hidden, mt[:c].to(device=hidden.device, dtype=hidden.dtype)])
+        return src.index_select(0, torch.from_numpy(idx).to(hidden.device))
+    h = np.asarray(hidden)
+    src = np.concatenate([h, np.asarray(m)[:c].astype(h.dtype)]) if c > 0 else h
+    return src[idx]
+
+
+class PrefillSession:
+    """SparseVLM over every pruning layer of one sequence's prefill.
+
+    layout: a :class:`Layout` (``Layout.from_counts(prefix, visual, text)``, or
+    several visual spans). config: a :class:`SessionConfig` (``preset_config``).
+    Raters from ``embeds`` [length, d_e] (chosen once, as the paper does), or
+    given as ``raters``. positions: optional [rows, length] int64 input position
+    ids (1 row for 1-D RoPE, 3 for mRoPE); default 0..length-1.
+
+    Run the decoder; after layer ``l`` with ``prunes_after(l)``, call
+    :meth:`prune` with that layer's attention (or q/k) and output hidden states,
+    compact the hidden states with :func:`apply_plan` and the K/V caches with
+    ``kv_rows``/``plan.kv_sequence``, and continue with ``plan.positions``. A
+    failed call leaves the session unchanged. One thread at a time per session
+    (calls are serialised).
+    """
+
+    def __init__(self, layout: Layout, config: SessionConfig, *, embeds: Optional[Array] = None,
+                 raters: Optional[Sequence[int]] = None, positions: Optional[Array] = None):
+        ref = embeds if embeds is not None else positions
+        self._like = _Like(ref) if ref is not None else _Like(None)
+        self._s = _ext._Session(layout, config, embeds=_arg(embeds, "embeds"),
+                                raters=_ints(raters, "raters"),
+                                positions=_arg(positions, "positions"))
+
+    def prune(self, layer: int, hidden: Array, *, attn: Optional[Array] = None,
+              q: Optional[Array] = None, k: Optional[Array] = None, lse: Optional[Array] = None,
+              scale: float = 0.0) -> LayerPlan:
+        """Prunes the output of decoder layer ``layer`` (the next pruning layer).
+
+        hidden: [n, d], n = ``length``; attn: [H, n, n], or q [H, n or R, dh] and
+        k [Hkv, n, dh] (+ lse). Returns the :class:`LayerPlan`; the session moves
+        to the new sequence. Outputs follow hidden's framework and device.
+        """
+        self._like = _Like(hidden)
+        d = self._s.prune(int(layer), _arg(hidden, "hidden"), _source(attn, q, k, lse, scale))
+        return _result(d, self._like, LayerPlan)
+
+    def prunes_after(self, layer: int) -> bool:
+        """True when ``layer`` is the next pruning layer of the schedule."""
+        return self._s.prunes_after(int(layer))
+
+    def kv_rows(self, layer: int) -> Array:
+        """[rows] int64: the rows the K/V cache of ``layer``, kept whole since it was
+        written, keeps to hold the current tokens less the recycled ones."""
+        return self._like(self._s.kv_rows(int(layer)))
+
+    def next_position(self) -> int:
+        """Position id of the first generated token in the layers after the last
+        pruning layer done (docs/integration.md, "Decode positions")."""
+        return self._s.next_position()
+
+    @property
+    def length(self) -> int:
+        """Tokens the next layer runs on."""
+        return self._s.length
+
+    @property
+    def positions(self) -> Array:
+        """[rows, length] int64 current position ids."""
+        return self._like(self._s.positions)
+
+    @property
+    def raters(self) -> Array:
+        """[R] int64 the raters at their current positions."""
+        return self._like(self._s.raters)
+
+    @property
+    def origins(self) -> Array:
+        """[length] int64 original position of each current token; -1 when recycled."""
+        return self._like(self._s.origins)
+
+    @property
+    def visual(self) -> Span:
+        return self._s.visual
+
+    @property
+    def spans(self) -> list:
+        return self._s.spans
+
+    @property
+    def visual_tokens(self) -> int:
+        return self._s.visual_tokens
+
+    @property
+    def next_layer(self) -> Optional[int]:
+        return self._s.next_layer
+
+    @property
+    def steps_done(self) -> int:
+        return self._s.steps_done
+
+    @property
+    def finished(self) -> bool:
+        return self._s.finished
+
+    @property
+    def config(self) -> SessionConfig:
+        return self._s.config
+
+
+def run_case(case_dir: Union[str, os.PathLike], scores_from: str = "attn") -> dict:
+    """Runs a case folder (../shared/spec/case-format.md) and returns the spec's
+    result: raters, rank, keep_count, keep, clusters, sequence as in result.json,
+    and ``merged`` as a [c, d] float32 NumPy array (absent when nothing is
+    recycled). ``scores_from="qk"`` scores from the case's q.npy/k.npy."""
+    return _ext.run_case(os.fspath(case_dir), scores_from)
