@@ -6,19 +6,25 @@
 //   sparsevlm plan --model NAME --preset NAME --text T [--visual N] [--prefix P]
 //                  [--layers --heads --hidden --mlp] [--derive]
 //                                      token counts and FLOPs of a preset, JSON
-//   --scores-from qk (run, check, bench): score from the case's q.npy/k.npy instead of
-//   attn.npy, the path of fused-attention engines.
+//   sparsevlm show CASE_DIR --grid ROWSxCOLS --out PNG [--cell PX]
+//                                      picture of what the step kept, recycled, dropped
+//                                      (over CASE_DIR/image.png when there is one)
+//   --scores-from qk (run, check, bench, show): score from the case's q.npy/k.npy instead
+//   of attn.npy, the path of fused-attention engines.
 //
 // Exit codes: 0 success / agreement, 1 disagreement, 2 bad input (one line on
 // stderr saying why).
 #include <CLI/CLI.hpp>
 #include <array>
 #include <cstdio>
+#include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
+#include <string>
 #include <sparsevlm/budget.hpp>
 #include <sparsevlm/io/case.hpp>
+#include <sparsevlm/io/picture.hpp>
 
 #include "stage_timer.hpp"
 
@@ -83,6 +89,48 @@ int cmd_bench(const std::string& case_dir, int repeat, io::scores_source from) {
   w["copy_probe_GB_per_s"] = probe * 1e-9;  // memcpy of 256 MB, read + written, best of 5
   w["x_of_bandwidth_limit"] = seconds / (static_cast<double>(b.total()) / probe);
   std::cout << w.dump() << "\n";
+  return 0;
+}
+
+/// "24x24" as a grid; anything else is refused with the flag's name.
+io::patch_grid parse_grid(const std::string& text) {
+  const std::size_t x = text.find_first_of("xX");
+  const auto number = [](const std::string& part) -> index_t {
+    // Nine digits at most, so that rows·cols cannot overflow.
+    if (part.empty() || part.size() > 9 || part.find_first_not_of("0123456789") != part.npos)
+      return 0;
+    return std::stoll(part);
+  };
+  io::patch_grid g;
+  if (x != std::string::npos) g = {number(text.substr(0, x)), number(text.substr(x + 1))};
+  SPARSEVLM_CHECK(g.rows >= 1 && g.cols >= 1, errc::invalid_argument, "--grid",
+                  "ROWSxCOLS with positive integers, such as 24x24", "'" + text + "'");
+  return g;
+}
+
+int cmd_show(const std::string& case_dir, const std::string& grid_text, const std::string& out,
+             index_t cell, io::scores_source from) {
+  const io::patch_grid grid = parse_grid(grid_text);
+  const io::case_data c = io::load_case(case_dir);
+  // Checked here as well as in render_picture, before the step runs, and in the
+  // CLI's own words.
+  SPARSEVLM_CHECK(grid.rows * grid.cols == c.visual.len, errc::shape_mismatch, "--grid",
+                  detail::concat("rows x cols = ", c.visual.len, " (the case's visual tokens)"),
+                  detail::concat(grid.rows, "x", grid.cols, " = ", grid.rows * grid.cols));
+  const std::filesystem::path image_path = std::filesystem::path(case_dir) / "image.png";
+  std::optional<io::rgb_image> image;
+  if (std::filesystem::exists(image_path)) image = io::read_png(image_path);
+  workspace ws;
+  const step_result r = io::run_case(c, ws, from);
+  io::rgb_image picture;
+  const io::picture_counts n = io::render_picture(r, c.visual, grid, image ? &*image : nullptr,
+                                                  io::picture_options{cell}, picture);
+  io::write_png(out, picture);
+  std::cout << c.name << ": " << c.visual.len << " visual tokens on " << grid.rows << "x"
+            << grid.cols << ": kept " << n.kept << ", recycled " << n.recycled << " into "
+            << n.clusters << (n.clusters == 1 ? " cluster" : " clusters") << ", dropped "
+            << n.dropped << "; wrote " << out << " (" << picture.width << "x" << picture.height
+            << (image ? ", over image.png)" : ", plain canvas)") << "\n";
   return 0;
 }
 
@@ -168,8 +216,19 @@ int main(int argc, char** argv) {
   auto* bench = app.add_subcommand("bench", "median in-memory time of the step and each stage");
   bench->add_option("CASE_DIR", case_dir, "case folder")->required();
   bench->add_option("--repeat", repeat, "timed repetitions")->check(CLI::Range(1, 1000000));
+  std::string grid, out_png;
+  index_t cell = 16;
+  auto* show = app.add_subcommand(
+      "show", "picture of the patches the step kept, recycled (a colour a cluster) and dropped");
+  show->add_option("CASE_DIR", case_dir, "case folder (drawn over its image.png when present)")
+      ->required();
+  show->add_option("--grid", grid, "ROWSxCOLS patch grid of the visual tokens, row-major (24x24)")
+      ->required();
+  show->add_option("--out", out_png, "PNG file to write")->required();
+  show->add_option("--cell", cell, "pixels a patch on the plain canvas (no image.png)")
+      ->check(CLI::Range(1, 4096));
   std::string scores_from = "attn";
-  for (auto* sub : {run, check, bench})
+  for (auto* sub : {run, check, bench, show})
     sub->add_option("--scores-from", scores_from,
                     "attn: the case's attention matrix; qk: its q.npy/k.npy (fused-attention path)")
         ->check(CLI::IsMember({"attn", "qk"}));
@@ -209,6 +268,7 @@ int main(int argc, char** argv) {
     }
     if (*run) return cmd_run(case_dir, out_dir, from);
     if (*check) return cmd_check(case_dir, from);
+    if (*show) return cmd_show(case_dir, grid, out_png, cell, from);
     return cmd_bench(case_dir, repeat, from);
   } catch (const sparsevlm::error& e) {
     std::cerr << "sparsevlm: " << e.what() << "\n";

@@ -3,7 +3,9 @@
 // One include gives every stage of a pruning step and their composition:
 //   select_raters -> relevance_scores (or relevance_scores_qk) -> numerical_rank -> keep_count ->
 //   select_keep -> recycle (dpc_knn) -> make_sequence -> apply_plan
-// and prune_step, which runs them in order. See docs/algorithm.md.
+// and prune_step, which runs them in order. See docs/algorithm.md. Tensor-parallel
+// engines score per rank with partial_relevance and finish with
+// prune_step_from_head_sums (docs/tensor-parallel.md).
 #pragma once
 
 #include "batch.hpp"
@@ -27,6 +29,7 @@
 #include "session.hpp"
 #include "spans.hpp"
 #include "step.hpp"
+#include "tensor_parallel.hpp"
 #include "types.hpp"
 #include "view.hpp"
 #include "workspace.hpp"

@@ -1,0 +1,242 @@
+"""The Python package against the CLI, the spec cases and its own contract.
+
+Run from the repository root after `pip install .`: pytest tests/python.
+SPARSEVLM_CLI names the CLI binary (default build/examples/sparsevlm) and
+SPARSEVLM_CASES_DIR the spec cases (default ../shared/cases).
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sparsevlm as sv
+
+ROOT = Path(__file__).resolve().parents[2]
+CASES = Path(os.environ.get("SPARSEVLM_CASES_DIR", ROOT.parent / "shared" / "cases"))
+CLI = Path(os.environ.get("SPARSEVLM_CLI", ROOT / "build" / "examples" / "sparsevlm"))
+case_dirs = sorted(p.parent for p in CASES.glob("*/case.json"))
+LIST_KEYS = ("raters", "rank", "keep_count", "keep", "clusters", "sequence")
+
+
+def load_case(d):
+    c = json.loads((d / "case.json").read_text())
+    arrays = {k: np.load(d / c[k]) for k in ("embeds", "attn", "hidden", "q", "k") if k in c}
+    pol = c["policy"]
+    policy = (sv.KeepPolicy.rank(pol["scale"], pol["bias"]) if pol["kind"] == "rank"
+              else sv.KeepPolicy.fixed(pol["keep"]))
+    rec = c["recycle"]
+    opts = sv.StepOptions(policy=policy, recycle=sv.RecycleOptions(
+        enabled=rec["enabled"], fraction=rec["fraction"], cluster_divisor=rec["cluster_divisor"]))
+    visual = (c["visual"]["start"], c["visual"]["len"])
+    return c, arrays, opts, visual
+
+
+def test_there_are_cases():
+    assert case_dirs, f"no spec cases under {CASES}"
+
+
+@pytest.mark.parametrize("case", case_dirs, ids=lambda p: p.name)
+def test_run_case_agrees_with_expected(case):
+    got = sv.run_case(case)
+    want = json.loads((case / "expected" / "result.json").read_text())
+    for k in LIST_KEYS:
+        assert got[k] == want[k], k
+    if "merged" in want:
+        m = np.load(case / "expected" / want["merged"])
+        assert got["merged"].dtype == np.float32 and got["merged"].shape == m.shape
+        np.testing.assert_allclose(got["merged"], m, rtol=1e-4, atol=1e-5)
+    else:
+        assert "merged" not in got
+
+
+@pytest.mark.parametrize("case", case_dirs, ids=lambda p: p.name)
+@pytest.mark.parametrize("source", ["attn", "qk"])
+def test_run_case_agrees_with_cli(case, source, tmp_path):
+    if not CLI.exists():
+        pytest.skip(f"no CLI at {CLI} (set SPARSEVLM_CLI)")
+    if source == "qk" and "q" not in json.loads((case / "case.json").read_text()):
+        pytest.skip("case without q/k")
+    subprocess.run([str(CLI), "run", str(case), str(tmp_path), "--scores-from", source], check=True)
+    cli = json.loads((tmp_path / "result.json").read_text())
+    got = sv.run_case(case, scores_from=source)
+    assert {k: got[k] for k in LIST_KEYS} == {k: cli[k] for k in LIST_KEYS}
+    if "merged" in cli:
+        assert np.array_equal(got["merged"], np.load(tmp_path / cli["merged"]))  # same bits
+    else:
+        assert "merged" not in got
+
+
+@pytest.mark.parametrize("case", case_dirs, ids=lambda p: p.name)
+def test_prune_step_matches_run_case(case):
+    c, a, opts, visual = load_case(case)
+    r = sv.prune_step(a["hidden"], visual, attn=a["attn"], embeds=a["embeds"],
+                      raters=c.get("raters"), options=opts)
+    want = sv.run_case(case)
+    assert r.raters.tolist() == want["raters"] and r.rank == want["rank"]
+    assert r.keep.tolist() == want["keep"] and r.sequence.tolist() == want["sequence"]
+    assert r.clusters == want["clusters"]
+    if r.clusters:
+        assert np.array_equal(r.merged, want["merged"])
+    else:
+        assert r.merged.shape == (0, a["hidden"].shape[1])
+    if "q" in a:  # the fused-attention form decides the same
+        rq = sv.prune_step(a["hidden"], visual, q=a["q"], k=a["k"], embeds=a["embeds"],
+                           raters=c.get("raters"), options=opts)
+        assert rq.keep.tolist() == want["keep"] and rq.clusters == want["clusters"]
+
+
+def first_case():
+    return load_case(case_dirs[0])
+
+
+def test_strided_views_are_read_in_place():
+    c, a, opts, visual = first_case()
+    attn, hidden, embeds = a["attn"], a["hidden"], a["embeds"]
+    base = sv.prune_step(hidden, visual, attn=attn, embeds=embeds, options=opts)
+    # The same tensors as non-contiguous views: every other row of a wider array,
+    # a transposed store, a head-strided buffer.
+    wide = np.zeros((hidden.shape[0] * 2, hidden.shape[1] + 3), np.float32)
+    wide[::2, 1:1 + hidden.shape[1]] = hidden
+    h_view = wide[::2, 1:1 + hidden.shape[1]]
+    e_view = np.ascontiguousarray(embeds.T).T
+    a_buf = np.zeros((attn.shape[0] * 2,) + attn.shape[1:], np.float32)
+    a_buf[::2] = attn
+    a_view = a_buf[::2]
+    assert not h_view.flags.c_contiguous and not e_view.flags.c_contiguous
+    r = sv.prune_step(h_view, visual, attn=a_view, embeds=e_view, options=opts)
+    assert r.keep.tolist() == base.keep.tolist() and r.clusters == base.clusters
+    assert np.array_equal(r.merged, base.merged)
+
+
+def test_dtypes_and_torch_outputs():
+    torch = pytest.importorskip("torch")
+    c, a, opts, visual = first_case()
+    base = sv.prune_step(a["hidden"], visual, attn=a["attn"], embeds=a["embeds"], options=opts)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        t = {k: torch.from_numpy(v).to(dt) for k, v in a.items()}
+        r = sv.prune_step(t["hidden"], visual, attn=t["attn"], embeds=t["embeds"], options=opts)
+        assert isinstance(r.keep, torch.Tensor) and r.keep.dtype == torch.int64
+        assert r.merged.dtype == torch.float32 and r.keep.device.type == "cpu"
+        if dt == torch.float32:
+            assert r.keep.tolist() == base.keep.tolist()
+        # The compaction keeps hidden's dtype and puts the merged rows in place.
+        out = sv.apply_plan(r, t["hidden"])
+        assert out.dtype == dt and out.shape[0] == r.sequence.shape[0]
+        ref = sv.apply_plan(r.sequence.numpy(), t["hidden"].float().numpy(), r.merged.numpy())
+        assert torch.equal(out.float(), torch.from_numpy(ref).to(dt).float())
+    # A tensor that requires grad is read (detached), not refused.
+    h = torch.from_numpy(a["hidden"]).requires_grad_()
+    r = sv.prune_step(h, visual, attn=torch.from_numpy(a["attn"]), embeds=a["embeds"], options=opts)
+    assert r.keep.tolist() == base.keep.tolist()
+
+
+def test_apply_plan_numpy():
+    hidden = np.arange(12, dtype=np.float32).reshape(6, 2)
+    merged = np.array([[100, 101], [200, 201]], np.float32)
+    out = sv.apply_plan(np.array([0, 2, -2, -1, 5]), hidden, merged)
+    assert out.tolist() == [[0, 1], [4, 5], [200, 201], [100, 101], [10, 11]]
+    with pytest.raises(sv.Error, match=r"merged: expected \[>= 2, 2\]"):
+        sv.apply_plan(np.array([0, -2]), hidden, merged[:1])
+    with pytest.raises(sv.Error, match=r"sequence: expected entries < 6"):
+        sv.apply_plan(np.array([0, 6]), hidden)
+
+
+def test_errors_name_the_argument():
+    c, a, opts, visual = first_case()
+    h, at, e = a["hidden"], a["attn"], a["embeds"]
+    with pytest.raises(sv.Error, match=r"^attn\.extent\[2\]: expected"):
+        sv.prune_step(h, visual, attn=at[:, :, :-1], embeds=e, options=opts)
+    with pytest.raises(sv.Error, match=r"attn\.dtype: expected float32, float16 or bfloat16, got int64"):
+        sv.prune_step(h, visual, attn=at.astype(np.int64), embeds=e, options=opts)
+    with pytest.raises(ValueError, match=r"attn, q/k: expected either attn or both q and k, got neither"):
+        sv.prune_step(h, visual, embeds=e)
+    with pytest.raises(sv.Error, match=r"embeds: expected an array \(or raters=...\), got None"):
+        sv.prune_step(h, visual, attn=at)
+    with pytest.raises(sv.Error, match=r"^hidden\.extent\[0\]: expected"):
+        sv.prune_step(h[:-1], visual, attn=at, embeds=e, options=opts)
+    with pytest.raises(sv.Error, match=r"visual: expected a \(start, len\) pair"):
+        sv.prune_step(h, 5, attn=at, embeds=e)
+    bad = at.copy()
+    bad[0, -1, visual[0]] = np.nan  # a rater row reads it
+    with pytest.raises(sv.Error, match=r"attn"):
+        sv.prune_step(h, visual, attn=bad, embeds=e, raters=[at.shape[1] - 1], options=opts)
+    with pytest.raises(sv.Error, match=r"policy"):
+        sv.prune_step(h, visual, attn=at, embeds=e,
+                      options=sv.StepOptions(policy=sv.KeepPolicy.fixed(-1)))
+    with pytest.raises(sv.Error, match=r"case\.json"):
+        sv.run_case(CASES / "no-such-case")
+    with pytest.raises(sv.Error, match=r"scores_from: expected 'attn' or 'qk', got 'x'"):
+        sv.run_case(case_dirs[0], scores_from="x")
+
+
+def test_session_one_layer_equals_the_step():
+    for case in case_dirs:
+        c, a, opts, visual = load_case(case)
+        L = a["hidden"].shape[0]
+        layout = sv.Layout.from_counts(visual[0], visual[1], L - visual[0] - visual[1])
+        cfg = sv.SessionConfig(layers=4, schedule=[(1, opts)])
+        kw = {"raters": c["raters"]} if "raters" in c else {"embeds": a["embeds"]}
+        s = sv.PrefillSession(layout, cfg, **kw)
+        assert s.prunes_after(1) and not s.prunes_after(0) and s.length == L
+        with pytest.raises(sv.Error, match=r"layer: expected 1 \(the next pruning layer.*\), got 2"):
+            s.prune(2, a["hidden"], attn=a["attn"])
+        assert s.length == L and s.steps_done == 0  # unchanged by the failed call
+        p = s.prune(1, a["hidden"], attn=a["attn"])
+        want = sv.run_case(case)
+        assert p.keep.tolist() == want["keep"] and p.sequence.tolist() == want["sequence"]
+        assert p.length == len(want["sequence"]) == s.length and s.finished
+        assert p.kv_sequence.tolist() == [i for i in want["sequence"] if i >= 0]
+        assert s.kv_rows(0).tolist() == p.kv_sequence.tolist()  # written before the step
+        assert s.kv_rows(2).tolist() == list(range(s.length))  # written after it
+        assert p.positions.shape == (1, p.length)
+        assert p.positions[0].tolist() == list(range(p.length))  # renumber
+        assert s.next_position() == p.length
+
+
+def test_presets():
+    assert "v1.5-192" in sv.preset_names() and "llava-1.5-7b" in sv.model_names()
+    cfg = sv.preset_config("v1.5-192", "llava-1.5-7b")
+    assert cfg.layers == 32 and [l for l, _ in cfg.schedule] == [2, 6, 15]
+    with pytest.raises(sv.Error, match=r"preset: expected one of"):
+        sv.preset_config("v9", "llava-1.5-7b")
+
+
+def test_the_gil_is_released():
+    # With a switch interval far longer than the test, a thread that held the GIL
+    # through its calls would keep the main thread out until it ended: the main
+    # thread would count nothing while it is alive. (The main thread yields with
+    # sleep(0) so the worker gets the GIL back between calls.)
+    rng = np.random.default_rng(0)
+    L, N, H = 700, 576, 8
+    attn = rng.random((H, L, L), dtype=np.float32)
+    hidden = rng.standard_normal((L, 256), dtype=np.float32)
+    raters = list(range(L - 60, L))
+    opts = sv.StepOptions(policy=sv.KeepPolicy.fixed(60),
+                          recycle=sv.RecycleOptions(fraction=1.0, cluster_divisor=2.0))
+    started, count = threading.Event(), [0]
+
+    def work():
+        started.set()
+        for _ in range(10):
+            sv.prune_step(hidden, (20, N), attn=attn, raters=raters, options=opts)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
+    try:
+        t = threading.Thread(target=work)
+        t.start()
+        started.wait()
+        while t.is_alive():
+            count[0] += 1
+            if count[0] % 100 == 0:
+                time.sleep(0)
+        t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert count[0] > 0
