@@ -111,26 +111,14 @@ io::patch_grid parse_grid(const std::string& text) {
 int cmd_show(const std::string& case_dir, const std::string& grid_text, const std::string& out,
              index_t cell, io::scores_source from) {
   const io::patch_grid grid = parse_grid(grid_text);
-  const io::case_data c = io::load_case(case_dir);
-  // Checked here as well as in render_picture, before the step runs, and in the
-  // CLI's own words.
-  SPARSEVLM_CHECK(grid.rows * grid.cols == c.visual.len, errc::shape_mismatch, "--grid",
-                  detail::concat("rows x cols = ", c.visual.len, " (the case's visual tokens)"),
-                  detail::concat(grid.rows, "x", grid.cols, " = ", grid.rows * grid.cols));
-  const std::filesystem::path image_path = std::filesystem::path(case_dir) / "image.png";
-  std::optional<io::rgb_image> image;
-  if (std::filesystem::exists(image_path)) image = io::read_png(image_path);
-  workspace ws;
-  const step_result r = io::run_case(c, ws, from);
-  io::rgb_image picture;
-  const io::picture_counts n = io::render_picture(r, c.visual, grid, image ? &*image : nullptr,
-                                                  io::picture_options{cell}, picture);
-  io::write_png(out, picture);
-  std::cout << c.name << ": " << c.visual.len << " visual tokens on " << grid.rows << "x"
+  const io::shown_case s = io::show_case(case_dir, grid, out, cell, from, "--grid");
+  const io::picture_counts& n = s.counts;
+  std::cout << s.name << ": "
+            << n.kept + n.recycled + n.dropped << " visual tokens on " << grid.rows << "x"
             << grid.cols << ": kept " << n.kept << ", recycled " << n.recycled << " into "
             << n.clusters << (n.clusters == 1 ? " cluster" : " clusters") << ", dropped "
-            << n.dropped << "; wrote " << out << " (" << picture.width << "x" << picture.height
-            << (image ? ", over image.png)" : ", plain canvas)") << "\n";
+            << n.dropped << "; wrote " << out << " (" << s.width << "x" << s.height
+            << (s.over_image ? ", over image.png)" : ", plain canvas)") << "\n";
   return 0;
 }
 

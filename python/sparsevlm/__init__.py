@@ -41,7 +41,7 @@ __all__ = [
     "Error", "KeepPolicy", "RecycleOptions", "RopeGravity", "StepOptions", "SessionConfig",
     "Layout", "StepResult", "LayerPlan", "PrefillSession", "prune_step", "select_raters",
     "apply_plan", "run_case", "preset_config", "preset_config_for", "preset_names",
-    "model_names", "isa",
+    "model_names", "isa", "partial_relevance", "prune_step_from_head_sums", "show",
 ]
 
 Array = Any  # any DLPack-capable array (numpy.ndarray, torch.Tensor, ...)
@@ -337,3 +337,55 @@ def run_case(case_dir: Union[str, os.PathLike], scores_from: str = "attn") -> di
     and ``merged`` as a [c, d] float32 NumPy array (absent when nothing is
     recycled). ``scores_from="qk"`` scores from the case's q.npy/k.npy."""
     return _ext.run_case(os.fspath(case_dir), scores_from)
+
+
+def partial_relevance(raters: Sequence[int], visual: Sequence[int], *,
+                      attn_local: Optional[Array] = None, q_local: Optional[Array] = None,
+                      k_local: Optional[Array] = None, lse_local: Optional[Array] = None,
+                      scale: float = 0.0) -> Array:
+    """Tensor parallelism: this rank's [R, N] float32 head SUMS of the relevance matrix.
+
+    A tensor-parallel rank holds H_local of the H heads: ``attn_local``
+    [H_local, L, L], or ``q_local`` [H_local, L or R, dh] and ``k_local``
+    [Hkv_local, L, dh] (+ ``lse_local``). Returns sum over its heads of
+    attn[h][raters[r]][S + j], heads in order. Sum the ranks' outputs (one
+    all-reduce of R*N floats) and finish with :func:`prune_step_from_head_sums`.
+    With one rank holding every head the step is bit-identical to prune_step;
+    with several, the all-reduce adds in another order (decisions are the same
+    unless a value is within float32 rounding of a boundary). docs/tensor-parallel.md.
+    Cost O(H_local*R*N) reads (O(H_local*R*L*dh) from q/k).
+    """
+    ref = attn_local if attn_local is not None else q_local
+    src = _ext._Source(attn=_arg(attn_local, "attn_local"), q=_arg(q_local, "q_local"),
+                       k=_arg(k_local, "k_local"), lse=_arg(lse_local, "lse_local"),
+                       scale=float(scale))
+    return _Like(ref)(_ext.partial_relevance(src, _ints(raters, "raters"), _span(visual)))
+
+
+def prune_step_from_head_sums(p_sum: Array, heads: int, hidden: Array, visual: Sequence[int],
+                              raters: Sequence[int],
+                              options: Optional[StepOptions] = None) -> StepResult:
+    """Finishes a step from the all-reduced head sums (tensor parallelism).
+
+    p_sum: [R, N] float32, the sum over all ``heads`` heads (every rank's
+    :func:`partial_relevance`, all-reduced); hidden: [L, d]; raters: the R raters
+    the sums were formed for. Returns what prune_step returns. SparseVLM+'s
+    top_heads and gravity options need per-head data and are refused.
+    """
+    d = _ext.prune_step_from_head_sums(_arg(p_sum, "P_sum"), int(heads), _arg(hidden, "hidden"),
+                                       _span(visual), _ints(raters, "raters"),
+                                       options if options is not None else StepOptions())
+    return _result(d, _Like(hidden))
+
+
+def show(case_dir: Union[str, os.PathLike], grid: Sequence[int], out: Union[str, os.PathLike], *,
+         cell: int = 16, scores_from: str = "attn") -> dict:
+    """Runs a case and writes a PNG of its visual grid: kept patches as they are,
+    recycled ones tinted with their cluster's colour, dropped ones dark; over the
+    case's ``image.png`` when it has one, else on a plain canvas of ``cell``
+    pixels a patch. grid: (rows, cols), rows*cols = N, tokens row-major. Returns
+    the counts (kept, recycled, clusters, dropped) and the picture's size. The
+    CLI's ``sparsevlm show`` draws the same picture.
+    """
+    g = _span(grid, "grid")
+    return _ext.show(os.fspath(case_dir), g, os.fspath(out), int(cell), scores_from)

@@ -21,6 +21,7 @@
 
 #include <sparsevlm/dlpack.hpp>
 #include <sparsevlm/io/case.hpp>
+#include <sparsevlm/io/picture.hpp>
 #include <sparsevlm/sparsevlm.hpp>
 
 namespace nb = nanobind;
@@ -270,6 +271,90 @@ nb::dict run_case_py(const std::string& dir, const std::string& scores_from) {
   return d;
 }
 
+// The [R, N] float32 head sums of the local heads (tensor_parallel.hpp). The
+// span is checked against the source's L before the output is allocated.
+template <class T>
+void partial_into(sv::tensor3_view<const T> a, const std::vector<index_t>& raters,
+                  sv::visual_span visual, sv::matrix_view<float> out) {
+  sv::partial_relevance(a, raters, visual, out, thread_workspace());
+}
+template <class TQ, class TK>
+void partial_into(const sv::qk_view<TQ, TK>& qk, const std::vector<index_t>& raters,
+                  sv::visual_span visual, sv::matrix_view<float> out) {
+  sv::partial_relevance_qk(qk, raters, visual, out, thread_workspace());
+}
+template <class T>
+index_t length_of(sv::tensor3_view<const T> a) { return a.extent(1); }
+template <class TQ, class TK>
+index_t length_of(const sv::qk_view<TQ, TK>& qk) { return qk.k.extent(1); }
+
+nb::object partial_py(const score_source& src, const std::vector<index_t>& raters,
+                      span_pair visual_pair) {
+  const sv::visual_span visual = span_of(visual_pair);
+  return src.visit([&](auto s) {
+    sv::detail::check_span(visual, length_of(s), src.attn ? "attn_local.extent[1]" : "k_local.extent[1]");
+    const auto R = static_cast<index_t>(raters.size());
+    std::vector<float> P(static_cast<std::size_t>(R * visual.len));
+    {
+      nb::gil_scoped_release unlocked;
+      partial_into(s, raters, visual, sv::matrix_view<float>(P.data(), {R, visual.len}, "P_part"));
+    }
+    return to_numpy(std::move(P), {static_cast<std::size_t>(R), static_cast<std::size_t>(visual.len)});
+  });
+}
+
+nb::dict from_head_sums_py(const array_in& p_sum, index_t heads, const array_in& hidden,
+                           span_pair visual, const std::vector<index_t>& raters,
+                           const sv::step_options& opt) {
+  const auto P = typed<float, 2>(p_sum, "P_sum");
+  sv::step_result r = visit<2>(hidden, "hidden", [&](auto h) {
+    using TH = typename decltype(h)::value_type;
+    nb::gil_scoped_release unlocked;
+    const sv::head_sum_inputs<TH> in{P, heads, h, span_of(visual), raters};
+    return sv::prune_step_from_head_sums(in, opt, thread_workspace());
+  });
+  return step_dict(std::move(r));
+}
+
+nb::dict show_py(const std::string& case_dir, std::pair<index_t, index_t> grid, const std::string& out,
+                 index_t cell, const std::string& scores_from) {
+  if (scores_from != "attn" && scores_from != "qk")
+    throw sv::error(sv::errc::invalid_argument,
+                    "scores_from: expected 'attn' or 'qk', got '" + scores_from + "'");
+  if (grid.first < 1 || grid.second < 1)
+    throw sv::error(sv::errc::invalid_argument,
+                    sv::detail::concat("grid: expected (rows, cols) >= 1, got (", grid.first, ", ",
+                                       grid.second, ")"));
+  sv::io::shown_case s;
+  {
+    nb::gil_scoped_release unlocked;
+    s = sv::io::show_case(case_dir, {grid.first, grid.second}, out, cell,
+                          scores_from == "qk" ? sv::io::scores_source::qk : sv::io::scores_source::attn);
+  }
+  nb::dict d;
+  d["kept"] = s.counts.kept;
+  d["recycled"] = s.counts.recycled;
+  d["clusters"] = s.counts.clusters;
+  d["dropped"] = s.counts.dropped;
+  d["width"] = s.width;
+  d["height"] = s.height;
+  d["over_image"] = s.over_image;
+  return d;
+}
+
+using policy_state_t = std::tuple<bool, double, double, index_t>;  // (is rank, scale, bias, keep)
+policy_state_t policy_state(const sv::keep_policy& p) {
+  return {p.kind == sv::keep_policy::kind_t::rank, p.scale, p.bias, p.keep};
+}
+sv::keep_policy policy_of(const policy_state_t& st) {
+  sv::keep_policy p{};
+  p.kind = std::get<0>(st) ? sv::keep_policy::kind_t::rank : sv::keep_policy::kind_t::fixed;
+  p.scale = std::get<1>(st);
+  p.bias = std::get<2>(st);
+  p.keep = std::get<3>(st);
+  return p;
+}
+
 }  // namespace
 
 NB_MODULE(_sparsevlm, m) {
@@ -290,6 +375,10 @@ NB_MODULE(_sparsevlm, m) {
       .def_rw("scale", &sv::keep_policy::scale)
       .def_rw("bias", &sv::keep_policy::bias)
       .def_rw("keep", &sv::keep_policy::keep)
+      .def("__getstate__", [](const sv::keep_policy& p) { return policy_state(p); })
+      .def("__setstate__", [](sv::keep_policy& p, const policy_state_t& st) {
+        new (&p) sv::keep_policy(policy_of(st));
+      })
       .def("__repr__", [](const sv::keep_policy& p) {
         return p.kind == sv::keep_policy::kind_t::rank
                    ? sv::detail::concat("KeepPolicy.rank(scale=", p.scale, ", bias=", p.bias, ")")
@@ -306,6 +395,12 @@ NB_MODULE(_sparsevlm, m) {
       .def_rw("enabled", &sv::recycle_options::enabled)
       .def_rw("fraction", &sv::recycle_options::fraction)
       .def_rw("cluster_divisor", &sv::recycle_options::cluster_divisor)
+      .def("__getstate__", [](const sv::recycle_options& o) {
+        return std::make_tuple(o.enabled, o.fraction, o.cluster_divisor);
+      })
+      .def("__setstate__", [](sv::recycle_options& o, const std::tuple<bool, double, double>& st) {
+        new (&o) sv::recycle_options{std::get<0>(st), std::get<1>(st), std::get<2>(st)};
+      })
       .def("__repr__", [](const sv::recycle_options& o) {
         return sv::detail::concat("RecycleOptions(enabled=", o.enabled ? "True" : "False",
                                   ", fraction=", o.fraction, ", cluster_divisor=",
@@ -356,6 +451,29 @@ NB_MODULE(_sparsevlm, m) {
       .def_prop_rw(
           "gravity", [](const sv::step_options& o) { return o.scoring.gravity; },
           [](sv::step_options& o, const sv::rope_gravity& g) { o.scoring.gravity = g; })
+      // Picklable, so options travel to worker processes (multiprocessing, torch.distributed).
+      .def("__getstate__", [](const sv::step_options& o) {
+        const auto& g = o.scoring.gravity;
+        return std::make_tuple(policy_state(o.policy),
+                               std::make_tuple(o.recycle.enabled, o.recycle.fraction,
+                                               o.recycle.cluster_divisor),
+                               o.scoring.top_heads,
+                               std::make_tuple(g.enabled, g.head_dim, g.rotary_dim, g.base, g.scale,
+                                               g.min_ratio));
+      })
+      .def("__setstate__",
+           [](sv::step_options& o,
+              const std::tuple<policy_state_t, std::tuple<bool, double, double>, index_t,
+                               std::tuple<bool, index_t, index_t, double, double, double>>& st) {
+             new (&o) sv::step_options{};
+             o.policy = policy_of(std::get<0>(st));
+             const auto& r = std::get<1>(st);
+             o.recycle = {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+             o.scoring.top_heads = std::get<2>(st);
+             const auto& g = std::get<3>(st);
+             auto& og = o.scoring.gravity;
+             std::tie(og.enabled, og.head_dim, og.rotary_dim, og.base, og.scale, og.min_ratio) = g;
+           })
       .def("__repr__", [](const sv::step_options& o) {
         const auto& p = o.policy;
         return sv::detail::concat(
@@ -535,4 +653,8 @@ NB_MODULE(_sparsevlm, m) {
       },
       "embeds"_a, "visual"_a);
   m.def("run_case", &run_case_py, "case_dir"_a, "scores_from"_a = "attn");
+  m.def("partial_relevance", &partial_py, "source"_a, "raters"_a, "visual"_a);
+  m.def("prune_step_from_head_sums", &from_head_sums_py, "P_sum"_a, "heads"_a, "hidden"_a,
+        "visual"_a, "raters"_a, "options"_a = sv::step_options{});
+  m.def("show", &show_py, "case_dir"_a, "grid"_a, "out"_a, "cell"_a = 16, "scores_from"_a = "attn");
 }

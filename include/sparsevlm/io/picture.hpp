@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -21,6 +22,7 @@
 #include "../error.hpp"
 #include "../types.hpp"
 #include "../view.hpp"
+#include "case.hpp"
 
 namespace sparsevlm::io {
 
@@ -402,6 +404,48 @@ inline void write_png(const std::filesystem::path& path, const rgb_image& image)
     std::filesystem::remove(path, ec);
     detail_picture::bad(path.string(), "a complete write", "a write error");
   }
+}
+
+/// What show_case drew.
+struct shown_case {
+  std::string name;  ///< the case's name (its folder)
+  picture_counts counts;
+  index_t width = 0, height = 0;
+  bool over_image = false;  ///< drawn over the case's image.png
+};
+
+/// Runs the step of the case in `case_dir` (io::run_case, scores from `from`) and
+/// writes its picture to `out`: over `case_dir/image.png` when that file exists,
+/// else on a plain canvas of `cell` pixels a patch. `grid` lays the case's N
+/// visual tokens out row-major (rows · cols must be N, checked before the step
+/// runs: "--grid: expected rows x cols = 576 (the case's visual tokens), got
+/// 24x23 = 552", with `grid_name` as the argument's name). Used by `sparsevlm
+/// show` and the Python package's `sparsevlm.show`.
+/// Cost: the step's, plus O(pixels). Errors: as load_case, run_case,
+/// render_picture, read_png and write_png; nothing is written on error.
+inline shown_case show_case(const std::filesystem::path& case_dir, patch_grid grid,
+                            const std::filesystem::path& out, index_t cell = 16,
+                            scores_source from = scores_source::attn,
+                            const char* grid_name = "grid") {
+  const case_data c = load_case(case_dir);
+  SPARSEVLM_CHECK(grid.rows * grid.cols == c.visual.len, errc::shape_mismatch, grid_name,
+                  detail::concat("rows x cols = ", c.visual.len, " (the case's visual tokens)"),
+                  detail::concat(grid.rows, "x", grid.cols, " = ", grid.rows * grid.cols));
+  const std::filesystem::path image_path = case_dir / "image.png";
+  std::optional<rgb_image> image;
+  if (std::filesystem::exists(image_path)) image = read_png(image_path);
+  workspace ws;
+  const step_result r = run_case(c, ws, from);
+  rgb_image picture;
+  shown_case shown;
+  shown.name = c.name;
+  shown.counts = render_picture(r, c.visual, grid, image ? &*image : nullptr,
+                                picture_options{cell}, picture);
+  write_png(out, picture);
+  shown.width = picture.width;
+  shown.height = picture.height;
+  shown.over_image = image.has_value();
+  return shown;
 }
 
 }  // namespace sparsevlm::io
