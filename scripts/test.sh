@@ -3,7 +3,8 @@
 #   1. the suite (unit tests, every spec case through the CLI, the CLI's bad-input
 #      contract, the find_package consumer, random cases checked against the
 #      independent NumPy reference in tools/crosscheck), Release build, benchmarks
-#      compiled;
+#      compiled; then the Python package (pip install . into build/venv) and its
+#      pytest suite (tests/python: the package, Hugging Face LLaVA, tensor parallel);
 #   2. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. a one-minute libFuzzer run (20 s per target) from the committed corpus.
 # `--quick` stops after 1. Run ./scripts/setup.sh first (the README does).
@@ -13,22 +14,18 @@ jobs=$(nproc)
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 
-echo "== 1/3 release build and suite"
-# A venv with NumPy for the cross-check (PyPI); without one that test is skipped.
+echo "== 1/3 release build and suite, then the Python package's tests"
+# build/venv: the Python package (pip install .) with NumPy, PyTorch and
+# transformers from PyPI; its NumPy also runs the crosscheck test.
+./scripts/python-env.sh
 venv=build/venv
-if ! "$venv/bin/python" -c "import numpy" 2>/dev/null; then
-  mkdir -p build
-  if ! { python3 -m venv "$venv" && "$venv/bin/pip" install -q numpy; }; then
-    echo "WARNING: could not make a NumPy venv: the crosscheck test will not run"
-  fi
-fi
-pyarg=()
-if "$venv/bin/python" -c "import numpy" 2>/dev/null; then
-  pyarg=(-DSPARSEVLM_PYTHON="$PWD/$venv/bin/python")
-fi
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSEVLM_BUILD_BENCH=ON "${pyarg[@]}"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSEVLM_BUILD_BENCH=ON \
+  -DSPARSEVLM_PYTHON="$PWD/$venv/bin/python"
 cmake --build build -j"$jobs"
 ctest --test-dir build --output-on-failure -j"$jobs"
+# The package against the CLI and the cases, the Hugging Face LLaVA prefill, and the
+# two-process tensor-parallel demo.
+SPARSEVLM_CLI="$PWD/build/examples/sparsevlm" "$venv/bin/python" -m pytest -q tests/python
 [ "$quick" = 1 ] && exit 0
 
 echo "== 2/3 AddressSanitizer + UBSan build and suite"
