@@ -32,8 +32,8 @@ from that layer's own cache length.
 
 Run the demo (random weights, LLaVA-1.5-like token counts)::
 
-    build-torch-venv/bin/python examples/python/hf_llava.py            # 8 x 1024 Llama, 671 tokens
-    build-torch-venv/bin/python examples/python/hf_llava.py --keep "" --positions keep_original
+    build/venv/bin/python examples/python/hf_llava.py --threads 1     # 8 x 1024 Llama, 671 tokens
+    build/venv/bin/python examples/python/hf_llava.py --keep "" --positions keep_original
 """
 
 from __future__ import annotations
