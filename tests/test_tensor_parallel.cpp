@@ -109,14 +109,7 @@ step_result tp_step_qk(const qk_view<TQ, TK>& qk, matrix_view<const TH> hidden, 
 /// Same decisions; scores within float32 reassociation; merged rows depend on
 /// the clusters only, so they are bit-identical.
 void check_same_decisions(const step_result& a, const step_result& b) {
-  CHECK(a.raters == b.raters);
-  CHECK(a.rank == b.rank);
-  CHECK(a.keep_count == b.keep_count);
-  CHECK(a.keep == b.keep);
-  CHECK(a.recycled.clusters == b.recycled.clusters);
-  CHECK(a.recycled.dim == b.recycled.dim);
-  CHECK(a.sequence == b.sequence);
-  CHECK(svt::same_bits(a.recycled.merged, b.recycled.merged));
+  svt::check_same_decisions(a, b);
   REQUIRE(a.scores.size() == b.scores.size());
   for (std::size_t j = 0; j < a.scores.size(); ++j)
     CHECK(std::abs(a.scores[j] - b.scores[j]) <= 2e-6f * std::abs(a.scores[j]));

@@ -35,6 +35,25 @@ inline void finish_scores(matrix_view<float> P, std::span<float> scores, index_t
   }
 }
 
+/// dst[j·dst_stride] += float(src[j·stride]) for j < n, with the kernel table's
+/// add kernels when both strides are 1: the additions of relevance_scores (and of
+/// partial_relevance, which must round identically).
+template <class T>
+void add_widened(const cpu::kernel_table& k, float* dst, index_t dst_stride, const T* src,
+                 index_t n, index_t stride) {
+  if (stride == 1 && dst_stride == 1) {
+    if constexpr (std::is_same_v<T, float>) {
+      k.add_f32(dst, src, n);
+    } else if constexpr (std::is_same_v<T, half>) {
+      k.add_f16(dst, reinterpret_cast<const std::uint16_t*>(src), n);
+    } else {
+      k.add_bf16(dst, reinterpret_cast<const std::uint16_t*>(src), n);
+    }
+  } else {
+    for (index_t j = 0; j < n; ++j) dst[j * dst_stride] += to_float(src[j * stride]);
+  }
+}
+
 /// The scoring driver shared by both paths. `row(h, r, out)` writes the N
 /// visual-column probabilities of head h, rater row r into `out`; `add(h, r,
 /// dst)` adds them to `dst` (the fused form used when there is no gravity
@@ -162,20 +181,7 @@ void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> rater
         for (index_t j = 0; j < N; ++j) out[j] = to_float(arow[j * as]);
       },
       [&](index_t h, index_t r, float* dst) {
-        // P is contiguous (workspace or caller [R, N] row-major is checked below).
-        const T* arow = rater_row(h, r);
-        if (as == 1 && P.stride(1) == 1) {
-          if constexpr (std::is_same_v<T, float>) {
-            k.add_f32(dst, arow, N);
-          } else if constexpr (std::is_same_v<T, half>) {
-            k.add_f16(dst, reinterpret_cast<const std::uint16_t*>(arow), N);
-          } else {
-            k.add_bf16(dst, reinterpret_cast<const std::uint16_t*>(arow), N);
-          }
-        } else {
-          const index_t ps = P.stride(1);
-          for (index_t j = 0; j < N; ++j) dst[j * ps] += to_float(arow[j * as]);
-        }
+        detail::add_widened(k, dst, P.stride(1), rater_row(h, r), N, as);
       });
   for (index_t j = 0; j < N; ++j) {
     if (!std::isfinite(scores[static_cast<std::size_t>(j)])) {

@@ -45,23 +45,6 @@ namespace sparsevlm {
 
 namespace detail {
 
-/// dst[j] += float(src[j·stride]) for j < n, with the kernel table's add
-/// kernels on unit stride: the additions relevance_scores makes.
-template <class T>
-void add_widened(const cpu::kernel_table& k, float* dst, const T* src, index_t n, index_t stride) {
-  if (stride == 1) {
-    if constexpr (std::is_same_v<T, float>) {
-      k.add_f32(dst, src, n);
-    } else if constexpr (std::is_same_v<T, half>) {
-      k.add_f16(dst, reinterpret_cast<const std::uint16_t*>(src), n);
-    } else {
-      k.add_bf16(dst, reinterpret_cast<const std::uint16_t*>(src), n);
-    }
-  } else {
-    for (index_t j = 0; j < n; ++j) dst[j] += to_float(src[j * stride]);
-  }
-}
-
 /// Copies a contiguous [R, N] buffer into a strided view.
 inline void store_rows(const float* src, matrix_view<float> dst) {
   const index_t R = dst.extent(0), N = dst.extent(1);
@@ -128,7 +111,7 @@ void partial_relevance(tensor3_view<const T> attn_local, std::span<const index_t
   const index_t as = attn_local.stride(2);
   for (index_t h = 0; h < H; ++h)
     for (index_t r = 0; r < R; ++r)
-      detail::add_widened(k, acc + r * N,
+      detail::add_widened(k, acc + r * N, 1,
                           &attn_local(h, raters[static_cast<std::size_t>(r)], visual.start), N, as);
   if (!detail::row_all_finite(acc, R * N)) {
     // A NaN/Inf read reaches its sum; name the element, not the sum.
