@@ -19,8 +19,11 @@ echo "== 1/3 release build and suite, then the Python package's tests"
 # transformers from PyPI; its NumPy also runs the crosscheck test.
 ./scripts/python-env.sh
 venv=build/venv
+# The build also compiles the extension module itself (with its CUDA path where nvcc
+# is found) and checks that it imports: python.module_imports.
 cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSEVLM_BUILD_BENCH=ON \
-  -DSPARSEVLM_PYTHON="$PWD/$venv/bin/python"
+  -DSPARSEVLM_PYTHON="$PWD/$venv/bin/python" \
+  -DSPARSEVLM_BUILD_PYTHON=ON -DPython_EXECUTABLE="$PWD/$venv/bin/python"
 cmake --build build -j"$jobs"
 ctest --test-dir build --output-on-failure -j"$jobs"
 # The package against the CLI and the cases, the Hugging Face LLaVA prefill, and the

@@ -22,6 +22,7 @@ import numpy as np
 from . import _sparsevlm as _ext
 from ._sparsevlm import (
     Error,
+    has_cuda,
     KeepPolicy,
     Layout,
     RecycleOptions,
@@ -41,7 +42,7 @@ __all__ = [
     "Error", "KeepPolicy", "RecycleOptions", "RopeGravity", "StepOptions", "SessionConfig",
     "Layout", "StepResult", "LayerPlan", "PrefillSession", "prune_step", "select_raters",
     "apply_plan", "run_case", "preset_config", "preset_config_for", "preset_names",
-    "model_names", "isa", "partial_relevance", "prune_step_from_head_sums", "show",
+    "model_names", "isa", "has_cuda", "partial_relevance", "prune_step_from_head_sums", "show",
 ]
 
 Array = Any  # any DLPack-capable array (numpy.ndarray, torch.Tensor, ...)
@@ -52,18 +53,33 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
-def _arg(x: Optional[Array], name: str) -> Optional[Array]:
-    """An array as the extension reads it (None stays None)."""
+def _arg(x: Optional[Array], name: str, cuda: bool = False) -> Optional[Array]:
+    """An array as the extension reads it (None stays None). CUDA tensors only
+    where ``cuda`` (prune_step) and the build has the CUDA path."""
     if x is None:
         return None
     if _is_torch(x):
-        if x.device.type != "cpu":
-            raise Error(f"{name}: expected a CPU tensor (this build of sparsevlm has no CUDA "
-                        f"backend; see docs/python.md), got device {x.device}")
+        if x.device.type != "cpu" and not (cuda and _ext.has_cuda()):
+            why = ("this function runs on the CPU" if _ext.has_cuda() else
+                   "this build of sparsevlm has no CUDA backend; see docs/python.md")
+            raise Error(f"{name}: expected a CPU tensor ({why}), got device {x.device}")
         return x.detach()  # DLPack refuses tensors that require grad
     if isinstance(x, np.ndarray) or hasattr(x, "__dlpack__"):
         return x
     return np.asarray(x)
+
+
+def _stream_of(x: Any) -> int:
+    """The caller's current CUDA stream for a device array (0: the default stream)."""
+    if _is_torch(x) and x.device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.current_stream(x.device).cuda_stream)
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return int(cupy.cuda.get_current_stream().ptr)
+    return 0
 
 
 def _span(v: Sequence[int], name: str = "visual") -> Span:
@@ -148,9 +164,9 @@ def _result(d: dict, like: _Like, cls=StepResult):
     return cls(**{k: (like(v) if k in _ARRAY_KEYS else v) for k, v in d.items()})
 
 
-def _source(attn, q, k, lse, scale):
-    return _ext._Source(attn=_arg(attn, "attn"), q=_arg(q, "q"), k=_arg(k, "k"),
-                        lse=_arg(lse, "lse"), scale=float(scale))
+def _source(attn, q, k, lse, scale, cuda=False):
+    return _ext._Source(attn=_arg(attn, "attn", cuda), q=_arg(q, "q", cuda), k=_arg(k, "k", cuda),
+                        lse=_arg(lse, "lse", cuda), scale=float(scale))
 
 
 def select_raters(embeds: Array, visual: Sequence[int]) -> Array:
@@ -180,11 +196,17 @@ def prune_step(hidden: Array, visual: Sequence[int], *, attn: Optional[Array] = 
 
     Cost: O(N*T*d_e) raters + O(H*R*N) scores (O(H*R*L*dh) from q/k) + O(s^2*d)
     recycling. Deterministic: the same decisions on every CPU instruction set.
+
+    CUDA arrays (when ``has_cuda()``: a build with SPARSEVLM_CUDA=ON) run on the
+    GPU through the CUDA specialization, on the caller's current stream (torch,
+    CuPy), all arrays of one dtype on one device; the call waits for the result.
     """
     like = _Like(hidden)
-    d = _ext.prune_step(_arg(hidden, "hidden"), _span(visual), _source(attn, q, k, lse, scale),
-                        embeds=_arg(embeds, "embeds"), raters=_ints(raters, "raters"),
-                        options=options if options is not None else StepOptions())
+    d = _ext.prune_step(_arg(hidden, "hidden", True), _span(visual),
+                        _source(attn, q, k, lse, scale, True),
+                        embeds=_arg(embeds, "embeds", True), raters=_ints(raters, "raters"),
+                        options=options if options is not None else StepOptions(),
+                        stream=_stream_of(hidden))
     return _result(d, like)
 
 

@@ -24,6 +24,10 @@
 #include <sparsevlm/io/picture.hpp>
 #include <sparsevlm/sparsevlm.hpp>
 
+#ifdef SPARSEVLM_PYTHON_CUDA
+#include "cuda_step.hpp"
+#endif
+
 namespace nb = nanobind;
 namespace sv = sparsevlm;
 using namespace nb::literals;
@@ -165,10 +169,46 @@ sv::step_result run_step(const sv::qk_view<TQ, TK>& qk, sv::matrix_view<const TH
   return sv::prune_step(in, opt, thread_workspace());
 }
 
+bool on_cuda(const array_in& a) {
+  return a.device_type() == kDLCUDA || a.device_type() == kDLCUDAManaged;
+}
+
+#ifdef SPARSEVLM_PYTHON_CUDA
+// prune_step on CUDA arrays: the CUDA specialization, on the caller's stream.
+nb::dict prune_step_cuda(const array_in& hidden, sv::visual_span visual, const score_source& src,
+                         const opt_array& embeds, const std::optional<std::vector<index_t>>& raters,
+                         const sv::step_options& opt, std::uintptr_t stream) {
+  src.check();
+  if (!raters && !embeds)
+    throw sv::error(sv::errc::invalid_argument, "embeds: expected an array (or raters=...), got None");
+  const auto dl = [](const opt_array& a) { return a ? std::optional<DLTensor>(dl_of(*a)) : std::nullopt; };
+  const DLTensor h = dl_of(hidden);
+  const auto at = dl(src.attn), q = dl(src.q), k = dl(src.k), l = dl(src.lse), e = dl(embeds);
+  const auto ptr = [](const std::optional<DLTensor>& t) { return t ? &*t : nullptr; };
+  const sparsevlm_py::device_step_arrays arrays{&h, ptr(at), ptr(q), ptr(k), ptr(l), src.scale,
+                                                raters ? nullptr : ptr(e)};
+  sv::step_result r;
+  {
+    nb::gil_scoped_release unlocked;
+    r = sparsevlm_py::cuda_prune_step(arrays, visual, raters ? &*raters : nullptr, opt, stream);
+  }
+  return step_dict(std::move(r));
+}
+#endif
+
 nb::dict prune_step_py(const array_in& hidden, span_pair visual_pair, const score_source& src,
                        const opt_array& embeds, std::optional<std::vector<index_t>> raters,
-                       const sv::step_options& opt) {
+                       const sv::step_options& opt, std::uintptr_t stream) {
   const sv::visual_span visual = span_of(visual_pair);
+#ifdef SPARSEVLM_PYTHON_CUDA
+  if (on_cuda(hidden)) return prune_step_cuda(hidden, visual, src, embeds, raters, opt, stream);
+#else
+  (void)stream;
+  if (on_cuda(hidden))
+    throw sv::error(sv::errc::invalid_argument,
+                    "hidden.device: expected a CPU array (this build of sparsevlm has no CUDA "
+                    "backend: pip install . -Ccmake.define.SPARSEVLM_CUDA=ON), got a CUDA array");
+#endif
   if (!raters) {
     if (!embeds)
       throw sv::error(sv::errc::invalid_argument,
@@ -643,7 +683,14 @@ NB_MODULE(_sparsevlm, m) {
           "scale"_a = 0.0);
 
   m.def("prune_step", &prune_step_py, "hidden"_a, "visual"_a, "source"_a, "embeds"_a = nb::none(),
-        "raters"_a = nb::none(), "options"_a = sv::step_options{});
+        "raters"_a = nb::none(), "options"_a = sv::step_options{}, "stream"_a = 0);
+  m.def("has_cuda", [] {
+#ifdef SPARSEVLM_PYTHON_CUDA
+    return true;
+#else
+    return false;
+#endif
+  }, "True when this build runs prune_step on CUDA arrays (SPARSEVLM_CUDA=ON).");
   m.def(
       "select_raters",
       [](const array_in& embeds, span_pair visual) {

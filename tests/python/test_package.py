@@ -240,3 +240,32 @@ def test_the_gil_is_released():
     finally:
         sys.setswitchinterval(old)
     assert count[0] > 0
+
+
+def test_cuda_arrays():
+    torch = pytest.importorskip("torch")
+    c, a, opts, visual = first_case()
+    t = {k: torch.from_numpy(v) for k, v in a.items()}
+    if not (sv.has_cuda() and torch.cuda.is_available()):
+        # Without the CUDA path (or a GPU), CUDA tensors are refused by name.
+        if torch.cuda.is_available():
+            with pytest.raises(sv.Error, match=r"^hidden: expected a CPU tensor"):
+                sv.prune_step(t["hidden"].cuda(), visual, attn=t["attn"].cuda(), embeds=t["embeds"].cuda())
+        pytest.skip("no CUDA build of the package or no GPU: the GPU comparison did not run")
+    # On a GPU: the CUDA specialization decides what the CPU decides, bit for bit,
+    # on every case, from attn and from q/k; outputs stay on the device.
+    for case in case_dirs:
+        c, a, opts, visual = load_case(case)
+        cpu = sv.prune_step(a["hidden"], visual, attn=a["attn"], embeds=a["embeds"],
+                            raters=c.get("raters"), options=opts)
+        g = {k: torch.from_numpy(v).cuda() for k, v in a.items()}
+        r = sv.prune_step(g["hidden"], visual, attn=g["attn"], embeds=g["embeds"],
+                          raters=c.get("raters"), options=opts)
+        assert r.keep.device.type == "cuda"
+        assert r.keep.cpu().tolist() == cpu.keep.tolist() and r.clusters == cpu.clusters
+        assert np.array_equal(r.scores.cpu().numpy(), cpu.scores)
+        assert np.array_equal(r.merged.cpu().numpy(), cpu.merged)
+        if "q" in g:
+            rq = sv.prune_step(g["hidden"], visual, q=g["q"], k=g["k"], embeds=g["embeds"],
+                               raters=c.get("raters"), options=opts)
+            assert rq.keep.cpu().tolist() == cpu.keep.tolist()

@@ -1,0 +1,141 @@
+// See cuda_step.hpp.
+#include "cuda_step.hpp"
+
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+
+#include <sparsevlm/cuda/step.cuh>
+#include <sparsevlm/dlpack.hpp>
+
+namespace sparsevlm_py {
+namespace {
+
+namespace sv = sparsevlm;
+using sv::index_t;
+
+void cuda_check(cudaError_t e, const char* call) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string("CUDA: ") + call + " failed: " + cudaGetErrorString(e));
+}
+
+// Device memory for the duration of one call.
+struct device_buffer {
+  void* p = nullptr;
+  explicit device_buffer(std::size_t bytes) {
+    if (bytes > 0) cuda_check(cudaMalloc(&p, bytes), "cudaMalloc");
+  }
+  ~device_buffer() {
+    if (p != nullptr) cudaFree(p);
+  }
+  device_buffer(const device_buffer&) = delete;
+  device_buffer& operator=(const device_buffer&) = delete;
+};
+
+// Makes the arrays' device current for the call, and restores the caller's.
+struct device_guard {
+  int previous = -1;
+  explicit device_guard(int ordinal) {
+    cuda_check(cudaGetDevice(&previous), "cudaGetDevice");
+    if (ordinal >= 0 && ordinal != previous) cuda_check(cudaSetDevice(ordinal), "cudaSetDevice");
+  }
+  ~device_guard() {
+    if (previous >= 0) cudaSetDevice(previous);
+  }
+  device_guard(const device_guard&) = delete;
+  device_guard& operator=(const device_guard&) = delete;
+};
+
+// The one device all arrays live on (managed memory: any).
+int common_device(const device_step_arrays& a) {
+  int ordinal = -1;
+  const std::pair<const DLTensor*, const char*> all[] = {
+      {a.hidden, "hidden"}, {a.attn, "attn"}, {a.q, "q"}, {a.k, "k"}, {a.lse, "lse"}, {a.embeds, "embeds"}};
+  for (const auto& [t, name] : all) {
+    if (t == nullptr) continue;
+    const int o = sv::check_device(*t, name, sv::device_kind::cuda);
+    if (o < 0) continue;
+    SPARSEVLM_CHECK(ordinal < 0 || o == ordinal, sv::errc::invalid_argument,
+                    sv::detail::concat(name, ".device"),
+                    sv::detail::concat("cuda:", ordinal, " (where hidden is)"),
+                    sv::dl_device_name(t->device));
+    ordinal = o;
+  }
+  return ordinal;
+}
+
+void throw_flags(const sv::cuda::step_status& s) {
+  const auto fail = [](sv::errc c, const char* arg, const char* expected, const char* got) {
+    throw sv::error(c, sv::detail::concat(arg, ": expected ", expected, ", got ", got));
+  };
+  if (s.bad_raters) fail(sv::errc::invalid_argument, "raters", "ascending text positions", "others (flagged on the GPU)");
+  if (s.non_finite_embeds) fail(sv::errc::non_finite, "embeds", "finite rater logits", "NaN/Inf (flagged on the GPU)");
+  if (s.non_finite_scores) fail(sv::errc::non_finite, "attn/q/k/lse", "finite scores", "NaN/Inf (flagged on the GPU)");
+  if (s.non_finite_hidden) fail(sv::errc::non_finite, "hidden", "finite recycled rows", "NaN/Inf (flagged on the GPU)");
+  if (s.no_convergence) fail(sv::errc::non_finite, "rank", "a converged eigen-solver", "no convergence (on the GPU)");
+}
+
+template <class Inputs>
+sv::step_result run(const Inputs& in, const sv::step_options& opt, cudaStream_t stream) {
+  std::size_t bytes = 0;
+  sv::cuda::device_step step;
+  cuda_check(sv::cuda::prune_step_async(in, opt, nullptr, bytes, step, nullptr, stream),
+             "prune_step_async (size query)");
+  device_buffer ws(bytes);
+  index_t length = -1;
+  cuda_check(sv::cuda::prune_step_sync(in, opt, ws.p, bytes, step, length, stream), "prune_step_sync");
+  sv::step_result r;
+  sv::cuda::step_status status;
+  cuda_check(sv::cuda::download(step, r, status, stream), "download");
+  throw_flags(status);
+  return r;
+}
+
+template <class T>
+sv::step_result run_typed(const device_step_arrays& a, sv::visual_span visual,
+                          std::optional<std::span<const index_t>> raters,
+                          const sv::step_options& opt, cudaStream_t stream) {
+  constexpr auto cuda = sv::device_kind::cuda;
+  const auto hidden = sv::view_of<const T, 2>(*a.hidden, "hidden", cuda);
+  const auto embeds = a.embeds != nullptr ? sv::view_of<const T, 2>(*a.embeds, "embeds", cuda)
+                                          : sv::matrix_view<const T>(nullptr, {0, 0}, "embeds");
+  if (a.attn != nullptr) {
+    const sv::step_inputs<T, T, T> in{embeds, sv::view_of<const T, 3>(*a.attn, "attn", cuda), hidden,
+                                      visual, raters};
+    return run(in, opt, stream);
+  }
+  std::optional<sv::matrix_view<const float>> lse;
+  if (a.lse != nullptr) lse = sv::view_of<const float, 2>(*a.lse, "lse", cuda);
+  const sv::qk_view<T, T> qk{sv::view_of<const T, 3>(*a.q, "q", cuda),
+                             sv::view_of<const T, 3>(*a.k, "k", cuda), lse, a.scale};
+  const sv::step_inputs_qk<T, T, T, T> in{embeds, qk, hidden, visual, raters};
+  return run(in, opt, stream);
+}
+
+}  // namespace
+
+sv::step_result cuda_prune_step(const device_step_arrays& a, sv::visual_span visual,
+                                const std::vector<index_t>* raters, const sv::step_options& opt,
+                                std::uintptr_t stream_handle) {
+  const device_guard guard(common_device(a));
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  // Caller raters go to the device (the launchers read them there).
+  std::optional<device_buffer> raters_dev;
+  std::optional<std::span<const index_t>> raters_view;
+  if (raters != nullptr) {
+    raters_dev.emplace(raters->size() * sizeof(index_t));
+    if (!raters->empty())
+      cuda_check(cudaMemcpy(raters_dev->p, raters->data(), raters->size() * sizeof(index_t),
+                            cudaMemcpyHostToDevice),
+                 "cudaMemcpy (raters)");
+    raters_view = std::span<const index_t>(static_cast<const index_t*>(raters_dev->p), raters->size());
+  }
+  const DLDataType dt = a.hidden->dtype;
+  if (dt.code == kDLFloat && dt.bits == 16) return run_typed<sv::half>(a, visual, raters_view, opt, stream);
+  if (dt.code == kDLBfloat && dt.bits == 16)
+    return run_typed<sv::bfloat16>(a, visual, raters_view, opt, stream);
+  return run_typed<float>(a, visual, raters_view, opt, stream);  // view_of refuses other dtypes
+}
+
+}  // namespace sparsevlm_py
