@@ -12,9 +12,8 @@ is, the model's `rotary_emb`, final `norm`, `lm_head`, `DynamicCache` and
 * layer `l` runs on the current `n` tokens with the causal mask for `n` tokens and
   the current position ids (0..L-1 before the first pruning layer, the session's ids
   after it);
-* when `session.prunes_after(l)`, a forward hook on `layer.self_attn` has kept that
-  layer's eager attention probabilities `[1, H, n, n]`; the session decides
-  (`session.prune(l, hidden, attn=attn)`), the hidden states are compacted with
+* when `session.prunes_after(l)`, the session decides from that layer's attention
+  (`session.prune(l, hidden, ...)`), the hidden states are compacted with
   `sparsevlm.apply_plan`, and the `DynamicCache` of every layer already written is
   compacted so that layer `j` holds exactly the rows `session.kv_rows(j)` (option 2
   of docs/integration.md: the survivors, recycled tokens have no K/V there);
@@ -22,17 +21,37 @@ is, the model's `rotary_emb`, final `norm`, `lm_head`, `DynamicCache` and
   to its whole (compacted) cache, and its position id continues from the ids its
   cache was written with (docs/integration.md, "Decode positions").
 
+Two ways to get the pruning layer's attention (`scores_from`):
+
+* `"qk"` (fused attention, as real engines run): the decoder uses PyTorch SDPA and
+  never forms the probabilities. The attention function `"sparsevlm_sdpa"`,
+  registered in transformers' `AttentionInterface`, receives each layer's query and
+  key states after RoPE; at a pruning layer it keeps the rater rows of the query
+  `[H, R, dh]` and the keys `[Hkv, n, dh]`, then calls transformers' own `"sdpa"`
+  function and returns exactly what it returns. The session scores from them
+  (`session.prune(l, hidden, q=..., k=...)`, docs/fused-attention.md).
+* `"attn"`: the decoder runs eager attention and a forward hook on
+  `layer.self_attn` keeps the pruning layer's probabilities `[1, H, n, n]`
+  (`session.prune(l, hidden, attn=...)`). The library decides the same from both.
+
 Transformers internals relied on (5.x): `LlamaDecoderLayer.forward(hidden_states,
-attention_mask, position_ids, cache, use_cache, position_embeddings)`,
-`LlamaAttention.forward` returning `(attn_output, attn_weights)` (the weights are the
-softmax probabilities with `attn_implementation="eager"`), `DynamicLayer.keys` /
-`.values` of shape `[batch, kv_heads, tokens, head_dim]` in `cache.layers[i]`, and
-`create_causal_mask(..., cache=cache, layer_idx=i)`, which sizes each layer's mask
-from that layer's own cache length.
+attention_mask, position_ids, cache, use_cache, position_embeddings)`;
+`LlamaAttention.forward` calling `ALL_ATTENTION_FUNCTIONS.get_interface(
+config._attn_implementation, ...)(module, query, key, value, attention_mask,
+scaling=..., ...)` with query `[batch, heads, n, head_dim]` and key
+`[batch, kv_heads, n, head_dim]` after RoPE and the cache update, and returning
+`(attn_output, attn_weights)` (the weights are the softmax probabilities with eager
+attention); `AttentionInterface.register` and `AttentionMaskInterface.register`
+(masking_utils: a name absent from the mask registry gets no mask at all);
+`PreTrainedModel.set_attn_implementation({"text_config": ...})`;
+`DynamicLayer.keys` / `.values` of shape `[batch, kv_heads, tokens, head_dim]` in
+`cache.layers[i]`; and `create_causal_mask(..., cache=cache, layer_idx=i)`, which
+sizes each layer's mask from that layer's own cache length.
 
 Run the demo (random weights, LLaVA-1.5-like token counts)::
 
     build/venv/bin/python examples/python/hf_llava.py --threads 1     # 8 x 1024 Llama, 671 tokens
+    build/venv/bin/python examples/python/hf_llava.py --threads 1 --layers 32 --prune-layers 2,6,15
     build/venv/bin/python examples/python/hf_llava.py --keep "" --positions keep_original
 """
 
@@ -46,18 +65,87 @@ from typing import Any, Callable
 
 import torch
 from transformers import (
+    AttentionInterface,
     CLIPVisionConfig,
     DynamicCache,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import (
+    ALL_MASK_ATTENTION_FUNCTIONS,
+    AttentionMaskInterface,
+    create_causal_mask,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 try:  # the pruning path needs the bindings; the unpruned path runs without them
     import sparsevlm as sv
 except ImportError:  # pragma: no cover - exercised only without the package
     sv = None
+
+
+# ------------------------------------------------- q/k capture (fused attention)
+
+QK_ATTENTION = "sparsevlm_sdpa"
+"""The attention implementation name of SDPA with the q/k capture."""
+
+SCORES_FROM = {"attn": "eager", "qk": QK_ATTENTION}
+"""The decoder attention implementation each scoring mode needs."""
+
+# id(attention module) -> slot, present only while that module's layer is a pruning
+# layer being run; `sdpa_with_qk_capture` fills the slot's "q", "k" and "scaling".
+_qk_slots: dict[int, dict[str, Any]] = {}
+
+
+def sdpa_with_qk_capture(module, query, key, value, attention_mask, **kwargs):
+    """transformers' own SDPA attention, keeping q/k of the layers being pruned.
+
+    Called by `LlamaAttention.forward` as any attention function: query
+    `[B, H, n, dh]` and key `[B, Hkv, n, dh]` after RoPE (the key as the cache
+    returned it: at a prefill layer the cache was empty, so its n rows). When the
+    module is armed (`_qk_slots`), it keeps batch item 0's query rows `slot["rows"]`
+    (the raters, in the session's order; all rows when None) and the keys: views
+    and one small [H, R, dh] gather, no copy of the attention. It then returns
+    exactly what `ALL_ATTENTION_FUNCTIONS["sdpa"]` returns for the same arguments.
+    """
+    slot = _qk_slots.get(id(module))
+    if slot is not None:
+        q = query[0]
+        rows = slot.get("rows")
+        slot["q"] = q if rows is None else q.index_select(1, rows.to(q.device))
+        slot["k"] = key[0]
+        slot["scaling"] = kwargs.get("scaling")
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def register_qk_capture() -> None:
+    """Registers `QK_ATTENTION` (idempotent): the attention function above, and for
+    masks the same function as "sdpa" (`create_causal_mask` looks the mask function
+    up by the implementation's name and returns no mask at all for an unknown name;
+    with sdpa's own it returns what the stock sdpa model gets: None for a plain causal
+    prefill or a one-token decode step, SDPA then applying `is_causal`)."""
+    AttentionInterface.register(QK_ATTENTION, sdpa_with_qk_capture)
+    AttentionMaskInterface.register(QK_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+register_qk_capture()
+
+
+def decoder_attention(model: LlavaForConditionalGeneration) -> str:
+    """The attention implementation the language model's layers use."""
+    return text_model(model).config._attn_implementation
+
+
+def set_decoder_attention(model: LlavaForConditionalGeneration, implementation: str) -> None:
+    """Switches the language model's attention ("eager", "sdpa" or `QK_ATTENTION`)
+    in place, weights untouched; the vision tower keeps its own."""
+    if implementation == QK_ATTENTION:
+        register_qk_capture()
+    model.set_attn_implementation({"text_config": implementation})
+    if decoder_attention(model) != implementation:
+        raise RuntimeError(f"attention implementation: expected {implementation!r}, "
+                           f"got {decoder_attention(model)!r}")
 
 
 # --------------------------------------------------------------------------- model
@@ -77,13 +165,18 @@ def build_model(
     patch_size: int = 14,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
 ) -> LlavaForConditionalGeneration:
     """A LLaVA with random weights built from a config in code (no hub access).
 
     CLIP ViT at 336 px with 14 px patches gives 24 x 24 = 576 image tokens (the
-    "default" strategy drops the CLS token). Eager attention, so every decoder layer
-    computes its attention probabilities. The image token is the last vocabulary id;
-    there is no EOS token, so greedy generation always runs `max_new_tokens` steps.
+    "default" strategy drops the CLS token). The image token is the last vocabulary
+    id; there is no EOS token, so greedy generation always runs `max_new_tokens` steps.
+
+    attn_implementation: "eager" (the whole model; every decoder layer computes its
+    attention probabilities, for `scores_from="attn"`), "sdpa" (the stock default), or
+    `QK_ATTENTION` (SDPA everywhere, the decoder through `sdpa_with_qk_capture`, for
+    `scores_from="qk"`). The weights depend only on the sizes and the seed.
     """
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
@@ -108,9 +201,10 @@ def build_model(
         pad_token_id=0,
     )
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab - 1)
-    model = LlavaForConditionalGeneration._from_config(
-        config, attn_implementation="eager", dtype=dtype
-    )
+    base = "eager" if attn_implementation == "eager" else "sdpa"
+    model = LlavaForConditionalGeneration._from_config(config, attn_implementation=base, dtype=dtype)
+    if attn_implementation != base:
+        set_decoder_attention(model, attn_implementation)
     return model.eval()
 
 
@@ -231,13 +325,23 @@ def prefill(
     inputs_embeds: torch.Tensor | None = None,
     use_cache: bool = True,
     mask_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    scores_from: str | None = None,
 ) -> PrefillState:
     """Run the prompt through the decoder with SparseVLM pruning.
 
     `session` is None (the stock prefill), a `sparsevlm.SessionConfig` (a
     `PrefillSession` is built here, raters chosen from the input embeddings) or an
     already built `sparsevlm.PrefillSession` (e.g. with caller raters). Batch size 1.
-    `mask_hook(layer, mask)` may replace a layer's 4-D additive mask (tests use it).
+
+    scores_from: "qk" (the decoder must run `QK_ATTENTION`: q/k captured from SDPA)
+    or "attn" (the decoder must run "eager": probabilities from a hook); None picks
+    the one the model's decoder attention allows. Without a session any
+    implementation runs (the stock prefill).
+
+    `mask_hook(layer, mask)` may replace a layer's 4-D mask (tests use it): additive
+    float for eager, boolean (True = attend) for SDPA, which is then materialised
+    instead of left to `is_causal`. In "qk" mode the rater rows must keep the plain
+    causal mask: the scores are recomputed from q/k under that mask.
     """
     if input_ids.shape[0] != 1:
         raise ValueError(f"input_ids: expected batch size 1, got {input_ids.shape[0]}")
@@ -255,6 +359,16 @@ def prefill(
         session = sv.PrefillSession(layout, session, embeds=inputs_embeds[0])
     if session is not None and session.length != L:
         raise ValueError(f"session.length: expected {L} (the prompt), got {session.length}")
+    implementation = cfg._attn_implementation
+    if scores_from is None:
+        scores_from = "qk" if implementation == QK_ATTENTION else "attn"
+    if scores_from not in SCORES_FROM:
+        raise ValueError(f"scores_from: expected one of {sorted(SCORES_FROM)}, got {scores_from!r}")
+    if session is not None and implementation != SCORES_FROM[scores_from]:
+        raise ValueError(
+            f"scores_from={scores_from!r}: expected the decoder attention "
+            f"{SCORES_FROM[scores_from]!r}, got {implementation!r} (build_model(attn_implementation=...) "
+            f"or set_decoder_attention)")
 
     cache = DynamicCache(config=cfg) if use_cache else None
     n_layers = len(lm.layers)
@@ -279,13 +393,18 @@ def prefill(
         if n not in masks:
             masks[n] = create_causal_mask(
                 config=cfg, inputs_embeds=hidden, attention_mask=None, cache=cache,
-                position_ids=None, layer_idx=i,
+                position_ids=None, layer_idx=i, allow_is_causal_skip=mask_hook is None,
             )
         mask = masks[n] if mask_hook is None else mask_hook(i, masks[n])
         if rope is None:
             rope = lm.rotary_emb(hidden, position_ids=positions)
         prunes = session is not None and session.prunes_after(i)
-        handle = layer.self_attn.register_forward_hook(keep_attn) if prunes else None
+        handle, slot = None, None
+        if prunes and scores_from == "qk":
+            # Arm the capture for this layer only: the rater rows of q (session order).
+            slot = _qk_slots[id(layer.self_attn)] = {"rows": _as_long(session.raters, device)}
+        elif prunes:
+            handle = layer.self_attn.register_forward_hook(keep_attn)
         try:
             hidden = layer(
                 hidden, attention_mask=mask, position_ids=positions, cache=cache,
@@ -294,16 +413,26 @@ def prefill(
         finally:
             if handle is not None:
                 handle.remove()
+            if slot is not None:
+                _qk_slots.pop(id(layer.self_attn), None)
         decode_base[i] = int(positions.max()) + 1
         held[i] = torch.arange(n, device=device)
         if not prunes:
             continue
 
         t_step = time.perf_counter()
-        attn = captured.pop("attn", None)
-        if attn is None:
-            raise RuntimeError("no attention probabilities: load the model with attn_implementation='eager'")
-        plan = session.prune(i, hidden[0], attn=attn[0])
+        if slot is not None:
+            if "q" not in slot:
+                raise RuntimeError(f"layer {i}: the attention function {QK_ATTENTION!r} did not run")
+            scale = slot["scaling"]
+            plan = session.prune(i, hidden[0], q=slot["q"], k=slot["k"],
+                                 scale=0.0 if scale is None else float(scale))
+            slot.clear()
+        else:
+            attn = captured.pop("attn", None)
+            if attn is None:
+                raise RuntimeError("no attention probabilities: load the model with attn_implementation='eager'")
+            plan = session.prune(i, hidden[0], attn=attn[0])
         plans[i] = plan
         hidden = sv.apply_plan(plan, hidden[0])[None]
         positions = _as_long(session.positions, device)[:1]
@@ -391,10 +520,12 @@ def generate(
     max_new_tokens: int = 8,
     *,
     state: PrefillState | None = None,
+    scores_from: str | None = None,
 ) -> tuple[list[int], PrefillState]:
-    """Greedy decoding after the (pruned) prefill. Returns the new tokens and the state."""
+    """Greedy decoding after the (pruned) prefill, or after `state` when given.
+    Returns the new tokens and the state."""
     if state is None:
-        state = prefill(model, input_ids, pixel_values, session)
+        state = prefill(model, input_ids, pixel_values, session, scores_from=scores_from)
     tokens: list[int] = []
     logits = state.logits
     for step in range(max_new_tokens):
@@ -429,6 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bias", type=float, default=0.0)
     p.add_argument("--no-recycle", action="store_true")
     p.add_argument("--positions", choices=["renumber", "keep_original"], default="renumber")
+    p.add_argument("--scores-from", choices=sorted(SCORES_FROM), default="qk",
+                   help="the pruned run shown: q/k captured from SDPA (qk) or eager probabilities (attn)")
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3, help="prefill timings: median of this many")
     p.add_argument("--threads", type=int, default=1,
@@ -439,8 +572,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
 
     t0 = time.perf_counter()
+    # One model, SDPA everywhere; the runs below switch only the decoder's attention.
     model = build_model(hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
-                        intermediate=a.intermediate, vocab=a.vocab, seed=a.seed)
+                        intermediate=a.intermediate, vocab=a.vocab, seed=a.seed,
+                        attn_implementation="sdpa")
     ids, pixels = make_inputs(model, a.prefix, a.text, seed=a.seed + 1)
     prefix, visual, text = image_span(ids, model.config.image_token_id)
     print(f"model: {a.layers} layers, hidden {a.hidden}, {a.heads} heads, "
@@ -451,40 +586,62 @@ def main(argv: list[str] | None = None) -> None:
     keeps = a.keep if a.keep else None
     config = lambda: make_config(a.layers, a.prune_layers, keeps, scale=a.scale, bias=a.bias,  # noqa: E731
                                  recycle=not a.no_recycle, positions=a.positions)
+    # name -> (decoder attention, session config or None, scores_from)
+    runs = {
+        "stock sdpa, no pruning": ("sdpa", lambda: None, None),
+        "pruned, scores from q/k (sdpa)": (QK_ATTENTION, config, "qk"),
+        "pruned, scores from attn (eager)": ("eager", config, "attn"),
+    }
+    shown = "pruned, scores from q/k (sdpa)" if a.scores_from == "qk" else "pruned, scores from attn (eager)"
 
     with torch.no_grad():
-        embeds = embed_inputs(model, ids, pixels)  # the vision tower is the same for both
-
-        def timed(cfg_fn):
-            times = []
-            for _ in range(a.repeats):
+        embeds = embed_inputs(model, ids, pixels)  # the vision tower is the same for all runs
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        spent: dict[str, list[float]] = {name: [] for name in runs}  # SparseVLM steps + compaction
+        states: dict[str, PrefillState] = {}
+        for _ in range(a.repeats):  # interleaved, so that a busy spell hits every run alike
+            for name, (impl, cfg_fn, mode) in runs.items():
+                set_decoder_attention(model, impl)
                 t = time.perf_counter()
-                st = prefill(model, ids, None, cfg_fn(), inputs_embeds=embeds)
-                times.append(time.perf_counter() - t)
-            return statistics.median(times), st
-
-        t_full, _ = timed(lambda: None)
-        t_pruned, st = timed(config)
+                states[name] = prefill(model, ids, None, cfg_fn(), inputs_embeds=embeds, scores_from=mode)
+                times[name].append(time.perf_counter() - t)
+                spent[name].append(states[name].timings["pruning"])
+        st = states[shown]
+        rows = [st.cache.layers[i].keys.shape[-2] for i in range(len(st.layer_tokens))]
+        # Greedy decoding continues from each run's last prefill (its caches).
+        tokens = {}
+        for name in ("stock sdpa, no pruning", shown):
+            set_decoder_attention(model, runs[name][0])
+            tokens[name], _ = generate(model, ids, None, None, a.new_tokens, state=states[name])
 
     policy = f"fixed {keeps}" if keeps else f"rank*{a.scale}+{a.bias}"
     print(f"pruning after layers {a.prune_layers}, keep {policy}, recycle {not a.no_recycle}, "
-          f"positions {a.positions}")
+          f"positions {a.positions}; shown: {shown}")
     for i, n in enumerate(st.layer_tokens):
         note = ""
         if i in st.plans:
             pl = st.plans[i]
             note = (f"  -> prune: rank {pl.rank}, keep {pl.keep_count}, recycled "
                     f"{len(pl.clusters)}, next {pl.length}")
-        print(f"  layer {i:2d}: {n:4d} tokens, cache {st.cache.layers[i].keys.shape[-2]:4d} rows{note}")
+        print(f"  layer {i:2d}: {n:4d} tokens, cache {rows[i]:4d} rows{note}")
 
-    with torch.no_grad():
-        full_tokens, _ = generate(model, ids, pixels, None, a.new_tokens)
-        pruned_tokens, _ = generate(model, ids, pixels, config(), a.new_tokens)
-    print(f"greedy tokens, no pruning: {full_tokens}")
-    print(f"greedy tokens, pruned    : {pruned_tokens}")
-    print(f"prefill (decoder, median of {a.repeats}): no pruning {t_full * 1e3:.0f} ms, "
-          f"pruned {t_pruned * 1e3:.0f} ms (of which SparseVLM steps and cache compaction "
-          f"{st.timings['pruning'] * 1e3:.0f} ms), speed-up {t_full / t_pruned:.2f}x")
+    qk, eager = states["pruned, scores from q/k (sdpa)"], states["pruned, scores from attn (eager)"]
+    same = [i for i in qk.plans if torch.equal(torch.as_tensor(qk.plans[i].sequence),
+                                                torch.as_tensor(eager.plans[i].sequence))]
+    print(f"q/k and attn decisions identical at pruning layers {same} of {list(qk.plans)} "
+          f"(the decoders differ in rounding: SDPA vs eager attention)")
+    print(f"greedy tokens, no pruning: {tokens['stock sdpa, no pruning']}")
+    print(f"greedy tokens, {shown}: {tokens[shown]}")
+    base = statistics.median(times["stock sdpa, no pruning"])
+    print(f"prefill (decoder only, median of {a.repeats}, threads {a.threads}; the first run is "
+          f"the wrapper without a session, bit-identical to the stock model):")
+    for name in runs:
+        t = statistics.median(times[name])
+        extra = ""
+        if name != "stock sdpa, no pruning":
+            extra = (f", speed-up {base / t:.2f}x (of which SparseVLM steps and cache compaction "
+                     f"{statistics.median(spent[name]) * 1e3:.0f} ms)")
+        print(f"  {name:34s} {t * 1e3:7.0f} ms{extra}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,18 @@
 """SparseVLM inside a Hugging Face LLaVA prefill (examples/python/hf_llava.py).
 
 A small random-weight LlavaForConditionalGeneration (CLIP 336/14 -> 576 image tokens,
-a 6-layer Llama with grouped-query attention, eager attention) checks that:
+a 6-layer Llama with grouped-query attention) with the same weights three ways:
+eager attention (`model`, scores from the probabilities, scores_from="attn"), the
+stock SDPA (`sdpa_model`) and SDPA through the q/k capture registered in
+transformers' AttentionInterface (`qk_model`, scores_from="qk"). It checks that:
 
 * with pruning off, the wrapper's thin decoder loop is the stock model, bit for bit
-  (final hidden states, logits, greedy tokens and every decode step's logits);
-* with pruning, the token count entering each layer is what the plans say, each
-  layer's KV cache holds exactly `session.kv_rows(layer)` after the prefill and grows
-  by one row per decode step;
+  (final hidden states, logits, greedy tokens and every decode step's logits), for
+  eager attention and for the capture model against the stock SDPA model;
+* the q/k mode decides what the attention mode decides on the same inputs;
+* with pruning (both modes), the token count entering each layer is what the plans
+  say, each layer's KV cache holds exactly `session.kv_rows(layer)` after the prefill
+  and grows by one row per decode step;
 * the cached decode step equals a cache-free recomputation of the pruned prefill on
   the prompt plus the generated token, whose last query sees the same keys as the
   compacted caches: this checks the rows kept in each cache, their contents and the
@@ -45,9 +50,27 @@ def _threads():
     torch.set_num_threads(before)
 
 
+def _build(attn_implementation):
+    return hf_llava.build_model(hidden=256, layers=LAYERS, heads=4, kv_heads=2, vocab=1000, seed=0,
+                                attn_implementation=attn_implementation)
+
+
 @pytest.fixture(scope="module")
 def model():
-    return hf_llava.build_model(hidden=256, layers=LAYERS, heads=4, kv_heads=2, vocab=1000, seed=0)
+    """Eager attention everywhere: scores_from="attn"."""
+    return _build("eager")
+
+
+@pytest.fixture(scope="module")
+def sdpa_model():
+    """The stock default, SDPA everywhere; the reference for the capture model."""
+    return _build("sdpa")
+
+
+@pytest.fixture(scope="module")
+def qk_model():
+    """SDPA everywhere, the decoder through the q/k capture: scores_from="qk"."""
+    return _build(hf_llava.QK_ATTENTION)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +79,21 @@ def inputs(model):
 
 
 @pytest.fixture(scope="module")
+def embeds(model, inputs):
+    """One set of input embeddings for runs that compare the two modes (the eager and
+    the SDPA vision towers round differently)."""
+    ids, pixels = inputs
+    with torch.no_grad():
+        return hf_llava.embed_inputs(model, ids, pixels)
+
+
+@pytest.fixture(scope="module")
 def sv():
     return pytest.importorskip("sparsevlm")
+
+
+def _model_for(request, mode):
+    return request.getfixturevalue("qk_model" if mode == "qk" else "model")
 
 
 def _config(sv, positions="renumber", policy="fixed"):
@@ -67,6 +103,19 @@ def _config(sv, positions="renumber", policy="fixed"):
 
 
 # ------------------------------------------------------------------ pruning off
+
+
+def test_the_three_models_share_their_weights(model, sdpa_model, qk_model):
+    assert hf_llava.decoder_attention(model) == "eager"
+    assert hf_llava.decoder_attention(sdpa_model) == "sdpa"
+    assert hf_llava.decoder_attention(qk_model) == hf_llava.QK_ATTENTION
+    # Only the decoder goes through the capture; the vision tower stays stock SDPA.
+    assert qk_model.model.vision_tower.config._attn_implementation == "sdpa"
+    ref = model.state_dict()
+    for other in (sdpa_model, qk_model):
+        theirs = other.state_dict()
+        assert theirs.keys() == ref.keys()
+        assert all(torch.equal(ref[k], theirs[k]) for k in ref)
 
 
 def test_layout_of_the_prompt(model, inputs):
@@ -123,17 +172,105 @@ def test_empty_schedule_is_the_stock_model(model, inputs, sv):
     assert tokens == ref[0, ids.shape[1]:].tolist()
 
 
+def test_unpruned_capture_model_is_the_stock_sdpa_model(sdpa_model, qk_model, inputs, sv):
+    """The capture calls transformers' own SDPA function and returns what it returns,
+    and its mask function is SDPA's: the decoder is the stock SDPA one bit for bit."""
+    ids, pixels = inputs
+    k = 4
+    with torch.no_grad():
+        stock_hidden = sdpa_model.model(input_ids=ids, pixel_values=pixels).last_hidden_state
+        stock_last = sdpa_model(input_ids=ids, pixel_values=pixels, logits_to_keep=1).logits
+        # The capture model's own forward (no wrapper) is the stock one too.
+        assert torch.equal(qk_model(input_ids=ids, pixel_values=pixels, logits_to_keep=1).logits, stock_last)
+        state = hf_llava.prefill(qk_model, ids, pixels, None)
+        empty = hf_llava.prefill(qk_model, ids, pixels, sv.SessionConfig(layers=LAYERS, schedule=[]),
+                                 scores_from="qk")
+        stock = sdpa_model.generate(
+            input_ids=ids, pixel_values=pixels, do_sample=False, max_new_tokens=k,
+            output_logits=True, return_dict_in_generate=True,
+        )
+        tokens, gen = hf_llava.generate(qk_model, ids, pixels, None, k)
+    assert torch.equal(state.hidden, stock_hidden)
+    assert torch.equal(state.logits, stock_last[:, -1])
+    assert torch.equal(empty.logits, stock_last[:, -1])
+    assert tokens == stock.sequences[0, ids.shape[1]:].tolist()
+    for mine, theirs in zip(gen.step_logits, stock.logits, strict=True):
+        assert torch.equal(mine, theirs)
+    assert not hf_llava._qk_slots  # armed only while a pruning layer runs
+
+
+def test_scores_from_needs_the_matching_attention(model, sdpa_model, qk_model, inputs, embeds, sv):
+    ids, _ = inputs
+    cfg = _config(sv)
+    for m, mode in [(model, "qk"), (qk_model, "attn"), (sdpa_model, "qk"), (sdpa_model, None)]:
+        with pytest.raises(ValueError, match="decoder attention"):
+            hf_llava.prefill(m, ids, None, cfg, inputs_embeds=embeds, scores_from=mode)
+    with pytest.raises(ValueError, match="scores_from"):
+        hf_llava.prefill(qk_model, ids, None, cfg, inputs_embeds=embeds, scores_from="lse")
+
+
 # ------------------------------------------------------------------- pruning on
 
 
 @pytest.mark.parametrize(
     "positions,policy", [("renumber", "fixed"), ("keep_original", "rank")]
 )
-def test_pruned_prefill_counts_caches_and_decode(model, inputs, sv, positions, policy):
+def test_qk_mode_decides_what_attn_mode_decides(model, qk_model, inputs, embeds, sv, positions, policy):
+    """Eager model scoring from its probabilities, capture model (same weights, same
+    input embeddings, same raters) scoring from q/k: the same plans at every layer.
+
+    The library decides the same from q/k as from the probabilities these q/k give
+    (docs/fused-attention.md). The two runs are not fed bit-identical q/k, though: the
+    q/k of layer 1 come from hidden states after layer 0, whose attention output eager
+    and SDPA round differently, and the differences carry on. Here the scores of the
+    two runs agree to ~2e-7 relative, and the gap between the last kept and the first
+    dropped score is ~20x the largest score difference at layer 1 under the rank
+    policy and >= 1000x at the other layers, so every layer's decisions match (also
+    the first pruning layer's, which is all the guarantee promises here) and are
+    compared exactly. A failure that reports a margin near the score difference is
+    rounding at a near tie, not a wrong capture. The score comparison (rtol 1e-5) is
+    the sharper check of the capture: with random weights the visual ranking depends
+    little on the query, and feeding each rater the query of the token before it
+    keeps the same keep set but moves the scores by ~3e-4 relative.
+    """
+    ids, _ = inputs
+    with torch.no_grad():
+        a = hf_llava.prefill(model, ids, None, _config(sv, positions, policy), inputs_embeds=embeds,
+                             scores_from="attn")
+        b = hf_llava.prefill(qk_model, ids, None, _config(sv, positions, policy), inputs_embeds=embeds,
+                             scores_from="qk")
+    assert list(a.plans) == list(b.plans) == [1, 3]
+    for layer, pa in a.plans.items():
+        pb = b.plans[layer]
+        sa, sb = torch.as_tensor(pa.scores), torch.as_tensor(pb.scores)
+        torch.testing.assert_close(sb, sa, rtol=1e-5, atol=0)
+        top = sa.sort(descending=True).values
+        margin = float(top[pa.keep_count - 1] - top[pa.keep_count]) if pa.keep_count < top.numel() else None
+        why = f"layer {layer}: score diff {float((sa - sb).abs().max()):.3g}, keep margin {margin}"
+        assert torch.equal(torch.as_tensor(pa.raters), torch.as_tensor(pb.raters)), why
+        assert (pa.rank, pa.keep_count) == (pb.rank, pb.keep_count), why
+        assert torch.equal(torch.as_tensor(pa.keep), torch.as_tensor(pb.keep)), why
+        assert pa.clusters == pb.clusters, why
+        assert torch.equal(torch.as_tensor(pa.sequence), torch.as_tensor(pb.sequence)), why
+        assert torch.equal(torch.as_tensor(pa.positions), torch.as_tensor(pb.positions)), why
+    assert a.layer_tokens == b.layer_tokens
+    assert a.decode_base == b.decode_base
+    for j in range(LAYERS):
+        assert torch.equal(torch.as_tensor(a.session.kv_rows(j)), torch.as_tensor(b.session.kv_rows(j)))
+        assert a.cache.layers[j].keys.shape == b.cache.layers[j].keys.shape
+    torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["attn", "qk"])
+@pytest.mark.parametrize(
+    "positions,policy", [("renumber", "fixed"), ("keep_original", "rank")]
+)
+def test_pruned_prefill_counts_caches_and_decode(request, inputs, sv, mode, positions, policy):
+    model = _model_for(request, mode)
     ids, pixels = inputs
     L = ids.shape[1]
     with torch.no_grad():
-        state = hf_llava.prefill(model, ids, pixels, _config(sv, positions, policy))
+        state = hf_llava.prefill(model, ids, pixels, _config(sv, positions, policy), scores_from=mode)
     sess = state.session
     p1, p3 = state.plans[1], state.plans[3]
     c1, c3 = len(p1.clusters), len(p3.clusters)
@@ -178,7 +315,9 @@ def test_pruned_prefill_counts_caches_and_decode(model, inputs, sv, positions, p
             token = int(logits.argmax(-1))
 
 
-def test_pruned_generate_runs(model, inputs, sv):
+@pytest.mark.parametrize("mode", ["attn", "qk"])
+def test_pruned_generate_runs(request, inputs, sv, mode):
+    model = _model_for(request, mode)
     ids, pixels = inputs
     with torch.no_grad():
         tokens, state = hf_llava.generate(model, ids, pixels, _config(sv), 5)
@@ -187,12 +326,16 @@ def test_pruned_generate_runs(model, inputs, sv):
     assert all(torch.isfinite(x).all() for x in state.step_logits)
 
 
+@pytest.mark.parametrize("mode", ["attn", "qk"])
 @pytest.mark.parametrize("positions", ["renumber", "keep_original"])
-def test_cached_decode_equals_recomputation(model, inputs, sv, positions):
+def test_cached_decode_equals_recomputation(request, inputs, sv, mode, positions):
     """The first decode step against the compacted caches equals a cache-free prefill
     of prompt + that token with the same raters (so the same pruning: causal
     attention makes the raters' rows blind to the new token), in which the new
-    token's query at layer j may see only the rows layer j's cache kept."""
+    token's query at layer j may see only the rows layer j's cache kept. In "qk" mode
+    the mask is SDPA's boolean one (materialised because of mask_hook); the raters'
+    rows keep the plain causal mask, which the q/k scores assume."""
+    model = _model_for(request, mode)
     ids, pixels = inputs
     cfg = _config(sv, positions)
     with torch.no_grad():
@@ -208,9 +351,13 @@ def test_cached_decode_equals_recomputation(model, inputs, sv, positions):
 
         def last_query_sees_cache(layer, mask):
             mask = mask.clone()
-            mask[..., -1, :] = torch.finfo(mask.dtype).min
-            mask[..., -1, state.held[layer]] = 0
-            mask[..., -1, -1] = 0
+            if mask.dtype == torch.bool:  # SDPA: True = attend
+                hide, see = False, True
+            else:  # eager: additive
+                hide, see = torch.finfo(mask.dtype).min, 0
+            mask[..., -1, :] = hide
+            mask[..., -1, state.held[layer]] = see
+            mask[..., -1, -1] = see
             return mask
 
         fresh = hf_llava.prefill(
