@@ -15,7 +15,6 @@ Exit status 0 when every rank's decisions equal the single-process ones.
 """
 import argparse
 import json
-import os
 import socket
 import sys
 
@@ -47,18 +46,10 @@ def synthetic_step(seed=0, H=32, prefix=35, N=576, T=60, d=256):
 
 def case_step(case_dir):
     """A spec case folder (../shared/spec/case-format.md) as a step."""
-    c = json.load(open(os.path.join(case_dir, "case.json")))
-    load = lambda k: np.load(os.path.join(case_dir, c[k])).astype(np.float32)
-    pol = c["policy"]
-    policy = (sv.KeepPolicy.rank(pol["scale"], pol["bias"]) if pol["kind"] == "rank"
-              else sv.KeepPolicy.fixed(pol["keep"]))
-    rec = c["recycle"]
-    opts = sv.StepOptions(policy=policy, recycle=sv.RecycleOptions(
-        enabled=rec["enabled"], fraction=rec["fraction"], cluster_divisor=rec["cluster_divisor"]))
-    return {"name": os.path.basename(os.path.normpath(case_dir)), "attn": load("attn"),
-            "embeds": load("embeds"), "hidden": load("hidden"),
-            "visual": (c["visual"]["start"], c["visual"]["len"]), "raters": c.get("raters"),
-            "options": opts}
+    c = sv.load_case(case_dir)
+    f32 = {k: np.asarray(c[k], np.float32) for k in ("attn", "embeds", "hidden")}
+    return {"name": c["name"], **f32, "visual": c["visual"], "raters": c["raters"],
+            "options": c["options"]}
 
 
 def decisions(r):

@@ -41,7 +41,7 @@ __version__: str = _ext.__version__
 __all__ = [
     "Error", "KeepPolicy", "RecycleOptions", "RopeGravity", "StepOptions", "SessionConfig",
     "Layout", "StepResult", "LayerPlan", "PrefillSession", "prune_step", "select_raters",
-    "apply_plan", "run_case", "preset_config", "preset_config_for", "preset_names",
+    "apply_plan", "run_case", "load_case", "preset_config", "preset_config_for", "preset_names",
     "model_names", "isa", "has_cuda", "partial_relevance", "prune_step_from_head_sums", "show",
 ]
 
@@ -411,3 +411,14 @@ def show(case_dir: Union[str, os.PathLike], grid: Sequence[int], out: Union[str,
     """
     g = _span(grid, "grid")
     return _ext.show(os.fspath(case_dir), g, os.fspath(out), int(cell), scores_from)
+
+
+def load_case(case_dir: Union[str, os.PathLike]) -> dict:
+    """A case folder (spec format) as prune_step's arguments, checked as the CLI
+    checks it: ``embeds``, ``attn``, ``hidden`` (and ``q``, ``k`` when the case has
+    them) as NumPy arrays in their stored dtype (float32/float16), ``visual``
+    (S, N), ``raters`` (a list, or None to select them), ``options`` (StepOptions)
+    and ``name``. ``prune_step(c["hidden"], c["visual"], attn=c["attn"],
+    embeds=c["embeds"], raters=c["raters"], options=c["options"])`` is ``run_case``.
+    """
+    return _ext.load_case(os.fspath(case_dir))

@@ -395,6 +395,40 @@ sv::keep_policy policy_of(const policy_state_t& st) {
   return p;
 }
 
+// A NumPy array owning a loaded .npy (its storage moved, no copy).
+nb::object npy_to_numpy(sv::io::npy_array&& a) {
+  auto* heap = new sv::io::npy_array(std::move(a));
+  if (heap->storage.empty()) heap->storage.resize(1);  // a non-null pointer for empty arrays
+  nb::capsule owner(heap, [](void* p) noexcept { delete static_cast<sv::io::npy_array*>(p); });
+  std::vector<std::size_t> shape(heap->shape.begin(), heap->shape.end());
+  const nb::dlpack::dtype dt =
+      heap->type == sv::io::npy_type::f16
+          ? nb::dlpack::dtype{static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float), 16, 1}
+      : heap->type == sv::io::npy_type::i64 ? nb::dtype<int64_t>()
+                                            : nb::dtype<float>();
+  return nb::cast(nb::ndarray<nb::numpy>(heap->storage.data(), shape.size(), shape.data(), owner,
+                                         nullptr, dt));
+}
+
+nb::dict load_case_py(const std::string& dir) {
+  sv::io::case_data c;
+  {
+    nb::gil_scoped_release unlocked;
+    c = sv::io::load_case(dir);
+  }
+  nb::dict d;
+  d["name"] = c.name;
+  d["visual"] = nb::make_tuple(c.visual.start, c.visual.len);
+  d["raters"] = c.raters ? nb::cast(*c.raters) : nb::none();
+  d["options"] = c.options;
+  d["embeds"] = npy_to_numpy(std::move(c.embeds));
+  d["attn"] = npy_to_numpy(std::move(c.attn));
+  d["hidden"] = npy_to_numpy(std::move(c.hidden));
+  if (c.q) d["q"] = npy_to_numpy(std::move(*c.q));
+  if (c.k) d["k"] = npy_to_numpy(std::move(*c.k));
+  return d;
+}
+
 }  // namespace
 
 NB_MODULE(_sparsevlm, m) {
@@ -700,6 +734,7 @@ NB_MODULE(_sparsevlm, m) {
       },
       "embeds"_a, "visual"_a);
   m.def("run_case", &run_case_py, "case_dir"_a, "scores_from"_a = "attn");
+  m.def("load_case", &load_case_py, "case_dir"_a);
   m.def("partial_relevance", &partial_py, "source"_a, "raters"_a, "visual"_a);
   m.def("prune_step_from_head_sums", &from_head_sums_py, "P_sum"_a, "heads"_a, "hidden"_a,
         "visual"_a, "raters"_a, "options"_a = sv::step_options{});

@@ -25,16 +25,10 @@ LIST_KEYS = ("raters", "rank", "keep_count", "keep", "clusters", "sequence")
 
 
 def load_case(d):
-    c = json.loads((d / "case.json").read_text())
-    arrays = {k: np.load(d / c[k]) for k in ("embeds", "attn", "hidden", "q", "k") if k in c}
-    pol = c["policy"]
-    policy = (sv.KeepPolicy.rank(pol["scale"], pol["bias"]) if pol["kind"] == "rank"
-              else sv.KeepPolicy.fixed(pol["keep"]))
-    rec = c["recycle"]
-    opts = sv.StepOptions(policy=policy, recycle=sv.RecycleOptions(
-        enabled=rec["enabled"], fraction=rec["fraction"], cluster_divisor=rec["cluster_divisor"]))
-    visual = (c["visual"]["start"], c["visual"]["len"])
-    return c, arrays, opts, visual
+    c = sv.load_case(d)
+    arrays = {k: c[k] for k in ("embeds", "attn", "hidden", "q", "k") if k in c}
+    raw = {"raters": c["raters"]} if c["raters"] is not None else {}
+    return raw, arrays, c["options"], c["visual"]
 
 
 def test_there_are_cases():
@@ -269,3 +263,16 @@ def test_cuda_arrays():
             rq = sv.prune_step(g["hidden"], visual, q=g["q"], k=g["k"], embeds=g["embeds"],
                                raters=c.get("raters"), options=opts)
             assert rq.keep.cpu().tolist() == cpu.keep.tolist()
+
+
+def test_load_case_keeps_stored_dtypes():
+    for case in case_dirs:
+        c = sv.load_case(case)
+        meta = json.loads((case / "case.json").read_text())
+        for key in ("embeds", "attn", "hidden"):
+            stored = np.load(case / meta[key])
+            assert c[key].dtype == stored.dtype and np.array_equal(c[key], stored), key
+        assert c["visual"] == (meta["visual"]["start"], meta["visual"]["len"])
+        assert c["raters"] == meta.get("raters")
+    with pytest.raises(sv.Error, match=r"case\.json"):
+        sv.load_case(CASES / "no-such-case")
