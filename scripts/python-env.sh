@@ -2,9 +2,10 @@
 # Makes build/venv: a virtual environment holding the sparsevlm Python package
 # built from this checkout (`pip install .`: scikit-build-core + nanobind, the same
 # headers) and what the Python tests and examples need from PyPI: NumPy, PyTorch,
-# transformers, pytest, and nanobind (for CMake builds of the extension, such
-# as the test build's CUDA-enabled one). Run ./scripts/setup.sh first (compiler, CMake, the Debian
-# -dev packages the build reads). A second run keeps what is installed and
+# transformers, pytest, and the build tools nanobind and scikit-build-core (the
+# package is built without an isolated build environment, and the test build
+# compiles the extension again, with its CUDA path). Run ./scripts/setup.sh first
+# (compiler, CMake, the Debian -dev packages the build reads). A second run keeps what is installed and
 # rebuilds the package (incrementally, in build-python/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,10 +14,20 @@ if [ ! -x "$venv/bin/python" ]; then
   mkdir -p build
   python3 -m venv "$venv"
 fi
-if ! "$venv/bin/python" -c "import numpy, torch, transformers, pytest, nanobind" 2>/dev/null; then
-  echo "python-env: installing numpy torch transformers pytest nanobind from PyPI into $venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check numpy torch transformers pytest nanobind
+# Pinned: the versions the tests and examples were written against (the Hugging Face
+# example relies on transformers 5.x internals; docs/integration.md lists them).
+pins=(numpy torch==2.15.0 transformers==5.24.0 pytest nanobind==3.1.0 scikit-build-core==1.1.2)
+if ! "$venv/bin/python" - <<'PY' 2>/dev/null
+import importlib.metadata as m
+want = {"torch": "2.15.0", "transformers": "5.24.0", "nanobind": "3.1.0", "scikit-build-core": "1.1.2"}
+assert all(m.version(k).split("+")[0] == v for k, v in want.items())
+import numpy, pytest  # noqa: F401
+PY
+then
+  echo "python-env: installing ${pins[*]} from PyPI into $venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "${pins[@]}"
 fi
 echo "python-env: pip install . (the sparsevlm package)"
-"$venv/bin/pip" install -q --disable-pip-version-check .
+# The build tools are in the venv (pinned above): no isolated build environment.
+"$venv/bin/pip" install -q --disable-pip-version-check --no-build-isolation .
 "$venv/bin/python" -c "import sparsevlm; print('python-env: sparsevlm', sparsevlm.__version__, 'kernels:', sparsevlm.isa())"

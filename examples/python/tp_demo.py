@@ -15,7 +15,9 @@ Exit status 0 when every rank's decisions equal the single-process ones.
 """
 import argparse
 import json
+import os
 import socket
+import tempfile
 import sys
 
 import numpy as np
@@ -111,9 +113,14 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case", action="append", default=[], help="case folder (repeatable)")
     ap.add_argument("--world", type=int, default=2, help="processes (tensor-parallel ranks)")
-    ap.add_argument("--out", default="tp_demo.jsonl", help="where rank 0 writes its lines")
+    ap.add_argument("--out", default=None, help="where rank 0 writes its lines (default: a temp file)")
     a = ap.parse_args(argv)
+    if a.out is None:
+        a.out = os.path.join(tempfile.mkdtemp(prefix="tp_demo_"), "tp_demo.jsonl")
     steps = [case_step(c) for c in a.case] or [synthetic_step()]
+    for s in steps:  # every rank holds at least one head
+        if not 1 <= a.world <= s["attn"].shape[0]:
+            ap.error(f"--world: expected 1..{s['attn'].shape[0]} (the heads of {s['name']}), got {a.world}")
     mp.spawn(worker, args=(a.world, free_port(), steps, a.out), nprocs=a.world, join=True)
     ok = True
     for line in open(a.out):

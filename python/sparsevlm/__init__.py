@@ -78,7 +78,8 @@ def _stream_of(x: Any) -> int:
     if type(x).__module__.split(".")[0] == "cupy":
         import cupy
 
-        return int(cupy.cuda.get_current_stream().ptr)
+        with x.device:  # the current stream of the array's device
+            return int(cupy.cuda.get_current_stream().ptr)
     return 0
 
 
@@ -286,9 +287,10 @@ class PrefillSession:
         k [Hkv, n, dh] (+ lse). Returns the :class:`LayerPlan`; the session moves
         to the new sequence. Outputs follow hidden's framework and device.
         """
-        self._like = _Like(hidden)
+        like = _Like(hidden)
         d = self._s.prune(int(layer), _arg(hidden, "hidden"), _source(attn, q, k, lse, scale))
-        return _result(d, self._like, LayerPlan)
+        self._like = like  # only once the step succeeded: a failed call changes nothing
+        return _result(d, like, LayerPlan)
 
     def prunes_after(self, layer: int) -> bool:
         """True when ``layer`` is the next pruning layer of the schedule."""

@@ -126,9 +126,9 @@ sv::step_result cuda_prune_step(const device_step_arrays& a, sv::visual_span vis
   if (raters != nullptr) {
     raters_dev.emplace(raters->size() * sizeof(index_t));
     if (!raters->empty())
-      cuda_check(cudaMemcpy(raters_dev->p, raters->data(), raters->size() * sizeof(index_t),
-                            cudaMemcpyHostToDevice),
-                 "cudaMemcpy (raters)");
+      cuda_check(cudaMemcpyAsync(raters_dev->p, raters->data(), raters->size() * sizeof(index_t),
+                                 cudaMemcpyHostToDevice, stream),
+                 "cudaMemcpyAsync (raters)");
     raters_view = std::span<const index_t>(static_cast<const index_t*>(raters_dev->p), raters->size());
   }
   const DLDataType dt = a.hidden->dtype;

@@ -229,7 +229,10 @@ nb::dict prune_step_py(const array_in& hidden, span_pair visual_pair, const scor
 struct py_session {
   sv::prefill_session s;
   sv::workspace ws;
-  std::mutex busy;
+  mutable std::mutex busy;
+
+  // Readers take the lock too: prune() replaces the session's buffers.
+  [[nodiscard]] std::unique_lock<std::mutex> hold() const { return std::unique_lock<std::mutex>(busy); }
 };
 
 nb::list spans_list(std::span<const sv::visual_span> spans) {
@@ -332,7 +335,9 @@ nb::object partial_py(const score_source& src, const std::vector<index_t>& rater
                       span_pair visual_pair) {
   const sv::visual_span visual = span_of(visual_pair);
   return src.visit([&](auto s) {
-    sv::detail::check_span(visual, length_of(s), src.attn ? "attn_local.extent[1]" : "k_local.extent[1]");
+    const index_t L = length_of(s);
+    sv::detail::check_span(visual, L, src.attn ? "attn_local.extent[1]" : "k_local.extent[1]");
+    sv::check_raters(raters, visual, L);  // before R·N floats are allocated
     const auto R = static_cast<index_t>(raters.size());
     std::vector<float> P(static_cast<std::size_t>(R * visual.len));
     {
@@ -427,6 +432,18 @@ nb::dict load_case_py(const std::string& dir) {
   if (c.q) d["q"] = npy_to_numpy(std::move(*c.q));
   if (c.k) d["k"] = npy_to_numpy(std::move(*c.k));
   return d;
+}
+
+// Token counts of a layout: each >= 0 and their sum a valid length (no overflow).
+void check_counts(const std::vector<index_t>& counts) {
+  constexpr index_t limit = index_t{1} << 40;
+  index_t total = 0;
+  for (index_t c : counts) {
+    SPARSEVLM_CHECK(c >= 0 && c <= limit, sv::errc::invalid_argument, "layout counts",
+                    sv::detail::concat("each in [0, 2^40]"), c);
+    total += c;
+  }
+  SPARSEVLM_CHECK(total <= limit, sv::errc::invalid_argument, "layout length", "<= 2^40", total);
 }
 
 }  // namespace
@@ -629,12 +646,17 @@ NB_MODULE(_sparsevlm, m) {
       .def_static(
           "from_counts",
           [](index_t prefix, index_t visual, index_t text) {
+            check_counts({prefix, visual, text});
             return sv::prefill_layout::from_counts(prefix, visual, text);
           },
           "prefix"_a, "visual"_a, "text"_a)
       .def_static(
           "from_counts",
           [](index_t prefix, const std::vector<index_t>& visual, index_t text, index_t between) {
+            std::vector<index_t> all{prefix, text};
+            all.insert(all.end(), visual.begin(), visual.end());
+            for (std::size_t i = 1; i < visual.size(); ++i) all.push_back(between);
+            check_counts(all);
             return sv::prefill_layout::from_counts(prefix, visual, text, between);
           },
           "prefix"_a, "visual"_a, "text"_a, "between"_a = 0)
@@ -679,29 +701,29 @@ NB_MODULE(_sparsevlm, m) {
             return plan_dict(std::move(p));
           },
           "layer"_a, "hidden"_a, "source"_a)
-      .def("prunes_after", [](const py_session& s, index_t layer) { return s.s.prunes_after(layer); })
-      .def_prop_ro("next_layer", [](const py_session& s) { return s.s.next_layer(); })
-      .def_prop_ro("steps_done", [](const py_session& s) { return s.s.steps_done(); })
-      .def_prop_ro("finished", [](const py_session& s) { return s.s.finished(); })
-      .def_prop_ro("length", [](const py_session& s) { return s.s.length(); })
-      .def_prop_ro("visual", [](const py_session& s) {
+      .def("prunes_after", [](const py_session& s, index_t layer) { const auto held = s.hold(); return s.s.prunes_after(layer); })
+      .def_prop_ro("next_layer", [](const py_session& s) { const auto held = s.hold(); return s.s.next_layer(); })
+      .def_prop_ro("steps_done", [](const py_session& s) { const auto held = s.hold(); return s.s.steps_done(); })
+      .def_prop_ro("finished", [](const py_session& s) { const auto held = s.hold(); return s.s.finished(); })
+      .def_prop_ro("length", [](const py_session& s) { const auto held = s.hold(); return s.s.length(); })
+      .def_prop_ro("visual", [](const py_session& s) { const auto held = s.hold();
         const auto v = s.s.visual();
         return nb::make_tuple(v.start, v.len);
       })
-      .def_prop_ro("spans", [](const py_session& s) { return spans_list(s.s.spans()); })
-      .def_prop_ro("visual_tokens", [](const py_session& s) { return s.s.visual_tokens(); })
-      .def_prop_ro("raters", [](const py_session& s) {
+      .def_prop_ro("spans", [](const py_session& s) { const auto held = s.hold(); return spans_list(s.s.spans()); })
+      .def_prop_ro("visual_tokens", [](const py_session& s) { const auto held = s.hold(); return s.s.visual_tokens(); })
+      .def_prop_ro("raters", [](const py_session& s) { const auto held = s.hold();
         const auto r = s.s.raters();
         return to_numpy(std::vector<index_t>(r.begin(), r.end()), {r.size()});
       })
-      .def_prop_ro("positions", [](const py_session& s) { return positions_array(s.s.positions()); })
-      .def_prop_ro("origins", [](const py_session& s) {
+      .def_prop_ro("positions", [](const py_session& s) { const auto held = s.hold(); return positions_array(s.s.positions()); })
+      .def_prop_ro("origins", [](const py_session& s) { const auto held = s.hold();
         const auto o = s.s.origins();
         return to_numpy(std::vector<index_t>(o.begin(), o.end()), {o.size()});
       })
-      .def_prop_ro("config", [](const py_session& s) { return s.s.config(); })
-      .def("next_position", [](const py_session& s) { return s.s.next_position(); })
-      .def("kv_rows", [](const py_session& s, index_t layer) {
+      .def_prop_ro("config", [](const py_session& s) { const auto held = s.hold(); return s.s.config(); })
+      .def("next_position", [](const py_session& s) { const auto held = s.hold(); return s.s.next_position(); })
+      .def("kv_rows", [](const py_session& s, index_t layer) { const auto held = s.hold();
         std::vector<index_t> r = s.s.kv_rows(layer);
         const std::size_t n = r.size();
         return to_numpy(std::move(r), {n});

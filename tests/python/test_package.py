@@ -276,3 +276,54 @@ def test_load_case_keeps_stored_dtypes():
         assert c["raters"] == meta.get("raters")
     with pytest.raises(sv.Error, match=r"case\.json"):
         sv.load_case(CASES / "no-such-case")
+
+
+def test_review_regressions():
+    torch = pytest.importorskip("torch")
+    c, a, opts, visual = first_case()
+    L = a["hidden"].shape[0]
+    # Raters are checked before the [R, N] output is allocated.
+    with pytest.raises(sv.Error, match=r"raters\[0\]: expected a text position"):
+        sv.partial_relevance(list(range(10**6)), visual, attn_local=a["attn"])
+    # A grid whose rows*cols overflows int64 is refused by name, not wrapped around.
+    with pytest.raises(sv.Error, match=r"^grid: expected rows x cols"):
+        sv.show(case_dirs[0], (2**62 + 64, 4), "/nonexistent/x.png")
+    with pytest.raises(sv.Error, match=r"layout"):
+        sv.Layout.from_counts(2**62, 2**62, 2**62)
+    # A failed prune leaves the session as it was, its outputs' framework included.
+    layout = sv.Layout.from_counts(visual[0], visual[1], L - visual[0] - visual[1])
+    s = sv.PrefillSession(layout, sv.SessionConfig(layers=4, schedule=[(1, opts)]),
+                          embeds=a["embeds"])
+    with pytest.raises(sv.Error):
+        s.prune(1, torch.from_numpy(a["hidden"][:-1]), attn=torch.from_numpy(a["attn"]))
+    assert isinstance(s.positions, np.ndarray) and s.length == L
+
+
+def test_session_readers_wait_for_prune():
+    # Readers and prune() on two threads: every read sees a whole state, the one
+    # before the step or the one after it (prune replaces the buffers).
+    rng = np.random.default_rng(1)
+    S, N, T, H = 4, 2000, 400, 2
+    L = S + N + T
+    attn = rng.random((H, L, L), dtype=np.float32)
+    hidden = rng.standard_normal((L, 16), dtype=np.float32)
+    s = sv.PrefillSession(sv.Layout.from_counts(S, N, T),
+                          sv.SessionConfig(layers=3, schedule=[(0, sv.StepOptions(
+                              policy=sv.KeepPolicy.fixed(100)))]),
+                          raters=list(range(L - 50, L)))
+    seen, done = [], threading.Event()
+
+    def read():
+        while not done.is_set():
+            p = s.positions
+            seen.append((p.shape[1], s.length, p[0].tolist() == list(range(p.shape[1]))))
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        s.prune(0, hidden, attn=attn)
+    finally:
+        done.set()
+        t.join()
+    assert seen and all(ok for _, _, ok in seen)
+    assert {w for w, _, _ in seen} <= {L, s.length}

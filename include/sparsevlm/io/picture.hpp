@@ -428,9 +428,12 @@ inline shown_case show_case(const std::filesystem::path& case_dir, patch_grid gr
                             scores_source from = scores_source::attn,
                             const char* grid_name = "grid") {
   const case_data c = load_case(case_dir);
-  SPARSEVLM_CHECK(grid.rows * grid.cols == c.visual.len, errc::shape_mismatch, grid_name,
+  // rows·cols is formed only when it cannot overflow.
+  const bool fits = grid.rows >= 1 && grid.cols >= 1 && grid.rows <= c.visual.len / grid.cols;
+  SPARSEVLM_CHECK(fits && grid.rows * grid.cols == c.visual.len, errc::shape_mismatch, grid_name,
                   detail::concat("rows x cols = ", c.visual.len, " (the case's visual tokens)"),
-                  detail::concat(grid.rows, "x", grid.cols, " = ", grid.rows * grid.cols));
+                  detail::concat(grid.rows, "x", grid.cols,
+                                 fits ? detail::concat(" = ", grid.rows * grid.cols) : std::string()));
   const std::filesystem::path image_path = case_dir / "image.png";
   std::optional<rgb_image> image;
   if (std::filesystem::exists(image_path)) image = read_png(image_path);
