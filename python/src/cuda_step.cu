@@ -5,6 +5,7 @@
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <sparsevlm/cuda/step.cuh>
 #include <sparsevlm/dlpack.hpp>
@@ -20,18 +21,45 @@ void cuda_check(cudaError_t e, const char* call) {
     throw std::runtime_error(std::string("CUDA: ") + call + " failed: " + cudaGetErrorString(e));
 }
 
-// Device memory for the duration of one call.
-struct device_buffer {
-  void* p = nullptr;
-  explicit device_buffer(std::size_t bytes) {
-    if (bytes > 0) cuda_check(cudaMalloc(&p, bytes), "cudaMalloc");
+// Device scratch kept per thread and device between calls, grown when a step needs
+// more: a cudaMalloc/cudaFree per call would synchronise the device each time.
+// Reuse is safe because every call waits for its stream before returning.
+class scratch {
+ public:
+  static void* get(int device, int slot, std::size_t bytes) {
+    thread_local scratch cache;
+    return cache.take(device, slot, bytes);
   }
-  ~device_buffer() {
-    if (p != nullptr) cudaFree(p);
+  ~scratch() {
+    for (auto& e : entries_) cudaFree(e.p);  // may fail at process exit; nothing to do then
   }
-  device_buffer(const device_buffer&) = delete;
-  device_buffer& operator=(const device_buffer&) = delete;
+
+ private:
+  struct entry {
+    int device, slot;
+    void* p;
+    std::size_t bytes;
+  };
+  void* take(int device, int slot, std::size_t bytes) {
+    if (bytes == 0) return nullptr;
+    for (auto& e : entries_) {
+      if (e.device != device || e.slot != slot) continue;
+      if (e.bytes >= bytes) return e.p;
+      cuda_check(cudaFree(e.p), "cudaFree");
+      e.p = nullptr;
+      e.bytes = 0;
+      cuda_check(cudaMalloc(&e.p, bytes), "cudaMalloc");
+      e.bytes = bytes;
+      return e.p;
+    }
+    void* p = nullptr;
+    cuda_check(cudaMalloc(&p, bytes), "cudaMalloc");
+    entries_.push_back({device, slot, p, bytes});
+    return p;
+  }
+  std::vector<entry> entries_;
 };
+enum : int { workspace_slot = 0, raters_slot = 1 };
 
 // Makes the arrays' device current for the call, and restores the caller's.
 struct device_guard {
@@ -82,9 +110,11 @@ sv::step_result run(const Inputs& in, const sv::step_options& opt, cudaStream_t 
   sv::cuda::device_step step;
   cuda_check(sv::cuda::prune_step_async(in, opt, nullptr, bytes, step, nullptr, stream),
              "prune_step_async (size query)");
-  device_buffer ws(bytes);
+  int device = 0;
+  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+  void* ws = scratch::get(device, workspace_slot, bytes);
   index_t length = -1;
-  cuda_check(sv::cuda::prune_step_sync(in, opt, ws.p, bytes, step, length, stream), "prune_step_sync");
+  cuda_check(sv::cuda::prune_step_sync(in, opt, ws, bytes, step, length, stream), "prune_step_sync");
   sv::step_result r;
   sv::cuda::step_status status;
   cuda_check(sv::cuda::download(step, r, status, stream), "download");
@@ -121,15 +151,16 @@ sv::step_result cuda_prune_step(const device_step_arrays& a, sv::visual_span vis
   const device_guard guard(common_device(a));
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
   // Caller raters go to the device (the launchers read them there).
-  std::optional<device_buffer> raters_dev;
   std::optional<std::span<const index_t>> raters_view;
   if (raters != nullptr) {
-    raters_dev.emplace(raters->size() * sizeof(index_t));
-    if (!raters->empty())
-      cuda_check(cudaMemcpyAsync(raters_dev->p, raters->data(), raters->size() * sizeof(index_t),
-                                 cudaMemcpyHostToDevice, stream),
+    int device = 0;
+    cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+    const std::size_t bytes = raters->size() * sizeof(index_t);
+    void* dev = scratch::get(device, raters_slot, bytes);
+    if (bytes > 0)
+      cuda_check(cudaMemcpyAsync(dev, raters->data(), bytes, cudaMemcpyHostToDevice, stream),
                  "cudaMemcpyAsync (raters)");
-    raters_view = std::span<const index_t>(static_cast<const index_t*>(raters_dev->p), raters->size());
+    raters_view = std::span<const index_t>(static_cast<const index_t*>(dev), raters->size());
   }
   const DLDataType dt = a.hidden->dtype;
   if (dt.code == kDLFloat && dt.bits == 16) return run_typed<sv::half>(a, visual, raters_view, opt, stream);

@@ -27,9 +27,9 @@ struct device_step_arrays {
 };
 
 /// One pruning step on the GPU: cuda::prune_step_sync on `stream` (a cudaStream_t
-/// as an integer; 0 is the default stream) with a workspace allocated for the
-/// call, then the result downloaded. `raters` (host, absolute positions) replaces
-/// rater selection when not null. Same decisions as the CPU prune_step.
+/// as an integer; 0 is the default stream) in a workspace cached per thread and
+/// device (grown when a step needs more), then the result downloaded. `raters`
+/// (host, absolute positions) replaces rater selection when not null. Same decisions as the CPU prune_step.
 /// Errors: sparsevlm::error for bad arrays or options and for NaN/Inf the
 /// kernels flag; std::runtime_error for a failing CUDA call.
 sparsevlm::step_result cuda_prune_step(const device_step_arrays& a, sparsevlm::visual_span visual,
