@@ -2,7 +2,9 @@
 //
 //   sparsevlm run CASE_DIR OUT_DIR     write OUT_DIR/result.json (+ merged.npy)
 //   sparsevlm check CASE_DIR           compare with CASE_DIR/expected/
-//   sparsevlm bench CASE_DIR [--repeat N]   median in-memory time per stage, JSON
+//   sparsevlm bench CASE_DIR [--repeat N] [--calls]
+//                                      median in-memory time per stage, JSON
+//                                      (--calls: of each public call alone)
 //   sparsevlm plan --model NAME --preset NAME --text T [--visual N] [--prefix P]
 //                  [--layers --heads --hidden --mlp] [--derive]
 //                                      token counts and FLOPs of a preset, JSON
@@ -55,12 +57,28 @@ int cmd_check(const std::string& case_dir, io::scores_source from) {
   return 1;
 }
 
-int cmd_bench(const std::string& case_dir, int repeat, io::scores_source from) {
+int cmd_bench(const std::string& case_dir, int repeat, io::scores_source from, bool calls) {
   const io::case_data c = io::load_case(case_dir);
   step_result first;
   {
     workspace ws;
     first = io::run_case(c, ws, from);  // validates the inputs once, before timing
+  }
+  if (calls) {
+    // Each public call alone (examples::time_calls): one JSON document.
+    const auto med = io::visit_case(
+        c, [&](const auto& in) { return examples::time_calls(in, c.options, repeat); }, from);
+    nlohmann::ordered_json j;
+    j["case"] = c.name;
+    j["repeat"] = repeat;
+    j["threads"] = 1;
+    j["scores_from"] = from == io::scores_source::qk ? "qk" : "attn";
+    j["isa"] = cpu::isa_name(cpu::active_isa());
+    j["median_ms"] = nlohmann::ordered_json::object();
+    for (const char* call : {"prune_step", "select_raters", "session_prune", "apply_plan"})
+      j["median_ms"][call] = med.at(call);
+    std::cout << j.dump() << "\n";
+    return 0;
   }
   const auto med = io::visit_case(
       c, [&](const auto& in) { return examples::time_stages(in, c.options, repeat); }, from);
@@ -204,6 +222,10 @@ int main(int argc, char** argv) {
   auto* bench = app.add_subcommand("bench", "median in-memory time of the step and each stage");
   bench->add_option("CASE_DIR", case_dir, "case folder")->required();
   bench->add_option("--repeat", repeat, "timed repetitions")->check(CLI::Range(1, 1000000));
+  bool calls = false;
+  bench->add_flag("--calls", calls,
+                  "time each public call alone instead (prune_step, select_raters, "
+                  "session prune, apply_plan): one JSON line");
   std::string grid, out_png;
   index_t cell = 16;
   auto* show = app.add_subcommand(
@@ -257,7 +279,7 @@ int main(int argc, char** argv) {
     if (*run) return cmd_run(case_dir, out_dir, from);
     if (*check) return cmd_check(case_dir, from);
     if (*show) return cmd_show(case_dir, grid, out_png, cell, from);
-    return cmd_bench(case_dir, repeat, from);
+    return cmd_bench(case_dir, repeat, from, calls);
   } catch (const sparsevlm::error& e) {
     std::cerr << "sparsevlm: " << e.what() << "\n";
     return 2;

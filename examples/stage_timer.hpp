@@ -68,6 +68,67 @@ std::map<std::string, double> time_stages(const Inputs& in, const step_options& 
   return median;
 }
 
+/// Median milliseconds of each public call an engine (or the Python package) makes
+/// for this step, each timed alone over `repeat` runs with a warm workspace:
+/// - "prune_step": prune_step(in, opt, ws), the decisions only;
+/// - "select_raters": select_raters(embeds, visual, ws, out), on the case's embeds
+///   even when the case gives its raters;
+/// - "session_prune": prefill_session::prune of a one-layer schedule with the
+///   step's raters given (the session is built untimed before each run);
+/// - "apply_plan": apply_plan of the decided sequence to the hidden states into a
+///   second buffer.
+/// The yardstick bench/python_overhead.py holds the Python package against.
+template <class Inputs>
+std::map<std::string, double> time_calls(const Inputs& in, const step_options& opt, int repeat) {
+  using clock = std::chrono::steady_clock;
+  using TH = typename decltype(in.hidden)::value_type;
+  workspace ws;
+  const index_t L = sequence_length(in);
+  const index_t d = in.hidden.extent(1);
+  const step_result first = prune_step(in, opt, ws);
+  std::map<std::string, std::vector<double>> samples;
+  const auto time = [&](const char* name, auto&& call) {
+    for (int it = 0; it < repeat; ++it) {
+      const auto t0 = clock::now();
+      call();
+      samples[name].push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
+    }
+  };
+  time("prune_step", [&] { (void)prune_step(in, opt, ws); });
+  std::vector<index_t> raters;
+  time("select_raters", [&] { select_raters(in.embeds, in.visual, ws, raters); });
+  const prefill_layout layout =
+      prefill_layout::from_counts(in.visual.start, in.visual.len, L - in.visual.start - in.visual.len);
+  session_config cfg;
+  cfg.layers = 2;
+  cfg.schedule = {{0, opt}};
+  for (int it = 0; it < repeat; ++it) {
+    prefill_session s(layout, std::span<const index_t>(first.raters), cfg);
+    const auto t0 = clock::now();
+    if constexpr (requires { in.attn; }) {
+      (void)s.prune(0, in.attn, in.hidden, ws);
+    } else {
+      (void)s.prune(0, in.qk, in.hidden, ws);
+    }
+    samples["session_prune"].push_back(
+        std::chrono::duration<double, std::milli>(clock::now() - t0).count());
+  }
+  const index_t n = static_cast<index_t>(first.sequence.size());
+  const index_t c = static_cast<index_t>(first.recycled.clusters.size());
+  std::vector<TH> out_rows(static_cast<std::size_t>(n * d));
+  time("apply_plan", [&] {
+    apply_plan(std::span<const index_t>(first.sequence), in.hidden,
+               matrix_view<const float>(first.recycled.merged.data(), {c, d}),
+               matrix_view<TH>(out_rows.data(), {n, d}));
+  });
+  std::map<std::string, double> median;
+  for (auto& [name, v] : samples) {
+    std::sort(v.begin(), v.end());
+    median[name] = v[v.size() / 2];
+  }
+  return median;
+}
+
 /// The bytes one step must touch at least, each once: what a single core would
 /// spend moving them at its copy bandwidth is the floor the step's time is
 /// compared with ("x of the bandwidth limit").

@@ -63,6 +63,28 @@ TEST_CASE("cpu: selection, availability and forcing") {
   }
 }
 
+TEST_CASE("cpu: the compiled tables record how their units were built") {
+  CHECK(cpu::compiled_kernels(static_cast<cpu::isa>(7)) == nullptr);
+  CHECK(cpu::compiled_kernels(static_cast<cpu::isa>(-1)) == nullptr);
+  REQUIRE(cpu::compiled_kernels(cpu::isa::scalar) != nullptr);
+  CHECK_FALSE(cpu::compiled_kernels(cpu::isa::scalar)->build.known);
+  constexpr cpu::unit_build here = SPARSEVLM_THIS_UNIT_BUILD;
+  CHECK(here.known);
+  CHECK_FALSE(here.optimize_size);
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  // The test binary compiles both sets in (sparsevlm_add_isa_kernels), with the
+  // flags of this unit's build type: never for size.
+  for (cpu::isa i : {cpu::isa::avx2, cpu::isa::avx512}) {
+    const cpu::kernel_table* t = cpu::compiled_kernels(i);
+    REQUIRE(t != nullptr);
+    CHECK(t->id == i);
+    CHECK(t->build.known);
+    CHECK(t->build.optimize == here.optimize);
+    CHECK_FALSE(t->build.optimize_size);
+  }
+#endif
+}
+
 TEST_CASE("cpu: dot_rows gives the scalar bits on every path, and is a dot product") {
   std::mt19937 g(11);
   const cpu::kernel_table& ref = cpu::scalar::table;

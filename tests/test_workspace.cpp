@@ -1,5 +1,6 @@
 // workspace.hpp: the size query, reserve(), and no allocation once sized.
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <new>
 #include <algorithm>
@@ -28,6 +29,18 @@ void* operator new(std::size_t n, const std::nothrow_t&) noexcept {
   return std::malloc(n ? n : 1);
 }
 void* operator new[](std::size_t n, const std::nothrow_t& t) noexcept { return operator new(n, t); }
+// The aligned forms (the workspace's float and double buffers use them).
+void* operator new(std::size_t n, std::align_val_t a) {
+  if (g_counting.load(std::memory_order_relaxed)) g_allocations.fetch_add(1);
+  const std::size_t al = static_cast<std::size_t>(a);
+  if (void* p = std::aligned_alloc(al, (n + al - 1) / al * al + (n ? 0 : al))) return p;
+  throw std::bad_alloc();
+}
+void* operator new[](std::size_t n, std::align_val_t a) { return operator new(n, a); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
 // Every form of delete frees what one of the forms above got from malloc.
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete[](void* p) noexcept { std::free(p); }
@@ -113,6 +126,37 @@ TEST_CASE("workspace: required_bytes matches reserve() and bounds what steps tak
   CHECK(workspace::required_bytes(small) < workspace::required_bytes(big));
   MESSAGE("LLaVA-1.5-7B step (L 700, N 576, H 32, d 4096, dh 128, recycling 0.3): ",
           workspace::required_bytes(big), " bytes of scratch");
+}
+
+TEST_CASE("workspace: the float and double buffers are 64-byte aligned, reserved or grown") {
+  std::mt19937 g(7);
+  const toy t(g, 40, 9, 3, 24);
+  const auto aligned = [](const auto& v) {
+    return v.capacity() == 0 || reinterpret_cast<std::uintptr_t>(v.data()) % 64 == 0;
+  };
+  const auto check_all = [&](const workspace& ws) {
+    for (const auto* v : {&ws.f32_a, &ws.f32_b, &ws.f32_c, &ws.f32_d, &ws.f32_e, &ws.f32_f})
+      CHECK(aligned(*v));
+    for (const auto* v : {&ws.f64_a, &ws.f64_b, &ws.f64_c, &ws.f64_d, &ws.f64_e}) CHECK(aligned(*v));
+  };
+  workspace grown;  // grown by the steps themselves
+  step_options o;
+  o.policy = keep_policy::fixed(5);
+  (void)prune_step(t.inputs(), o, grown);
+  (void)prune_step(t.inputs_qk(), o, grown);
+  CHECK(grown.f32_a.capacity() > 0);
+  check_all(grown);
+  workspace reserved;
+  reserved.reserve(t.shape(0.3));
+  CHECK(reserved.f32_a.capacity() > 0);
+  check_all(reserved);
+  // Odd sizes too: every allocation of the allocator is aligned.
+  for (std::size_t n : {1, 3, 17, 1000, 100003}) {
+    scratch_vector<float> f(n);
+    scratch_vector<double> d(n);
+    CHECK(aligned(f));
+    CHECK(aligned(d));
+  }
 }
 
 TEST_CASE("workspace: after reserve(shape, &out), steps allocate nothing at all") {

@@ -19,7 +19,7 @@ namespace detail {
 /// its rows are float32 and contiguous (returns the row stride), else a copy
 /// into `buf` (converted with the active kernels; returns d).
 template <class T>
-const float* rows_as_f32(matrix_view<const T> m, index_t r0, index_t n, std::vector<float>& buf,
+const float* rows_as_f32(matrix_view<const T> m, index_t r0, index_t n, scratch_vector<float>& buf,
                          index_t& ld) {
   const index_t d = m.extent(1);
   if constexpr (std::is_same_v<T, float>) {

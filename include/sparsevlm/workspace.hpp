@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -25,6 +26,34 @@ struct step_shape {
   bool gravity = false;     ///< SparseVLM+'s RoPE correction is used
   double cluster_divisor = 10.0;  ///< the smallest recycling cluster divisor
 };
+
+namespace detail {
+/// std::allocator with the rows aligned to 64 bytes (a cache line, one AVX-512
+/// register). The float and double scratch buffers are what the SIMD kernels
+/// stream through; with malloc's 16-byte alignment, where a buffer lands depends
+/// on the process's allocation history, and a misaligned one made the same step
+/// up to a third slower in one process than in another.
+template <class T>
+struct line_allocator {
+  using value_type = T;
+  static constexpr std::align_val_t alignment{64};
+  line_allocator() noexcept = default;
+  template <class U>
+  line_allocator(const line_allocator<U>&) noexcept {}  // NOLINT: rebinding is implicit
+  [[nodiscard]] T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), alignment));
+  }
+  void deallocate(T* p, std::size_t n) noexcept { ::operator delete(p, n * sizeof(T), alignment); }
+  template <class U>
+  bool operator==(const line_allocator<U>&) const noexcept {
+    return true;
+  }
+};
+}  // namespace detail
+
+/// A scratch vector whose data is 64-byte aligned (detail::line_allocator).
+template <class T>
+using scratch_vector = std::vector<T, detail::line_allocator<T>>;
 
 /// Scratch buffers reused across steps. A step grows them to the shape it sees
 /// and never shrinks them, so after the first step of a model shape the stages
@@ -72,8 +101,8 @@ class workspace {
   }
 
   /// Grows `v` to at least `n` elements and returns its data.
-  template <class T>
-  static T* take(std::vector<T>& v, std::size_t n) {
+  template <class T, class A>
+  static T* take(std::vector<T, A>& v, std::size_t n) {
     if (v.size() < n) v.resize(n);
     return v.data();
   }
@@ -99,8 +128,10 @@ class workspace {
   //   idx_c  scoring driver: chosen heads; recycle: seen marks
   //   idx_d  scoring driver: head order; recycle: centres
   //   idx_e  recycle: labels
-  std::vector<float> f32_a, f32_b, f32_c, f32_d, f32_e, f32_f;
-  std::vector<double> f64_a, f64_b, f64_c, f64_d, f64_e;
+  // The float and double buffers are 64-byte aligned (scratch_vector): the SIMD
+  // kernels stream through them.
+  scratch_vector<float> f32_a, f32_b, f32_c, f32_d, f32_e, f32_f;
+  scratch_vector<double> f64_a, f64_b, f64_c, f64_d, f64_e;
   std::vector<index_t> idx_a, idx_b, idx_c, idx_d, idx_e;
   /// prune_step_into builds its result here and swaps it into the caller's
   /// (so the caller's result is untouched on error, and both sets of vectors

@@ -42,11 +42,27 @@ __all__ = [
     "Error", "KeepPolicy", "RecycleOptions", "RopeGravity", "StepOptions", "SessionConfig",
     "Layout", "StepResult", "LayerPlan", "PrefillSession", "prune_step", "select_raters",
     "apply_plan", "run_case", "load_case", "preset_config", "preset_config_for", "preset_names",
-    "model_names", "isa", "has_cuda", "partial_relevance", "prune_step_from_head_sums", "show",
+    "model_names", "isa", "has_cuda", "build_info", "partial_relevance", "prune_step_from_head_sums", "show",
 ]
 
 Array = Any  # any DLPack-capable array (numpy.ndarray, torch.Tensor, ...)
 Span = Tuple[int, int]  # (start, len) of a visual span
+
+
+def build_info() -> dict:
+    """How this installed module was compiled, for build checks.
+
+    Returns ``units``: for each translation unit ("module": the bindings and the
+    scalar kernels; "avx2", "avx512": the SIMD kernel tables; "cuda": the CUDA
+    path's host code when built), whether the compiler optimised it
+    (``optimize``: GCC/Clang's ``__OPTIMIZE__``) and whether for size
+    (``optimize_size``: ``__OPTIMIZE_SIZE__``, -Os/-Oz, which makes the kernels
+    about 3x slower); ``isa_compiled`` / ``isa_supported`` / ``isa_active``: the
+    kernel tables in the module, those this CPU runs, the one in use;
+    ``compiler``; ``cuda``. tests/python/test_package.py asserts that no unit was
+    built for size.
+    """
+    return _ext.build_info()
 
 
 def _is_torch(x: Any) -> bool:
@@ -105,13 +121,17 @@ class _Like:
 
     def __init__(self, ref: Any):
         self.device = ref.device if _is_torch(ref) else None
+        if self.device is not None:
+            import torch
+
+            self._from_numpy = torch.from_numpy
+            self._cpu = self.device.type == "cpu"
 
     def __call__(self, a: np.ndarray) -> Array:
         if self.device is None:
             return a
-        import torch
-
-        return torch.from_numpy(a).to(self.device)
+        t = self._from_numpy(a)  # shares the array's memory: no copy on the CPU
+        return t if self._cpu else t.to(self.device)
 
 
 @dataclass(frozen=True)
@@ -225,32 +245,50 @@ def apply_plan(plan: Union[StepResult, Array], hidden: Array,
         seq, m = plan.sequence, (plan.merged if merged is None else merged)
     else:
         seq, m = plan, merged
-    if getattr(hidden, "ndim", None) != 2:
-        raise Error(f"hidden: expected a 2-D [L, d] array, got {getattr(hidden, 'ndim', type(hidden))} dims")
-    L, d = int(hidden.shape[0]), int(hidden.shape[1])
     s = np.asarray(seq.cpu() if _is_torch(seq) else seq)
     if s.ndim != 1 or (s.size and not np.issubdtype(s.dtype, np.integer)):
         raise Error(f"sequence: expected 1-D integers, got {s.dtype} of shape {s.shape}")
-    s = s.astype(np.int64)
-    c = int(-s.min()) if s.size and s.min() < 0 else 0
-    if s.size and s.max() >= L:
-        raise Error(f"sequence: expected entries < {L} (hidden.shape[0]), got {int(s.max())}")
-    rows = 0 if m is None else int(m.shape[0])
-    if c > 0 and (m is None or m.ndim != 2 or rows < c or int(m.shape[1]) != d):
-        got = "None" if m is None else f"shape {tuple(m.shape)}"
-        raise Error(f"merged: expected [>= {c}, {d}] rows for the recycled entries, got {got}")
-    idx = np.where(s >= 0, s, L - 1 - s)  # -(i+1) -> row L+i of [hidden; merged]
+    s = np.ascontiguousarray(s, dtype=np.int64)
+    if _is_torch(hidden) and hidden.device.type != "cpu":
+        return _apply_plan_device(s, hidden, m)
+    if getattr(hidden, "ndim", None) != 2:
+        raise Error(f"hidden: expected a 2-D [L, d] array, got {getattr(hidden, 'ndim', type(hidden))} dims")
+    n, d = int(s.shape[0]), int(hidden.shape[1])
     if _is_torch(hidden):
         import torch
 
-        src = hidden
-        if c > 0:
-            mt = m if _is_torch(m) else torch.from_numpy(np.ascontiguousarray(m))
-            src = torch.cat([hidden, mt[:c].to(device=hidden.device, dtype=hidden.dtype)])
-        return src.index_select(0, torch.from_numpy(idx).to(hidden.device))
-    h = np.asarray(hidden)
-    src = np.concatenate([h, np.asarray(m)[:c].astype(h.dtype)]) if c > 0 else h
-    return src[idx]
+        h = hidden.detach()
+        out = torch.empty((n, d), dtype=h.dtype)
+    else:
+        h = np.asarray(hidden)
+        out = np.empty((n, d), dtype=h.dtype)
+    # plan.hpp's apply_plan: its checks and messages, GIL released, no copy of hidden.
+    _ext.apply_plan(s, _arg(h, "hidden"), _arg(m, "merged"), out)
+    return out
+
+
+def _apply_plan_device(s: np.ndarray, hidden: Array, m: Optional[Array]) -> Array:
+    """apply_plan on a device tensor: the same gather by torch on its device (the
+    C++ gather reads host memory), after the checks plan.hpp makes."""
+    import torch
+
+    if hidden.ndim != 2:
+        raise Error(f"hidden: expected a 2-D [L, d] array, got {hidden.ndim} dims")
+    L, d = int(hidden.shape[0]), int(hidden.shape[1])
+    c = 0 if m is None or int(m.shape[0]) == 0 else int(m.shape[0])
+    if c > 0 and (m.ndim != 2 or int(m.shape[1]) != d):
+        raise Error(f"merged.extent[1]: expected {d}, got {tuple(m.shape)}")
+    bad = np.flatnonzero((s >= L) | (s < -c))
+    if bad.size:
+        i = int(bad[0])
+        raise Error(f"sequence[{i}]: expected a source row in [0, {L}) or a recycled index in "
+                    f"[-{c}, -1], got {int(s[i])}")
+    idx = np.where(s >= 0, s, L - 1 - s)  # -(i+1) -> row L+i of [hidden; merged]
+    src = hidden.detach()
+    if c > 0:
+        mt = m if _is_torch(m) else torch.from_numpy(np.ascontiguousarray(m))
+        src = torch.cat([src, mt.to(device=hidden.device, dtype=hidden.dtype)])
+    return src.index_select(0, torch.from_numpy(idx).to(hidden.device))
 
 
 class PrefillSession:

@@ -169,4 +169,6 @@ sv::step_result cuda_prune_step(const device_step_arrays& a, sv::visual_span vis
   return run_typed<float>(a, visual, raters_view, opt, stream);  // view_of refuses other dtypes
 }
 
+sparsevlm::cpu::unit_build cuda_unit_build() noexcept { return SPARSEVLM_THIS_UNIT_BUILD; }
+
 }  // namespace sparsevlm_py

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include <sparsevlm/cpu/kernel_table.hpp>
 #include <sparsevlm/types.hpp>
 
 namespace sparsevlm_py {
@@ -35,5 +36,8 @@ struct device_step_arrays {
 sparsevlm::step_result cuda_prune_step(const device_step_arrays& a, sparsevlm::visual_span visual,
                                        const std::vector<sparsevlm::index_t>* raters,
                                        const sparsevlm::step_options& opt, std::uintptr_t stream);
+
+/// How this unit (cuda_step.cu's host code) was compiled: sparsevlm.build_info().
+sparsevlm::cpu::unit_build cuda_unit_build() noexcept;
 
 }  // namespace sparsevlm_py

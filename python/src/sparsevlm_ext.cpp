@@ -36,12 +36,14 @@ using sv::index_t;
 namespace {
 
 using array_in = nb::ndarray<nb::ro>;
+using array_out = nb::ndarray<>;  // writable (apply_plan's output)
 using opt_array = std::optional<array_in>;
 using span_pair = std::pair<index_t, index_t>;
 
 // A DLTensor describing `a` (nanobind keeps the shape and strides arrays alive
 // as long as `a`). nanobind always fills strides, in elements.
-DLTensor dl_of(const array_in& a) {
+template <class Array>
+DLTensor dl_of(const Array& a) {
   DLTensor t{};
   t.data = a.data_handle();
   t.byte_offset = a.byte_offset();
@@ -224,11 +226,12 @@ nb::dict prune_step_py(const array_in& hidden, span_pair visual_pair, const scor
   return step_dict(std::move(r));
 }
 
-// A prefill session, its workspace, and a lock: calls run with the GIL
-// released, so two Python threads could otherwise step one session at once.
+// A prefill session and a lock: calls run with the GIL released, so two Python
+// threads could otherwise step one session at once. Scratch comes from the
+// calling thread's workspace (the session keeps nothing in it between calls), so
+// a new session per request does not grow a cold workspace at its first prune.
 struct py_session {
   sv::prefill_session s;
-  sv::workspace ws;
   mutable std::mutex busy;
 
   // Readers take the lock too: prune() replaces the session's buffers.
@@ -431,6 +434,77 @@ nb::dict load_case_py(const std::string& dir) {
   d["hidden"] = npy_to_numpy(std::move(c.hidden));
   if (c.q) d["q"] = npy_to_numpy(std::move(*c.q));
   if (c.k) d["k"] = npy_to_numpy(std::move(*c.k));
+  return d;
+}
+
+// apply_plan into `out` (allocated by the caller's framework, hidden's dtype):
+// plan.hpp's own gather and checks, GIL released. merged may be absent (then the
+// sequence must have no recycled entries) or any of the three dtypes.
+void apply_plan_py(const array_in& sequence, const array_in& hidden, const opt_array& merged,
+                   const array_out& out) {
+  const DLTensor st = dl_of(sequence);
+  const std::span<const index_t> seq = sv::span_of<const index_t>(st, "sequence");
+  visit<2>(hidden, "hidden", [&](auto h) {
+    using TH = typename decltype(h)::value_type;
+    const DLTensor ot = dl_of(out);
+    const auto o = sv::view_of<TH, 2>(ot, "out");
+    const auto run = [&](auto m) {
+      nb::gil_scoped_release unlocked;
+      sv::apply_plan(seq, h, m, o);
+      return 0;
+    };
+    if (!merged) {
+      // No recycled rows: an empty [0, d] view (check_plan_args refuses any negative entry).
+      return run(sv::matrix_view<const float>(nullptr, {0, h.extent(1)}, "merged"));
+    }
+    return visit<2>(*merged, "merged", run);
+  });
+}
+
+// How each unit of this module was compiled (cpu::unit_build), and what the
+// kernel tables hold: the guard against a size-optimised build (docs/python.md).
+nb::dict build_info_py() {
+  const auto unit = [](const sv::cpu::unit_build& b) {
+    nb::dict d;
+    d["known"] = b.known;
+    d["optimize"] = b.optimize;
+    d["optimize_size"] = b.optimize_size;
+    return d;
+  };
+  nb::dict units;
+  units["module"] = unit(SPARSEVLM_THIS_UNIT_BUILD);
+  std::vector<std::string> compiled, supported;
+  for (int i = 0; i < sv::cpu::isa_count; ++i) {
+    const auto id = static_cast<sv::cpu::isa>(i);
+    const sv::cpu::kernel_table* t = sv::cpu::compiled_kernels(id);
+    if (t == nullptr) continue;
+    compiled.emplace_back(sv::cpu::isa_name(id));
+    if (sv::cpu::isa_supported(id)) supported.emplace_back(sv::cpu::isa_name(id));
+    // The scalar kernels are inline code of the module's own unit.
+    if (id != sv::cpu::isa::scalar) units[sv::cpu::isa_name(id)] = unit(t->build);
+  }
+#ifdef SPARSEVLM_PYTHON_CUDA
+  units["cuda"] = unit(sparsevlm_py::cuda_unit_build());
+#endif
+  nb::dict d;
+  d["units"] = units;
+  d["isa_compiled"] = compiled;
+  d["isa_supported"] = supported;
+  d["isa_active"] = std::string(sv::cpu::isa_name(sv::cpu::active_isa()));
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = std::string("unknown");
+#endif
+  d["cuda"] = nb::bool_(
+#ifdef SPARSEVLM_PYTHON_CUDA
+      true
+#else
+      false
+#endif
+  );
   return d;
 }
 
@@ -676,13 +750,12 @@ NB_MODULE(_sparsevlm, m) {
                                   (raters ? "both" : "neither"));
             if (raters) {
               nb::gil_scoped_release unlocked;
-              new (self) py_session{sv::prefill_session(layout, *raters, config, pos), {}, {}};
+              new (self) py_session{sv::prefill_session(layout, *raters, config, pos), {}};
               return;
             }
             visit<2>(*embeds, "embeds", [&](auto e) {
               nb::gil_scoped_release unlocked;
-              sv::workspace ws;
-              new (self) py_session{sv::prefill_session(layout, e, config, ws, pos), std::move(ws), {}};
+              new (self) py_session{sv::prefill_session(layout, e, config, thread_workspace(), pos), {}};
               return 0;
             });
           },
@@ -695,7 +768,7 @@ NB_MODULE(_sparsevlm, m) {
               return visit<2>(hidden, "hidden", [&](auto h) {
                 nb::gil_scoped_release unlocked;
                 const std::lock_guard<std::mutex> lock(self.busy);
-                return self.s.prune(layer, s, h, self.ws);
+                return self.s.prune(layer, s, h, thread_workspace());
               });
             });
             return plan_dict(std::move(p));
@@ -755,6 +828,9 @@ NB_MODULE(_sparsevlm, m) {
         return to_numpy(std::move(r), {n});
       },
       "embeds"_a, "visual"_a);
+  m.def("apply_plan", &apply_plan_py, "sequence"_a, "hidden"_a, "merged"_a.none(), "out"_a);
+  m.def("build_info", &build_info_py,
+        "How each unit of the module was compiled and which kernel tables it holds.");
   m.def("run_case", &run_case_py, "case_dir"_a, "scores_from"_a = "attn");
   m.def("load_case", &load_case_py, "case_dir"_a);
   m.def("partial_relevance", &partial_py, "source"_a, "raters"_a, "visual"_a);

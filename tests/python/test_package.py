@@ -6,6 +6,7 @@ SPARSEVLM_CASES_DIR the spec cases (default ../shared/cases).
 """
 import json
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -47,6 +48,38 @@ def test_run_case_agrees_with_expected(case):
         np.testing.assert_allclose(got["merged"], m, rtol=1e-4, atol=1e-5)
     else:
         assert "merged" not in got
+
+
+def qk_case():
+    for c in case_dirs:
+        if "q" in json.loads((c / "case.json").read_text()):
+            return c
+    pytest.skip(f"no case with q/k under {CASES}")
+
+
+def test_cli_bench_calls_and_overhead_script(tmp_path):
+    # `sparsevlm bench --calls` prints one JSON line with a positive median per
+    # call, and bench/python_overhead.py turns it into its table on a real case.
+    if not CLI.exists():
+        pytest.skip(f"no CLI at {CLI} (set SPARSEVLM_CLI)")
+    case = qk_case()
+    for source in ("attn", "qk"):
+        out = subprocess.run([str(CLI), "bench", str(case), "--calls", "--repeat", "2",
+                              "--scores-from", source], check=True, capture_output=True, text=True)
+        (line,) = out.stdout.strip().splitlines()
+        j = json.loads(line)
+        assert j["scores_from"] == source and j["repeat"] == 2
+        assert set(j["median_ms"]) == {"prune_step", "select_raters", "session_prune", "apply_plan"}
+        assert all(v > 0 for v in j["median_ms"].values())
+    table = tmp_path / "table.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "python_overhead.py"), "--cli", str(CLI),
+                    "--case", str(case), "--repeat", "2", "--rounds", "1", "--json", str(table)],
+                   check=True, capture_output=True, text=True)
+    rows = json.loads(table.read_text())["rows"]
+    assert [r["call"] for r in rows] == ["prune_step attn", "prune_step qk", "select_raters",
+                                         "session prune attn", "apply_plan"]
+    for r in rows:
+        assert r["cpp_ms"] > 0 and r["numpy_ratio"] == pytest.approx(r["numpy_ms"] / r["cpp_ms"])
 
 
 @pytest.mark.parametrize("case", case_dirs, ids=lambda p: p.name)
@@ -135,10 +168,53 @@ def test_apply_plan_numpy():
     merged = np.array([[100, 101], [200, 201]], np.float32)
     out = sv.apply_plan(np.array([0, 2, -2, -1, 5]), hidden, merged)
     assert out.tolist() == [[0, 1], [4, 5], [200, 201], [100, 101], [10, 11]]
-    with pytest.raises(sv.Error, match=r"merged: expected \[>= 2, 2\]"):
+    with pytest.raises(sv.Error, match=r"sequence\[1\]: expected a source row in \[0, 6\) or a recycled index in \[-1, -1\], got -2"):
         sv.apply_plan(np.array([0, -2]), hidden, merged[:1])
-    with pytest.raises(sv.Error, match=r"sequence: expected entries < 6"):
+    with pytest.raises(sv.Error, match=r"sequence\[1\]: expected a source row in \[0, 6\).*got 6"):
         sv.apply_plan(np.array([0, 6]), hidden)
+    with pytest.raises(sv.Error, match=r"recycled.extent\[1\]: expected 2, got 3"):
+        sv.apply_plan(np.array([0, -1]), hidden, np.zeros((1, 3), np.float32))
+    with pytest.raises(sv.Error, match=r"sequence: expected 1-D integers"):
+        sv.apply_plan(np.array([0.5]), hidden)
+    # Strided input, float16 and bfloat16 (torch), recycled rows converted.
+    strided = np.arange(24, dtype=np.float32).reshape(6, 4)[:, ::2]
+    assert sv.apply_plan(np.array([5, 0, -1]), strided, merged).tolist() == [[20, 22], [0, 2], [100, 101]]
+    # The output is new memory: writing it leaves hidden as it was.
+    out = sv.apply_plan(np.array([0, 1]), hidden)
+    out[:] = -1
+    assert hidden[0, 0] == 0 and hidden[1, 1] == 3
+
+
+def test_apply_plan_torch_dtypes():
+    torch = pytest.importorskip("torch")
+    hidden = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    merged = np.array([[100, 101], [200, 201]], np.float32)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        h = hidden.to(dt).requires_grad_()
+        out = sv.apply_plan(torch.tensor([1, -2, 5]), h, torch.from_numpy(merged))
+        assert isinstance(out, torch.Tensor) and out.dtype == dt and not out.requires_grad
+        assert out.float().tolist() == [[2, 3], [200, 201], [10, 11]]
+    # A transposed (column-strided) tensor is read through its strides.
+    t = torch.arange(12, dtype=torch.float32).reshape(2, 6).t()
+    assert sv.apply_plan(np.array([4, 0]), t).tolist() == [[4, 10], [0, 6]]
+
+
+def test_no_unit_built_for_size():
+    # nanobind compiles extension modules with -Os unless told NOMINSIZE; that made
+    # the package 3x slower than the library (python/CMakeLists.txt). Every unit of
+    # the installed module must be optimised, none for size.
+    b = sv.build_info()
+    units = b["units"]
+    assert "module" in units
+    for name, u in units.items():
+        assert u["known"], (name, b)
+        assert u["optimize"] and not u["optimize_size"], (name, b)
+    assert b["isa_active"] == sv.isa() and b["isa_active"] in b["isa_supported"]
+    assert set(b["isa_supported"]) <= set(b["isa_compiled"]) and "scalar" in b["isa_compiled"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # Both SIMD tables are compiled in, each from its own unit.
+        assert {"avx2", "avx512"} <= set(b["isa_compiled"]) and {"avx2", "avx512"} <= set(units)
+    assert b["cuda"] is sv.has_cuda() and (("cuda" in units) is sv.has_cuda())
 
 
 def test_errors_name_the_argument():

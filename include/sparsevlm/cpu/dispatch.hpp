@@ -57,6 +57,15 @@ inline bool isa_available(isa i) noexcept {
          isa_supported(i);
 }
 
+/// The table compiled into the program for `i` (scalar: always), whether or not
+/// this CPU runs it; null when it was not compiled in or `i` is out of range.
+/// For build checks: table->build tells how its unit was compiled.
+inline const kernel_table* compiled_kernels(isa i) noexcept {
+  if (static_cast<int>(i) < 0 || static_cast<int>(i) >= isa_count) return nullptr;
+  if (i == isa::scalar) return &scalar::table;
+  return detail::registry[static_cast<int>(i)].load(std::memory_order_acquire);
+}
+
 /// The best available instruction set.
 inline isa best_isa() noexcept {
   for (int i = isa_count - 1; i > 0; --i)

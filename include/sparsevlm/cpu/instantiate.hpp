@@ -25,7 +25,8 @@
 
 namespace {
 constexpr ::sparsevlm::cpu::kernel_table sparsevlm_isa_table =
-    ::sparsevlm::cpu::simd::make_table<SPARSEVLM_ISA_ARCH>(SPARSEVLM_ISA_ID);
+    ::sparsevlm::cpu::simd::make_table<SPARSEVLM_ISA_ARCH>(SPARSEVLM_ISA_ID,
+                                                           SPARSEVLM_THIS_UNIT_BUILD);
 // Registered during static initialisation (the registry is constant-initialised).
 [[maybe_unused]] const bool sparsevlm_isa_registered =
     (::sparsevlm::cpu::detail::registry[static_cast<int>(SPARSEVLM_ISA_ID)].store(

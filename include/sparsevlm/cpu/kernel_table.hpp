@@ -24,6 +24,17 @@ constexpr const char* isa_name(isa i) noexcept {
   return "unknown";
 }
 
+/// How one translation unit was compiled, from GCC's and Clang's predefined
+/// macros: a build check can assert that no kernel unit was optimised for size
+/// (-Os: nanobind's default for extension modules made the Python package 3x
+/// slower) or left unoptimised. SPARSEVLM_THIS_UNIT_BUILD gives the value for the
+/// unit it is expanded in.
+struct unit_build {
+  bool known = false;          ///< recorded by the unit (false: the scalar table, inline code of every unit)
+  bool optimize = false;       ///< __OPTIMIZE__: -O1 or more, -Os and -Oz included
+  bool optimize_size = false;  ///< __OPTIMIZE_SIZE__: -Os or -Oz
+};
+
 /// One instruction set's kernels. Every path computes bit-identical results
 /// (the "canonical arithmetic" below), so which one runs never changes a
 /// decision:
@@ -58,6 +69,9 @@ struct kernel_table {
   void (*cvt_bf16)(float* dst, const std::uint16_t* src, std::int64_t n);
   /// x[j] = exp(x[j]) for j < n, in place (exp_constants below).
   void (*exp_f64)(double* x, std::int64_t n);
+  /// How the unit that compiled these kernels was built (cpu/instantiate.hpp
+  /// records it; the scalar table leaves it unknown).
+  unit_build build{};
 };
 
 /// The constants of the shared exp (kernel_table::exp_f64).
@@ -73,6 +87,23 @@ struct exp_constants {
                                    1.0 / 24.0,         1.0 / 6.0,         0.5,
                                    1.0,                1.0};
 };
+
+// The macros of the unit being compiled (a macro, not an inline variable, since
+// its value differs between units: an inline variable would break the ODR).
+#if defined(__OPTIMIZE__)
+#define SPARSEVLM_DETAIL_UNIT_OPTIMIZE true
+#else
+#define SPARSEVLM_DETAIL_UNIT_OPTIMIZE false
+#endif
+#if defined(__OPTIMIZE_SIZE__)
+#define SPARSEVLM_DETAIL_UNIT_OPTIMIZE_SIZE true
+#else
+#define SPARSEVLM_DETAIL_UNIT_OPTIMIZE_SIZE false
+#endif
+/// The unit_build of the translation unit this is expanded in.
+#define SPARSEVLM_THIS_UNIT_BUILD                                        \
+  (::sparsevlm::cpu::unit_build{true, SPARSEVLM_DETAIL_UNIT_OPTIMIZE, \
+                                SPARSEVLM_DETAIL_UNIT_OPTIMIZE_SIZE})
 
 namespace detail {
 /// The tables the per-ISA translation units registered (null: not compiled in).

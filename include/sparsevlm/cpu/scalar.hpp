@@ -58,6 +58,7 @@ inline void exp_f64(double* x, i64 n) noexcept {
 }
 
 inline constexpr kernel_table table{isa::scalar, &dot_rows, &gram_f64, &add_f32,  &add_f16,
-                                    &add_bf16,   &cvt_f16,  &cvt_bf16, &exp_f64};
+                                    &add_bf16,   &cvt_f16,  &cvt_bf16, &exp_f64,
+                                    unit_build{}};
 
 }  // namespace sparsevlm::cpu::scalar

@@ -376,9 +376,10 @@ void exp_f64(double* x, i64 n) noexcept {
   }
 }
 
-/// The table of one architecture.
+/// The table of one architecture; `build`: how the unit instantiating it was
+/// compiled (cpu/instantiate.hpp passes SPARSEVLM_THIS_UNIT_BUILD).
 template <class Arch>
-constexpr kernel_table make_table(isa id) noexcept {
+constexpr kernel_table make_table(isa id, unit_build build = {}) noexcept {
   return kernel_table{id,
                       &dot_rows<Arch>,
                       &gram_f64<Arch>,
@@ -387,7 +388,8 @@ constexpr kernel_table make_table(isa id) noexcept {
                       &add_bf16<Arch>,
                       &cvt_f16<Arch>,
                       &cvt_bf16<Arch>,
-                      &exp_f64<Arch>};
+                      &exp_f64<Arch>,
+                      build};
 }
 
 }  // namespace sparsevlm::cpu::simd
