@@ -24,6 +24,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <vector>
 #include <sparsevlm/budget.hpp>
 #include <sparsevlm/io/case.hpp>
 #include <sparsevlm/io/picture.hpp>
@@ -64,33 +65,28 @@ int cmd_bench(const std::string& case_dir, int repeat, io::scores_source from, b
     workspace ws;
     first = io::run_case(c, ws, from);  // validates the inputs once, before timing
   }
-  if (calls) {
-    // Each public call alone (examples::time_calls): one JSON document.
-    const auto med = io::visit_case(
-        c, [&](const auto& in) { return examples::time_calls(in, c.options, repeat); }, from);
-    nlohmann::ordered_json j;
-    j["case"] = c.name;
-    j["repeat"] = repeat;
-    j["threads"] = 1;
-    j["scores_from"] = from == io::scores_source::qk ? "qk" : "attn";
-    j["isa"] = cpu::isa_name(cpu::active_isa());
-    j["median_ms"] = nlohmann::ordered_json::object();
-    for (const char* call : {"prune_step", "select_raters", "session_prune", "apply_plan"})
-      j["median_ms"][call] = med.at(call);
-    std::cout << j.dump() << "\n";
-    return 0;
-  }
+  // One JSON line of medians: each public call alone (--calls,
+  // examples::time_calls), or each stage inside the step (examples::time_stages).
   const auto med = io::visit_case(
-      c, [&](const auto& in) { return examples::time_stages(in, c.options, repeat); }, from);
+      c,
+      [&](const auto& in) {
+        return calls ? examples::time_calls(in, c.options, repeat)
+                     : examples::time_stages(in, c.options, repeat);
+      },
+      from);
   nlohmann::ordered_json j;
   j["case"] = c.name;
   j["repeat"] = repeat;
   j["threads"] = 1;
   j["scores_from"] = from == io::scores_source::qk ? "qk" : "attn";
+  if (calls) j["isa"] = cpu::isa_name(cpu::active_isa());
   j["median_ms"] = nlohmann::ordered_json::object();
-  for (const char* stage : {"total", "raters", "scores", "rank", "keep", "recycle", "plan"})
-    j["median_ms"][stage] = med.at(stage);
+  const auto names =
+      calls ? std::vector<const char*>{"prune_step", "select_raters", "session_prune", "apply_plan"}
+            : std::vector<const char*>{"total", "raters", "scores", "rank", "keep", "recycle", "plan"};
+  for (const char* name : names) j["median_ms"][name] = med.at(name);
   std::cout << j.dump() << "\n";
+  if (calls) return 0;
 
   // The median total against the memory bandwidth of this core: the bytes the
   // step must touch (examples::step_traffic) over a memcpy probe run here.
