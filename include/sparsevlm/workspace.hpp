@@ -43,7 +43,8 @@ struct line_allocator {
   [[nodiscard]] T* allocate(std::size_t n) {
     return static_cast<T*>(::operator new(n * sizeof(T), alignment));
   }
-  void deallocate(T* p, std::size_t n) noexcept { ::operator delete(p, n * sizeof(T), alignment); }
+  // The unsized form: Clang before 19 declares no sized deallocation by default.
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, alignment); }
   template <class U>
   bool operator==(const line_allocator<U>&) const noexcept {
     return true;
