@@ -42,7 +42,8 @@ __all__ = [
     "Error", "KeepPolicy", "RecycleOptions", "RopeGravity", "StepOptions", "SessionConfig",
     "Layout", "StepResult", "LayerPlan", "PrefillSession", "prune_step", "select_raters",
     "apply_plan", "run_case", "load_case", "preset_config", "preset_config_for", "preset_names",
-    "model_names", "isa", "has_cuda", "build_info", "partial_relevance", "prune_step_from_head_sums", "show",
+    "model_names", "isa", "has_cuda", "build_info", "partial_relevance",
+    "prune_step_from_head_sums", "show",
 ]
 
 Array = Any  # any DLPack-capable array (numpy.ndarray, torch.Tensor, ...)
