@@ -12,6 +12,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,16 @@ index_t sequence_length(const step_inputs<TE, TA, TH>& in) {
 template <class TE, class TQ, class TK, class TH>
 index_t sequence_length(const step_inputs_qk<TE, TQ, TK, TH>& in) {
   return in.qk.k.extent(1);
+}
+
+/// The median of each named series of samples.
+inline std::map<std::string, double> medians(std::map<std::string, std::vector<double>>& samples) {
+  std::map<std::string, double> median;
+  for (auto& [name, v] : samples) {
+    std::sort(v.begin(), v.end());
+    median[name] = v[v.size() / 2];
+  }
+  return median;
 }
 
 /// Median milliseconds per stage over `repeat` runs. "plan" includes applying the
@@ -60,12 +71,7 @@ std::map<std::string, double> time_stages(const Inputs& in, const step_options& 
     samples["plan"].back() += ms(last, t1);
     samples["total"].push_back(ms(t0, t1));
   }
-  std::map<std::string, double> median;
-  for (auto& [name, v] : samples) {
-    std::sort(v.begin(), v.end());
-    median[name] = v[v.size() / 2];
-  }
-  return median;
+  return medians(samples);
 }
 
 /// Median milliseconds of each public call an engine (or the Python package) makes
@@ -87,32 +93,35 @@ std::map<std::string, double> time_calls(const Inputs& in, const step_options& o
   const index_t d = in.hidden.extent(1);
   const step_result first = prune_step(in, opt, ws);
   std::map<std::string, std::vector<double>> samples;
-  const auto time = [&](const char* name, auto&& call) {
+  // `repeat` timed runs of call(), each after an untimed setup().
+  const auto time = [&](const char* name, auto&& call, auto&& setup) {
     for (int it = 0; it < repeat; ++it) {
+      setup();
       const auto t0 = clock::now();
       call();
       samples[name].push_back(std::chrono::duration<double, std::milli>(clock::now() - t0).count());
     }
   };
-  time("prune_step", [&] { (void)prune_step(in, opt, ws); });
+  const auto nothing = [] {};
+  time("prune_step", [&] { (void)prune_step(in, opt, ws); }, nothing);
   std::vector<index_t> raters;
-  time("select_raters", [&] { select_raters(in.embeds, in.visual, ws, raters); });
+  time("select_raters", [&] { select_raters(in.embeds, in.visual, ws, raters); }, nothing);
   const prefill_layout layout =
       prefill_layout::from_counts(in.visual.start, in.visual.len, L - in.visual.start - in.visual.len);
   session_config cfg;
   cfg.layers = 2;
   cfg.schedule = {{0, opt}};
-  for (int it = 0; it < repeat; ++it) {
-    prefill_session s(layout, std::span<const index_t>(first.raters), cfg);
-    const auto t0 = clock::now();
-    if constexpr (requires { in.attn; }) {
-      (void)s.prune(0, in.attn, in.hidden, ws);
-    } else {
-      (void)s.prune(0, in.qk, in.hidden, ws);
-    }
-    samples["session_prune"].push_back(
-        std::chrono::duration<double, std::milli>(clock::now() - t0).count());
-  }
+  std::optional<prefill_session> s;
+  time(
+      "session_prune",
+      [&] {
+        if constexpr (requires { in.attn; }) {
+          (void)s->prune(0, in.attn, in.hidden, ws);
+        } else {
+          (void)s->prune(0, in.qk, in.hidden, ws);
+        }
+      },
+      [&] { s.emplace(layout, std::span<const index_t>(first.raters), cfg); });
   const index_t n = static_cast<index_t>(first.sequence.size());
   const index_t c = static_cast<index_t>(first.recycled.clusters.size());
   std::vector<TH> out_rows(static_cast<std::size_t>(n * d));
@@ -120,13 +129,8 @@ std::map<std::string, double> time_calls(const Inputs& in, const step_options& o
     apply_plan(std::span<const index_t>(first.sequence), in.hidden,
                matrix_view<const float>(first.recycled.merged.data(), {c, d}),
                matrix_view<TH>(out_rows.data(), {n, d}));
-  });
-  std::map<std::string, double> median;
-  for (auto& [name, v] : samples) {
-    std::sort(v.begin(), v.end());
-    median[name] = v[v.size() / 2];
-  }
-  return median;
+  }, nothing);
+  return medians(samples);
 }
 
 /// The bytes one step must touch at least, each once: what a single core would
