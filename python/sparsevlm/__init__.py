@@ -33,6 +33,7 @@ from ._sparsevlm import (
     model_names,
     preset_config,
     preset_config_for,
+    derive_config,
     preset_names,
 )
 
@@ -41,8 +42,8 @@ __version__: str = _ext.__version__
 __all__ = [
     "Error", "KeepPolicy", "RecycleOptions", "RopeGravity", "StepOptions", "SessionConfig",
     "Layout", "StepResult", "LayerPlan", "PrefillSession", "prune_step", "select_raters",
-    "apply_plan", "run_case", "load_case", "preset_config", "preset_config_for", "preset_names",
-    "model_names", "isa", "has_cuda", "build_info", "partial_relevance",
+    "apply_plan", "run_case", "load_case", "preset_config", "preset_config_for", "derive_config",
+    "preset_names", "model_names", "isa", "has_cuda", "build_info", "partial_relevance",
     "prune_step_from_head_sums", "show",
 ]
 

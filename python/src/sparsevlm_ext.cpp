@@ -693,6 +693,19 @@ NB_MODULE(_sparsevlm, m) {
       },
       "preset"_a, "layers"_a, "heads"_a, "hidden"_a, "mlp"_a, "prefix"_a, "visual"_a,
       "The SessionConfig of a preset on a model given by its shape.");
+  m.def(
+      "derive_config",
+      [](const std::string& preset, index_t layers, index_t heads, index_t hidden, index_t mlp,
+         index_t prefix, index_t visual) {
+        // presets.hpp's derive_schedule, from the preset's own model to this shape.
+        const sv::preset& p = sv::find_preset(preset);
+        const sv::model_shape to{"custom", layers, heads, hidden, mlp, prefix, visual};
+        return sv::make_session_config(sv::derive_schedule(p, sv::find_model(p.model), to), to);
+      },
+      "preset"_a, "layers"_a, "heads"_a, "hidden"_a, "mlp"_a, "prefix"_a, "visual"_a,
+      "The SessionConfig of a preset carried over to a model given by its shape\n"
+      "(derive_schedule: same fraction of the depth before each pruning layer, same\n"
+      "fraction of the visual tokens at each keep; refused when the layers collide).");
   m.def("preset_names", [] {
     std::vector<std::string> n;
     for (const auto& p : sv::known_presets()) n.push_back(p.name);

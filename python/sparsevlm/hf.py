@@ -1,0 +1,834 @@
+"""SparseVLM inside a Hugging Face model's own ``generate()`` and ``forward``.
+
+    import sparsevlm.hf
+    handle = sparsevlm.hf.sparsify(model, "v1.5-192")   # an already loaded model
+    out = model.generate(**inputs, max_new_tokens=64)    # prunes inside the prefill
+    handle.stats                                         # what the last prefill did
+    handle.remove()                                      # the stock model again
+
+How it hooks in (docs/python.md, "Hugging Face: sparsify"): the text model's
+``forward`` is replaced, on that instance only, by a thin decoder loop that calls
+the model's own modules (``embed_tokens``, each decoder layer as is, ``rotary_emb``,
+``norm``; transformers' ``create_causal_mask``) and can change the sequence between
+two layers. A forward pre-hook on the outer model records the call's ``input_ids``
+and vision grids, which say where the visual tokens are. At a pruning layer the
+attention function is wrapped for that layer's call only, to keep its q/k after
+RoPE (or its probabilities, ``scores_from="attn"`` under eager attention). Nothing
+else of the model changes; ``remove()`` deletes the instance attribute and the hook.
+
+Every batch row is pruned on its own: its own spans, raters, keep sets and position
+ids (one :class:`sparsevlm.PrefillSession` per row). Rows of different new lengths
+are re-padded on the left, with the attention mask to match. The text model returns
+its hidden states at the input's ``[batch, length]``: every surviving token at its
+original position (the text always survives, so the logits of every text token are
+where the input put them), zeros at pruned visual positions; recycled tokens, which
+have no original position, are not returned.
+
+Decoding needs per-layer state (each layer's cache length, padding and first
+decode position id); it rides on the ``DynamicCache`` object itself
+(``cache._sparsevlm``), so it lives and dies with the generation that made it.
+
+transformers is not a dependency of the package; this module imports it when
+:func:`sparsify` is called. Tested with transformers 5.24 (``TESTED_TRANSFORMERS``).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from . import Error, PrefillSession, SessionConfig, StepOptions, apply_plan, derive_config
+from . import Layout as _Layout
+
+TESTED_TRANSFORMERS = "5.24"
+"""The transformers minor version this module is tested with (docs/python.md)."""
+
+SUPPORTED = {
+    # outer class -> the decoder (text model) classes it is tested with
+    "LlavaForConditionalGeneration": ("LlamaModel",),
+    "LlavaNextForConditionalGeneration": ("LlamaModel",),
+    "Qwen2VLForConditionalGeneration": ("Qwen2VLTextModel",),
+    "Qwen2_5_VLForConditionalGeneration": ("Qwen2_5_VLTextModel",),
+}
+"""Model classes :func:`sparsify` accepts, each with its tested text-model classes."""
+
+KV_OPTIONS = ("reference", "survivors", "merged")
+"""The ``kv=`` choices for the caches of the layers up to a pruning layer:
+"reference" keeps them whole (the authors' code: each layer ends with its own
+length), "survivors" compacts them to the tokens that survive (recycled tokens
+have no row there), "merged" to the full new sequence, a recycled token's K/V
+being the mean of its members' (docs/integration.md, "KV caches")."""
+
+SCORES_FROM = ("qk", "attn")
+
+_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+_CALLS = itertools.count()  # process-wide prefill counter: dump folder names
+_LOCK = threading.Lock()  # registration of the capture functions
+
+
+# ------------------------------------------------------------------ attention capture
+
+# id(attention module) -> slot, armed only while that module's pruning layer runs.
+_slots: dict[int, dict] = {}
+
+
+def _capture_name(base: str) -> str:
+    return f"sparsevlm_{base}"
+
+
+def _base_function(module, base: str):
+    """The attention function `base` as the module would call it: the modelling
+    file's own ``eager_attention_forward`` for "eager", else the registry's."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if base == "eager":
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise Error(f"attention: expected {type(module).__module__}.eager_attention_forward "
+                        f"(transformers internals changed; see docs/python.md), got none")
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_capture(base: str):
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        out = _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
+        slot = _slots.get(id(module))
+        if slot is not None:
+            slot["q"], slot["k"] = query, key  # [B, H, n, dh], [B, Hkv, n, dh] after RoPE
+            slot["scaling"] = kwargs.get("scaling")
+            slot["attn"] = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        return out
+
+    capture.__name__ = f"capture_{base}"
+    return capture
+
+
+def _register(base: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = _capture_name(base)
+    with _LOCK:
+        AttentionInterface.register(name, _make_capture(base))
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+# ----------------------------------------------------------------------------- stats
+
+
+@dataclass
+class StepStats:
+    """One pruning layer of one batch row: ``layer``, tokens ``entering`` it,
+    ``visual`` tokens before the step, ``rank``, ``kept`` visual tokens, ``recycled``
+    merged tokens, ``length`` after the step, the ``case`` folder dumped for it
+    (None when not dumped), and the session's :class:`sparsevlm.LayerPlan`
+    (``plan.sequence``, ``plan.clusters``, ``plan.positions``: the decisions)."""
+
+    layer: int
+    entering: int
+    visual: int
+    rank: int
+    kept: int
+    recycled: int
+    length: int
+    case: Optional[str] = None
+    plan: Any = None
+
+
+@dataclass
+class RowStats:
+    """One batch row of the last prefill: ``tokens`` [layers] tokens entering each
+    decoder layer; ``spans`` the visual spans (start, len) in the row's own token
+    positions (padding excluded); ``raters`` their positions, ascending (empty when
+    the row had no visual tokens); ``steps`` one :class:`StepStats` per pruning
+    layer that ran."""
+
+    tokens: list
+    spans: list
+    raters: list
+    steps: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------- the handle
+
+
+def sparsify(model, preset: Union[str, SessionConfig] = "v1.5-192", *, scores_from: str = "qk",
+             positions: Optional[str] = None, kv: str = "reference", budget: Optional[str] = None,
+             dump_dir: Optional[Union[str, os.PathLike]] = None) -> "Sparsified":
+    """Makes an already loaded Hugging Face VLM prune inside its prefill.
+
+    Afterwards ``model.generate(...)`` and ``model(...)`` prune; decoding, sampling,
+    stopping criteria and ``use_cache`` work as usual. model: one of
+    :data:`SUPPORTED`. preset: a published preset's name (carried over to the
+    model's depth and each prompt's visual tokens by ``derive_config``) or a
+    :class:`SessionConfig` whose ``layers`` is the model's depth. scores_from: "qk"
+    (the pruning layer's q/k after RoPE, with sdpa, eager or flash_attention_2) or
+    "attn" (its probabilities; eager attention). positions: None (the preset's
+    policy), "renumber" or "keep_original". kv: one of :data:`KV_OPTIONS`. budget:
+    None (the config's), "global" or "per_span" for several images or frames.
+    dump_dir: write every pruning step of every row as a case folder (also set by
+    the environment variable ``SPARSEVLM_DUMP_DIR``).
+
+    Returns the :class:`Sparsified` handle. Raises :class:`sparsevlm.Error` naming
+    the argument (an unsupported class, a preset that does not fit the model, an
+    attention implementation that cannot give what ``scores_from`` needs); the model
+    is then untouched.
+    """
+    return Sparsified(model, preset, scores_from=scores_from, positions=positions, kv=kv,
+                      budget=budget, dump_dir=dump_dir)
+
+
+class Sparsified:
+    """The pruning installed on one model (see :func:`sparsify`).
+
+    stats: per batch row of the last prefill, a :class:`RowStats`. calls: prefills
+    run so far. remove(): the stock model again (idempotent). One generation at a
+    time per model.
+    """
+
+    def __init__(self, model, preset, *, scores_from, positions, kv, budget, dump_dir):
+        import torch  # noqa: F401  (transformers needs it; fail here, not mid-call)
+        import transformers
+
+        cls = type(model).__name__
+        if cls not in SUPPORTED:
+            raise Error(f"model: expected one of {', '.join(SUPPORTED)} (docs/python.md), got {cls}")
+        text = _text_model(model)
+        tcls = type(text).__name__
+        if tcls not in SUPPORTED[cls]:
+            raise Error(f"model.model.language_model: expected {' or '.join(SUPPORTED[cls])} for "
+                        f"{cls}, got {tcls}")
+        if "forward" in vars(text):
+            raise Error(f"model: expected a stock model, got one already sparsified "
+                        f"(call remove() on its handle first)")
+        cfg = text.config
+        for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+            if not hasattr(text, attr):
+                raise Error(f"{tcls}.{attr}: expected the decoder's module (transformers "
+                            f"internals changed; tested with {TESTED_TRANSFORMERS}), got none")
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(text.layers)
+        if any(t != "full_attention" for t in types):
+            raise Error(f"config.layer_types: expected full attention in every layer, got "
+                        f"{sorted(set(types))} (sliding-window caches are not supported)")
+        if scores_from not in SCORES_FROM:
+            raise Error(f"scores_from: expected one of {list(SCORES_FROM)}, got {scores_from!r}")
+        impl = cfg._attn_implementation
+        if impl not in _ATTENTION:
+            raise Error(f"attn_implementation: expected one of {list(_ATTENTION)}, got {impl!r}")
+        if scores_from == "attn" and impl != "eager":
+            raise Error(f"scores_from='attn': expected attn_implementation 'eager' (it alone "
+                        f"forms the probabilities), got {impl!r}; use scores_from='qk'")
+        if kv not in KV_OPTIONS:
+            raise Error(f"kv: expected one of {list(KV_OPTIONS)}, got {kv!r}")
+        if positions not in (None, "renumber", "keep_original"):
+            raise Error(f"positions: expected None, 'renumber' or 'keep_original', got {positions!r}")
+        if budget not in (None, "global", "per_span"):
+            raise Error(f"budget: expected None, 'global' or 'per_span', got {budget!r}")
+
+        self.model = model
+        self.text_model = text
+        self.layers = len(text.layers)
+        self.heads = int(cfg.num_attention_heads)
+        self.hidden = int(cfg.hidden_size)
+        self.mlp = int(getattr(cfg, "intermediate_size", 4 * self.hidden))
+        self.preset = preset
+        self.scores_from = scores_from
+        self.positions = positions
+        self.kv = kv
+        self.budget = budget
+        self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
+        self.attention = impl
+        self.mrope = cls.startswith("Qwen")
+        self.stats: list = []
+        self.calls = 0
+        self._visual_ids = [i for i in (getattr(model.config, "image_token_id", None),
+                                        getattr(model.config, "video_token_id", None)) if i is not None]
+        if not self._visual_ids:
+            raise Error(f"model.config.image_token_id: expected the image placeholder id, got none")
+        # The schedule must fit the model before anything is installed.
+        if isinstance(preset, str):
+            self._config(35, 576, "preset")  # LLaVA-1.5's counts: the preset's own check
+        elif isinstance(preset, SessionConfig):
+            if preset.layers != self.layers:
+                raise Error(f"preset.layers: expected {self.layers} (the model's decoder layers), "
+                            f"got {preset.layers}")
+            for i, (layer, _) in enumerate(preset.schedule):
+                if not 0 <= layer < self.layers - 1:
+                    raise Error(f"preset.schedule[{i}].layer: expected in [0, {self.layers - 1}) for "
+                                f"a {self.layers}-layer model, got {layer}")
+        else:
+            raise Error(f"preset: expected a preset name or a SessionConfig, got {type(preset).__name__}")
+        self._capture = _register(impl)
+        self._version = transformers.__version__
+
+        self._call: Optional[dict] = None
+        self._stock_forward = text.forward
+        self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        text.forward = self._forward  # instance attribute: remove() restores the class's
+
+    # ----------------------------------------------------------------- install, remove
+
+    def remove(self) -> None:
+        """Uninstalls everything :func:`sparsify` installed; the model is stock again."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if vars(self.text_model).get("forward") == self._forward:
+            del self.text_model.forward
+
+    @property
+    def installed(self) -> bool:
+        return self._hook is not None
+
+    def _pre_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._call = {"input_ids": ids}
+        return None
+
+    # ------------------------------------------------------------------------ configs
+
+    def _config(self, prefix: int, visual: int, where: str) -> SessionConfig:
+        """The SessionConfig for one row: the preset derived for its counts, with the
+        handle's positions and budget."""
+        if isinstance(self.preset, str):
+            try:
+                c = derive_config(self.preset, self.layers, self.heads, self.hidden, self.mlp,
+                                  prefix, visual)
+            except Error as e:
+                raise Error(f"{where} ({self.preset!r} on this {self.layers}-layer model, "
+                            f"{visual} visual tokens): {e}") from None
+        else:
+            c = self.preset
+        schedule = []
+        for layer, opt in c.schedule:
+            if opt.gravity.enabled:
+                g = opt.gravity
+                if self.mrope:
+                    raise Error(f"{where}: SparseVLM+'s RoPE gravity expects 1-D RoPE, got mRoPE "
+                                f"({type(self.model).__name__}); use a v1/v1.5 preset")
+                tc = self.text_model.config
+                rope = getattr(tc, "rope_parameters", None) or {}
+                g.base = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
+                g.rotary_dim = g.rotary_dim or g.head_dim
+                opt = StepOptions(policy=opt.policy, recycle=opt.recycle, top_heads=opt.top_heads,
+                                  gravity=g)
+            schedule.append((layer, opt))
+        return SessionConfig(c.layers, schedule, positions=self.positions or c.positions,
+                             budget=self.budget or c.budget)
+
+    # ---------------------------------------------------------------------- the forward
+
+    def _forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
+                 inputs_embeds=None, use_cache=None, **kwargs):
+        """The text model's forward while sparsified (the stock signature)."""
+        import torch
+        from transformers import DynamicCache
+
+        tm = self.text_model
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise Error(f"{flag}: expected False while sparsified (the layers run on "
+                            f"sequences of different lengths), got True")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise Error("input_ids / inputs_embeds: expected exactly one, got "
+                        + ("both" if input_ids is not None else "neither"))
+        call, self._call = self._call, None
+        if inputs_embeds is None:
+            inputs_embeds = tm.embed_tokens(input_ids)
+        if use_cache is None:
+            use_cache = tm.config.use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=tm.config)
+        state = getattr(cache, "_sparsevlm", None) if cache is not None else None
+        if state is not None:
+            return self._decode(inputs_embeds, cache, state, kwargs)
+        ids = call.get("input_ids") if call else None
+        if cache is not None and cache.get_seq_length() > 0:
+            # A cache this handle did not prefill (continued generation): stock.
+            return self._stock_forward(input_ids=None, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache,
+                                       inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        if ids is None or ids.shape[:2] != inputs_embeds.shape[:2]:
+            raise Error("input_ids: expected the prompt's token ids at the model's forward (they say "
+                        "where the visual tokens are), got "
+                        + ("none (inputs_embeds only)" if ids is None else f"shape {tuple(ids.shape)}"))
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise Error(f"cache: expected a DynamicCache (per-layer lengths), got {type(cache).__name__}")
+        with torch.no_grad() if not torch.is_grad_enabled() else _nullcontext():
+            return self._prefill(ids, call, inputs_embeds, attention_mask, position_ids, cache,
+                                 use_cache, kwargs)
+
+    # ------------------------------------------------------------------------ prefill
+
+    def _rows(self, ids, mask, full_pos):
+        """Per row: the valid columns and the visual spans in the row's own positions.
+
+        A span is a maximal run of one visual token id (LLaVA: an image, with
+        LLaVA-NeXT's tiles and newline tokens; two images with no token between them
+        would form one span). Under mRoPE a run is also cut where its temporal
+        position id changes: each image is one span, each temporal patch of a video
+        (two frames for Qwen2-VL's temporal_patch_size 2) is one span."""
+        import torch
+
+        B, L = ids.shape
+        rows = []
+        for b in range(B):
+            cols = (torch.arange(L, device=ids.device) if mask is None
+                    else torch.nonzero(mask[b].bool()).flatten())
+            tok = ids[b].index_select(0, cols).cpu().numpy()
+            t = None
+            if self.mrope:
+                t = full_pos[0, min(b, full_pos.shape[1] - 1)].index_select(0, cols).cpu().numpy()
+            rows.append((cols, _runs(tok, self._visual_ids, t)))
+        return rows
+
+    def _prefill(self, ids, call, embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+        import torch
+        from transformers.masking_utils import create_causal_mask
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        tm = self.text_model
+        cfg = tm.config
+        B, L, _ = embeds.shape
+        dev = embeds.device
+        # Position ids exactly as the stock forward makes them.
+        rope_pos, layer_pos, mask_pos = self._stock_positions(position_ids, B, L, dev)
+        P = rope_pos.shape[0] if self.mrope else 1
+        full_pos = rope_pos if self.mrope else rope_pos[None]  # [P, B or 1, L]
+        rows = self._rows(ids, attention_mask, full_pos)
+        if not any(spans for _, spans in rows):  # no visual token in the batch: stock
+            self.stats = [RowStats([L] * self.layers, [], []) for _ in range(B)]
+            return self._stock_forward(input_ids=None, attention_mask=attention_mask,
+                                       position_ids=position_ids, cache=cache, inputs_embeds=embeds,
+                                       use_cache=use_cache, **kwargs)
+        self.calls += 1
+        call_no = next(_CALLS)
+        dump = self.dump_dir or os.environ.get("SPARSEVLM_DUMP_DIR") or None
+
+        sessions, stats = [], []
+        for b, (cols, spans) in enumerate(rows):
+            n = int(cols.numel())
+            pos_b = full_pos[:, min(b, full_pos.shape[1] - 1)].index_select(-1, cols).cpu()
+            if not spans:
+                sessions.append(None)
+                stats.append(RowStats([], [], []))
+                continue
+            layout = _Layout(n, spans)
+            conf = self._config(spans[0][0], sum(s[1] for s in spans), f"input_ids[{b}]")
+            e = embeds[b].index_select(0, cols)
+            s = PrefillSession(layout, conf, embeds=_host(e), positions=pos_b.contiguous())
+            s._hf_embeds = e  # the dump's embeds.npy at the first step
+            sessions.append(s)
+            stats.append(RowStats([], list(spans), [int(r) for r in s.raters]))
+        self.stats = stats
+
+        state = _State(self.layers, B)
+        # The current packing: per row the columns of its tokens, their positions.
+        cur_cols = [c for c, _ in rows]
+        cur_pos = [full_pos[:, min(b, full_pos.shape[1] - 1)].index_select(-1, c)
+                   for b, c in enumerate(cur_cols)]
+        hidden = embeds
+        mask2d = None if attention_mask is None else attention_mask.bool()
+        group_mask = create_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=attention_mask,
+                                        cache=cache, position_ids=mask_pos)
+        rope = tm.rotary_emb(hidden, position_ids=rope_pos)
+        pruned_any = False
+        for i, layer in enumerate(tm.layers):
+            n_cur = hidden.shape[1]
+            for b, st in enumerate(stats):
+                st.tokens.append(int(cur_cols[b].numel()))
+            prunes = [b for b, s in enumerate(sessions) if s is not None and s.prunes_after(i)]
+            slot = None
+            if prunes:
+                slot = _slots[id(layer.self_attn)] = {}
+                tm.config._attn_implementation = self._capture
+            try:
+                hidden = layer(hidden, attention_mask=group_mask, position_embeddings=rope,
+                               position_ids=layer_pos, cache=cache, use_cache=use_cache, **kwargs)
+            finally:
+                if slot is not None:
+                    tm.config._attn_implementation = self.attention
+                    _slots.pop(id(layer.self_attn), None)
+            state.keymask[i] = mask2d
+            state.cols[i] = list(cur_cols)
+            state.held[i] = [torch.arange(c.numel(), device=dev) for c in cur_cols]
+            state.base[i] = torch.stack([p.max() + 1 if p.numel() else p.new_zeros(())
+                                         for p in cur_pos]).to(dev)
+            if not prunes:
+                continue
+            if "q" not in slot:
+                raise Error(f"layer {i}: expected the attention function {self._capture!r} to run "
+                            f"(transformers internals changed; see docs/python.md), got no call")
+            new_rows = [None] * B
+            for b in prunes:
+                r = self._prune_row(b, i, sessions[b], hidden, cur_cols[b], slot, dump, call_no)
+                p = r["plan"]
+                stats[b].steps.append(StepStats(i, r["entering"], r["visual"], int(p.rank),
+                                                int(p.keep_count), len(p.clusters), int(p.length),
+                                                r["case"], p))
+                new_rows[b] = p
+            slot.clear()
+            pruned_any = True
+            # The pruned rows' new tokens; the others keep theirs. Re-pack on the left.
+            parts, poss = [], []
+            for b in range(B):
+                rows_b = hidden[b].index_select(0, cur_cols[b])
+                if new_rows[b] is None:
+                    parts.append(rows_b)
+                    poss.append(cur_pos[b])
+                else:
+                    parts.append(apply_plan(new_rows[b], rows_b))
+                    poss.append(torch.as_tensor(new_rows[b].positions, device=dev))
+            if self.kv != "reference" and cache is not None:
+                self._compact(cache, state, i, sessions, new_rows, prunes)
+            hidden, cur_cols, mask2d = _pack_left(parts, dev)
+            cur_pos = poss
+            packed = _pack_positions(poss, cur_cols, hidden.shape[1], P, dev)  # [P, B, n]
+            rope_pos = packed if self.mrope else packed[0]
+            layer_pos = None if self.mrope else packed[0]
+            group_mask = create_causal_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask2d,
+                                            cache=cache, position_ids=None, layer_idx=i + 1)
+            rope = tm.rotary_emb(hidden, position_ids=rope_pos)
+            del n_cur
+
+        hidden = tm.norm(hidden)
+        if pruned_any:
+            hidden = self._unpack(hidden, embeds, rows, sessions, cur_cols)
+        if cache is not None:
+            state.t = 0
+            cache._sparsevlm = state
+        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
+
+    def _stock_positions(self, position_ids, B, L, dev):
+        """(rope positions, the layers' position_ids kwarg, the mask's position_ids) as
+        the stock text model derives them from its position_ids argument."""
+        import torch
+
+        if self.mrope:
+            if position_ids is None:
+                p = torch.arange(L, device=dev).view(1, 1, -1).expand(3, B, -1)
+            elif position_ids.ndim == 2:
+                p = position_ids[None, ...].expand(3, position_ids.shape[0], -1)
+            else:
+                p = position_ids
+            if p.ndim == 3 and p.shape[0] == 4:
+                return p[1:], p[0], p[0]
+            return p, None, None
+        p = position_ids if position_ids is not None else torch.arange(L, device=dev)[None]
+        return p, p, p
+
+    def _prune_row(self, b, layer, session, hidden, cols, slot, dump, call_no):
+        """One row's step at `layer`: the session's plan, and the case folder."""
+        h = hidden[b].index_select(0, cols)
+        n = int(cols.numel())
+        scale = slot.get("scaling")
+        scale = 0.0 if scale is None else float(scale)
+        if self.scores_from == "attn":
+            a = slot.get("attn")
+            if a is None:
+                raise Error(f"layer {layer}: expected attention probabilities from eager attention, "
+                            f"got none")
+            a = a[b].index_select(1, cols).index_select(2, cols)
+            q = k = None
+        else:
+            a = None
+            k = slot["k"][b].index_select(1, cols)
+            qfull = slot["q"][b].index_select(1, cols)
+            raters = torch_long(session.raters, qfull.device)
+            q = qfull.index_select(1, raters)
+        raters_before = [int(r) for r in session.raters]
+        first = session.steps_done == 0
+        visual, visual_tokens = session.visual, session.visual_tokens
+        options = dict(session.config.schedule)[layer]
+        if a is not None:
+            plan = session.prune(layer, _host(h), attn=_host(a))
+        else:
+            plan = session.prune(layer, _host(h), q=_host(q), k=_host(k), scale=scale)
+        case = None
+        if dump:
+            case = self._dump(dump, call_no, b, layer, h, a, None if a is not None else qfull, k,
+                              scale, raters_before, first, visual, options, plan,
+                              len(session.spans), session._hf_embeds)
+        return {"plan": plan, "case": case, "entering": n, "visual": visual_tokens}
+
+    # -------------------------------------------------------------------------- caches
+
+    def _compact(self, cache, state, upto, sessions, plans, prunes):
+        """kv="survivors" / "merged": the caches of layers 0..upto after the step."""
+        import torch
+
+        for j in range(upto + 1):
+            entry = cache.layers[j]
+            keys, values = entry.keys, entry.values
+            new_k, new_v, held = [], [], []
+            for b in range(keys.shape[0]):
+                cols = state.cols[j][b].to(keys.device)
+                if plans[b] is None:
+                    new_k.append(keys[b].index_select(1, cols))
+                    new_v.append(values[b].index_select(1, cols))
+                    held.append(state.held[j][b])
+                    continue
+                if self.kv == "survivors":
+                    rows = torch_long(sessions[b].kv_rows(j), keys.device)
+                    idx = torch.searchsorted(state.held[j][b].to(keys.device), rows)
+                    if idx.numel() and (int(idx.max()) >= state.held[j][b].numel() or not torch.equal(
+                            state.held[j][b].to(keys.device)[idx], rows)):
+                        raise Error(f"kv_rows({j}): expected rows that layer {j}'s cache holds, "
+                                    f"got others (row {b})")
+                    sel = cols.index_select(0, idx)
+                    new_k.append(keys[b].index_select(1, sel))
+                    new_v.append(values[b].index_select(1, sel))
+                    held.append(rows)
+                else:  # merged: every layer up to here holds this step's input rows
+                    seq = torch_long(plans[b].sequence, keys.device)
+                    kb, vb = keys[b].index_select(1, cols), values[b].index_select(1, cols)
+                    mk = [kb.index_select(1, torch_long(c, keys.device)).float().mean(1)
+                          for c in plans[b].clusters]
+                    mv = [vb.index_select(1, torch_long(c, keys.device)).float().mean(1)
+                          for c in plans[b].clusters]
+                    src_k = torch.cat([kb] + [m[:, None].to(kb.dtype) for m in mk], 1)
+                    src_v = torch.cat([vb] + [m[:, None].to(vb.dtype) for m in mv], 1)
+                    n_in = kb.shape[1]
+                    idx = torch.where(seq >= 0, seq, n_in - 1 - seq)
+                    new_k.append(src_k.index_select(1, idx))
+                    new_v.append(src_v.index_select(1, idx))
+                    held.append(torch.arange(seq.numel(), device=keys.device))
+            width = max(x.shape[1] for x in new_k)
+            k_out = keys.new_zeros(keys.shape[0], keys.shape[1], width, keys.shape[3])
+            v_out = values.new_zeros(values.shape[0], values.shape[1], width, values.shape[3])
+            cols_out = []
+            for b, (kb, vb) in enumerate(zip(new_k, new_v)):
+                w = kb.shape[1]
+                k_out[b, :, width - w:] = kb
+                v_out[b, :, width - w:] = vb
+                cols_out.append(torch.arange(width - w, width, device=keys.device))
+            entry.keys, entry.values = k_out, v_out
+            state.cols[j], state.held[j] = cols_out, held
+            lens = [c.numel() for c in cols_out]
+            state.keymask[j] = None if all(x == width for x in lens) else torch.stack(
+                [torch.arange(width, device=keys.device) >= width - x for x in lens])
+
+    def _unpack(self, hidden, embeds, rows, sessions, cur_cols):
+        """[B, n, d] of the pruned sequence -> [B, L, d] at the input's positions:
+        each surviving token where it was, zeros where a visual token was pruned."""
+        import torch
+
+        B, L = embeds.shape[:2]
+        out = hidden.new_zeros(B, L, hidden.shape[-1])
+        for b, (cols, _) in enumerate(rows):
+            s = sessions[b]
+            if s is None or s.steps_done == 0:
+                out[b].index_copy_(0, cols, hidden[b].index_select(0, cur_cols[b]))
+                continue
+            origin = torch_long(s.origins, hidden.device)
+            live = torch.nonzero(origin >= 0).flatten()
+            out[b].index_copy_(0, cols.index_select(0, origin.index_select(0, live)),
+                               hidden[b].index_select(0, cur_cols[b].index_select(0, live)))
+        return out
+
+    # --------------------------------------------------------------------------- decode
+
+    def _decode(self, embeds, cache, state, kwargs):
+        """New tokens through every layer: each attends to its whole cache (with its
+        own padding) and continues from its own first decode position."""
+        import torch
+        from transformers.masking_utils import create_causal_mask
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        tm = self.text_model
+        B, m, _ = embeds.shape
+        if B != state.batch:
+            raise Error(f"inputs_embeds.shape[0]: expected {state.batch} (the prefill's batch), got {B}")
+        dev = embeds.device
+        step = torch.arange(m, device=dev) + state.t
+        ropes: dict = {}
+        hidden = embeds
+        for j, layer in enumerate(tm.layers):
+            km = state.keymask[j]
+            m2 = None if km is None else torch.cat([km, km.new_ones(B, m)], 1)
+            mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=m2,
+                                      cache=cache, position_ids=None, layer_idx=j)
+            base = state.base[j]
+            key = tuple(base.tolist())
+            if key not in ropes:
+                pos = base[:, None] + step[None]
+                rp = pos[None].expand(3, B, m) if self.mrope else pos
+                ropes[key] = (tm.rotary_emb(hidden, position_ids=rp), None if self.mrope else pos)
+            rope, lpos = ropes[key]
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=lpos,
+                           cache=cache, use_cache=True, **kwargs)
+        for j in range(self.layers):
+            km = state.keymask[j]
+            if km is not None:
+                state.keymask[j] = torch.cat([km, km.new_ones(B, m)], 1)
+        state.t += m
+        return BaseModelOutputWithPast(last_hidden_state=tm.norm(hidden), cache=cache)
+
+    # ---------------------------------------------------------------------------- dumps
+
+    def _dump(self, root, call_no, b, layer, h, attn, q, k, scale, raters, first, visual,
+              options, plan, n_spans, embeds):
+        """Writes one step as a case folder (../shared/spec/case-format.md) with the
+        library's decision in expected/; returns the folder, or None when the step
+        cannot be written in the format (several spans, SparseVLM+ scoring)."""
+        import torch
+
+        name = f"call{call_no:05d}-row{b:03d}-layer{layer:03d}"
+        path = os.path.join(os.fspath(root), name)
+        why = None
+        if n_spans != 1:
+            why = f"{n_spans} visual spans (a case has one)"
+        elif options.top_heads or options.gravity.enabled:
+            why = "SparseVLM+ scoring (top_heads / gravity are not in the case format)"
+        os.makedirs(root, exist_ok=True)
+        if why:
+            with open(os.path.join(root, "skipped.txt"), "a") as f:
+                f.write(f"{name}: {why}\n")
+            return None
+        os.makedirs(os.path.join(path, "expected"), exist_ok=True)
+
+        def arr(t):
+            t = t.detach().cpu()
+            return t.numpy() if t.dtype == torch.float16 else t.float().numpy()
+
+        if attn is None:  # the probabilities the case format needs, from q/k
+            qf, kf = q.float(), k.float()
+            rep = qf.shape[0] // kf.shape[0]
+            kf = kf.repeat_interleave(rep, 0)
+            s = (qf @ kf.transpose(1, 2)) * (scale or qf.shape[-1] ** -0.5)
+            n = s.shape[-1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
+            attn = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+            np.save(os.path.join(path, "q.npy"), arr(q))
+            np.save(os.path.join(path, "k.npy"), arr(k))
+        np.save(os.path.join(path, "attn.npy"), arr(attn))
+        np.save(os.path.join(path, "hidden.npy"), arr(h))
+        # The input embeddings choose the raters at the first step; later steps give
+        # them, and embeds.npy (a required file) then holds the step's hidden states.
+        e = embeds if first else h
+        np.save(os.path.join(path, "embeds.npy"), arr(e))
+        pol = options.policy
+        case = {
+            "format": "sparsevlm-case/1",
+            "visual": {"start": int(visual[0]), "len": int(visual[1])},
+            "embeds": "embeds.npy", "attn": "attn.npy", "hidden": "hidden.npy",
+            "policy": ({"kind": "rank", "scale": pol.scale, "bias": pol.bias} if pol.kind == "rank"
+                       else {"kind": "fixed", "keep": int(pol.keep)}),
+            "recycle": {"enabled": bool(options.recycle.enabled),
+                        "fraction": options.recycle.fraction,
+                        "cluster_divisor": options.recycle.cluster_divisor},
+        }
+        if q is not None:
+            case["q"], case["k"] = "q.npy", "k.npy"
+        if not first:
+            case["raters"] = raters
+        with open(os.path.join(path, "case.json"), "w") as f:
+            json.dump(case, f, indent=1)
+        res = {
+            "raters": [int(r) for r in plan.raters], "rank": int(plan.rank),
+            "keep_count": int(plan.keep_count), "keep": [int(x) for x in plan.keep],
+            "clusters": [[int(x) for x in c] for c in plan.clusters],
+            "sequence": [int(x) for x in plan.sequence],
+        }
+        if plan.clusters:
+            res["merged"] = "merged.npy"
+            np.save(os.path.join(path, "expected", "merged.npy"),
+                    np.asarray(plan.merged.cpu() if hasattr(plan.merged, "cpu") else plan.merged,
+                               dtype=np.float32))
+        with open(os.path.join(path, "expected", "result.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        return path
+
+
+class _State:
+    """What decoding needs per layer: the padding of its cache (``keymask`` [B, T]
+    or None), the column of each held row (``cols``) and the coordinate it was
+    written in (``held``), and the first decode position id per row (``base``)."""
+
+    def __init__(self, layers: int, batch: int):
+        self.batch = batch
+        self.keymask: list = [None] * layers
+        self.cols: list = [None] * layers
+        self.held: list = [None] * layers
+        self.base: list = [None] * layers
+        self.t = 0
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _text_model(model):
+    inner = getattr(model, "model", None)
+    text = getattr(inner, "language_model", None)
+    if text is None:
+        raise Error(f"model.model.language_model: expected the decoder, got none "
+                    f"({type(model).__name__})")
+    return text
+
+
+def _host(t):
+    t = t.detach()
+    return t if t.device.type == "cpu" else t.cpu()
+
+
+def torch_long(x, device):
+    import torch
+
+    return torch.as_tensor(x, dtype=torch.long).to(device)
+
+
+def _runs(tok: np.ndarray, ids: list, t: Optional[np.ndarray]) -> list:
+    """(start, len) of each maximal run of one visual token id (and, given the
+    temporal position ids `t`, of one temporal id)."""
+    out, i, n = [], 0, len(tok)
+    while i < n:
+        if tok[i] in ids:
+            j = i
+            while j < n and tok[j] == tok[i] and (t is None or t[j] == t[i]):
+                j += 1
+            out.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def _pack_left(parts, dev):
+    """[n_b, d] rows -> [B, n_max, d] padded on the left, the columns of each row,
+    and the 2-D mask (None when no row is padded)."""
+    import torch
+
+    width = max(p.shape[0] for p in parts)
+    out = parts[0].new_zeros(len(parts), width, parts[0].shape[1])
+    cols = []
+    for b, p in enumerate(parts):
+        out[b, width - p.shape[0]:] = p
+        cols.append(torch.arange(width - p.shape[0], width, device=dev))
+    if all(p.shape[0] == width for p in parts):
+        return out, cols, None
+    mask = torch.stack([torch.arange(width, device=dev) >= width - p.shape[0] for p in parts])
+    return out, cols, mask
+
+
+def _pack_positions(poss, cols, width, P, dev):
+    import torch
+
+    out = torch.zeros(P, len(poss), width, dtype=torch.long, device=dev)
+    for b, (p, c) in enumerate(zip(poss, cols)):
+        out[:, b].index_copy_(1, c, p.to(dev).reshape(P, -1))
+    return out

@@ -1,0 +1,485 @@
+"""Tiny random-weight Hugging Face vision-language models and matching inputs.
+
+A helper for the tests in this folder (no tests here). Everything is built from
+configs in code: no hub access, no processor or tokenizer download. Four families:
+
+=============  ========================================  ==========================================
+family         class                                     image placeholder tokens (defaults)
+=============  ========================================  ==========================================
+"llava"        LlavaForConditionalGeneration             (image_size / patch)^2 = (112/14)^2 = 64
+"llava_next"   LlavaNextForConditionalGeneration         AnyRes: base tile + unpadded tiles + one
+                                                         image_newline per feature row; an image of
+                                                         (H, W) = (112, 224) gives 64 + 8*16 + 8 = 200
+"qwen2_vl"     Qwen2VLForConditionalGeneration           t*h*w / merge^2; grid (1, 16, 16) -> 64
+"qwen2_5_vl"   Qwen2_5_VLForConditionalGeneration        same; a video of grid (2, 16, 16) -> 128
+                                                         (2 temporal groups of 64; qwen2_vl takes
+                                                         videos the same way)
+=============  ========================================  ==========================================
+
+`build(family, ...)` returns the model (eval mode, deterministic from `seed`);
+`inputs(model, family, prompts=[...])` returns the kwargs for `model.generate(**kw)`
+or `model(**kw)`; `visual_token_counts` says how many placeholder tokens each image or
+video of a prompt gets and `special_ids` / `text_id_range` say which ids are what.
+
+Token ids (vocab V, 300 by default): pad 0 (`pad_token_id`), BOS 1 (LLaVA families
+only: their rows start with it), the special ids at the top of the vocabulary (LLaVA:
+image V-1; Qwen: vision_start V-4, vision_end V-3, image V-2, video V-1) and ordinary
+text ids drawn from `text_id_range(model)` = [2, lowest special id), which avoids
+every special id. There is no EOS (`eos_token_id=None`), so greedy generation always
+runs `max_new_tokens` steps.
+
+Checked (outside the test suite) for every family with sdpa and eager attention:
+greedy `generate` on batches of 1-5 rows with different prompts, left padding, text-only
+rows and (Qwen) image and video rows mixed gives every row the tokens and logits (to
+~2e-7) of that row run alone; the LLaVA-NeXT counts equal both the processor's
+`_get_number_of_features` formula and the lengths `get_image_features` returns.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+LLAVA_FAMILIES = ("llava", "llava_next")
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+PAD_ID = 0
+BOS_ID = 1
+
+#: LLaVA / LLaVA-NeXT vision tile (CLIP image_size) and patch size.
+LLAVA_IMAGE_SIZE = 112
+LLAVA_PATCH = 14
+#: LLaVA-NeXT image_grid_pinpoints (height, width), multiples of the tile size.
+LLAVA_NEXT_PINPOINTS = [[112, 224], [224, 112], [224, 224]]
+#: Default original image size (H, W) for LLaVA-NeXT: best resolution 112x224, 1x2 tiles.
+LLAVA_NEXT_IMAGE = (112, 224)
+#: Qwen patch size, temporal patch size, spatial merge size, default (h, w) patch grid.
+QWEN_PATCH = 14
+QWEN_TEMPORAL_PATCH = 2
+QWEN_MERGE = 2
+QWEN_GRID = (16, 16)
+
+_CLASSES = {
+    "llava": LlavaForConditionalGeneration,
+    "llava_next": LlavaNextForConditionalGeneration,
+    "qwen2_vl": Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+}
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim / 2 rotary frequencies into (temporal, height, width) sections,
+    the way the released checkpoints do (16, 24, 24 for head_dim 128): t gets a
+    quarter, h and w share the rest."""
+    half = head_dim // 2
+    if half < 3:
+        raise ValueError(f"head_dim {head_dim} is too small for M-RoPE")
+    t = max(1, half // 4)
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+# ------------------------------------------------------------------ models
+
+
+def build(
+    family: str,
+    *,
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 300,
+    intermediate: int | None = None,
+    vision_layers: int = 2,
+    vision_hidden: int = 32,
+    vision_heads: int = 2,
+    image_size: int = LLAVA_IMAGE_SIZE,
+    patch_size: int | None = None,
+    grid_pinpoints: list[list[int]] | None = None,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "sdpa",
+    seed: int = 0,
+):
+    """A tiny random-weight VLM of `family`, in eval mode, weights fixed by `seed` and the sizes.
+
+    Text model: `layers` decoder layers, width `hidden`, `heads` query heads and
+    `kv_heads` key/value heads (head_dim = hidden / heads), MLP width `intermediate`
+    (2 * hidden by default), vocabulary `vocab`, pad id 0, no EOS. LLaVA families use a
+    Llama (BOS 1); the Qwen families their own text model with M-RoPE whose
+    `mrope_section` sums to head_dim / 2 (e.g. [2, 3, 3] for head_dim 16).
+
+    Vision tower: `vision_layers` layers of width `vision_hidden` with `vision_heads` heads.
+
+    * "llava": CLIP at `image_size` px (112) with `patch_size` px patches (14),
+      feature layer -2, "default" strategy (CLS dropped): (112/14)^2 = 64 tokens/image.
+    * "llava_next": the same CLIP tile, `grid_pinpoints` (default
+      [[112, 224], [224, 112], [224, 224]]), "spatial_unpad" packing with image_newline.
+    * "qwen2_vl" / "qwen2_5_vl": `patch_size` 14, temporal patch 2, spatial merge 2.
+      Qwen2.5-VL: window attention (window_size 112 px = 4x4 merged tokens) in every
+      vision layer but the last, which is full attention (fullatt_block_indexes);
+      tokens_per_second 2 as in the released checkpoints.
+
+    `attn_implementation` ("sdpa", "eager", ...) is set for the whole model (text and
+    vision) through `Cls._from_config(config, attn_implementation=..., dtype=dtype)`.
+    """
+    _check_family(family)
+    if hidden % heads or heads % kv_heads:
+        raise ValueError("hidden must be a multiple of heads and heads a multiple of kv_heads")
+    intermediate = intermediate or 2 * hidden
+    head_dim = hidden // heads
+    torch.manual_seed(seed)
+    if family in LLAVA_FAMILIES:
+        patch = patch_size or LLAVA_PATCH
+        vision = CLIPVisionConfig(
+            image_size=image_size,
+            patch_size=patch,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            projection_dim=vision_hidden,
+        )
+        text = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            bos_token_id=BOS_ID,
+            eos_token_id=None,
+            pad_token_id=PAD_ID,
+        )
+        common = dict(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=vocab - 1,
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-2,
+            image_seq_length=(image_size // patch) ** 2,
+        )
+        if family == "llava":
+            config = LlavaConfig(**common)
+        else:
+            pinpoints = grid_pinpoints or [
+                [h * image_size // LLAVA_IMAGE_SIZE, w * image_size // LLAVA_IMAGE_SIZE]
+                for h, w in LLAVA_NEXT_PINPOINTS
+            ]
+            config = LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in pinpoints])
+    else:
+        patch = patch_size or QWEN_PATCH
+        text = dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+            max_window_layers=layers,
+            use_sliding_window=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": _mrope_section(head_dim)},
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=PAD_ID,
+        )
+        ids = dict(
+            vision_start_token_id=vocab - 4,
+            vision_end_token_id=vocab - 3,
+            image_token_id=vocab - 2,
+            video_token_id=vocab - 1,
+        )
+        if family == "qwen2_vl":
+            vision = dict(
+                depth=vision_layers,
+                embed_dim=vision_hidden,
+                hidden_size=hidden,  # the merger's output width = the text width
+                mlp_ratio=2,
+                num_heads=vision_heads,
+                patch_size=patch,
+                temporal_patch_size=QWEN_TEMPORAL_PATCH,
+                spatial_merge_size=QWEN_MERGE,
+            )
+            config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+        else:
+            vision = dict(
+                depth=vision_layers,
+                hidden_size=vision_hidden,
+                intermediate_size=2 * vision_hidden,
+                out_hidden_size=hidden,
+                num_heads=vision_heads,
+                patch_size=patch,
+                temporal_patch_size=QWEN_TEMPORAL_PATCH,
+                spatial_merge_size=QWEN_MERGE,
+                window_size=4 * QWEN_MERGE * patch,
+                fullatt_block_indexes=[vision_layers - 1],
+                tokens_per_second=2,
+            )
+            config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    model = _CLASSES[family]._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    model.generation_config.pad_token_id = PAD_ID
+    model.generation_config.eos_token_id = None
+    return model.eval()
+
+
+def special_ids(model) -> dict[str, int]:
+    """The special ids of `model`: "pad", "image" and, where the family has them,
+    "bos" (LLaVA families), "video", "vision_start", "vision_end" (Qwen families)."""
+    cfg = model.config
+    ids = {"pad": PAD_ID, "image": cfg.image_token_id}
+    if hasattr(cfg, "video_token_id"):
+        ids.update(video=cfg.video_token_id, vision_start=cfg.vision_start_token_id,
+                   vision_end=cfg.vision_end_token_id)
+    else:
+        ids["bos"] = BOS_ID
+    return ids
+
+
+def text_id_range(model) -> tuple[int, int]:
+    """[lo, hi): the ordinary text ids, which avoid pad, BOS and every special id."""
+    lo = BOS_ID + 1
+    hi = min(v for k, v in special_ids(model).items() if k not in ("pad", "bos"))
+    return lo, hi
+
+
+# ------------------------------------------------------------------ token counts
+
+
+def _llava_next_tokens(model, size: tuple[int, int]) -> int:
+    """Placeholder tokens of one LLaVA-NeXT image of original size (H, W).
+
+    Counted with the model's own code, not a re-derivation: the number of tiles from
+    `image_size_to_num_patches` (what `get_image_features` uses to split the tiles),
+    then `model.model.pack_image_features` (the tile grid from
+    `get_anyres_image_grid_shape`, `unpad_image`, one image_newline per row, the base
+    tile) applied to zero features of width 1, so no vision forward is run."""
+    cfg = model.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    tiles = image_size_to_num_patches(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    feats = [torch.zeros(tiles, side * side, 1)]
+    _, lens = model.model.pack_image_features(
+        feats, torch.tensor([list(size)]), cfg.vision_feature_select_strategy, image_newline=torch.zeros(1)
+    )
+    return int(lens[0])
+
+
+def _merge(model) -> int:
+    return model.config.vision_config.spatial_merge_size
+
+
+def _qwen_grid(model, prompt: dict, video: bool) -> tuple[int, int, int]:
+    """(t, h, w) of the prompt's images (t=1) or video (t = "frames", default 2)."""
+    h, w = (int(v) for v in prompt.get("grid", QWEN_GRID))
+    merge = _merge(model)
+    if h % merge or w % merge or h <= 0 or w <= 0:
+        raise ValueError(f"the patch grid {(h, w)} must be a positive multiple of the merge size {merge}")
+    t = int(prompt.get("frames", 2)) if video else 1
+    if t < 1:
+        raise ValueError(f"a video needs at least one temporal group, not {t}")
+    return t, h, w
+
+
+def visual_token_counts(model, family: str, prompt: dict) -> list[int]:
+    """Placeholder tokens per image (or for the one video) of `prompt`, in prompt order.
+
+    llava: (image_size / patch)^2 each. llava_next: see `_llava_next_tokens` (depends on
+    the image's (H, W), `prompt["sizes"]`). Qwen: t*h*w / merge^2 per grid, which is
+    how `get_image_features` / `get_video_features` split the merged features."""
+    _check_family(family)
+    if family in QWEN_FAMILIES and prompt.get("video", False):
+        t, h, w = _qwen_grid(model, prompt, video=True)
+        return [t * h * w // _merge(model) ** 2]
+    n = int(prompt.get("images", 1))
+    if family == "llava":
+        vc = model.config.vision_config
+        return [(vc.image_size // vc.patch_size) ** 2] * n
+    if family == "llava_next":
+        return [_llava_next_tokens(model, s) for s in _sizes(prompt, n)]
+    t, h, w = _qwen_grid(model, prompt, video=False)
+    return [t * h * w // _merge(model) ** 2] * n
+
+
+def _sizes(prompt: dict, n: int) -> list[tuple[int, int]]:
+    sizes = prompt.get("sizes")
+    if sizes is None:
+        return [LLAVA_NEXT_IMAGE] * n
+    if len(sizes) != n:
+        raise ValueError(f"{len(sizes)} sizes for {n} images")
+    return [tuple(int(v) for v in s) for s in sizes]
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left", seed: int = 1,
+           first_row: int = 0) -> dict:
+    """Keyword arguments for `model.generate(**kw)` / `model(**kw)`, one row per prompt.
+
+    Row b draws its text ids and pixels from its own generator, seeded by `seed` and
+    `first_row + b`: `inputs(..., prompts=[p_b], first_row=b)` is row b of a batch
+    alone (unpadded), for batch-versus-one-by-one comparisons.
+
+    Each prompt is a dict (all keys optional):
+
+    * "prefix" (4): text tokens before the first image; for the LLaVA families the
+      first of them is BOS (id 1).
+    * "images" (1): number of images, 0 for a text-only row.
+    * "between" (2): text tokens between consecutive images.
+    * "text" (8): text tokens after the last image (or video).
+    * "video" (False; Qwen families): one video instead of images ("images" ignored).
+    * "frames" (2): temporal groups t of the video (t * temporal_patch_size frames).
+    * "grid" ((16, 16); Qwen): the (h, w) patch grid of every image / the video, even.
+    * "sizes" (LLaVA-NeXT): original (H, W) per image, default (112, 224) each.
+
+    Row layout: [prefix][image_0][between][image_1]...[image_{n-1}][text]. An image is
+    its placeholder run: LLaVA `image_token_id` * N; Qwen `vision_start`,
+    `image_token_id` * N (or `video_token_id` * N), `vision_end`. N is given by
+    `visual_token_counts`. Text ids are random in `text_id_range(model)`.
+
+    Returns (B prompts, L the longest row, `dtype` the model's):
+
+    * `input_ids` [B, L] long, padded with pad id 0 on `padding_side` ("left"/"right");
+    * `attention_mask` [B, L] long, 0 on the padding;
+    * llava: `pixel_values` [num_images, 3, 112, 112], the images of row 0, then row 1, ...;
+    * llava_next: `pixel_values` [num_images, max_tiles, 3, 112, 112] (tiles beyond an
+      image's own count, `image_size_to_num_patches`, are zero) and `image_sizes`
+      [num_images, 2] long (H, W);
+    * qwen: `pixel_values` [sum t*h*w, 3 * 2 * 14 * 14 = 1176] and `image_grid_thw`
+      [num_images, 3] long (t=1); `pixel_values_videos` [sum t*h*w, 1176] and
+      `video_grid_thw` [num_videos, 3]; qwen2_5_vl also `second_per_grid_ts`
+      [num_videos] float (1.0: fps 2 with temporal patch 2); and `mm_token_type_ids`
+      [B, L] int (0 text, 1 image, 2 video), without which these transformers
+      refuse grids (M-RoPE positions come from it).
+
+    Vision tensors are left out when the batch has no image (or no video).
+    """
+    _check_family(family)
+    if padding_side not in ("left", "right"):
+        raise ValueError("padding_side must be 'left' or 'right'")
+    if not prompts:
+        raise ValueError("need at least one prompt")
+    g = torch.Generator()
+    dtype = model.dtype
+    ids = special_ids(model)
+    lo, hi = text_id_range(model)
+    qwen = family in QWEN_FAMILIES
+
+    def ordinary(k: int) -> list[int]:
+        return torch.randint(lo, hi, (k,), generator=g).tolist() if k > 0 else []
+
+    rows, types = [], []
+    images, sizes, image_grids, video_grids = [], [], [], []
+    for b, p in enumerate(prompts):
+        g.manual_seed(seed * 1_000_003 + first_row + b)
+        unknown = set(p) - {"prefix", "images", "between", "text", "video", "frames", "grid", "sizes"}
+        if unknown:
+            raise ValueError(f"unknown prompt keys {sorted(unknown)}")
+        video = bool(p.get("video", False))
+        if video and not qwen:
+            raise ValueError(f"{family} takes no video")
+        prefix, between, text = int(p.get("prefix", 4)), int(p.get("between", 2)), int(p.get("text", 8))
+        counts = visual_token_counts(model, family, p)
+        row, typ = [], []
+
+        def add(tokens, kind=0):
+            row.extend(tokens)
+            typ.extend([kind] * len(tokens))
+
+        if family in LLAVA_FAMILIES and prefix > 0:
+            add([BOS_ID] + ordinary(prefix - 1))
+        else:
+            add(ordinary(prefix))
+        for j, n in enumerate(counts):
+            if j:
+                add(ordinary(between))
+            if qwen:
+                add([ids["vision_start"]])
+                add([ids["video" if video else "image"]] * n, 2 if video else 1)
+                add([ids["vision_end"]])
+            else:
+                add([ids["image"]] * n, 1)
+        add(ordinary(text))
+        if not row:
+            raise ValueError(f"empty prompt {p}")
+        rows.append(row)
+        types.append(typ)
+
+        if family == "llava":
+            size = model.config.vision_config.image_size
+            images.extend(torch.randn(len(counts), 3, size, size, generator=g, dtype=dtype))
+        elif family == "llava_next":
+            tile = model.config.vision_config.image_size
+            for s in _sizes(p, len(counts)):
+                tiles = image_size_to_num_patches(list(s), model.config.image_grid_pinpoints, tile)
+                images.append(torch.randn(tiles, 3, tile, tile, generator=g, dtype=dtype))
+                sizes.append(list(s))
+        else:
+            t, h, w = _qwen_grid(model, p, video)
+            grids = video_grids if video else image_grids
+            for _ in counts:
+                grids.append([t, h, w])
+                images.append((video, torch.randn(t * h * w, _qwen_patch_dim(model), generator=g, dtype=dtype)))
+
+    length = max(len(r) for r in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    mm_types = torch.zeros(batch, length, dtype=torch.int32)
+    for b, (row, typ) in enumerate(zip(rows, types)):
+        span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+        input_ids[b, span] = torch.tensor(row)
+        attention_mask[b, span] = 1
+        mm_types[b, span] = torch.tensor(typ, dtype=torch.int32)
+    kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    if family == "llava":
+        if images:
+            kw["pixel_values"] = torch.stack(images)
+    elif family == "llava_next":
+        if images:
+            most = max(x.shape[0] for x in images)
+            pixels = torch.zeros(len(images), most, *images[0].shape[1:], dtype=dtype)
+            for i, x in enumerate(images):
+                pixels[i, : x.shape[0]] = x
+            kw["pixel_values"] = pixels
+            kw["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+    else:
+        stills = [x for v, x in images if not v]
+        clips = [x for v, x in images if v]
+        if stills:
+            kw["pixel_values"] = torch.cat(stills)
+            kw["image_grid_thw"] = torch.tensor(image_grids, dtype=torch.long)
+        if clips:
+            kw["pixel_values_videos"] = torch.cat(clips)
+            kw["video_grid_thw"] = torch.tensor(video_grids, dtype=torch.long)
+            if family == "qwen2_5_vl":
+                kw["second_per_grid_ts"] = torch.ones(len(clips), dtype=torch.float32)
+        kw["mm_token_type_ids"] = mm_types
+    return kw
+
+
+def _qwen_patch_dim(model) -> int:
+    """C * temporal_patch * patch * patch: the width of one flattened Qwen patch row."""
+    vc = model.config.vision_config
+    return vc.in_channels * vc.temporal_patch_size * vc.patch_size * vc.patch_size
