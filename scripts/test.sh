@@ -4,7 +4,7 @@
 #      contract, the find_package consumer, random cases checked against the
 #      independent NumPy reference in tools/crosscheck), Release build, benchmarks
 #      compiled; then the Python package (pip install . into build/venv) and its
-#      pytest suite (tests/python: the package, Hugging Face LLaVA, tensor parallel);
+#      pytest suite (tests/python: the package, Hugging Face generate(), tensor parallel);
 #   2. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
 #   3. a one-minute libFuzzer run (20 s per target) from the committed corpus.
 # `--quick` stops after 1. Run ./scripts/setup.sh first (the README does).
@@ -26,7 +26,7 @@ cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSEVLM_BUILD_BENCH=
   -DSPARSEVLM_BUILD_PYTHON=ON -DPython_EXECUTABLE="$PWD/$venv/bin/python"
 cmake --build build -j"$jobs"
 ctest --test-dir build --output-on-failure -j"$jobs"
-# The package against the CLI and the cases, the Hugging Face LLaVA prefill, and the
+# The package against the CLI and the cases, Hugging Face generate() with pruning, and the
 # two-process tensor-parallel demo.
 SPARSEVLM_CLI="$PWD/build/examples/sparsevlm" "$venv/bin/python" -m pytest -q tests/python
 [ "$quick" = 1 ] && exit 0

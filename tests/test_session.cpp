@@ -549,6 +549,78 @@ TEST_CASE("session: prune out of order, past the end, or with the wrong length l
   SV_CHECK_THROWS(errc::invalid_argument, "layer: expected in [0, 7)", (void)s.kv_rows(7));
 }
 
+TEST_CASE("session: commit of a step decided elsewhere == prune, and bad steps change nothing") {
+  const toy_model model(7);
+  const std::vector<float> e = toy_embeds(8);
+  workspace ws;
+  const session_config cfg = v15_config(true, renumber);
+  const prefill_layout layout = prefill_layout::from_counts(kPrefix, kVisual, kText);
+  prefill_session by_prune(layout, matrix_view<const float>(e.data(), {kLen, kDim}), cfg, ws);
+  prefill_session by_commit(layout, matrix_view<const float>(e.data(), {kLen, kDim}), cfg, ws);
+  std::vector<float> X = e;
+  index_t n = kLen;
+  for (const pruning_layer& at : cfg.schedule) {
+    const std::vector<float> A = model.attention(at.layer, X, n);
+    const std::vector<float> H = model.forward(at.layer, X, n, A);
+    const tensor3_view<const float> av(A.data(), {kHeads, n, n});
+    const matrix_view<const float> hv(H.data(), {n, kDim});
+    const std::optional<std::span<const index_t>> rv(by_commit.raters());
+    const step_result step = sparsevlm::prune_step(
+        sparsevlm::step_inputs<float, float, float>{matrix_view<const float>(), av, hv,
+                                                    by_commit.visual(), rv},
+        at.options);
+
+    // Refused steps, each leaving the session as it was.
+    step_result bad = step;
+    bad.raters.pop_back();
+    SV_CHECK_THROWS(errc::invalid_argument, "step.raters: expected the session's",
+                    by_commit.commit(at.layer, bad));
+    bad = step;
+    bad.sequence.back() = 0;
+    SV_CHECK_THROWS(errc::invalid_argument, "step.sequence: expected make_sequence",
+                    by_commit.commit(at.layer, bad));
+    bad = step;
+    bad.keep.front() = 0;  // in the prefix
+    SV_CHECK_THROWS(errc::invalid_argument, "step.keep", by_commit.commit(at.layer, bad));
+    bad = step;
+    bad.keep_count += 1;
+    SV_CHECK_THROWS(errc::invalid_argument, "step.keep_count: expected", by_commit.commit(at.layer, bad));
+    if (!step.recycled.clusters.empty()) {
+      bad = step;
+      bad.recycled.clusters[0][0] = step.keep.front();  // a kept token
+      SV_CHECK_THROWS(errc::invalid_argument, "step.recycled.clusters[0]: expected pruned positions",
+                      by_commit.commit(at.layer, bad));
+    }
+    SV_CHECK_THROWS(errc::invalid_argument, "layer: expected", by_commit.commit(at.layer + 1, step));
+    CHECK(by_commit.length() == n);
+
+    const layer_plan a = by_prune.prune(at.layer, av, hv, ws);
+    const layer_plan b = by_commit.commit(at.layer, step);
+    check_same(b.step, a.step);
+    CHECK(b.length == a.length);
+    CHECK(b.kv_sequence == a.kv_sequence);
+    CHECK(b.positions == a.positions);
+    CHECK(b.spans.size() == a.spans.size());
+    CHECK(b.parts.size() == 1);
+    CHECK(b.parts[0].keep == a.parts[0].keep);
+    CHECK(b.parts[0].clusters == a.parts[0].clusters);
+    CHECK(seq_t(by_commit.raters().begin(), by_commit.raters().end()) ==
+          seq_t(by_prune.raters().begin(), by_prune.raters().end()));
+    CHECK(seq_t(by_commit.origins().begin(), by_commit.origins().end()) ==
+          seq_t(by_prune.origins().begin(), by_prune.origins().end()));
+    // The next layer runs on the compacted hidden states.
+    std::vector<float> next(static_cast<std::size_t>(a.length * kDim));
+    sparsevlm::apply_plan(a.step.sequence, hv,
+                          matrix_view<const float>(a.step.recycled.merged.data(),
+                                                   {static_cast<index_t>(a.step.recycled.clusters.size()), kDim}),
+                          matrix_view<float>(next.data(), {a.length, kDim}));
+    X = std::move(next);
+    n = a.length;
+  }
+  CHECK(by_commit.finished());
+  for (index_t l = 0; l < kLayers; ++l) CHECK(by_commit.kv_rows(l) == by_prune.kv_rows(l));
+}
+
 TEST_CASE("session: a rank step that keeps nothing leaves an identity step after it") {
   // Rank policy with scale 0, recycling off: keep = 0, the visual span empties,
   // and the next pruning layer keeps every token.

@@ -226,6 +226,9 @@ template <class Source, class TH>
 layer_plan session_compute(const prefill_session& s, index_t layer, const Source& src,
                            matrix_view<const TH> hidden, workspace& ws);
 layer_plan session_commit(prefill_session& s, layer_plan&& p);
+layer_plan session_adopt(const prefill_session& s, index_t layer, step_result&& step);
+void session_parts(const prefill_session& s, layer_plan& plan,
+                   const std::vector<visual_span>& holding);
 }  // namespace detail
 
 /// SparseVLM over the forward of one sequence.
@@ -401,12 +404,34 @@ class prefill_session {
     return detail::session_commit(*this, detail::session_compute(*this, layer, qk, hidden, ws));
   }
 
+  /// Moves the session past pruning layer `layer` with a step decided elsewhere:
+  /// the CUDA step (cuda/step.cuh) on device tensors, or a tensor-parallel step
+  /// (prune_step_from_head_sums). `step` must be prune_step's result for the one
+  /// span that holds tokens (visual()), with the session's raters() and the
+  /// layer's options; its `scores` and merged rows are carried into the plan as
+  /// given. Returns what prune() returns for that step.
+  ///
+  /// Cost: O(n + rows·n). Errors: invalid_argument when `layer` is not the next
+  /// pruning layer, when not exactly one span holds tokens ("spans: expected one
+  /// span with visual tokens for a step decided elsewhere, got 2"), when
+  /// step.raters differ from raters(), or when the step is not one of this span
+  /// (keep outside the span, not ascending, keep_count != keep.size(), a cluster
+  /// member outside the span or kept, a sequence other than make_sequence's for
+  /// the keep set and clusters). The session is unchanged on error.
+  layer_plan commit(index_t layer, step_result step) {
+    return detail::session_commit(*this, detail::session_adopt(*this, layer, std::move(step)));
+  }
+
  private:
   template <class Source, class TH>
   friend layer_plan detail::session_compute(const prefill_session& s, index_t layer,
                                             const Source& src, matrix_view<const TH> hidden,
                                             workspace& ws);
   friend layer_plan detail::session_commit(prefill_session& s, layer_plan&& p);
+  friend layer_plan detail::session_adopt(const prefill_session& s, index_t layer,
+                                          step_result&& step);
+  friend void detail::session_parts(const prefill_session& s, layer_plan& plan,
+                                    const std::vector<visual_span>& holding);
 
   /// Checks the layout, the config against it, and the position ids:
   /// - layout: one span inside [0, length) with N >= 1 ("layout.visual…"), or
@@ -622,7 +647,15 @@ layer_plan session_compute(const prefill_session& s, index_t layer, const Source
       plan.parts = std::move(sr.spans);
     }
   }
-  // One part per span of the layout; spans without tokens get an empty part.
+  session_parts(s, plan, holding);
+  return plan;
+}
+
+/// plan.parts completed to one part per span of the layout (spans without tokens
+/// get an empty part); with one span holding tokens, its part from plan.step.
+inline void session_parts(const prefill_session& s, layer_plan& plan,
+                          const std::vector<visual_span>& holding) {
+  const step_result& r = plan.step;
   if (plan.parts.empty() && !holding.empty()) {
     span_part p;
     p.visual = holding[0];
@@ -648,6 +681,60 @@ layer_plan session_compute(const prefill_session& s, index_t layer, const Source
     }
   }
   plan.parts = std::move(parts);
+}
+
+/// The plan of a step decided elsewhere (prefill_session::commit), after checking
+/// that it is a step of the session's one span with tokens, with its raters.
+inline layer_plan session_adopt(const prefill_session& s, index_t layer, step_result&& step) {
+  SPARSEVLM_CHECK(!s.finished(), errc::invalid_argument, "layer",
+                  concat("no more calls (all ", s.cfg_.schedule.size(),
+                         " pruning layers of the session are done)"),
+                  layer);
+  SPARSEVLM_CHECK(s.cfg_.schedule[s.next_].layer == layer, errc::invalid_argument, "layer",
+                  concat(s.cfg_.schedule[s.next_].layer, " (the next pruning layer of the session)"),
+                  layer);
+  std::vector<visual_span> holding;
+  for (const visual_span& v : s.spans_)
+    if (v.len > 0) holding.push_back(v);
+  SPARSEVLM_CHECK(holding.size() == 1, errc::invalid_argument, "spans",
+                  "one span with visual tokens for a step decided elsewhere", holding.size());
+  const visual_span v = holding[0];
+  SPARSEVLM_CHECK(step.raters == s.raters_, errc::invalid_argument, "step.raters",
+                  concat("the session's ", s.raters_.size(), " raters"),
+                  concat(step.raters.size(), " other positions"));
+  SPARSEVLM_CHECK(step.keep_count == static_cast<index_t>(step.keep.size()),
+                  errc::invalid_argument, "step.keep_count",
+                  concat(step.keep.size(), " (step.keep.size())"), step.keep_count);
+  // make_sequence checks the keep set (inside the span, ascending, unique).
+  std::vector<index_t> want;
+  with_prefix("step.", [&] {
+    want = make_sequence(s.n_, v, step.keep,
+                         static_cast<index_t>(step.recycled.clusters.size()));
+  });
+  std::vector<char> used(static_cast<std::size_t>(v.len), 0);
+  for (index_t k : step.keep) used[static_cast<std::size_t>(k - v.start)] = 1;
+  for (std::size_t c = 0; c < step.recycled.clusters.size(); ++c) {
+    const std::vector<index_t>& members = step.recycled.clusters[c];
+    SPARSEVLM_CHECK(!members.empty(), errc::invalid_argument,
+                    concat("step.recycled.clusters[", c, "]"), "at least one member", "none");
+    for (index_t m : members) {
+      const bool inside = m >= v.start && m < v.end();
+      SPARSEVLM_CHECK(inside && !used[static_cast<std::size_t>(m - v.start)],
+                      errc::invalid_argument, concat("step.recycled.clusters[", c, "]"),
+                      concat("pruned positions of the span [", v.start, ", ", v.end(),
+                             "), each in one cluster"),
+                      m);
+      used[static_cast<std::size_t>(m - v.start)] = 1;
+    }
+  }
+  SPARSEVLM_CHECK(step.sequence == want, errc::invalid_argument, "step.sequence",
+                  concat("make_sequence of the keep set and ", step.recycled.clusters.size(),
+                         " clusters (", want.size(), " entries)"),
+                  concat(step.sequence.size(), " other entries"));
+  layer_plan plan;
+  plan.layer = layer;
+  plan.step = std::move(step);
+  session_parts(s, plan, holding);
   return plan;
 }
 

@@ -308,6 +308,12 @@ class PrefillSession:
     ``kv_rows``/``plan.kv_sequence``, and continue with ``plan.positions``. A
     failed call leaves the session unchanged. One thread at a time per session
     (calls are serialised).
+
+    CUDA tensors (a build with the CUDA path, ``has_cuda()``): :meth:`prune` runs
+    the step on the GPU through :func:`prune_step` and moves on with
+    :meth:`commit`, so the hidden states and q/k never reach the host (one visual
+    span with tokens; no RoPE gravity). A step decided elsewhere (tensor
+    parallelism) goes through :meth:`commit` too.
     """
 
     def __init__(self, layout: Layout, config: SessionConfig, *, embeds: Optional[Array] = None,
@@ -327,10 +333,50 @@ class PrefillSession:
         k [Hkv, n, dh] (+ lse). Returns the :class:`LayerPlan`; the session moves
         to the new sequence. Outputs follow hidden's framework and device.
         """
+        if _is_torch(hidden) and hidden.device.type == "cuda" and _ext.has_cuda():
+            return self._prune_on_device(int(layer), hidden, attn, q, k, lse, scale)
         like = _Like(hidden)
         d = self._s.prune(int(layer), _arg(hidden, "hidden"), _source(attn, q, k, lse, scale))
         self._like = like  # only once the step succeeded: a failed call changes nothing
         return _result(d, like, LayerPlan)
+
+    def _prune_on_device(self, layer, hidden, attn, q, k, lse, scale) -> LayerPlan:
+        """CUDA tensors: the step runs on the GPU (prune_step's CUDA path, on the
+        caller's stream) with the session's raters and the layer's options, and
+        :meth:`commit` moves the session on: only the decisions reach the host."""
+        held = [s for s in self.spans if s[1] > 0]
+        if len(held) != 1:
+            raise Error(f"hidden: expected CPU tensors for a step over {len(held)} spans (the CUDA "
+                        f"step takes one span), got device {hidden.device}")
+        options = dict(self.config.schedule).get(layer)
+        if options is None or not self.prunes_after(layer):
+            raise Error(f"layer: expected {self.next_layer} (the next pruning layer), got {layer}")
+        if options.gravity.enabled:
+            raise Error(f"hidden: expected CPU tensors for SparseVLM+'s RoPE gravity (it needs the "
+                        f"session's positions), got device {hidden.device}")
+        step = prune_step(hidden, held[0], attn=attn, q=q, k=k, lse=lse, scale=scale,
+                          raters=self.raters, options=options)
+        return self.commit(layer, step)
+
+    def commit(self, layer: int, step: StepResult) -> LayerPlan:
+        """Moves the session past pruning layer ``layer`` with a step decided
+        elsewhere: :func:`prune_step` on CUDA tensors, or
+        :func:`prune_step_from_head_sums` (tensor parallelism), run on the one span
+        that holds tokens (``visual``) with ``raters=session.raters`` and the
+        layer's options. Checks that the step is one of that span with these
+        raters, then returns what :meth:`prune` returns (its scores and merged rows
+        are the step's, as given). Errors name the field (``step.sequence``,
+        ``step.raters``, ``spans``, ...); the session is then unchanged."""
+        like = _Like(step.sequence)
+        d = self._s.commit(int(layer), _ints(step.raters, "step.raters"), int(step.rank),
+                           int(step.keep_count), _ints(step.keep, "step.keep"),
+                           [_ints(c, "step.clusters") for c in step.clusters],
+                           _ints(step.sequence, "step.sequence"))
+        d.pop("scores")
+        d.pop("merged")
+        self._like = like
+        out = {k: (like(v) if k in _ARRAY_KEYS else v) for k, v in d.items()}
+        return LayerPlan(scores=step.scores, merged=step.merged, **out)
 
     def prunes_after(self, layer: int) -> bool:
         """True when ``layer`` is the next pruning layer of the schedule."""

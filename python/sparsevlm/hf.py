@@ -43,7 +43,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from . import Error, PrefillSession, SessionConfig, StepOptions, apply_plan, derive_config
+from . import Error, PrefillSession, SessionConfig, StepOptions, apply_plan, derive_config, has_cuda
 from . import Layout as _Layout
 
 TESTED_TRANSFORMERS = "5.24"
@@ -364,9 +364,8 @@ class Sparsified:
                         + ("none (inputs_embeds only)" if ids is None else f"shape {tuple(ids.shape)}"))
         if cache is not None and not isinstance(cache, DynamicCache):
             raise Error(f"cache: expected a DynamicCache (per-layer lengths), got {type(cache).__name__}")
-        with torch.no_grad() if not torch.is_grad_enabled() else _nullcontext():
-            return self._prefill(ids, call, inputs_embeds, attention_mask, position_ids, cache,
-                                 use_cache, kwargs)
+        return self._prefill(ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
+                             kwargs)
 
     # ------------------------------------------------------------------------ prefill
 
@@ -392,7 +391,7 @@ class Sparsified:
             rows.append((cols, _runs(tok, self._visual_ids, t)))
         return rows
 
-    def _prefill(self, ids, call, embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+    def _prefill(self, ids, embeds, attention_mask, position_ids, cache, use_cache, kwargs):
         import torch
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -407,7 +406,7 @@ class Sparsified:
         full_pos = rope_pos if self.mrope else rope_pos[None]  # [P, B or 1, L]
         rows = self._rows(ids, attention_mask, full_pos)
         if not any(spans for _, spans in rows):  # no visual token in the batch: stock
-            self.stats = [RowStats([L] * self.layers, [], []) for _ in range(B)]
+            self.stats = [RowStats([int(c.numel())] * self.layers, [], []) for c, _ in rows]
             return self._stock_forward(input_ids=None, attention_mask=attention_mask,
                                        position_ids=position_ids, cache=cache, inputs_embeds=embeds,
                                        use_cache=use_cache, **kwargs)
@@ -415,7 +414,7 @@ class Sparsified:
         call_no = next(_CALLS)
         dump = self.dump_dir or os.environ.get("SPARSEVLM_DUMP_DIR") or None
 
-        sessions, stats = [], []
+        sessions, stats, row_embeds = [], [], {}
         for b, (cols, spans) in enumerate(rows):
             n = int(cols.numel())
             pos_b = full_pos[:, min(b, full_pos.shape[1] - 1)].index_select(-1, cols).cpu()
@@ -427,8 +426,8 @@ class Sparsified:
             conf = self._config(spans[0][0], sum(s[1] for s in spans), f"input_ids[{b}]")
             e = embeds[b].index_select(0, cols)
             s = PrefillSession(layout, conf, embeds=_host(e), positions=pos_b.contiguous())
-            s._hf_embeds = e  # the dump's embeds.npy at the first step
             sessions.append(s)
+            row_embeds[b] = e  # the dump's embeds.npy at the first step
             stats.append(RowStats([], list(spans), [int(r) for r in s.raters]))
         self.stats = stats
 
@@ -444,7 +443,6 @@ class Sparsified:
         rope = tm.rotary_emb(hidden, position_ids=rope_pos)
         pruned_any = False
         for i, layer in enumerate(tm.layers):
-            n_cur = hidden.shape[1]
             for b, st in enumerate(stats):
                 st.tokens.append(int(cur_cols[b].numel()))
             prunes = [b for b, s in enumerate(sessions) if s is not None and s.prunes_after(i)]
@@ -471,7 +469,8 @@ class Sparsified:
                             f"(transformers internals changed; see docs/python.md), got no call")
             new_rows = [None] * B
             for b in prunes:
-                r = self._prune_row(b, i, sessions[b], hidden, cur_cols[b], slot, dump, call_no)
+                r = self._prune_row(b, i, sessions[b], hidden, cur_cols[b], slot, dump, call_no,
+                                    row_embeds[b])
                 p = r["plan"]
                 stats[b].steps.append(StepStats(i, r["entering"], r["visual"], int(p.rank),
                                                 int(p.keep_count), len(p.clusters), int(p.length),
@@ -499,7 +498,6 @@ class Sparsified:
             group_mask = create_causal_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask2d,
                                             cache=cache, position_ids=None, layer_idx=i + 1)
             rope = tm.rotary_emb(hidden, position_ids=rope_pos)
-            del n_cur
 
         hidden = tm.norm(hidden)
         if pruned_any:
@@ -527,7 +525,7 @@ class Sparsified:
         p = position_ids if position_ids is not None else torch.arange(L, device=dev)[None]
         return p, p, p
 
-    def _prune_row(self, b, layer, session, hidden, cols, slot, dump, call_no):
+    def _prune_row(self, b, layer, session, hidden, cols, slot, dump, call_no, embeds):
         """One row's step at `layer`: the session's plan, and the case folder."""
         h = hidden[b].index_select(0, cols)
         n = int(cols.numel())
@@ -550,15 +548,21 @@ class Sparsified:
         first = session.steps_done == 0
         visual, visual_tokens = session.visual, session.visual_tokens
         options = dict(session.config.schedule)[layer]
+        # CUDA tensors stay on the device when the package has the CUDA step and the
+        # step is one span without gravity (PrefillSession.prune then runs it there);
+        # otherwise the step's inputs are copied to the host.
+        held = sum(1 for s in session.spans if s[1] > 0)
+        keep = h.device.type == "cpu" or (has_cuda() and held == 1 and not options.gravity.enabled)
+        put = (lambda t: t.detach()) if keep else _host
         if a is not None:
-            plan = session.prune(layer, _host(h), attn=_host(a))
+            plan = session.prune(layer, put(h), attn=put(a))
         else:
-            plan = session.prune(layer, _host(h), q=_host(q), k=_host(k), scale=scale)
+            plan = session.prune(layer, put(h), q=put(q), k=put(k), scale=scale)
         case = None
         if dump:
             case = self._dump(dump, call_no, b, layer, h, a, None if a is not None else qfull, k,
                               scale, raters_before, first, visual, options, plan,
-                              len(session.spans), session._hf_embeds)
+                              len(session.spans), embeds)
         return {"plan": plan, "case": case, "entering": n, "visual": visual_tokens}
 
     # -------------------------------------------------------------------------- caches
@@ -762,14 +766,6 @@ class _State:
         self.held: list = [None] * layers
         self.base: list = [None] * layers
         self.t = 0
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _text_model(model):

@@ -787,6 +787,29 @@ NB_MODULE(_sparsevlm, m) {
             return plan_dict(std::move(p));
           },
           "layer"_a, "hidden"_a, "source"_a)
+      .def(
+          "commit",
+          [](py_session& self, index_t layer, std::vector<index_t> raters, index_t rank,
+             index_t keep_count, std::vector<index_t> keep,
+             std::vector<std::vector<index_t>> clusters, std::vector<index_t> sequence) {
+            // A step decided elsewhere (the CUDA step, a tensor-parallel step); its
+            // scores and merged rows stay with the caller (PrefillSession.commit).
+            sv::step_result r;
+            r.raters = std::move(raters);
+            r.rank = rank;
+            r.keep_count = keep_count;
+            r.keep = std::move(keep);
+            r.recycled.clusters = std::move(clusters);
+            r.sequence = std::move(sequence);
+            sv::layer_plan p;
+            {
+              nb::gil_scoped_release unlocked;
+              const std::lock_guard<std::mutex> lock(self.busy);
+              p = self.s.commit(layer, std::move(r));
+            }
+            return plan_dict(std::move(p));
+          },
+          "layer"_a, "raters"_a, "rank"_a, "keep_count"_a, "keep"_a, "clusters"_a, "sequence"_a)
       .def("prunes_after", [](const py_session& s, index_t layer) { const auto held = s.hold(); return s.s.prunes_after(layer); })
       .def_prop_ro("next_layer", [](const py_session& s) { const auto held = s.hold(); return s.s.next_layer(); })
       .def_prop_ro("steps_done", [](const py_session& s) { const auto held = s.hold(); return s.s.steps_done(); })

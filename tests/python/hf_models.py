@@ -147,6 +147,11 @@ def build(
     intermediate = intermediate or 2 * hidden
     head_dim = hidden // heads
     torch.manual_seed(seed)
+    # The decoder's sizes, shared by both kinds of text config. No EOS: greedy
+    # generation always runs max_new_tokens steps.
+    sizes = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                 num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                 max_position_embeddings=4096, eos_token_id=None, pad_token_id=PAD_ID)
     if family in LLAVA_FAMILIES:
         patch = patch_size or LLAVA_PATCH
         vision = CLIPVisionConfig(
@@ -158,18 +163,7 @@ def build(
             num_attention_heads=vision_heads,
             projection_dim=vision_hidden,
         )
-        text = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=4096,
-            bos_token_id=BOS_ID,
-            eos_token_id=None,
-            pad_token_id=PAD_ID,
-        )
+        text = LlamaConfig(**sizes, bos_token_id=BOS_ID)
         common = dict(
             vision_config=vision,
             text_config=text,
@@ -189,20 +183,12 @@ def build(
     else:
         patch = patch_size or QWEN_PATCH
         text = dict(
-            vocab_size=vocab,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            max_position_embeddings=4096,
+            **sizes,
             max_window_layers=layers,
             use_sliding_window=False,
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
                              "mrope_section": _mrope_section(head_dim)},
             bos_token_id=None,
-            eos_token_id=None,
-            pad_token_id=PAD_ID,
         )
         ids = dict(
             vision_start_token_id=vocab - 4,

@@ -279,7 +279,7 @@ def test_scores_from_attn_under_eager(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("kv", ["reference", "survivors"])
+@pytest.mark.parametrize("kv", svh.KV_OPTIONS)
 def test_batch_equals_one_by_one(family, kv):
     model = _model(family)
     prompts = [PROMPT, {"prefix": 3, "images": 0, "text": 6},
@@ -313,26 +313,26 @@ def test_right_padded_forward_keeps_each_rows_logits(family):
     h.remove()
 
 
-def test_several_images_are_several_spans():
+@pytest.mark.parametrize("kv", svh.KV_OPTIONS)
+def test_several_images_are_several_spans(kv):
     family = "llava"
     model = _model(family)
     kw = _row_inputs(model, family, {"prefix": 4, "images": 2, "between": 3, "text": 8})
     embeds, pos = _embeds_and_positions(model, family, kw)
     for budget in ("global", "per_span"):
-        h = svh.sparsify(model, "v1.5-192", budget=budget)
+        h = svh.sparsify(model, "v1.5-192", budget=budget, kv=kv)
         got = _generate(model, kw)[0].tolist()
         (row,) = h.stats
         assert [s[1] for s in row.spans] == [64, 64] and row.spans[1][0] == 4 + 64 + 3
         plans = {s.layer: s.plan for s in row.steps}
         assert len(plans[0].parts) == 2
-        assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans,
-                                         "reference", NEW)
+        assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans, kv, NEW)
         h.remove()
 
 
+@pytest.mark.parametrize("family", hm.QWEN_FAMILIES)
 @pytest.mark.parametrize("budget", ["global", "per_span"])
-def test_video_frames_are_spans(budget):
-    family = "qwen2_5_vl"
+def test_video_frames_are_spans(family, budget):
     model = _model(family)
     kw = _row_inputs(model, family, {"prefix": 4, "video": True, "frames": 3, "text": 8})
     embeds, pos = _embeds_and_positions(model, family, kw)
@@ -383,6 +383,10 @@ def test_sampling_and_stopping_criteria():
                            stopping_criteria=StoppingCriteriaList([StopAfter(3)]))
     assert c.shape[1] == kw["input_ids"].shape[1] + 3
     assert h.calls == 3
+    with torch.no_grad():  # no cache: every step is a pruned prefill of the whole sequence
+        d = model.generate(**kw, max_new_tokens=3, do_sample=False, use_cache=False)
+    assert d.shape[1] == kw["input_ids"].shape[1] + 3 and h.calls == 6
+    assert h.stats[0].tokens[0] == kw["input_ids"].shape[1] + 2
 
 
 def _check_case(path):
@@ -510,3 +514,17 @@ def test_the_transformers_internals_relied_on():
         with torch.no_grad():
             model(**kw)
     h.remove()
+
+
+def test_the_example_runs():
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "python",
+                          "hf_generate.py")
+    r = subprocess.run([sys.executable, script, "--layers", "8", "--hidden", "128", "--heads", "4",
+                        "--repeats", "1", "--new-tokens", "2"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "visual spans [(35, 576)]" in out
+    assert "tokens entering each layer: [671, 404, 299, 299, 208, 208, 208, 208]" in out
+    assert "after layer 0: " in out and "kept 300 of 576" in out
+    assert "pruned generate:" in out and "prefill (forward" in out

@@ -269,6 +269,59 @@ def test_session_one_layer_equals_the_step():
         assert s.next_position() == p.length
 
 
+def test_session_commit_of_an_outside_step_equals_prune():
+    # PrefillSession.commit: the path of CUDA tensors (prune_step on the device, then
+    # commit) and of tensor parallelism, checked here with the CPU step.
+    import dataclasses
+
+    rng = np.random.default_rng(3)
+    P, N, T, d, H = 4, 40, 12, 32, 2
+    L = P + N + T
+    embeds = rng.standard_normal((L, d), dtype=np.float32)
+    opts = sv.StepOptions(policy=sv.KeepPolicy.fixed(20),
+                          recycle=sv.RecycleOptions(fraction=0.5, cluster_divisor=3.0))
+    cfg = sv.SessionConfig(layers=6, schedule=[(1, opts), (3, sv.StepOptions(
+        policy=sv.KeepPolicy.fixed(8)))], positions="keep_original")
+    layout = sv.Layout.from_counts(P, N, T)
+    a, b = (sv.PrefillSession(layout, cfg, embeds=embeds) for _ in range(2))
+    n = L
+    for layer in (1, 3):
+        logits = rng.standard_normal((H, n, n)).astype(np.float32)
+        logits[:, np.triu_indices(n, 1)[0], np.triu_indices(n, 1)[1]] = -np.inf
+        attn = np.exp(logits - logits.max(-1, keepdims=True))
+        attn /= attn.sum(-1, keepdims=True)
+        hidden = rng.standard_normal((n, d), dtype=np.float32)
+        options = dict(cfg.schedule)[layer]
+        step = sv.prune_step(hidden, b.visual, attn=attn, raters=b.raters, options=options)
+        for bad, field in [(dataclasses.replace(step, sequence=step.sequence[::-1].copy()), "step.sequence"),
+                           (dataclasses.replace(step, raters=step.raters[1:]), "step.raters"),
+                           (dataclasses.replace(step, keep_count=step.keep_count + 1), "step.keep_count")]:
+            with pytest.raises(sv.Error, match=f"^{field}: expected"):
+                b.commit(layer, bad)
+            assert b.length == n and b.next_layer == layer  # unchanged
+        with pytest.raises(sv.Error, match=r"^layer: expected"):
+            b.commit(layer + 1, step)
+        want = a.prune(layer, hidden, attn=attn)
+        got = b.commit(layer, step)
+        for key in ("raters", "keep", "sequence", "kv_sequence", "positions", "scores", "merged"):
+            assert np.array_equal(getattr(got, key), getattr(want, key)), key
+        assert got.clusters == want.clusters and got.parts == want.parts
+        assert (got.length, got.spans, got.visual) == (want.length, want.spans, want.visual)
+        assert b.origins.tolist() == a.origins.tolist() and b.next_position() == a.next_position()
+        n = got.length
+    assert b.finished and all(b.kv_rows(j).tolist() == a.kv_rows(j).tolist() for j in range(6))
+
+
+def test_derive_config_carries_a_preset_over():
+    c = sv.derive_config("v1.5-192", 16, 16, 1024, 2816, 35, 576)
+    assert [l for l, _ in c.schedule] == [1, 3, 7]
+    assert [o.policy.keep for _, o in c.schedule] == [300, 200, 110]
+    c = sv.derive_config("v1.5-192", 32, 32, 4096, 11008, 35, 64)
+    assert [o.policy.keep for _, o in c.schedule] == [33, 22, 12]  # round(keep * 64 / 576)
+    with pytest.raises(sv.Error, match=r"preset.schedule\[\d\]\.layer"):
+        sv.derive_config("v1.5-192", 4, 4, 64, 128, 5, 64)  # layers collide on 4 layers
+
+
 def test_presets():
     assert "v1.5-192" in sv.preset_names() and "llava-1.5-7b" in sv.model_names()
     cfg = sv.preset_config("v1.5-192", "llava-1.5-7b")
