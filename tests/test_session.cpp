@@ -585,11 +585,24 @@ TEST_CASE("session: commit of a step decided elsewhere == prune, and bad steps c
     bad = step;
     bad.keep_count += 1;
     SV_CHECK_THROWS(errc::invalid_argument, "step.keep_count: expected", by_commit.commit(at.layer, bad));
-    if (!step.recycled.clusters.empty()) {
+    bad = step;
+    bad.rank = static_cast<index_t>(step.raters.size()) + 1;
+    SV_CHECK_THROWS(errc::invalid_argument, "step.rank: expected in [0, ", by_commit.commit(at.layer, bad));
+    bad = step;
+    bad.recycled.clusters.emplace_back();
+    SV_CHECK_THROWS(errc::invalid_argument, "step.recycled.clusters: expected", by_commit.commit(at.layer, bad));
+    REQUIRE(!step.recycled.clusters.empty());  // v15_config(true, ...) recycles
+    bad = step;
+    bad.recycled.clusters[0] = {step.keep.front()};  // a kept token
+    SV_CHECK_THROWS(errc::invalid_argument, "step.recycled.clusters[0]: expected pruned positions",
+                    by_commit.commit(at.layer, bad));
+    for (std::size_t c = 0; c < step.recycled.clusters.size(); ++c) {
+      if (step.recycled.clusters[c].size() < 2) continue;
       bad = step;
-      bad.recycled.clusters[0][0] = step.keep.front();  // a kept token
-      SV_CHECK_THROWS(errc::invalid_argument, "step.recycled.clusters[0]: expected pruned positions",
+      std::reverse(bad.recycled.clusters[c].begin(), bad.recycled.clusters[c].end());
+      SV_CHECK_THROWS(errc::invalid_argument, "expected ascending members",
                       by_commit.commit(at.layer, bad));
+      break;
     }
     SV_CHECK_THROWS(errc::invalid_argument, "layer: expected", by_commit.commit(at.layer + 1, step));
     CHECK(by_commit.length() == n);

@@ -702,22 +702,43 @@ inline layer_plan session_adopt(const prefill_session& s, index_t layer, step_re
   SPARSEVLM_CHECK(step.raters == s.raters_, errc::invalid_argument, "step.raters",
                   concat("the session's ", s.raters_.size(), " raters"),
                   concat(step.raters.size(), " other positions"));
-  SPARSEVLM_CHECK(step.keep_count == static_cast<index_t>(step.keep.size()),
-                  errc::invalid_argument, "step.keep_count",
-                  concat(step.keep.size(), " (step.keep.size())"), step.keep_count);
+  const step_options& opt = s.cfg_.schedule[s.next_].options;
+  const auto R = static_cast<index_t>(s.raters_.size());
+  SPARSEVLM_CHECK(step.rank >= 0 && step.rank <= std::min(R, v.len), errc::invalid_argument,
+                  "step.rank", concat("in [0, ", std::min(R, v.len), "] (raters x visual tokens)"),
+                  step.rank);
+  const index_t keep = keep_count(opt.policy, step.rank, v.len, R);
+  SPARSEVLM_CHECK(step.keep_count == keep, errc::invalid_argument, "step.keep_count",
+                  concat(keep, " (the layer's policy at rank ", step.rank, ")"), step.keep_count);
+  SPARSEVLM_CHECK(static_cast<index_t>(step.keep.size()) == keep, errc::invalid_argument,
+                  "step.keep", concat(keep, " positions (step.keep_count)"), step.keep.size());
+  const index_t pruned = v.len - keep;
+  const bool recycles = opt.recycle.enabled && pruned > 0;
+  const index_t members = recycles ? core::recycle_count(pruned, opt.recycle.fraction) : 0;
+  const index_t want_c = recycles ? core::cluster_count(members, opt.recycle.cluster_divisor) : 0;
+  SPARSEVLM_CHECK(static_cast<index_t>(step.recycled.clusters.size()) == want_c,
+                  errc::invalid_argument, "step.recycled.clusters",
+                  concat(want_c, " clusters (the layer's recycling of ", pruned, " pruned tokens)"),
+                  step.recycled.clusters.size());
   // make_sequence checks the keep set (inside the span, ascending, unique).
   std::vector<index_t> want;
   with_prefix("step.", [&] {
     want = make_sequence(s.n_, v, step.keep,
                          static_cast<index_t>(step.recycled.clusters.size()));
   });
+  index_t total = 0;  // cluster members
   std::vector<char> used(static_cast<std::size_t>(v.len), 0);
   for (index_t k : step.keep) used[static_cast<std::size_t>(k - v.start)] = 1;
   for (std::size_t c = 0; c < step.recycled.clusters.size(); ++c) {
-    const std::vector<index_t>& members = step.recycled.clusters[c];
-    SPARSEVLM_CHECK(!members.empty(), errc::invalid_argument,
+    const std::vector<index_t>& cluster = step.recycled.clusters[c];
+    total += static_cast<index_t>(cluster.size());
+    SPARSEVLM_CHECK(!cluster.empty(), errc::invalid_argument,
                     concat("step.recycled.clusters[", c, "]"), "at least one member", "none");
-    for (index_t m : members) {
+    for (std::size_t i = 0; i < cluster.size(); ++i) {
+      const index_t m = cluster[i];
+      SPARSEVLM_CHECK(i == 0 || m > cluster[i - 1], errc::invalid_argument,
+                      concat("step.recycled.clusters[", c, "]"),
+                      concat("ascending members (> ", i == 0 ? 0 : cluster[i - 1], ")"), m);
       const bool inside = m >= v.start && m < v.end();
       SPARSEVLM_CHECK(inside && !used[static_cast<std::size_t>(m - v.start)],
                       errc::invalid_argument, concat("step.recycled.clusters[", c, "]"),
@@ -727,6 +748,8 @@ inline layer_plan session_adopt(const prefill_session& s, index_t layer, step_re
       used[static_cast<std::size_t>(m - v.start)] = 1;
     }
   }
+  SPARSEVLM_CHECK(total == members, errc::invalid_argument, "step.recycled.clusters",
+                  concat(members, " members in all (the recycled share of ", pruned, ")"), total);
   SPARSEVLM_CHECK(step.sequence == want, errc::invalid_argument, "step.sequence",
                   concat("make_sequence of the keep set and ", step.recycled.clusters.size(),
                          " clusters (", want.size(), " entries)"),

@@ -351,9 +351,9 @@ class PrefillSession:
         options = dict(self.config.schedule).get(layer)
         if options is None or not self.prunes_after(layer):
             raise Error(f"layer: expected {self.next_layer} (the next pruning layer), got {layer}")
-        if options.gravity.enabled:
-            raise Error(f"hidden: expected CPU tensors for SparseVLM+'s RoPE gravity (it needs the "
-                        f"session's positions), got device {hidden.device}")
+        if options.gravity.enabled or options.top_heads:
+            raise Error(f"hidden: expected CPU tensors for SparseVLM+'s head selection and RoPE "
+                        f"gravity (not on the CUDA step), got device {hidden.device}")
         step = prune_step(hidden, held[0], attn=attn, q=q, k=k, lse=lse, scale=scale,
                           raters=self.raters, options=options)
         return self.commit(layer, step)
@@ -367,6 +367,15 @@ class PrefillSession:
         raters, then returns what :meth:`prune` returns (its scores and merged rows
         are the step's, as given). Errors name the field (``step.sequence``,
         ``step.raters``, ``spans``, ...); the session is then unchanged."""
+        held = [s for s in self.spans if s[1] > 0]
+        c, n = len(step.clusters), (held[0][1] if len(held) == 1 else int(step.scores.shape[0]))
+        m_rows = int(step.merged.shape[0]) if getattr(step.merged, "ndim", 0) == 2 else -1
+        if m_rows != c:
+            raise Error(f"step.merged: expected [{c}, d] (one row per cluster), got shape "
+                        f"{tuple(getattr(step.merged, 'shape', ()))}")
+        if tuple(step.scores.shape) != (n,):
+            raise Error(f"step.scores: expected [{n}] (the span's visual tokens), got shape "
+                        f"{tuple(step.scores.shape)}")
         like = _Like(step.sequence)
         d = self._s.commit(int(layer), _ints(step.raters, "step.raters"), int(step.rank),
                            int(step.keep_count), _ints(step.keep, "step.keep"),

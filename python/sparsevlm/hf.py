@@ -10,8 +10,8 @@ How it hooks in (docs/python.md, "Hugging Face: sparsify"): the text model's
 ``forward`` is replaced, on that instance only, by a thin decoder loop that calls
 the model's own modules (``embed_tokens``, each decoder layer as is, ``rotary_emb``,
 ``norm``; transformers' ``create_causal_mask``) and can change the sequence between
-two layers. A forward pre-hook on the outer model records the call's ``input_ids``
-and vision grids, which say where the visual tokens are. At a pruning layer the
+two layers. A forward pre-hook on the outer model records the call's ``input_ids``,
+which say where the visual tokens are. At a pruning layer the
 attention function is wrapped for that layer's call only, to keep its q/k after
 RoPE (or its probabilities, ``scores_from="attn"`` under eager attention). Nothing
 else of the model changes; ``remove()`` deletes the instance attribute and the hook.
@@ -25,8 +25,10 @@ where the input put them), zeros at pruned visual positions; recycled tokens, wh
 have no original position, are not returned.
 
 Decoding needs per-layer state (each layer's cache length, padding and first
-decode position id); it rides on the ``DynamicCache`` object itself
-(``cache._sparsevlm``), so it lives and dies with the generation that made it.
+decode position id); it rides on the ``DynamicCache`` object itself, whose class
+becomes :class:`SparsifiedCache` (a ``DynamicCache`` that reports the original
+length, and keeps its state through ``crop``, ``reorder_cache`` and ``reset``), so
+it lives and dies with the generation that made it.
 
 transformers is not a dependency of the package; this module imports it when
 :func:`sparsify` is called. Tested with transformers 5.24 (``TESTED_TRANSFORMERS``).
@@ -98,7 +100,15 @@ def _base_function(module, base: str):
 
 def _make_capture(base: str):
     def capture(module, query, key, value, attention_mask, **kwargs):
-        out = _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
+        # The real function runs under its own name: flash_attention_forward, for
+        # one, reads config._attn_implementation to pick its kernel.
+        cfg = module.config
+        name = cfg._attn_implementation
+        cfg._attn_implementation = base
+        try:
+            out = _base_function(module, base)(module, query, key, value, attention_mask, **kwargs)
+        finally:
+            cfg._attn_implementation = name
         slot = _slots.get(id(module))
         if slot is not None:
             slot["q"], slot["k"] = query, key  # [B, H, n, dh], [B, Hkv, n, dh] after RoPE
@@ -206,9 +216,14 @@ class Sparsified:
         if tcls not in SUPPORTED[cls]:
             raise Error(f"model.model.language_model: expected {' or '.join(SUPPORTED[cls])} for "
                         f"{cls}, got {tcls}")
-        if "forward" in vars(text):
-            raise Error(f"model: expected a stock model, got one already sparsified "
-                        f"(call remove() on its handle first)")
+        prev = vars(text).get("forward")  # accelerate's hooks wrap forward per instance
+        if isinstance(getattr(prev, "__self__", None), Sparsified):
+            raise Error("model: expected a stock model, got one already sparsified "
+                        "(call remove() on its handle first)")
+        devices = sorted({str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()})
+        if len(devices) > 1:
+            raise Error(f"model.hf_device_map: expected one device, got {devices} (a model "
+                        f"split over devices is not supported)")
         cfg = text.config
         for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if not hasattr(text, attr):
@@ -221,11 +236,7 @@ class Sparsified:
         if scores_from not in SCORES_FROM:
             raise Error(f"scores_from: expected one of {list(SCORES_FROM)}, got {scores_from!r}")
         impl = cfg._attn_implementation
-        if impl not in _ATTENTION:
-            raise Error(f"attn_implementation: expected one of {list(_ATTENTION)}, got {impl!r}")
-        if scores_from == "attn" and impl != "eager":
-            raise Error(f"scores_from='attn': expected attn_implementation 'eager' (it alone "
-                        f"forms the probabilities), got {impl!r}; use scores_from='qk'")
+        _check_attention(impl, scores_from)
         if kv not in KV_OPTIONS:
             raise Error(f"kv: expected one of {list(KV_OPTIONS)}, got {kv!r}")
         if positions not in (None, "renumber", "keep_original"):
@@ -270,6 +281,7 @@ class Sparsified:
         self._version = transformers.__version__
 
         self._call: Optional[dict] = None
+        self._prev_forward = prev
         self._stock_forward = text.forward
         self._hook = model.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         text.forward = self._forward  # instance attribute: remove() restores the class's
@@ -282,7 +294,10 @@ class Sparsified:
             self._hook.remove()
             self._hook = None
         if vars(self.text_model).get("forward") == self._forward:
-            del self.text_model.forward
+            if self._prev_forward is not None:
+                self.text_model.forward = self._prev_forward
+            else:
+                del self.text_model.forward
 
     @property
     def installed(self) -> bool:
@@ -380,6 +395,9 @@ class Sparsified:
         import torch
 
         B, L = ids.shape
+        if mask is not None and (mask.ndim != 2 or tuple(mask.shape) != (B, L)):
+            raise Error(f"attention_mask: expected a 2-D [{B}, {L}] padding mask, got shape "
+                        f"{tuple(mask.shape)}")
         rows = []
         for b in range(B):
             cols = (torch.arange(L, device=ids.device) if mask is None
@@ -410,6 +428,10 @@ class Sparsified:
             return self._stock_forward(input_ids=None, attention_mask=attention_mask,
                                        position_ids=position_ids, cache=cache, inputs_embeds=embeds,
                                        use_cache=use_cache, **kwargs)
+        impl = cfg._attn_implementation
+        if impl != self.attention:  # switched since sparsify (set_attn_implementation)
+            _check_attention(impl, self.scores_from)
+            self._capture, self.attention = _register(impl), impl
         self.calls += 1
         call_no = next(_CALLS)
         dump = self.dump_dir or os.environ.get("SPARSEVLM_DUMP_DIR") or None
@@ -455,7 +477,7 @@ class Sparsified:
                                position_ids=layer_pos, cache=cache, use_cache=use_cache, **kwargs)
             finally:
                 if slot is not None:
-                    tm.config._attn_implementation = self.attention
+                    tm.config._attn_implementation = impl
                     _slots.pop(id(layer.self_attn), None)
             state.keymask[i] = mask2d
             state.cols[i] = list(cur_cols)
@@ -503,7 +525,8 @@ class Sparsified:
         if pruned_any:
             hidden = self._unpack(hidden, embeds, rows, sessions, cur_cols)
         if cache is not None:
-            state.t = 0
+            state.finish(cache, L)
+            cache.__class__ = _sparsified_cache_class()
             cache._sparsevlm = state
         return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache)
 
@@ -544,7 +567,7 @@ class Sparsified:
             qfull = slot["q"][b].index_select(1, cols)
             raters = torch_long(session.raters, qfull.device)
             q = qfull.index_select(1, raters)
-        raters_before = [int(r) for r in session.raters]
+        raters_before = [int(r) for r in session.raters.tolist()]
         first = session.steps_done == 0
         visual, visual_tokens = session.visual, session.visual_tokens
         options = dict(session.config.schedule)[layer]
@@ -552,7 +575,8 @@ class Sparsified:
         # step is one span without gravity (PrefillSession.prune then runs it there);
         # otherwise the step's inputs are copied to the host.
         held = sum(1 for s in session.spans if s[1] > 0)
-        keep = h.device.type == "cpu" or (has_cuda() and held == 1 and not options.gravity.enabled)
+        keep = h.device.type == "cpu" or (has_cuda() and held == 1 and not options.gravity.enabled
+                                          and not options.top_heads)
         put = (lambda t: t.detach()) if keep else _host
         if a is not None:
             plan = session.prune(layer, put(h), attn=put(a))
@@ -644,7 +668,8 @@ class Sparsified:
 
     def _decode(self, embeds, cache, state, kwargs):
         """New tokens through every layer: each attends to its whole cache (with its
-        own padding) and continues from its own first decode position."""
+        own padding) and continues from its own first decode position. The model's
+        attention_mask and position_ids are not read: the state has each layer's."""
         import torch
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -653,29 +678,31 @@ class Sparsified:
         B, m, _ = embeds.shape
         if B != state.batch:
             raise Error(f"inputs_embeds.shape[0]: expected {state.batch} (the prefill's batch), got {B}")
+        state.check(cache)
         dev = embeds.device
         step = torch.arange(m, device=dev) + state.t
         ropes: dict = {}
+        masks: dict = {}
         hidden = embeds
         for j, layer in enumerate(tm.layers):
             km = state.keymask[j]
-            m2 = None if km is None else torch.cat([km, km.new_ones(B, m)], 1)
-            mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=m2,
-                                      cache=cache, position_ids=None, layer_idx=j)
-            base = state.base[j]
-            key = tuple(base.tolist())
+            # Layers with the same padding and length share one mask, and layers with
+            # the same first positions one rotary embedding (keys known on the host).
+            mkey = (state.group[j], state.width[j])
+            if mkey not in masks:
+                m2 = None if km is None else torch.cat([km, km.new_ones(B, m)], 1)
+                masks[mkey] = create_causal_mask(config=tm.config, inputs_embeds=hidden,
+                                                 attention_mask=m2, cache=cache,
+                                                 position_ids=None, layer_idx=j)
+            key = state.base_key[j]
             if key not in ropes:
-                pos = base[:, None] + step[None]
+                pos = state.base[j][:, None] + step[None]
                 rp = pos[None].expand(3, B, m) if self.mrope else pos
                 ropes[key] = (tm.rotary_emb(hidden, position_ids=rp), None if self.mrope else pos)
             rope, lpos = ropes[key]
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rope, position_ids=lpos,
-                           cache=cache, use_cache=True, **kwargs)
-        for j in range(self.layers):
-            km = state.keymask[j]
-            if km is not None:
-                state.keymask[j] = torch.cat([km, km.new_ones(B, m)], 1)
-        state.t += m
+            hidden = layer(hidden, attention_mask=masks[mkey], position_embeddings=rope,
+                           position_ids=lpos, cache=cache, use_cache=True, **kwargs)
+        state.advance(m)
         return BaseModelOutputWithPast(last_hidden_state=tm.norm(hidden), cache=cache)
 
     # ---------------------------------------------------------------------------- dumps
@@ -687,13 +714,15 @@ class Sparsified:
         cannot be written in the format (several spans, SparseVLM+ scoring)."""
         import torch
 
-        name = f"call{call_no:05d}-row{b:03d}-layer{layer:03d}"
+        name = f"pid{os.getpid()}-call{call_no:05d}-row{b:03d}-layer{layer:03d}"
         path = os.path.join(os.fspath(root), name)
         why = None
         if n_spans != 1:
             why = f"{n_spans} visual spans (a case has one)"
         elif options.top_heads or options.gravity.enabled:
             why = "SparseVLM+ scoring (top_heads / gravity are not in the case format)"
+        elif attn is None and scale and abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-6:
+            why = f"attention scale {scale} (a case's q/k are scored with 1/sqrt(dh))"
         os.makedirs(root, exist_ok=True)
         if why:
             with open(os.path.join(root, "skipped.txt"), "a") as f:
@@ -757,7 +786,10 @@ class Sparsified:
 class _State:
     """What decoding needs per layer: the padding of its cache (``keymask`` [B, T]
     or None), the column of each held row (``cols``) and the coordinate it was
-    written in (``held``), and the first decode position id per row (``base``)."""
+    written in (``held``), the first decode position id per row (``base`` [B], and
+    ``base_key`` the same on the host), the cache's length (``width``) and
+    ``group`` (layers with the same padding share a number); ``t`` tokens decoded;
+    ``length`` the prompt's (padded) length."""
 
     def __init__(self, layers: int, batch: int):
         self.batch = batch
@@ -765,7 +797,129 @@ class _State:
         self.cols: list = [None] * layers
         self.held: list = [None] * layers
         self.base: list = [None] * layers
+        self.base_key: list = [None] * layers
+        self.width: list = [0] * layers
+        self.group: list = [0] * layers
         self.t = 0
+        self.length = 0
+
+    def finish(self, cache, length: int) -> None:
+        """After the prefill: the lengths, groups and host keys decoding uses."""
+        self.length, self.t = length, 0
+        self.width = [int(cache.layers[j].keys.shape[-2]) for j in range(len(self.base))]
+        self.base_key = [tuple(b.tolist()) for b in self.base]
+        self._regroup()
+
+    def _regroup(self) -> None:
+        ids: dict = {}
+        self.group = [ids.setdefault(id(k) if k is not None else None, len(ids)) for k in self.keymask]
+
+    def check(self, cache) -> None:
+        for j, w in enumerate(self.width):
+            got = int(cache.layers[j].keys.shape[-2]) if cache.layers[j].keys is not None else 0
+            if got != w:
+                raise Error(f"cache.layers[{j}]: expected {w} rows (what the sparsified prefill "
+                            f"and {self.t} decode steps left), got {got} (edited outside "
+                            f"SparsifiedCache's crop / reorder_cache)")
+
+    def advance(self, m: int) -> None:
+        import torch
+
+        shared: dict = {}
+        for j, km in enumerate(self.keymask):
+            if km is not None:
+                if id(km) not in shared:
+                    shared[id(km)] = torch.cat([km, km.new_ones(km.shape[0], m)], 1)
+                self.keymask[j] = shared[id(km)]
+        self.width = [w + m for w in self.width]
+        self.t += m
+        self._regroup()
+
+    def rewind(self, r: int) -> None:
+        if not 0 <= r <= self.t:
+            raise Error(f"cache.crop: expected to remove at most the {self.t} decoded tokens, "
+                        f"got {r} (the prompt's caches were pruned)")
+        shared: dict = {}
+        for j, km in enumerate(self.keymask):
+            if km is not None and r:
+                if id(km) not in shared:
+                    shared[id(km)] = km[:, : km.shape[1] - r]
+                self.keymask[j] = shared[id(km)]
+        self.width = [w - r for w in self.width]
+        self.t -= r
+        self._regroup()
+
+    def select(self, idx) -> None:
+        """Rows `idx` of the batch, in that order (beam search, contrastive search)."""
+        rows = [int(i) for i in idx.tolist()]
+        shared: dict = {}
+        for j in range(len(self.base)):
+            km = self.keymask[j]
+            if km is not None:
+                if id(km) not in shared:
+                    shared[id(km)] = km.index_select(0, idx.to(km.device))
+                self.keymask[j] = shared[id(km)]
+            self.base[j] = self.base[j].index_select(0, idx.to(self.base[j].device))
+            self.base_key[j] = tuple(self.base_key[j][i] for i in rows)
+            self.cols[j] = [self.cols[j][i] for i in rows]
+            self.held[j] = [self.held[j][i] for i in rows]
+        self.batch = len(rows)
+        self._regroup()
+
+
+_SPARSIFIED_CACHE = None
+
+
+def _sparsified_cache_class():
+    """SparsifiedCache, made on first use (transformers is imported lazily)."""
+    global _SPARSIFIED_CACHE
+    if _SPARSIFIED_CACHE is None:
+        from transformers import DynamicCache
+
+        class SparsifiedCache(DynamicCache):
+            """The DynamicCache of a sparsified prefill: its layers hold different
+            numbers of rows, so it reports the original length (prompt + decoded,
+            what generate() counts) and keeps its per-layer state through crop
+            (assisted decoding), reorder_cache (beam search) and reset."""
+
+            def get_seq_length(self, layer_idx: int = 0) -> int:
+                return self._sparsevlm.length + self._sparsevlm.t
+
+            def crop(self, tokens_to_remove: int) -> None:
+                if tokens_to_remove > 0:  # DynamicCache refuses these too
+                    raise Error(f"cache.crop: expected a negative count, got {tokens_to_remove}")
+                self._sparsevlm.rewind(-tokens_to_remove)
+                super().crop(tokens_to_remove)
+
+            def reorder_cache(self, beam_idx) -> None:
+                super().reorder_cache(beam_idx)
+                self._sparsevlm.select(beam_idx)
+
+            def batch_select_indices(self, indices) -> None:
+                super().batch_select_indices(indices)
+                self._sparsevlm.select(indices)
+
+            def batch_repeat_interleave(self, repeats: int) -> None:
+                import torch
+
+                super().batch_repeat_interleave(repeats)
+                self._sparsevlm.select(torch.arange(self._sparsevlm.batch).repeat_interleave(repeats))
+
+            def reset(self) -> None:
+                super().reset()
+                del self._sparsevlm
+                self.__class__ = DynamicCache
+
+        _SPARSIFIED_CACHE = SparsifiedCache
+    return _SPARSIFIED_CACHE
+
+
+def _check_attention(impl, scores_from):
+    if impl not in _ATTENTION:
+        raise Error(f"attn_implementation: expected one of {list(_ATTENTION)}, got {impl!r}")
+    if scores_from == "attn" and impl != "eager":
+        raise Error(f"scores_from='attn': expected attn_implementation 'eager' (it alone "
+                    f"forms the probabilities), got {impl!r}; use scores_from='qk'")
 
 
 def _text_model(model):

@@ -692,7 +692,9 @@ NB_MODULE(_sparsevlm, m) {
         return sv::make_session_config(sv::find_preset(preset), s);
       },
       "preset"_a, "layers"_a, "heads"_a, "hidden"_a, "mlp"_a, "prefix"_a, "visual"_a,
-      "The SessionConfig of a preset on a model given by its shape.");
+      "The SessionConfig of a preset on a model given by its shape: the preset's own\n"
+      "layers and keeps, with the shape's head selection and gravity head size (see\n"
+      "derive_config to carry the layers and keeps over to another depth or count).");
   m.def(
       "derive_config",
       [](const std::string& preset, index_t layers, index_t heads, index_t hidden, index_t mlp,

@@ -180,6 +180,7 @@ def _embeds_and_positions(model, family, kw):
 
 
 FAMILIES = list(hm.FAMILIES)
+SCORES = list(svh.SCORES_FROM)
 PROMPT = {"prefix": 5, "images": 1, "text": 9}
 
 
@@ -264,7 +265,7 @@ def test_keep_original_positions_match_the_reference(family):
     assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans, "reference", NEW)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_scores_from_attn_under_eager(family):
     model = _model(family, attn_implementation="eager")
     kw = _row_inputs(model, family, PROMPT)
@@ -391,14 +392,16 @@ def test_sampling_and_stopping_criteria():
 
 def _check_case(path):
     """sparsevlm check (the CLI when SPARSEVLM_CLI names it), else run_case against
-    expected/: the step re-run from the folder gives the dumped decision."""
+    expected/: the step re-run from the folder gives the dumped decision. A q/k dump
+    is re-run from its q/k (what the library ran), an attn dump from attn."""
+    source = "qk" if os.path.exists(os.path.join(path, "q.npy")) else "attn"
     cli = os.environ.get("SPARSEVLM_CLI")
     if cli:
-        r = subprocess.run([cli, "check", path, "--scores-from", "qk"], capture_output=True,
+        r = subprocess.run([cli, "check", path, "--scores-from", source], capture_output=True,
                            text=True)
         assert r.returncode == 0, r.stdout + r.stderr
         return
-    got = sv.run_case(path, "qk")
+    got = sv.run_case(path, source)
     with open(os.path.join(path, "expected", "result.json")) as f:
         want = json.load(f)
     for key in ("raters", "rank", "keep_count", "keep", "clusters", "sequence"):
@@ -406,23 +409,26 @@ def _check_case(path):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_dumped_step_passes_check(family, tmp_path):
-    model = _model(family)
+@pytest.mark.parametrize("scores_from", SCORES)
+def test_every_dumped_step_passes_check(family, scores_from, tmp_path):
+    model = _model(family, attn_implementation="eager" if scores_from == "attn" else "sdpa")
     prompts = [PROMPT, {"prefix": 8, "images": 1, "text": 3}]
     kw = hm.inputs(model, family, prompts=prompts)
-    h = svh.sparsify(model, "v1.5-192", dump_dir=tmp_path)
+    h = svh.sparsify(model, "v1.5-192", dump_dir=tmp_path, scores_from=scores_from)
     _generate(model, kw, new=2)
     names = sorted(os.listdir(tmp_path))
     assert len(names) == 2 * 3
-    assert names == [f"call{int(names[0][4:9]):05d}-row{b:03d}-layer{l:03d}"
-                     for b in range(2) for l in (0, 1, 3)]
+    call = names[0][: names[0].index("-row")]  # pid<PID>-call<NNNNN>
+    assert call.startswith(f"pid{os.getpid()}-call")
+    assert names == [f"{call}-row{b:03d}-layer{l:03d}" for b in range(2) for l in (0, 1, 3)]
     for b, row in enumerate(h.stats):
         for s in row.steps:
-            assert s.case == str(tmp_path / f"{names[0][:9]}-row{b:03d}-layer{s.layer:03d}")
+            assert s.case == str(tmp_path / f"{call}-row{b:03d}-layer{s.layer:03d}")
     for name in names:
         path = str(tmp_path / name)
         case = json.load(open(os.path.join(path, "case.json")))
         assert ("raters" in case) == (not name.endswith("layer000"))
+        assert ("q" in case) == (scores_from == "qk")
         _check_case(path)
 
 
@@ -471,6 +477,16 @@ def test_bad_input_raises_and_leaves_the_model_untouched():
         with pytest.raises(sv.Error, match=msg):
             svh.sparsify(model, **({"preset": "v1.5-192"} | args))
         _untouched(model, stock, kw)
+    # An attention implementation the capture cannot wrap (a custom registered one).
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register("test_custom_attention", ALL_ATTENTION_FUNCTIONS["sdpa"])
+    custom = _model("llava", attn_implementation="eager")
+    custom.config.text_config._attn_implementation = "test_custom_attention"
+    with pytest.raises(sv.Error, match="attn_implementation: expected one of .*'test_custom_attention'"):
+        svh.sparsify(custom, "v1.5-192")
+    assert "forward" not in vars(svh._text_model(custom)) and not custom._forward_pre_hooks
     shallow = _model("llava", layers=4)
     with pytest.raises(sv.Error, match=r"preset .*'v1.5-192' on this 4-layer model"):
         svh.sparsify(shallow, "v1.5-192")
@@ -528,3 +544,46 @@ def test_the_example_runs():
     assert "tokens entering each layer: [671, 404, 299, 299, 208, 208, 208, 208]" in out
     assert "after layer 0: " in out and "kept 300 of 576" in out
     assert "pruned generate:" in out and "prefill (forward" in out
+
+
+@pytest.mark.parametrize("kv", svh.KV_OPTIONS)
+def test_the_cache_keeps_its_state_through_crop_reorder_and_reset(kv):
+    from transformers import DynamicCache
+
+    model = _model("llava")
+    kw = _row_inputs(model, "llava", PROMPT)
+    L = kw["input_ids"].shape[1]
+    h = svh.sparsify(model, "v1.5-192", kv=kv)
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad():
+        first = model(**kw, cache=cache).logits[0, -1]
+        assert isinstance(cache, DynamicCache) and type(cache).__name__ == "SparsifiedCache"
+        assert cache.get_seq_length() == L  # what generate() counts, whatever layer 0 holds
+        tokens, steps = [int(first.argmax())], []
+        for _ in range(3):
+            out = model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache).logits[0, -1]
+            steps.append(out)
+            tokens.append(int(out.argmax()))
+        assert cache.get_seq_length() == L + 3
+        # Assisted decoding rejects candidates with crop: the last two tokens again.
+        cache.crop(-2)
+        assert cache.get_seq_length() == L + 1
+        for i in (1, 2):
+            again = model(input_ids=torch.tensor([[tokens[i]]]), cache=cache).logits[0, -1]
+            torch.testing.assert_close(again, steps[i], rtol=1e-5, atol=1e-5)
+        with pytest.raises(sv.Error, match="cache.crop: expected to remove at most the 3 decoded"):
+            cache.crop(-4)  # into the pruned prompt
+        # A cache edited behind the state's back is refused, not decoded wrongly.
+        cache.layers[0].keys = cache.layers[0].keys[..., :-1, :]
+        with pytest.raises(sv.Error, match=r"cache.layers\[0\]: expected"):
+            model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache)
+        # reset() makes it a plain empty DynamicCache: the next prompt is pruned again.
+        cache.reset()
+        assert type(cache) is DynamicCache and not hasattr(cache, "_sparsevlm")
+        calls = h.calls
+        torch.testing.assert_close(model(**kw, cache=cache).logits[0, -1], first, rtol=0, atol=0)
+        assert h.calls == calls + 1
+    # Beam search reorders the cache rows (and the state with them).
+    with torch.no_grad():
+        beams = model.generate(**kw, max_new_tokens=4, num_beams=3, do_sample=False)
+    assert beams.shape == (1, L + 4)

@@ -295,7 +295,9 @@ def test_session_commit_of_an_outside_step_equals_prune():
         step = sv.prune_step(hidden, b.visual, attn=attn, raters=b.raters, options=options)
         for bad, field in [(dataclasses.replace(step, sequence=step.sequence[::-1].copy()), "step.sequence"),
                            (dataclasses.replace(step, raters=step.raters[1:]), "step.raters"),
-                           (dataclasses.replace(step, keep_count=step.keep_count + 1), "step.keep_count")]:
+                           (dataclasses.replace(step, keep_count=step.keep_count + 1), "step.keep_count"),
+                           (dataclasses.replace(step, merged=step.merged[:0]), "step.merged"),
+                           (dataclasses.replace(step, scores=step.scores[1:]), "step.scores")]:
             with pytest.raises(sv.Error, match=f"^{field}: expected"):
                 b.commit(layer, bad)
             assert b.length == n and b.next_layer == layer  # unchanged
