@@ -348,14 +348,19 @@ def test_video_frames_are_spans(family, budget):
     assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans, "reference", NEW)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_models_prune(dtype):
-    model = _model("llava", dtype=dtype)
-    kw = _row_inputs(model, "llava", PROMPT)
-    h = svh.sparsify(model, "v1.5-192")
+def test_half_precision_models_prune(family, dtype, tmp_path):
+    model = _model(family, dtype=dtype)
+    kw = _row_inputs(model, family, PROMPT)
+    h = svh.sparsify(model, "v1.5-192", dump_dir=tmp_path)
     out = _generate(model, kw)
     assert out.shape == (1, NEW)
-    assert [s.layer for s in h.stats[0].steps] == [0, 1, 3]
+    steps = h.stats[0].steps
+    assert [s.layer for s in steps] == [0, 1, 3]
+    assert steps[0].plan.merged.dtype == torch.float32  # merged rows: float32, cast on apply
+    for s in steps:  # the steps read the model's dtype; their dumps re-run the same
+        _check_case(s.case)
 
 
 def test_sampling_and_stopping_criteria():
