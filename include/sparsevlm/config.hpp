@@ -6,8 +6,8 @@
 #define SPARSEVLM_VERSION_PATCH 0
 #define SPARSEVLM_VERSION_STRING "0.1.0"
 
-// Functions whose arithmetic is shared by the CPU and (later) CUDA backends are
-// marked SPARSEVLM_HD so nvcc compiles them for both sides.
+// Functions whose arithmetic is shared by the CPU and the CUDA backends are marked
+// SPARSEVLM_HD so nvcc compiles them for both sides.
 #if defined(__CUDACC__)
 #define SPARSEVLM_HD __host__ __device__
 #else
