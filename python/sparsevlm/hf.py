@@ -57,6 +57,8 @@ SUPPORTED = {
     "LlavaNextForConditionalGeneration": ("LlamaModel",),
     "Qwen2VLForConditionalGeneration": ("Qwen2VLTextModel",),
     "Qwen2_5_VLForConditionalGeneration": ("Qwen2_5_VLTextModel",),
+    "LlavaOnevisionForConditionalGeneration": ("Qwen2Model",),
+    "InternVLForConditionalGeneration": ("Qwen2Model",),
 }
 """Model classes :func:`sparsify` accepts, each with its tested text-model classes."""
 

@@ -1,38 +1,55 @@
 """Tiny random-weight Hugging Face vision-language models and matching inputs.
 
 A helper for the tests in this folder (no tests here). Everything is built from
-configs in code: no hub access, no processor or tokenizer download. Four families:
+configs in code: no hub access, no processor or tokenizer download. Six families:
 
-=============  ========================================  ==========================================
-family         class                                     image placeholder tokens (defaults)
-=============  ========================================  ==========================================
-"llava"        LlavaForConditionalGeneration             (image_size / patch)^2 = (112/14)^2 = 64
-"llava_next"   LlavaNextForConditionalGeneration         AnyRes: base tile + unpadded tiles + one
-                                                         image_newline per feature row; an image of
-                                                         (H, W) = (112, 224) gives 64 + 8*16 + 8 = 200
-"qwen2_vl"     Qwen2VLForConditionalGeneration           t*h*w / merge^2; grid (1, 16, 16) -> 64
-"qwen2_5_vl"   Qwen2_5_VLForConditionalGeneration        same; a video of grid (2, 16, 16) -> 128
-                                                         (2 temporal groups of 64; qwen2_vl takes
-                                                         videos the same way)
-=============  ========================================  ==========================================
+=================  ========================================  ==========================================
+family             class                                     image placeholder tokens (defaults)
+=================  ========================================  ==========================================
+"llava"            LlavaForConditionalGeneration             (image_size / patch)^2 = (112/14)^2 = 64
+"llava_next"       LlavaNextForConditionalGeneration         AnyRes: base tile + unpadded tiles + one
+                                                             image_newline per feature row; an image of
+                                                             (H, W) = (112, 224) gives 64 + 8*16 + 8 = 200
+"qwen2_vl"         Qwen2VLForConditionalGeneration           t*h*w / merge^2; grid (1, 16, 16) -> 64
+"qwen2_5_vl"       Qwen2_5_VLForConditionalGeneration        same; a video of grid (2, 16, 16) -> 128
+                                                             (2 temporal groups of 64; qwen2_vl takes
+                                                             videos the same way)
+"llava_onevision"  LlavaOnevisionForConditionalGeneration    the only image of its row: AnyRes as
+                                                             llava_next (SigLIP tile, no CLS), (112, 224)
+                                                             -> 64 + 8*16 + 8 = 200; each image of a row
+                                                             with several: base tile + one newline = 65
+                                                             (the processor's multi-image mode); a video
+                                                             of F frames -> F * 4*4 + 1 = 33 for F = 2
+"internvl"         InternVLForConditionalGeneration          per tile (image_size / patch)^2 / 4 (pixel
+                                                             shuffle 0.5) = (112/7)^2 / 4 = 64, inside
+                                                             one <img> ... </img> pair per image
+=================  ========================================  ==========================================
 
 `build(family, ...)` returns the model (eval mode, deterministic from `seed`);
 `inputs(model, family, prompts=[...])` returns the kwargs for `model.generate(**kw)`
 or `model(**kw)`; `visual_token_counts` says how many placeholder tokens each image or
 video of a prompt gets and `special_ids` / `text_id_range` say which ids are what.
 
-Token ids (vocab V, 300 by default): pad 0 (`pad_token_id`), BOS 1 (LLaVA families
-only: their rows start with it), the special ids at the top of the vocabulary (LLaVA:
-image V-1; Qwen: vision_start V-4, vision_end V-3, image V-2, video V-1) and ordinary
-text ids drawn from `text_id_range(model)` = [2, lowest special id), which avoids
-every special id. There is no EOS (`eos_token_id=None`), so greedy generation always
-runs `max_new_tokens` steps.
+Token ids (vocab V, 300 by default): pad 0 (`pad_token_id`), BOS 1 (LLaVA and
+LLaVA-NeXT only: their rows start with it; id 1 is unused elsewhere), the special ids at
+the top of the vocabulary (LLaVA: image V-1; Qwen: vision_start V-4, vision_end V-3,
+image V-2, video V-1; OneVision: image V-2, video V-1; InternVL: image_start `<img>` V-3,
+image_end `</img>` V-2, image `<IMG_CONTEXT>` V-1, the order of the released
+checkpoints' 151665-151667) and ordinary text ids drawn from `text_id_range(model)` =
+[2, lowest special id), which avoids every special id. There is no EOS
+(`eos_token_id=None`), so greedy generation always runs `max_new_tokens` steps.
+
+OneVision and InternVL use a Qwen2 text model (`Qwen2Model`, full attention in every
+layer, untied lm_head); InternVL's config has no start/end ids, so they are kept as
+`config.image_start_token_id` / `config.image_end_token_id` (see `special_ids`).
 
 Checked (outside the test suite) for every family with sdpa and eager attention:
 greedy `generate` on batches of 1-5 rows with different prompts, left padding, text-only
 rows and (Qwen) image and video rows mixed gives every row the tokens and logits (to
 ~2e-7) of that row run alone; the LLaVA-NeXT counts equal both the processor's
-`_get_number_of_features` formula and the lengths `get_image_features` returns.
+`_get_number_of_features` formula and the lengths `get_image_features` returns. The
+same for OneVision (single- and multi-image rows, video rows) and InternVL (1-3 tiles
+per image): the counts equal the processors' formulas and the feature lengths.
 """
 
 from __future__ import annotations
@@ -40,21 +57,39 @@ from __future__ import annotations
 import torch
 from transformers import (
     CLIPVisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    image_size_to_num_patches as _onevision_num_patches,
+)
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl")
+#: Llama text model, rows start with BOS.
 LLAVA_FAMILIES = ("llava", "llava_next")
+#: M-RoPE text model, vision_start / vision_end around every image or video.
 QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+#: AnyRes tiling: `pixel_values` [num_images, max_tiles, 3, H, W] and `image_sizes`.
+ANYRES_FAMILIES = ("llava_next", "llava_onevision")
+#: Take a video (prompt key "video").
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+#: Plain Qwen2 text model (1-D positions, full attention), no BOS.
+QWEN2_TEXT_FAMILIES = ("llava_onevision", "internvl")
 
 PAD_ID = 0
 BOS_ID = 1
@@ -71,12 +106,16 @@ QWEN_PATCH = 14
 QWEN_TEMPORAL_PATCH = 2
 QWEN_MERGE = 2
 QWEN_GRID = (16, 16)
+#: InternVL patch size: 112 / 7 = 16 patches a side, 8 after the 0.5 pixel shuffle -> 64.
+INTERNVL_PATCH = 7
 
 _CLASSES = {
     "llava": LlavaForConditionalGeneration,
     "llava_next": LlavaNextForConditionalGeneration,
     "qwen2_vl": Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+    "llava_onevision": LlavaOnevisionForConditionalGeneration,
+    "internvl": InternVLForConditionalGeneration,
 }
 
 
@@ -125,7 +164,9 @@ def build(
     `kv_heads` key/value heads (head_dim = hidden / heads), MLP width `intermediate`
     (2 * hidden by default), vocabulary `vocab`, pad id 0, no EOS. LLaVA families use a
     Llama (BOS 1); the Qwen families their own text model with M-RoPE whose
-    `mrope_section` sums to head_dim / 2 (e.g. [2, 3, 3] for head_dim 16).
+    `mrope_section` sums to head_dim / 2 (e.g. [2, 3, 3] for head_dim 16); OneVision and
+    InternVL a Qwen2 (`Qwen2Config`, rope_theta 1e6, use_sliding_window False and
+    layer_types all "full_attention", tie_word_embeddings False, no BOS).
 
     Vision tower: `vision_layers` layers of width `vision_hidden` with `vision_heads` heads.
 
@@ -137,6 +178,13 @@ def build(
       Qwen2.5-VL: window attention (window_size 112 px = 4x4 merged tokens) in every
       vision layer but the last, which is full attention (fullatt_block_indexes);
       tokens_per_second 2 as in the released checkpoints.
+    * "llava_onevision": a SigLIP tile (no CLS, no pooling head) at `image_size` px with
+      `patch_size` px patches (14), feature layer -1, "full" strategy, `grid_pinpoints`
+      as llava_next, "anyres_max_9" (the unpadded grid is shrunk only past 1.1^2 * 9 tiles' area),
+      image_newline; videos are 2x2 bilinear-pooled per frame.
+    * "internvl": InternVL vision (CLS dropped, "default" strategy, last layer) at
+      `image_size` px with `patch_size` px patches (7), pixel shuffle 0.5; the side
+      image_size / patch must be even. `config.image_seq_length` = tokens per tile.
 
     `attn_implementation` ("sdpa", "eager", ...) is set for the whole model (text and
     vision) through `Cls._from_config(config, attn_implementation=..., dtype=dtype)`.
@@ -180,6 +228,69 @@ def build(
                 for h, w in LLAVA_NEXT_PINPOINTS
             ]
             config = LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in pinpoints])
+    elif family in QWEN2_TEXT_FAMILIES:
+        text = Qwen2Config(
+            **sizes,
+            bos_token_id=None,
+            use_sliding_window=False,
+            max_window_layers=layers,
+            layer_types=["full_attention"] * layers,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+            tie_word_embeddings=False,
+        )
+        if family == "llava_onevision":
+            patch = patch_size or LLAVA_PATCH
+            vision = SiglipVisionConfig(
+                image_size=image_size,
+                patch_size=patch,
+                hidden_size=vision_hidden,
+                intermediate_size=2 * vision_hidden,
+                num_hidden_layers=vision_layers,
+                num_attention_heads=vision_heads,
+                vision_use_head=False,
+            )
+            pinpoints = grid_pinpoints or [
+                [h * image_size // LLAVA_IMAGE_SIZE, w * image_size // LLAVA_IMAGE_SIZE]
+                for h, w in LLAVA_NEXT_PINPOINTS
+            ]
+            config = LlavaOnevisionConfig(
+                vision_config=vision,
+                text_config=text,
+                image_token_index=vocab - 2,
+                video_token_index=vocab - 1,
+                vision_feature_select_strategy="full",
+                vision_feature_layer=-1,
+                image_grid_pinpoints=[list(p) for p in pinpoints],
+                vision_aspect_ratio="anyres_max_9",
+                tie_word_embeddings=False,
+            )
+        else:
+            patch = patch_size or INTERNVL_PATCH
+            side = image_size // patch
+            if image_size % patch or side % 2:
+                raise ValueError(f"image_size / patch_size = {image_size} / {patch} must be an even integer")
+            vision = InternVLVisionConfig(
+                image_size=image_size,
+                patch_size=patch,
+                hidden_size=vision_hidden,
+                intermediate_size=2 * vision_hidden,
+                num_hidden_layers=vision_layers,
+                num_attention_heads=vision_heads,
+            )
+            config = InternVLConfig(
+                vision_config=vision,
+                text_config=text,
+                image_token_id=vocab - 1,
+                image_seq_length=(side // 2) ** 2,
+                downsample_ratio=0.5,
+                vision_feature_layer=-1,
+                vision_feature_select_strategy="default",
+                tie_word_embeddings=False,
+            )
+            # Not InternVLConfig fields (the processor's tokenizer owns them): kept here
+            # for `special_ids`.
+            config.image_start_token_id = vocab - 3
+            config.image_end_token_id = vocab - 2
     else:
         patch = patch_size or QWEN_PATCH
         text = dict(
@@ -229,21 +340,35 @@ def build(
     return model.eval()
 
 
+def family_of(model) -> str:
+    """The family of a model `build` made (its config's model_type)."""
+    family = model.config.model_type
+    _check_family(family)
+    return family
+
+
 def special_ids(model) -> dict[str, int]:
     """The special ids of `model`: "pad", "image" and, where the family has them,
-    "bos" (LLaVA families), "video", "vision_start", "vision_end" (Qwen families)."""
+    "bos" (LLaVA families), "video" (Qwen families, OneVision), "vision_start",
+    "vision_end" (Qwen families), "image_start", "image_end" (InternVL)."""
     cfg = model.config
+    family = family_of(model)
     ids = {"pad": PAD_ID, "image": cfg.image_token_id}
-    if hasattr(cfg, "video_token_id"):
+    if family in QWEN_FAMILIES:
         ids.update(video=cfg.video_token_id, vision_start=cfg.vision_start_token_id,
                    vision_end=cfg.vision_end_token_id)
+    elif family == "llava_onevision":
+        ids["video"] = cfg.video_token_id
+    elif family == "internvl":
+        ids.update(image_start=cfg.image_start_token_id, image_end=cfg.image_end_token_id)
     else:
         ids["bos"] = BOS_ID
     return ids
 
 
 def text_id_range(model) -> tuple[int, int]:
-    """[lo, hi): the ordinary text ids, which avoid pad, BOS and every special id."""
+    """[lo, hi): the ordinary text ids, which avoid pad, BOS (id 1, in every family) and
+    every special id."""
     lo = BOS_ID + 1
     hi = min(v for k, v in special_ids(model).items() if k not in ("pad", "bos"))
     return lo, hi
@@ -270,6 +395,67 @@ def _llava_next_tokens(model, size: tuple[int, int]) -> int:
     return int(lens[0])
 
 
+def _onevision_tiles(model, size: tuple[int, int], multi: bool) -> int:
+    """Tiles the OneVision model takes of one image: the AnyRes count
+    (`image_size_to_num_patches`) for the only image of its row, 1 (the base tile) for
+    each image of a row with several (`batch_num_images`), as `get_image_features` does."""
+    cfg = model.config
+    if multi:
+        return 1
+    return _onevision_num_patches(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+
+
+def _onevision_tokens(model, size: tuple[int, int], multi: bool) -> int:
+    """Placeholder tokens of one OneVision image of original size (H, W), counted with
+    `model.model.pack_image_features` on zero features of width 1 (as for LLaVA-NeXT):
+    the only image of its row gets base tile + unpadded grid (shrunk past
+    `vision_aspect_ratio`) + one newline per row; an image of a multi-image row its base
+    tile and one newline."""
+    cfg = model.config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    feats = [torch.zeros(_onevision_tiles(model, size, multi), side * side, 1)]
+    _, lens = model.model.pack_image_features(
+        feats, torch.tensor([list(size)]), image_newline=torch.zeros(1),
+        vision_aspect_ratio=cfg.vision_aspect_ratio,
+    )
+    return int(lens[0])
+
+
+def _onevision_video_tokens(model, frames: int) -> int:
+    """Placeholder tokens of one OneVision video: each frame's side x side features
+    pooled by `model.model.apply_pooling` (2x2 bilinear, ceil), frames one after
+    another, then one image_newline: frames * ceil(side/2)^2 + 1."""
+    side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    pooled = model.model.apply_pooling(torch.zeros(1, side * side, 1)).shape[1]
+    return frames * pooled + 1
+
+
+def _frames(prompt: dict) -> int:
+    t = int(prompt.get("frames", 2))
+    if t < 1:
+        raise ValueError(f"a video needs at least one frame, not {t}")
+    return t
+
+
+def _internvl_tile_tokens(model) -> int:
+    """Tokens per InternVL tile: the side x side patch grid (CLS dropped) after the
+    model's own `pixel_shuffle` at `downsample_ratio` (0.5): (side/2)^2."""
+    cfg = model.config
+    side = cfg.vision_config.image_size[0] // cfg.vision_config.patch_size[0]
+    out = model.model.pixel_shuffle(torch.zeros(1, side, side, 4), scale_factor=cfg.downsample_ratio)
+    return out.shape[1] * out.shape[2]
+
+
+def _tiles(prompt: dict, n: int) -> list[int]:
+    tiles = prompt.get("tiles", 1)
+    tiles = [int(tiles)] * n if isinstance(tiles, int) else [int(t) for t in tiles]
+    if len(tiles) != n:
+        raise ValueError(f"{len(tiles)} tile counts for {n} images")
+    if any(t < 1 for t in tiles):
+        raise ValueError(f"every image needs at least one tile, not {tiles}")
+    return tiles
+
+
 def _merge(model) -> int:
     return model.config.vision_config.spatial_merge_size
 
@@ -291,8 +477,21 @@ def visual_token_counts(model, family: str, prompt: dict) -> list[int]:
 
     llava: (image_size / patch)^2 each. llava_next: see `_llava_next_tokens` (depends on
     the image's (H, W), `prompt["sizes"]`). Qwen: t*h*w / merge^2 per grid, which is
-    how `get_image_features` / `get_video_features` split the merged features."""
+    how `get_image_features` / `get_video_features` split the merged features.
+    llava_onevision: see `_onevision_tokens` (AnyRes for a row's only image, 65 for each
+    image of a multi-image row) and `_onevision_video_tokens` (frames * 16 + 1; frame f's
+    tokens are the contiguous run [16 f, 16 f + 16) of the video's run, the newline is its
+    last token). internvl: tiles * `_internvl_tile_tokens` (64) per image, without the
+    image_start / image_end tokens around them."""
     _check_family(family)
+    if family == "llava_onevision":
+        if prompt.get("video", False):
+            return [_onevision_video_tokens(model, _frames(prompt))]
+        n = int(prompt.get("images", 1))
+        return [_onevision_tokens(model, s, n > 1) for s in _sizes(prompt, n)]
+    if family == "internvl":
+        n = int(prompt.get("images", 1))
+        return [t * _internvl_tile_tokens(model) for t in _tiles(prompt, n)]
     if family in QWEN_FAMILIES and prompt.get("video", False):
         t, h, w = _qwen_grid(model, prompt, video=True)
         return [t * h * w // _merge(model) ** 2]
@@ -333,15 +532,21 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
     * "images" (1): number of images, 0 for a text-only row.
     * "between" (2): text tokens between consecutive images.
     * "text" (8): text tokens after the last image (or video).
-    * "video" (False; Qwen families): one video instead of images ("images" ignored).
-    * "frames" (2): temporal groups t of the video (t * temporal_patch_size frames).
+    * "video" (False; Qwen families, OneVision): one video instead of images ("images"
+      ignored).
+    * "frames" (2): Qwen: temporal groups t of the video (t * temporal_patch_size
+      frames); OneVision: frames (all videos of a batch must have the same count).
     * "grid" ((16, 16); Qwen): the (h, w) patch grid of every image / the video, even.
-    * "sizes" (LLaVA-NeXT): original (H, W) per image, default (112, 224) each.
+    * "sizes" (LLaVA-NeXT, OneVision): original (H, W) per image, default (112, 224) each
+      (OneVision tiles by it only an image that is alone in its row).
+    * "tiles" (1; InternVL): tiles per image, an int for all or a list, one per image.
 
     Row layout: [prefix][image_0][between][image_1]...[image_{n-1}][text]. An image is
-    its placeholder run: LLaVA `image_token_id` * N; Qwen `vision_start`,
-    `image_token_id` * N (or `video_token_id` * N), `vision_end`. N is given by
-    `visual_token_counts`. Text ids are random in `text_id_range(model)`.
+    its placeholder run: LLaVA / LLaVA-NeXT / OneVision `image_token_id` * N (OneVision
+    video: `video_token_id` * N); Qwen `vision_start`, `image_token_id` * N (or
+    `video_token_id` * N), `vision_end`; InternVL `image_start`, `image_token_id` * N,
+    `image_end` (as the InternVL processor writes `<img><IMG_CONTEXT>*N</img>`). N is
+    given by `visual_token_counts`. Text ids are random in `text_id_range(model)`.
 
     Returns (B prompts, L the longest row, `dtype` the model's):
 
@@ -356,7 +561,14 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
       `video_grid_thw` [num_videos, 3]; qwen2_5_vl also `second_per_grid_ts`
       [num_videos] float (1.0: fps 2 with temporal patch 2); and `mm_token_type_ids`
       [B, L] int (0 text, 1 image, 2 video), without which these transformers
-      refuse grids (M-RoPE positions come from it).
+      refuse grids (M-RoPE positions come from it);
+    * llava_onevision: `pixel_values` [num_images, max_tiles, 3, 112, 112] (zero beyond an
+      image's own tiles: AnyRes count for a row's only image, 1 in a multi-image row),
+      `image_sizes` [num_images, 2] long (H, W) and `batch_num_images` [B] long (images per
+      row, 0 for text-only and video rows; without it the model would tile every image);
+      `pixel_values_videos` [num_videos, frames, 3, 112, 112];
+    * internvl: `pixel_values` [sum of tiles, 3, 112, 112], the tiles of row 0's images in
+      order, then row 1's, ...
 
     Vision tensors are left out when the batch has no image (or no video).
     """
@@ -376,13 +588,15 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
 
     rows, types = [], []
     images, sizes, image_grids, video_grids = [], [], [], []
+    videos, row_images = [], []  # OneVision
     for b, p in enumerate(prompts):
         g.manual_seed(seed * 1_000_003 + first_row + b)
-        unknown = set(p) - {"prefix", "images", "between", "text", "video", "frames", "grid", "sizes"}
+        unknown = set(p) - {"prefix", "images", "between", "text", "video", "frames", "grid", "sizes",
+                            "tiles"}
         if unknown:
             raise ValueError(f"unknown prompt keys {sorted(unknown)}")
         video = bool(p.get("video", False))
-        if video and not qwen:
+        if video and family not in VIDEO_FAMILIES:
             raise ValueError(f"{family} takes no video")
         prefix, between, text = int(p.get("prefix", 4)), int(p.get("between", 2)), int(p.get("text", 8))
         counts = visual_token_counts(model, family, p)
@@ -403,6 +617,12 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
                 add([ids["vision_start"]])
                 add([ids["video" if video else "image"]] * n, 2 if video else 1)
                 add([ids["vision_end"]])
+            elif family == "internvl":
+                add([ids["image_start"]])
+                add([ids["image"]] * n, 1)
+                add([ids["image_end"]])
+            elif video:
+                add([ids["video"]] * n, 2)
             else:
                 add([ids["image"]] * n, 1)
         add(ordinary(text))
@@ -420,6 +640,21 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
                 tiles = image_size_to_num_patches(list(s), model.config.image_grid_pinpoints, tile)
                 images.append(torch.randn(tiles, 3, tile, tile, generator=g, dtype=dtype))
                 sizes.append(list(s))
+        elif family == "llava_onevision":
+            tile = model.config.vision_config.image_size
+            if video:
+                videos.append(torch.randn(_frames(p), 3, tile, tile, generator=g, dtype=dtype))
+                row_images.append(0)
+            else:
+                for s in _sizes(p, len(counts)):
+                    tiles = _onevision_tiles(model, s, len(counts) > 1)
+                    images.append(torch.randn(tiles, 3, tile, tile, generator=g, dtype=dtype))
+                    sizes.append(list(s))
+                row_images.append(len(counts))
+        elif family == "internvl":
+            tile = model.config.vision_config.image_size
+            for t in _tiles(p, len(counts)):
+                images.append(torch.randn(t, 3, *tile, generator=g, dtype=dtype))
         else:
             t, h, w = _qwen_grid(model, p, video)
             grids = video_grids if video else image_grids
@@ -442,7 +677,7 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
     if family == "llava":
         if images:
             kw["pixel_values"] = torch.stack(images)
-    elif family == "llava_next":
+    elif family in ANYRES_FAMILIES:
         if images:
             most = max(x.shape[0] for x in images)
             pixels = torch.zeros(len(images), most, *images[0].shape[1:], dtype=dtype)
@@ -450,6 +685,15 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
                 pixels[i, : x.shape[0]] = x
             kw["pixel_values"] = pixels
             kw["image_sizes"] = torch.tensor(sizes, dtype=torch.long)
+            if family == "llava_onevision":
+                kw["batch_num_images"] = torch.tensor(row_images, dtype=torch.long)
+        if videos:
+            if len({x.shape[0] for x in videos}) > 1:
+                raise ValueError("all videos of a OneVision batch need the same number of frames")
+            kw["pixel_values_videos"] = torch.stack(videos)
+    elif family == "internvl":
+        if images:
+            kw["pixel_values"] = torch.cat(images)
     else:
         stills = [x for v, x in images if not v]
         clips = [x for v, x in images if v]

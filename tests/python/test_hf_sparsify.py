@@ -314,21 +314,40 @@ def test_right_padded_forward_keeps_each_rows_logits(family):
     h.remove()
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_onevision", "internvl", "qwen2_vl"])
 @pytest.mark.parametrize("kv", svh.KV_OPTIONS)
-def test_several_images_are_several_spans(kv):
-    family = "llava"
+def test_several_images_are_several_spans(family, kv):
     model = _model(family)
-    kw = _row_inputs(model, family, {"prefix": 4, "images": 2, "between": 3, "text": 8})
+    prompt = {"prefix": 4, "images": 2, "between": 3, "text": 8}
+    kw = _row_inputs(model, family, prompt)
     embeds, pos = _embeds_and_positions(model, family, kw)
     for budget in ("global", "per_span"):
         h = svh.sparsify(model, "v1.5-192", budget=budget, kv=kv)
         got = _generate(model, kw)[0].tolist()
         (row,) = h.stats
-        assert [s[1] for s in row.spans] == [64, 64] and row.spans[1][0] == 4 + 64 + 3
+        assert [s[1] for s in row.spans] == hm.visual_token_counts(model, family, prompt)
         plans = {s.layer: s.plan for s in row.steps}
         assert len(plans[0].parts) == 2
         assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans, kv, NEW)
         h.remove()
+
+
+@pytest.mark.parametrize("kv", svh.KV_OPTIONS)
+def test_a_onevision_video_is_one_span(kv):
+    # LLaVA-OneVision lays a video's frames out as one run of video tokens (and a
+    # newline token after them): one span, pruned as a whole.
+    family = "llava_onevision"
+    model = _model(family)
+    prompt = {"prefix": 4, "video": True, "frames": 3, "text": 8}
+    kw = _row_inputs(model, family, prompt)
+    embeds, pos = _embeds_and_positions(model, family, kw)
+    h = svh.sparsify(model, "video", kv=kv)
+    got = _generate(model, kw)[0].tolist()
+    (row,) = h.stats
+    assert [s[1] for s in row.spans] == hm.visual_token_counts(model, family, prompt)
+    plans = {s.layer: s.plan for s in row.steps}
+    assert plans and row.tokens[-1] < row.tokens[0]
+    assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans, kv, NEW)
 
 
 @pytest.mark.parametrize("family", hm.QWEN_FAMILIES)
