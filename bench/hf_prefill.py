@@ -6,7 +6,8 @@ Each family of sparsevlm.hf.SUPPORTED is built with random weights
 visual + 60 text tokens (LLaVA: CLIP 336/14; LLaVA-NeXT: AnyRes at 336 px tiles,
 base + tiles + newlines, and LLaVA-OneVision the same; Qwen2-VL / Qwen2.5-VL: a
 48 x 48 patch grid, 576 merged tokens; Qwen2.5-VL video: 2 temporal patches of
-24 x 24, 288 tokens; InternVL: 9 tiles of 64 tokens, 576). The decoder
+24 x 24, 288 tokens; InternVL: 9 tiles of 64 tokens, 576; Qwen3-VL: 48 x 48 patches,
+576 tokens, deepstack after layers 0 and 1). The decoder
 is --layers x --hidden (16 x 1024, 16 heads, 4 KV heads, MLP 2816 by default); the
 preset (v1.5-192 by default) is derived for that depth and each prompt's visual count.
 A prefill is one `model(**inputs)` forward (vision tower included, use_cache on),
@@ -44,6 +45,7 @@ CASES = {
                                                 grid_pinpoints=[[336, 672], [672, 336]]),
                         {"images": 1, "sizes": [(336, 672)]}),
     "internvl": ("internvl", {}, {"images": 1, "tiles": 9}),
+    "qwen3_vl": ("qwen3_vl", {}, {"images": 1, "grid": (48, 48)}),
 }
 
 

@@ -59,6 +59,7 @@ SUPPORTED = {
     "Qwen2_5_VLForConditionalGeneration": ("Qwen2_5_VLTextModel",),
     "LlavaOnevisionForConditionalGeneration": ("Qwen2Model",),
     "InternVLForConditionalGeneration": ("Qwen2Model",),
+    "Qwen3VLForConditionalGeneration": ("Qwen3VLTextModel",),
 }
 """Model classes :func:`sparsify` accepts, each with its tested text-model classes."""
 
@@ -260,6 +261,9 @@ class Sparsified:
         self.dump_dir = None if dump_dir is None else os.fspath(dump_dir)
         self.attention = impl
         self.mrope = cls.startswith("Qwen")
+        # Rows the stock text model expands missing or 2-D position ids to: Qwen3-VL
+        # prepends the text positions to the three mRoPE rows.
+        self._pos_rows = 4 if cls.startswith("Qwen3") else 3
         self.stats: list = []
         self.calls = 0
         self._visual_ids = [i for i in (getattr(model.config, "image_token_id", None),
@@ -359,6 +363,8 @@ class Sparsified:
         if (input_ids is None) == (inputs_embeds is None):
             raise Error("input_ids / inputs_embeds: expected exactly one, got "
                         + ("both" if input_ids is not None else "neither"))
+        # Qwen3-VL's deepstack: visual features added to the first layers' outputs.
+        deepstack = (kwargs.pop("visual_pos_masks", None), kwargs.pop("deepstack_visual_embeds", None))
         call, self._call = self._call, None
         if inputs_embeds is None:
             inputs_embeds = tm.embed_tokens(input_ids)
@@ -374,7 +380,8 @@ class Sparsified:
             # A cache this handle did not prefill (continued generation): stock.
             return self._stock_forward(input_ids=None, attention_mask=attention_mask,
                                        position_ids=position_ids, cache=cache,
-                                       inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                                       inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                       **_with_deepstack(kwargs, deepstack))
         if ids is None or ids.shape[:2] != inputs_embeds.shape[:2]:
             raise Error("input_ids: expected the prompt's token ids at the model's forward (they say "
                         "where the visual tokens are), got "
@@ -382,7 +389,7 @@ class Sparsified:
         if cache is not None and not isinstance(cache, DynamicCache):
             raise Error(f"cache: expected a DynamicCache (per-layer lengths), got {type(cache).__name__}")
         return self._prefill(ids, inputs_embeds, attention_mask, position_ids, cache, use_cache,
-                             kwargs)
+                             kwargs, deepstack)
 
     # ------------------------------------------------------------------------ prefill
 
@@ -411,7 +418,8 @@ class Sparsified:
             rows.append((cols, _runs(tok, self._visual_ids, t)))
         return rows
 
-    def _prefill(self, ids, embeds, attention_mask, position_ids, cache, use_cache, kwargs):
+    def _prefill(self, ids, embeds, attention_mask, position_ids, cache, use_cache, kwargs,
+                 deepstack=(None, None)):
         import torch
         from transformers.masking_utils import create_causal_mask
         from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -429,7 +437,7 @@ class Sparsified:
             self.stats = [RowStats([int(c.numel())] * self.layers, [], []) for c, _ in rows]
             return self._stock_forward(input_ids=None, attention_mask=attention_mask,
                                        position_ids=position_ids, cache=cache, inputs_embeds=embeds,
-                                       use_cache=use_cache, **kwargs)
+                                       use_cache=use_cache, **_with_deepstack(kwargs, deepstack))
         impl = cfg._attn_implementation
         if impl != self.attention:  # switched since sparsify (set_attn_implementation)
             _check_attention(impl, self.scores_from)
@@ -454,6 +462,14 @@ class Sparsified:
             row_embeds[b] = e  # the dump's embeds.npy at the first step
             stats.append(RowStats([], list(spans), [int(r) for r in s.raters]))
         self.stats = stats
+        ds_mask, ds_embeds = deepstack
+        ds_layers = len(ds_embeds) if ds_embeds is not None else 0
+        for b, st in enumerate(sessions):
+            first = st.next_layer if st is not None else None
+            if first is not None and first < ds_layers - 1:
+                raise Error(f"preset.schedule[0].layer: expected >= {ds_layers - 1} for "
+                            f"{type(self.model).__name__} (its deepstack adds visual features to "
+                            f"the outputs of layers 0..{ds_layers - 1}), got {first} (row {b})")
 
         state = _State(self.layers, B)
         # The current packing: per row the columns of its tokens, their positions.
@@ -481,6 +497,8 @@ class Sparsified:
                 if slot is not None:
                     tm.config._attn_implementation = impl
                     _slots.pop(id(layer.self_attn), None)
+            if i < ds_layers:  # before any pruning (checked above): the stock addition
+                hidden = tm._deepstack_process(hidden, ds_mask, ds_embeds[i])
             state.keymask[i] = mask2d
             state.cols[i] = list(cur_cols)
             state.held[i] = [torch.arange(c.numel(), device=dev) for c in cur_cols]
@@ -538,10 +556,11 @@ class Sparsified:
         import torch
 
         if self.mrope:
+            r = self._pos_rows
             if position_ids is None:
-                p = torch.arange(L, device=dev).view(1, 1, -1).expand(3, B, -1)
+                p = torch.arange(L, device=dev).view(1, 1, -1).expand(r, B, -1)
             elif position_ids.ndim == 2:
-                p = position_ids[None, ...].expand(3, position_ids.shape[0], -1)
+                p = position_ids[None, ...].expand(r, position_ids.shape[0], -1)
             else:
                 p = position_ids
             if p.ndim == 3 and p.shape[0] == 4:
@@ -914,6 +933,13 @@ def _sparsified_cache_class():
 
         _SPARSIFIED_CACHE = SparsifiedCache
     return _SPARSIFIED_CACHE
+
+
+def _with_deepstack(kwargs, deepstack):
+    mask, embeds = deepstack
+    if embeds is None:
+        return kwargs
+    return dict(kwargs, visual_pos_masks=mask, deepstack_visual_embeds=embeds)
 
 
 def _check_attention(impl, scores_from):

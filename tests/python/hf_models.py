@@ -1,7 +1,7 @@
 """Tiny random-weight Hugging Face vision-language models and matching inputs.
 
 A helper for the tests in this folder (no tests here). Everything is built from
-configs in code: no hub access, no processor or tokenizer download. Six families:
+configs in code: no hub access, no processor or tokenizer download. Seven families:
 
 =================  ========================================  ==========================================
 family             class                                     image placeholder tokens (defaults)
@@ -23,6 +23,11 @@ family             class                                     image placeholder t
 "internvl"         InternVLForConditionalGeneration          per tile (image_size / patch)^2 / 4 (pixel
                                                              shuffle 0.5) = (112/7)^2 / 4 = 64, inside
                                                              one <img> ... </img> pair per image
+"qwen3_vl"         Qwen3VLForConditionalGeneration           image: h*w / merge^2; grid (16, 16) -> 64;
+                                                             a video of grid (t, 16, 16): t runs of 64,
+                                                             one per temporal patch (2 frames), each
+                                                             after its own timestamp text and inside its
+                                                             own vision_start ... vision_end
 =================  ========================================  ==========================================
 
 `build(family, ...)` returns the model (eval mode, deterministic from `seed`);
@@ -32,10 +37,10 @@ video of a prompt gets and `special_ids` / `text_id_range` say which ids are wha
 
 Token ids (vocab V, 300 by default): pad 0 (`pad_token_id`), BOS 1 (LLaVA and
 LLaVA-NeXT only: their rows start with it; id 1 is unused elsewhere), the special ids at
-the top of the vocabulary (LLaVA: image V-1; Qwen: vision_start V-4, vision_end V-3,
-image V-2, video V-1; OneVision: image V-2, video V-1; InternVL: image_start `<img>` V-3,
-image_end `</img>` V-2, image `<IMG_CONTEXT>` V-1, the order of the released
-checkpoints' 151665-151667) and ordinary text ids drawn from `text_id_range(model)` =
+the top of the vocabulary (LLaVA: image V-1; Qwen, Qwen3-VL too: vision_start V-4,
+vision_end V-3, image V-2, video V-1; OneVision: image V-2, video V-1; InternVL:
+image_start `<img>` V-3, image_end `</img>` V-2, image `<IMG_CONTEXT>` V-1, the order of
+the released checkpoints' 151665-151667) and ordinary text ids drawn from `text_id_range(model)` =
 [2, lowest special id), which avoids every special id. There is no EOS
 (`eos_token_id=None`), so greedy generation always runs `max_new_tokens` steps.
 
@@ -43,13 +48,23 @@ OneVision and InternVL use a Qwen2 text model (`Qwen2Model`, full attention in e
 layer, untied lm_head); InternVL's config has no start/end ids, so they are kept as
 `config.image_start_token_id` / `config.image_end_token_id` (see `special_ids`).
 
+Qwen3-VL uses `Qwen3VLTextModel`: per-head RMS q_norm / k_norm (applied before RoPE),
+interleaved M-RoPE (position_ids [4, B, L]: the text row, then t, h, w) and DeepStack
+(the merged features of `deepstack_visual_indexes` vision layers are added to the
+visual positions' hidden states after decoder layers 0, 1, ...). As its processor does,
+it lays a video out per temporal patch: `<t.t seconds>` timestamp text (here a run of
+ordinary ids), vision_start, the patch's video tokens, vision_end (see `inputs`).
+
 Checked (outside the test suite) for every family with sdpa and eager attention:
 greedy `generate` on batches of 1-5 rows with different prompts, left padding, text-only
 rows and (Qwen) image and video rows mixed gives every row the tokens and logits (to
 ~2e-7) of that row run alone; the LLaVA-NeXT counts equal both the processor's
 `_get_number_of_features` formula and the lengths `get_image_features` returns. The
 same for OneVision (single- and multi-image rows, video rows) and InternVL (1-3 tiles
-per image): the counts equal the processors' formulas and the feature lengths.
+per image): the counts equal the processors' formulas and the feature lengths. Qwen3-VL
+likewise (batches of 1-3 rows: images, several images of other grids, videos with 0, 6
+and 7 timestamp tokens, text-only rows; logits to ~3e-7), its `mm_token_type_ids` equal
+`create_mm_token_type_ids`' and the positions `generate` passes equal `get_rope_index`'s.
 """
 
 from __future__ import annotations
@@ -72,6 +87,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -79,15 +96,17 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
     image_size_to_num_patches as _onevision_num_patches,
 )
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl")
+FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision", "internvl", "qwen3_vl")
 #: Llama text model, rows start with BOS.
 LLAVA_FAMILIES = ("llava", "llava_next")
-#: M-RoPE text model, vision_start / vision_end around every image or video.
-QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+#: M-RoPE text model, flat patches with `image_grid_thw` / `video_grid_thw` and
+#: `mm_token_type_ids`, vision_start / vision_end around every image and every video
+#: (Qwen3-VL: around every temporal patch of a video, each after its timestamp text).
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 #: AnyRes tiling: `pixel_values` [num_images, max_tiles, 3, H, W] and `image_sizes`.
 ANYRES_FAMILIES = ("llava_next", "llava_onevision")
 #: Take a video (prompt key "video").
-VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision")
+VIDEO_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "llava_onevision", "qwen3_vl")
 #: Plain Qwen2 text model (1-D positions, full attention), no BOS.
 QWEN2_TEXT_FAMILIES = ("llava_onevision", "internvl")
 
@@ -108,6 +127,12 @@ QWEN_MERGE = 2
 QWEN_GRID = (16, 16)
 #: InternVL patch size: 112 / 7 = 16 patches a side, 8 after the 0.5 pixel shuffle -> 64.
 INTERNVL_PATCH = 7
+#: Qwen3-VL patch size (the released checkpoints': 16 px, flat patch rows of 3*2*16*16 = 1536).
+QWEN3_PATCH = 16
+#: Default timestamp tokens before each temporal patch of a Qwen3-VL video: the
+#: processor writes "<0.2 seconds>", 6 tokens in the Qwen tokenizer ("<", "0", ".", "2",
+#: " seconds", ">"; 7 from 10 s on).
+QWEN3_TIMESTAMP = 6
 
 _CLASSES = {
     "llava": LlavaForConditionalGeneration,
@@ -116,6 +141,7 @@ _CLASSES = {
     "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
     "llava_onevision": LlavaOnevisionForConditionalGeneration,
     "internvl": InternVLForConditionalGeneration,
+    "qwen3_vl": Qwen3VLForConditionalGeneration,
 }
 
 
@@ -134,6 +160,25 @@ def _mrope_section(head_dim: int) -> list[int]:
     t = max(1, half // 4)
     h = (half - t) // 2
     return [t, h, half - t - h]
+
+
+def _interleaved_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's (t, h, w) split of head_dim / 2 frequencies, h = w as in the released
+    [24, 20, 20] for head_dim 128 ([4, 2, 2] for 16). Its rotary embedding interleaves
+    them (frequency i is h when i % 3 == 1 and i < 3h, w when i % 3 == 2 and i < 3w, t
+    otherwise), so 3 * w <= head_dim / 2 keeps every section whole."""
+    half = head_dim // 2
+    if half < 3:
+        raise ValueError(f"head_dim {head_dim} is too small for M-RoPE")
+    hw = max(1, min(half * 5 // 16, half // 3))
+    return [half - 2 * hw, hw, hw]
+
+
+def _deepstack_indexes(depth: int) -> list[int]:
+    """Default Qwen3-VL DeepStack vision layers: [s, 2s, 3s] with s = (depth - 1) // 3
+    (the released [8, 16, 24] for depth 27), every layer for depth <= 3 ([0, 1] for 2)."""
+    step = (depth - 1) // 3
+    return [step, 2 * step, 3 * step] if step >= 1 else list(range(depth))
 
 
 # ------------------------------------------------------------------ models
@@ -157,6 +202,7 @@ def build(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "sdpa",
     seed: int = 0,
+    deepstack: list[int] | None = None,
 ):
     """A tiny random-weight VLM of `family`, in eval mode, weights fixed by `seed` and the sizes.
 
@@ -164,7 +210,8 @@ def build(
     `kv_heads` key/value heads (head_dim = hidden / heads), MLP width `intermediate`
     (2 * hidden by default), vocabulary `vocab`, pad id 0, no EOS. LLaVA families use a
     Llama (BOS 1); the Qwen families their own text model with M-RoPE whose
-    `mrope_section` sums to head_dim / 2 (e.g. [2, 3, 3] for head_dim 16); OneVision and
+    `mrope_section` sums to head_dim / 2 (e.g. [2, 3, 3] for head_dim 16; Qwen3-VL's
+    interleaved one [4, 2, 2]); OneVision and
     InternVL a Qwen2 (`Qwen2Config`, rope_theta 1e6, use_sliding_window False and
     layer_types all "full_attention", tie_word_embeddings False, no BOS).
 
@@ -185,11 +232,21 @@ def build(
     * "internvl": InternVL vision (CLS dropped, "default" strategy, last layer) at
       `image_size` px with `patch_size` px patches (7), pixel shuffle 0.5; the side
       image_size / patch must be even. `config.image_seq_length` = tokens per tile.
+    * "qwen3_vl": text `Qwen3VLTextConfig` (head_dim = hidden / heads set explicitly,
+      q_norm / k_norm, rope_theta 5e6, interleaved `mrope_section` from
+      `_interleaved_mrope_section`, [4, 2, 2] for head_dim 16, untied lm_head); vision
+      `patch_size` 16, temporal patch 2, spatial merge 2, MLP 2 * vision_hidden, the
+      default 2304 = 48^2 learned position embeddings (bilinearly resampled to each
+      grid), `deepstack` (default `_deepstack_indexes(vision_layers)`: [0, 1] for 2
+      layers) the vision layers whose merged features are added after text layers
+      0, 1, ... (only the first `layers` of them are used).
 
     `attn_implementation` ("sdpa", "eager", ...) is set for the whole model (text and
     vision) through `Cls._from_config(config, attn_implementation=..., dtype=dtype)`.
     """
     _check_family(family)
+    if deepstack is not None and family != "qwen3_vl":
+        raise ValueError("deepstack is a qwen3_vl option")
     if hidden % heads or heads % kv_heads:
         raise ValueError("hidden must be a multiple of heads and heads a multiple of kv_heads")
     intermediate = intermediate or 2 * hidden
@@ -291,6 +348,33 @@ def build(
             # for `special_ids`.
             config.image_start_token_id = vocab - 3
             config.image_end_token_id = vocab - 2
+    elif family == "qwen3_vl":
+        patch = patch_size or QWEN3_PATCH
+        stack = _deepstack_indexes(vision_layers) if deepstack is None else [int(i) for i in deepstack]
+        if not stack or any(not 0 <= i < vision_layers for i in stack) or len(set(stack)) < len(stack):
+            raise ValueError(f"deepstack {stack}: expected distinct vision layers in [0, {vision_layers})")
+        text = dict(
+            **sizes,
+            head_dim=head_dim,
+            bos_token_id=None,
+            rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
+                             "mrope_section": _interleaved_mrope_section(head_dim),
+                             "mrope_interleaved": True},
+        )
+        vision = dict(
+            depth=vision_layers,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            out_hidden_size=hidden,
+            num_heads=vision_heads,
+            patch_size=patch,
+            temporal_patch_size=QWEN_TEMPORAL_PATCH,
+            spatial_merge_size=QWEN_MERGE,
+            deepstack_visual_indexes=stack,
+        )
+        config = Qwen3VLConfig(text_config=text, vision_config=vision, vision_start_token_id=vocab - 4,
+                               vision_end_token_id=vocab - 3, image_token_id=vocab - 2,
+                               video_token_id=vocab - 1, tie_word_embeddings=False)
     else:
         patch = patch_size or QWEN_PATCH
         text = dict(
@@ -349,8 +433,9 @@ def family_of(model) -> str:
 
 def special_ids(model) -> dict[str, int]:
     """The special ids of `model`: "pad", "image" and, where the family has them,
-    "bos" (LLaVA families), "video" (Qwen families, OneVision), "vision_start",
-    "vision_end" (Qwen families), "image_start", "image_end" (InternVL)."""
+    "bos" (LLaVA families), "video" (Qwen families, Qwen3-VL included, and OneVision),
+    "vision_start", "vision_end" (Qwen families), "image_start", "image_end" (InternVL).
+    Qwen3-VL's video timestamps are ordinary text ids, not special ones."""
     cfg = model.config
     family = family_of(model)
     ids = {"pad": PAD_ID, "image": cfg.image_token_id}
@@ -478,6 +563,10 @@ def visual_token_counts(model, family: str, prompt: dict) -> list[int]:
     llava: (image_size / patch)^2 each. llava_next: see `_llava_next_tokens` (depends on
     the image's (H, W), `prompt["sizes"]`). Qwen: t*h*w / merge^2 per grid, which is
     how `get_image_features` / `get_video_features` split the merged features.
+    qwen3_vl: the same per image; a video is t runs (one per temporal patch, each inside
+    its own vision_start ... vision_end after its timestamp text), so it gets t counts of
+    h*w / merge^2 (t * [64] for the default grid), the lengths of its placeholder runs in
+    order; their sum is the video's t*h*w / merge^2 features.
     llava_onevision: see `_onevision_tokens` (AnyRes for a row's only image, 65 for each
     image of a multi-image row) and `_onevision_video_tokens` (frames * 16 + 1; frame f's
     tokens are the contiguous run [16 f, 16 f + 16) of the video's run, the newline is its
@@ -492,6 +581,9 @@ def visual_token_counts(model, family: str, prompt: dict) -> list[int]:
     if family == "internvl":
         n = int(prompt.get("images", 1))
         return [t * _internvl_tile_tokens(model) for t in _tiles(prompt, n)]
+    if family == "qwen3_vl" and prompt.get("video", False):
+        t, h, w = _qwen_grid(model, prompt, video=True)
+        return [h * w // _merge(model) ** 2] * t
     if family in QWEN_FAMILIES and prompt.get("video", False):
         t, h, w = _qwen_grid(model, prompt, video=True)
         return [t * h * w // _merge(model) ** 2]
@@ -536,6 +628,8 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
       ignored).
     * "frames" (2): Qwen: temporal groups t of the video (t * temporal_patch_size
       frames); OneVision: frames (all videos of a batch must have the same count).
+    * "timestamp" (6, `QWEN3_TIMESTAMP`; qwen3_vl, ignored elsewhere): text tokens of the
+      timestamp before each temporal patch of a video, 0 or more.
     * "grid" ((16, 16); Qwen): the (h, w) patch grid of every image / the video, even.
     * "sizes" (LLaVA-NeXT, OneVision): original (H, W) per image, default (112, 224) each
       (OneVision tiles by it only an image that is alone in its row).
@@ -547,6 +641,15 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
     `video_token_id` * N), `vision_end`; InternVL `image_start`, `image_token_id` * N,
     `image_end` (as the InternVL processor writes `<img><IMG_CONTEXT>*N</img>`). N is
     given by `visual_token_counts`. Text ids are random in `text_id_range(model)`.
+    A Qwen3-VL image is as Qwen's; its video is, for each temporal patch k < t (as
+    `Qwen3VLProcessor.replace_video_token` writes `<{time:.1f} seconds>` +
+    `<|vision_start|>` + `<|video_pad|>` * h*w/merge^2 + `<|vision_end|>` per patch):
+    [timestamp_k][vision_start][video_token_id * h*w/merge^2][vision_end], the
+    timestamp_k "timestamp" random ordinary ids (drawn after the prefix, patch by patch,
+    before the text). `mm_token_type_ids` is 2 on the video tokens only (timestamps,
+    vision_start and vision_end are 0, as `create_mm_token_type_ids` makes it), which
+    `get_rope_index` needs: it takes each run of 2s as one (1, h, w) grid of the
+    video's `video_grid_thw` row repeated t times.
 
     Returns (B prompts, L the longest row, `dtype` the model's):
 
@@ -561,7 +664,9 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
       `video_grid_thw` [num_videos, 3]; qwen2_5_vl also `second_per_grid_ts`
       [num_videos] float (1.0: fps 2 with temporal patch 2); and `mm_token_type_ids`
       [B, L] int (0 text, 1 image, 2 video), without which these transformers
-      refuse grids (M-RoPE positions come from it);
+      refuse grids (M-RoPE positions come from it); qwen3_vl the same with rows of
+      3 * 2 * 16 * 16 = 1536 and one `video_grid_thw` row (t, h, w) per video (as its
+      processor gives), no `second_per_grid_ts`;
     * llava_onevision: `pixel_values` [num_images, max_tiles, 3, 112, 112] (zero beyond an
       image's own tiles: AnyRes count for a row's only image, 1 in a multi-image row),
       `image_sizes` [num_images, 2] long (H, W) and `batch_num_images` [B] long (images per
@@ -592,7 +697,7 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
     for b, p in enumerate(prompts):
         g.manual_seed(seed * 1_000_003 + first_row + b)
         unknown = set(p) - {"prefix", "images", "between", "text", "video", "frames", "grid", "sizes",
-                            "tiles"}
+                            "tiles", "timestamp"}
         if unknown:
             raise ValueError(f"unknown prompt keys {sorted(unknown)}")
         video = bool(p.get("video", False))
@@ -610,10 +715,19 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
             add([BOS_ID] + ordinary(prefix - 1))
         else:
             add(ordinary(prefix))
+        stamped = family == "qwen3_vl" and video  # counts: one per temporal patch
         for j, n in enumerate(counts):
-            if j:
+            if j and not stamped:
                 add(ordinary(between))
-            if qwen:
+            if stamped:
+                stamp = int(p.get("timestamp", QWEN3_TIMESTAMP))
+                if stamp < 0:
+                    raise ValueError(f"timestamp must be 0 or more tokens, not {stamp}")
+                add(ordinary(stamp))
+                add([ids["vision_start"]])
+                add([ids["video"]] * n, 2)
+                add([ids["vision_end"]])
+            elif qwen:
                 add([ids["vision_start"]])
                 add([ids["video" if video else "image"]] * n, 2 if video else 1)
                 add([ids["vision_end"]])
@@ -658,7 +772,7 @@ def inputs(model, family: str, *, prompts: list[dict], padding_side: str = "left
         else:
             t, h, w = _qwen_grid(model, p, video)
             grids = video_grids if video else image_grids
-            for _ in counts:
+            for _ in range(1 if video else len(counts)):  # a video: one grid (t, h, w)
                 grids.append([t, h, w])
                 images.append((video, torch.randn(t * h * w, _qwen_patch_dim(model), generator=g, dtype=dtype)))
 

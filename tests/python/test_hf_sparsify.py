@@ -13,6 +13,8 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -39,6 +41,11 @@ def _one_thread():
 
 def _model(family, **kw):
     kw.setdefault("layers", LAYERS)
+    if family == "qwen3_vl":
+        # One deepstack layer: its features are added to layer 0's output, before the
+        # v1.5 presets' first pruning layer (0 on 8 layers). The released models add
+        # three (layers 0-2) and prune first after layer 2 (see the test below).
+        kw.setdefault("deepstack", [1])
     return hm.build(family, **kw)
 
 
@@ -64,8 +71,11 @@ def _attend(layer, x, pos, K, V, mrope, tm):
     n = x.shape[0]
     h = layer.input_layernorm(x[None])[0]
     dh = a.head_dim
-    q = a.q_proj(h).view(n, -1, dh).transpose(0, 1)
-    k = a.k_proj(h).view(n, -1, dh).transpose(0, 1)
+    q = a.q_proj(h).view(n, -1, dh)
+    k = a.k_proj(h).view(n, -1, dh)
+    if hasattr(a, "q_norm"):  # Qwen3: per-head RMS norms before RoPE
+        q, k = a.q_norm(q), a.k_norm(k)
+    q, k = q.transpose(0, 1), k.transpose(0, 1)
     v = a.v_proj(h).view(n, -1, dh).transpose(0, 1)
     p = pos.view(3, 1, n) if mrope else pos.view(1, n)
     cos, sin = tm.rotary_emb(x[None], p)
@@ -86,16 +96,19 @@ def _attend(layer, x, pos, K, V, mrope, tm):
     return x, K, V
 
 
-def reference_generate(model, ids, embeds, pos, plans, kv, new):
+def reference_generate(model, ref, plans, kv, new):
     """Greedy tokens of one unpadded row under the recorded decisions.
 
-    ids [L], embeds [L, d] (the model's input embeddings), pos [P, L] input position
-    ids; plans: layer -> LayerPlan (sequence, clusters, positions). kv: "reference"
+    ref: the row's input embeddings [L, d], input position ids [P, L] and deepstack
+    (_reference_inputs); plans: layer -> LayerPlan (sequence, clusters, positions). kv: "reference"
     (layers keep what they were written with), "survivors" (layers up to a pruning
     layer drop the rows of tokens that did not survive, recycled ones have none),
     "merged" (they hold the new sequence, a recycled row the mean of its members'
-    K/V). Decode position of layer j: 1 + the largest id it was written with."""
+    K/V). Decode position of layer j: 1 + the largest id it was written with.
+    deepstack: Qwen3-VL's (visual mask [L], per-layer features), added to the outputs
+    of its first layers at the visual positions (before any pruning layer)."""
     tm = svh._text_model(model)
+    embeds, pos, deepstack = ref.embeds, ref.pos, ref.deepstack
     mrope = pos.shape[0] == 3
     x = embeds
     p = pos if mrope else pos[0]
@@ -105,6 +118,10 @@ def reference_generate(model, ids, embeds, pos, plans, kv, new):
     for j, layer in enumerate(tm.layers):
         empty = x.new_zeros(hkv, 0, dh)
         x, Kj, Vj = _attend(layer, x, p, empty, empty, mrope, tm)
+        if deepstack is not None and j < len(deepstack[1]):
+            assert x.shape[0] == embeds.shape[0]  # nothing pruned yet
+            x = x.clone()
+            x[deepstack[0]] = x[deepstack[0]] + deepstack[1][j].to(x.dtype)
         K.append(Kj)
         V.append(Vj)
         ident.append(list(range(x.shape[0])))  # row r holds token r of this sequence
@@ -154,15 +171,24 @@ def _row_inputs(model, family, prompt, **kw):
     return hm.inputs(model, family, prompts=[prompt], **kw)
 
 
-def _embeds_and_positions(model, family, kw):
-    """The text model's input embeddings [L, d] and position ids [P, L] for a one-row
-    input, captured from the stock forward."""
+@dataclass
+class RefInputs:
+    embeds: Any  # [L, d]
+    pos: Any  # [P, L]
+    deepstack: Any = None  # Qwen3-VL: (visual mask [L], [features [n_visual, d] per layer])
+
+
+def _reference_inputs(model, family, kw):
+    """The text model's input embeddings [L, d], position ids [P, L] and deepstack
+    features for a one-row input, captured from the stock forward."""
     tm = svh._text_model(model)
     seen = {}
 
     def hook(module, args, kwargs):
         seen["embeds"] = kwargs["inputs_embeds"][0]
         seen["pos"] = kwargs.get("position_ids")
+        if kwargs.get("deepstack_visual_embeds") is not None:
+            seen["deepstack"] = (kwargs["visual_pos_masks"][0], kwargs["deepstack_visual_embeds"])
 
     h = tm.register_forward_pre_hook(hook, with_kwargs=True)
     try:
@@ -176,7 +202,7 @@ def _embeds_and_positions(model, family, kw):
         p = p[-3:, 0]
     else:
         p = torch.arange(L)[None] if p is None else p[:1]
-    return seen["embeds"], p
+    return RefInputs(seen["embeds"], p, seen.get("deepstack"))
 
 
 FAMILIES = list(hm.FAMILIES)
@@ -224,14 +250,14 @@ def test_disabled_and_removed_are_bit_identical(family, impl):
 def test_generate_matches_the_slow_reference(family, kv):
     model = _model(family)
     kw = _row_inputs(model, family, PROMPT)
-    embeds, pos = _embeds_and_positions(model, family, kw)
+    ref = _reference_inputs(model, family, kw)
     h = svh.sparsify(model, "v1.5-192", kv=kv)
     got = _generate(model, kw)[0].tolist()
     (row,) = h.stats
     plans = {s.layer: s.plan for s in row.steps}
     assert sorted(plans) == [0, 1, 3]
     assert any(s.recycled for s in row.steps)  # the merged K/V path is exercised
-    want = reference_generate(model, kw["input_ids"][0], embeds, pos, plans, kv, NEW)
+    want = reference_generate(model, ref, plans, kv, NEW)
     assert got == want
     # Tokens per layer: what the derived preset says.
     N = row.spans[0][1]
@@ -256,13 +282,13 @@ def test_generate_matches_the_slow_reference(family, kv):
 def test_keep_original_positions_match_the_reference(family):
     model = _model(family)
     kw = _row_inputs(model, family, PROMPT)
-    embeds, pos = _embeds_and_positions(model, family, kw)
+    ref = _reference_inputs(model, family, kw)
     h = svh.sparsify(model, "v1.5-128", positions="keep_original")
     got = _generate(model, kw)[0].tolist()
     plans = {s.layer: s.plan for s in h.stats[0].steps}
     last = plans[max(plans)]
-    assert int(torch.as_tensor(last.positions).max()) == int(pos.max())  # ids kept
-    assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans, "reference", NEW)
+    assert int(torch.as_tensor(last.positions).max()) == int(ref.pos.max())  # ids kept
+    assert got == reference_generate(model, ref, plans, "reference", NEW)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -320,7 +346,7 @@ def test_several_images_are_several_spans(family, kv):
     model = _model(family)
     prompt = {"prefix": 4, "images": 2, "between": 3, "text": 8}
     kw = _row_inputs(model, family, prompt)
-    embeds, pos = _embeds_and_positions(model, family, kw)
+    ref = _reference_inputs(model, family, kw)
     for budget in ("global", "per_span"):
         h = svh.sparsify(model, "v1.5-192", budget=budget, kv=kv)
         got = _generate(model, kw)[0].tolist()
@@ -328,7 +354,7 @@ def test_several_images_are_several_spans(family, kv):
         assert [s[1] for s in row.spans] == hm.visual_token_counts(model, family, prompt)
         plans = {s.layer: s.plan for s in row.steps}
         assert len(plans[0].parts) == 2
-        assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans, kv, NEW)
+        assert got == reference_generate(model, ref, plans, kv, NEW)
         h.remove()
 
 
@@ -340,14 +366,14 @@ def test_a_onevision_video_is_one_span(kv):
     model = _model(family)
     prompt = {"prefix": 4, "video": True, "frames": 3, "text": 8}
     kw = _row_inputs(model, family, prompt)
-    embeds, pos = _embeds_and_positions(model, family, kw)
+    ref = _reference_inputs(model, family, kw)
     h = svh.sparsify(model, "video", kv=kv)
     got = _generate(model, kw)[0].tolist()
     (row,) = h.stats
     assert [s[1] for s in row.spans] == hm.visual_token_counts(model, family, prompt)
     plans = {s.layer: s.plan for s in row.steps}
     assert plans and row.tokens[-1] < row.tokens[0]
-    assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans, kv, NEW)
+    assert got == reference_generate(model, ref, plans, kv, NEW)
 
 
 @pytest.mark.parametrize("family", hm.QWEN_FAMILIES)
@@ -355,7 +381,7 @@ def test_a_onevision_video_is_one_span(kv):
 def test_video_frames_are_spans(family, budget):
     model = _model(family)
     kw = _row_inputs(model, family, {"prefix": 4, "video": True, "frames": 3, "text": 8})
-    embeds, pos = _embeds_and_positions(model, family, kw)
+    ref = _reference_inputs(model, family, kw)
     h = svh.sparsify(model, "video", budget=budget)
     got = _generate(model, kw)[0].tolist()
     (row,) = h.stats
@@ -364,7 +390,7 @@ def test_video_frames_are_spans(family, budget):
     assert plans and all(len(p.parts) == 3 for p in plans.values())
     if budget == "per_span":  # a rank policy on each frame's own rank
         assert all(part["rank"] >= 0 for p in plans.values() for part in p.parts)
-    assert got == reference_generate(model, kw["input_ids"][0], embeds, pos, plans, "reference", NEW)
+    assert got == reference_generate(model, ref, plans, "reference", NEW)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
@@ -544,6 +570,9 @@ def test_the_transformers_internals_relied_on():
         assert "config._attn_implementation" in src and "scaling=self.scaling" in src
         assert hasattr(sys.modules[type(tm.layers[0].self_attn).__module__],
                        "eager_attention_forward")
+        if family == "qwen3_vl":
+            assert {"visual_pos_masks", "deepstack_visual_embeds"} <= set(tparams)
+            assert callable(getattr(tm, "_deepstack_process", None))
     # A pruning layer whose attention function is not called through the config
     # raises instead of running unpruned.
     model = _model("llava")
@@ -611,3 +640,28 @@ def test_the_cache_keeps_its_state_through_crop_reorder_and_reset(kv):
     with torch.no_grad():
         beams = model.generate(**kw, max_new_tokens=4, num_beams=3, do_sample=False)
     assert beams.shape == (1, L + 4)
+
+
+def test_qwen3_vl_prunes_after_its_deepstack_layers():
+    model = _model("qwen3_vl", deepstack=[0, 1])  # features added after layers 0 and 1
+    kw = _row_inputs(model, "qwen3_vl", PROMPT)
+    with torch.no_grad():
+        stock = model(**kw).logits
+    h = svh.sparsify(model, "v1.5-192")  # first pruning layer 0 on 8 layers
+    with pytest.raises(sv.Error, match=r"preset.schedule\[0\].layer: expected >= 1 for "
+                                       r"Qwen3VLForConditionalGeneration"):
+        with torch.no_grad():
+            model(**kw)
+    h.remove()
+    cfg = sv.SessionConfig(LAYERS, [(1, sv.StepOptions(policy=sv.KeepPolicy.fixed(24))),
+                                    (3, sv.StepOptions(policy=sv.KeepPolicy.fixed(12)))])
+    ref = _reference_inputs(model, "qwen3_vl", kw)
+    assert ref.deepstack is not None and len(ref.deepstack[1]) == 2
+    h = svh.sparsify(model, cfg)
+    got = _generate(model, kw)[0].tolist()
+    plans = {s.layer: s.plan for s in h.stats[0].steps}
+    assert sorted(plans) == [1, 3]
+    assert got == reference_generate(model, ref, plans, "reference", NEW)
+    h.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**kw).logits, stock)
