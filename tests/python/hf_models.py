@@ -257,17 +257,22 @@ def build(
     sizes = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                  max_position_embeddings=4096, eos_token_id=None, pad_token_id=PAD_ID)
+    # The CLIP / SigLIP towers' sizes (LLaVA families).
+    tower = dict(image_size=image_size, patch_size=patch_size or LLAVA_PATCH,
+                 hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                 num_hidden_layers=vision_layers, num_attention_heads=vision_heads)
+    # The Qwen2.5-VL / Qwen3-VL towers' sizes.
+    qwen_tower = dict(depth=vision_layers, hidden_size=vision_hidden,
+                      intermediate_size=2 * vision_hidden, out_hidden_size=hidden,
+                      num_heads=vision_heads, temporal_patch_size=QWEN_TEMPORAL_PATCH,
+                      spatial_merge_size=QWEN_MERGE)
+    # AnyRes pinpoints: LLaVA-NeXT's, scaled to the tile size.
+    pinpoints = [list(p) for p in grid_pinpoints or [
+        [h * image_size // LLAVA_IMAGE_SIZE, w * image_size // LLAVA_IMAGE_SIZE]
+        for h, w in LLAVA_NEXT_PINPOINTS]]
     if family in LLAVA_FAMILIES:
         patch = patch_size or LLAVA_PATCH
-        vision = CLIPVisionConfig(
-            image_size=image_size,
-            patch_size=patch,
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            num_hidden_layers=vision_layers,
-            num_attention_heads=vision_heads,
-            projection_dim=vision_hidden,
-        )
+        vision = CLIPVisionConfig(**tower, projection_dim=vision_hidden)
         text = LlamaConfig(**sizes, bos_token_id=BOS_ID)
         common = dict(
             vision_config=vision,
@@ -280,11 +285,7 @@ def build(
         if family == "llava":
             config = LlavaConfig(**common)
         else:
-            pinpoints = grid_pinpoints or [
-                [h * image_size // LLAVA_IMAGE_SIZE, w * image_size // LLAVA_IMAGE_SIZE]
-                for h, w in LLAVA_NEXT_PINPOINTS
-            ]
-            config = LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in pinpoints])
+            config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
     elif family in QWEN2_TEXT_FAMILIES:
         text = Qwen2Config(
             **sizes,
@@ -297,19 +298,7 @@ def build(
         )
         if family == "llava_onevision":
             patch = patch_size or LLAVA_PATCH
-            vision = SiglipVisionConfig(
-                image_size=image_size,
-                patch_size=patch,
-                hidden_size=vision_hidden,
-                intermediate_size=2 * vision_hidden,
-                num_hidden_layers=vision_layers,
-                num_attention_heads=vision_heads,
-                vision_use_head=False,
-            )
-            pinpoints = grid_pinpoints or [
-                [h * image_size // LLAVA_IMAGE_SIZE, w * image_size // LLAVA_IMAGE_SIZE]
-                for h, w in LLAVA_NEXT_PINPOINTS
-            ]
+            vision = SiglipVisionConfig(**tower, vision_use_head=False)
             config = LlavaOnevisionConfig(
                 vision_config=vision,
                 text_config=text,
@@ -317,7 +306,7 @@ def build(
                 video_token_index=vocab - 1,
                 vision_feature_select_strategy="full",
                 vision_feature_layer=-1,
-                image_grid_pinpoints=[list(p) for p in pinpoints],
+                image_grid_pinpoints=pinpoints,
                 vision_aspect_ratio="anyres_max_9",
                 tie_word_embeddings=False,
             )
@@ -361,17 +350,7 @@ def build(
                              "mrope_section": _interleaved_mrope_section(head_dim),
                              "mrope_interleaved": True},
         )
-        vision = dict(
-            depth=vision_layers,
-            hidden_size=vision_hidden,
-            intermediate_size=2 * vision_hidden,
-            out_hidden_size=hidden,
-            num_heads=vision_heads,
-            patch_size=patch,
-            temporal_patch_size=QWEN_TEMPORAL_PATCH,
-            spatial_merge_size=QWEN_MERGE,
-            deepstack_visual_indexes=stack,
-        )
+        vision = dict(**qwen_tower, patch_size=patch, deepstack_visual_indexes=stack)
         config = Qwen3VLConfig(text_config=text, vision_config=vision, vision_start_token_id=vocab - 4,
                                vision_end_token_id=vocab - 3, image_token_id=vocab - 2,
                                video_token_id=vocab - 1, tie_word_embeddings=False)
@@ -405,14 +384,8 @@ def build(
             config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
         else:
             vision = dict(
-                depth=vision_layers,
-                hidden_size=vision_hidden,
-                intermediate_size=2 * vision_hidden,
-                out_hidden_size=hidden,
-                num_heads=vision_heads,
+                **qwen_tower,
                 patch_size=patch,
-                temporal_patch_size=QWEN_TEMPORAL_PATCH,
-                spatial_merge_size=QWEN_MERGE,
                 window_size=4 * QWEN_MERGE * patch,
                 fullatt_block_indexes=[vision_layers - 1],
                 tokens_per_second=2,
