@@ -350,7 +350,6 @@ class Sparsified:
     def _forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
                  inputs_embeds=None, use_cache=None, **kwargs):
         """The text model's forward while sparsified (the stock signature)."""
-        import torch
         from transformers import DynamicCache
 
         tm = self.text_model
