@@ -1,7 +1,8 @@
 // docs/cuda.md's usage example, compiled so that it cannot rot: one pruning
 // step on the GPU the way an engine runs it (workspace sized once, everything
 // stream-ordered, the new length read from a pinned slot after an event), then
-// the same step on the CPU for comparison. Exits 77 (skipped) without a GPU.
+// the same step on the CPU for comparison. Exits 77 (skipped) without a GPU, 1 when
+// one is there but unusable (cuda_device.hpp).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -9,6 +10,7 @@
 
 #include <sparsevlm/cuda/step.cuh>
 
+#include "cuda_device.hpp"
 #include "synthetic.hpp"
 
 #define CHECK_CUDA(expr)                                                                  \
@@ -22,11 +24,7 @@
 
 int main() {
   using namespace sparsevlm;
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("no CUDA device: skipped\n");
-    return 77;
-  }
+  if (const int status = examples::cuda_device_status(); status != 0) return status;
   examples::synthetic_step shape;
   shape.heads = 8;
   shape.prefix = 10;

@@ -31,6 +31,7 @@
 #include <sparsevlm/plan.hpp>
 #include <sparsevlm/positions.hpp>
 
+#include "../../examples/cuda_device.hpp"
 #include "../step_case.hpp"
 
 namespace {
@@ -372,13 +373,7 @@ void run_flags(const svt::flat_case& c0, cudaStream_t stream) {
 }  // namespace
 
 int main() {
-  int count = 0;
-  const cudaError_t e = cudaGetDeviceCount(&count);
-  if (e != cudaSuccess || count == 0) {
-    std::printf("no CUDA device: skipped (%s)\n",
-                e != cudaSuccess ? cudaGetErrorString(e) : "cudaGetDeviceCount() = 0");
-    return 77;
-  }
+  if (const int status = sparsevlm::examples::cuda_device_status(); status != 0) return status;
   cudaDeviceProp prop{};
   CUDA_OK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device 0: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
