@@ -480,6 +480,7 @@ class Sparsified:
         group_mask = create_causal_mask(config=cfg, inputs_embeds=embeds, attention_mask=attention_mask,
                                         cache=cache, position_ids=mask_pos)
         rope = tm.rotary_emb(hidden, position_ids=rope_pos)
+        base = _first_decode_ids(cur_pos, dev)
         pruned_any = False
         for i, layer in enumerate(tm.layers):
             for b, st in enumerate(stats):
@@ -501,8 +502,7 @@ class Sparsified:
             state.keymask[i] = mask2d
             state.cols[i] = list(cur_cols)
             state.held[i] = [torch.arange(c.numel(), device=dev) for c in cur_cols]
-            state.base[i] = torch.stack([p.max() + 1 if p.numel() else p.new_zeros(())
-                                         for p in cur_pos]).to(dev)
+            state.base[i] = base
             if not prunes:
                 continue
             if "q" not in slot:
@@ -539,6 +539,7 @@ class Sparsified:
             group_mask = create_causal_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask2d,
                                             cache=cache, position_ids=None, layer_idx=i + 1)
             rope = tm.rotary_emb(hidden, position_ids=rope_pos)
+            base = _first_decode_ids(cur_pos, dev)
 
         hidden = tm.norm(hidden)
         if pruned_any:
@@ -932,6 +933,14 @@ def _sparsified_cache_class():
 
         _SPARSIFIED_CACHE = SparsifiedCache
     return _SPARSIFIED_CACHE
+
+
+def _first_decode_ids(positions, dev):
+    """[B]: 1 + the largest position id of each row (every mRoPE row), where a layer
+    that runs on these positions continues while decoding."""
+    import torch
+
+    return torch.stack([p.max() + 1 if p.numel() else p.new_zeros(()) for p in positions]).to(dev)
 
 
 def _with_deepstack(kwargs, deepstack):
