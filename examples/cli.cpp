@@ -65,8 +65,9 @@ int cmd_bench(const std::string& case_dir, int repeat, io::scores_source from, b
     workspace ws;
     first = io::run_case(c, ws, from);  // validates the inputs once, before timing
   }
-  // One JSON line of medians: each public call alone (--calls,
-  // examples::time_calls), or each stage inside the step (examples::time_stages).
+  // One JSON document on one line: the medians of each public call alone (--calls,
+  // examples::time_calls) or of each stage inside the step (examples::time_stages),
+  // and for the stages the bandwidth they reach.
   const auto med = io::visit_case(
       c,
       [&](const auto& in) {
@@ -79,14 +80,16 @@ int cmd_bench(const std::string& case_dir, int repeat, io::scores_source from, b
   j["repeat"] = repeat;
   j["threads"] = 1;
   j["scores_from"] = from == io::scores_source::qk ? "qk" : "attn";
-  if (calls) j["isa"] = cpu::isa_name(cpu::active_isa());
+  j["isa"] = cpu::isa_name(cpu::active_isa());
   j["median_ms"] = nlohmann::ordered_json::object();
   const auto names =
       calls ? std::vector<const char*>{"prune_step", "select_raters", "session_prune", "apply_plan"}
             : std::vector<const char*>{"total", "raters", "scores", "rank", "keep", "recycle", "plan"};
   for (const char* name : names) j["median_ms"][name] = med.at(name);
-  std::cout << j.dump() << "\n";
-  if (calls) return 0;
+  if (calls) {
+    std::cout << j.dump() << "\n";
+    return 0;
+  }
 
   // The median total against the memory bandwidth of this core: the bytes the
   // step must touch (examples::step_traffic) over a memcpy probe run here.
@@ -94,15 +97,14 @@ int cmd_bench(const std::string& case_dir, int repeat, io::scores_source from, b
       c, [&](const auto& in) { return examples::traffic(in, first); }, from);
   const double seconds = med.at("total") * 1e-3;
   const double probe = examples::copy_bandwidth().wall;
-  nlohmann::ordered_json w;
-  w["isa"] = cpu::isa_name(cpu::active_isa());
+  nlohmann::ordered_json& w = j["bandwidth"];
   w["bytes"] = b.total();
   w["bytes_by_stage"] = {{"raters", b.raters}, {"scores", b.scores}, {"recycle", b.recycle},
                          {"plan", b.compaction}};
   w["achieved_GB_per_s"] = static_cast<double>(b.total()) / seconds * 1e-9;
   w["copy_probe_GB_per_s"] = probe * 1e-9;  // memcpy of 256 MB, read + written, best of 5
   w["x_of_bandwidth_limit"] = seconds / (static_cast<double>(b.total()) / probe);
-  std::cout << w.dump() << "\n";
+  std::cout << j.dump() << "\n";
   return 0;
 }
 

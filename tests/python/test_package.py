@@ -71,6 +71,13 @@ def test_cli_bench_calls_and_overhead_script(tmp_path):
         assert j["scores_from"] == source and j["repeat"] == 2
         assert set(j["median_ms"]) == {"prune_step", "select_raters", "session_prune", "apply_plan"}
         assert all(v > 0 for v in j["median_ms"].values())
+    # Per stage: one JSON document too, the bandwidth figures inside it.
+    out = subprocess.run([str(CLI), "bench", str(case), "--repeat", "2"], check=True,
+                         capture_output=True, text=True)
+    j = json.loads(out.stdout)
+    assert {"total", "raters", "scores", "rank", "keep", "recycle", "plan"} == set(j["median_ms"])
+    assert j["isa"] == sv.isa() and j["bandwidth"]["bytes"] > 0
+    assert j["bandwidth"]["x_of_bandwidth_limit"] > 0
     table = tmp_path / "table.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "python_overhead.py"), "--cli", str(CLI),
                     "--case", str(case), "--repeat", "2", "--rounds", "1", "--json", str(table)],
