@@ -227,6 +227,7 @@ layer_plan session_compute(const prefill_session& s, index_t layer, const Source
                            matrix_view<const TH> hidden, workspace& ws);
 layer_plan session_commit(prefill_session& s, layer_plan&& p);
 layer_plan session_adopt(const prefill_session& s, index_t layer, step_result&& step);
+const pruning_layer& session_next(const prefill_session& s, index_t layer);
 void session_parts(const prefill_session& s, layer_plan& plan,
                    const std::vector<visual_span>& holding);
 }  // namespace detail
@@ -430,6 +431,7 @@ class prefill_session {
   friend layer_plan detail::session_commit(prefill_session& s, layer_plan&& p);
   friend layer_plan detail::session_adopt(const prefill_session& s, index_t layer,
                                           step_result&& step);
+  friend const pruning_layer& detail::session_next(const prefill_session& s, index_t layer);
   friend void detail::session_parts(const prefill_session& s, layer_plan& plan,
                                     const std::vector<visual_span>& holding);
 
@@ -576,12 +578,8 @@ class prefill_session {
 
 namespace detail {
 
-/// The decisions of the session's next step (plan.step and plan.parts), without
-/// changing the session (so that a batch can decide every sequence before
-/// committing any).
-template <class Source, class TH>
-layer_plan session_compute(const prefill_session& s, index_t layer, const Source& src,
-                           matrix_view<const TH> hidden, workspace& ws) {
+/// The session's next pruning layer, which `layer` must be (prune and commit).
+inline const pruning_layer& session_next(const prefill_session& s, index_t layer) {
   SPARSEVLM_CHECK(!s.finished(), errc::invalid_argument, "layer",
                   concat("no more calls (all ", s.cfg_.schedule.size(),
                          " pruning layers of the session are done)"),
@@ -589,6 +587,16 @@ layer_plan session_compute(const prefill_session& s, index_t layer, const Source
   const pruning_layer& at = s.cfg_.schedule[s.next_];
   SPARSEVLM_CHECK(at.layer == layer, errc::invalid_argument, "layer",
                   concat(at.layer, " (the next pruning layer of the session)"), layer);
+  return at;
+}
+
+/// The decisions of the session's next step (plan.step and plan.parts), without
+/// changing the session (so that a batch can decide every sequence before
+/// committing any).
+template <class Source, class TH>
+layer_plan session_compute(const prefill_session& s, index_t layer, const Source& src,
+                           matrix_view<const TH> hidden, workspace& ws) {
+  const pruning_layer& at = session_next(s, layer);
   const index_t n = s.n_;
   SPARSEVLM_CHECK(source_length(src) == n, errc::shape_mismatch, source_name(src),
                   concat(n, " (the session's current length)"), source_length(src));
@@ -686,13 +694,7 @@ inline void session_parts(const prefill_session& s, layer_plan& plan,
 /// The plan of a step decided elsewhere (prefill_session::commit), after checking
 /// that it is a step of the session's one span with tokens, with its raters.
 inline layer_plan session_adopt(const prefill_session& s, index_t layer, step_result&& step) {
-  SPARSEVLM_CHECK(!s.finished(), errc::invalid_argument, "layer",
-                  concat("no more calls (all ", s.cfg_.schedule.size(),
-                         " pruning layers of the session are done)"),
-                  layer);
-  SPARSEVLM_CHECK(s.cfg_.schedule[s.next_].layer == layer, errc::invalid_argument, "layer",
-                  concat(s.cfg_.schedule[s.next_].layer, " (the next pruning layer of the session)"),
-                  layer);
+  const step_options& opt = session_next(s, layer).options;
   std::vector<visual_span> holding;
   for (const visual_span& v : s.spans_)
     if (v.len > 0) holding.push_back(v);
@@ -702,7 +704,6 @@ inline layer_plan session_adopt(const prefill_session& s, index_t layer, step_re
   SPARSEVLM_CHECK(step.raters == s.raters_, errc::invalid_argument, "step.raters",
                   concat("the session's ", s.raters_.size(), " raters"),
                   concat(step.raters.size(), " other positions"));
-  const step_options& opt = s.cfg_.schedule[s.next_].options;
   const auto R = static_cast<index_t>(s.raters_.size());
   SPARSEVLM_CHECK(step.rank >= 0 && step.rank <= std::min(R, v.len), errc::invalid_argument,
                   "step.rank", concat("in [0, ", std::min(R, v.len), "] (raters x visual tokens)"),

@@ -843,15 +843,19 @@ class _State:
                             f"and {self.t} decode steps left), got {got} (edited outside "
                             f"SparsifiedCache's crop / reorder_cache)")
 
+    def _map_masks(self, fn) -> None:
+        """keymask[j] = fn(keymask[j]) once per distinct mask (layers share them)."""
+        done: dict = {}
+        for j, km in enumerate(self.keymask):
+            if km is not None:
+                if id(km) not in done:
+                    done[id(km)] = fn(km)
+                self.keymask[j] = done[id(km)]
+
     def advance(self, m: int) -> None:
         import torch
 
-        shared: dict = {}
-        for j, km in enumerate(self.keymask):
-            if km is not None:
-                if id(km) not in shared:
-                    shared[id(km)] = torch.cat([km, km.new_ones(km.shape[0], m)], 1)
-                self.keymask[j] = shared[id(km)]
+        self._map_masks(lambda km: torch.cat([km, km.new_ones(km.shape[0], m)], 1))
         self.width = [w + m for w in self.width]
         self.t += m
         self._regroup()
@@ -860,12 +864,8 @@ class _State:
         if not 0 <= r <= self.t:
             raise Error(f"cache.crop: expected to remove at most the {self.t} decoded tokens, "
                         f"got {r} (the prompt's caches were pruned)")
-        shared: dict = {}
-        for j, km in enumerate(self.keymask):
-            if km is not None and r:
-                if id(km) not in shared:
-                    shared[id(km)] = km[:, : km.shape[1] - r]
-                self.keymask[j] = shared[id(km)]
+        if r:
+            self._map_masks(lambda km: km[:, : km.shape[1] - r])
         self.width = [w - r for w in self.width]
         self.t -= r
         self._regroup()
@@ -873,13 +873,8 @@ class _State:
     def select(self, idx) -> None:
         """Rows `idx` of the batch, in that order (beam search, contrastive search)."""
         rows = [int(i) for i in idx.tolist()]
-        shared: dict = {}
+        self._map_masks(lambda km: km.index_select(0, idx.to(km.device)))
         for j in range(len(self.base)):
-            km = self.keymask[j]
-            if km is not None:
-                if id(km) not in shared:
-                    shared[id(km)] = km.index_select(0, idx.to(km.device))
-                self.keymask[j] = shared[id(km)]
             self.base[j] = self.base[j].index_select(0, idx.to(self.base[j].device))
             self.base_key[j] = tuple(self.base_key[j][i] for i in rows)
             self.cols[j] = [self.cols[j][i] for i in rows]
