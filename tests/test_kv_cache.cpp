@@ -462,3 +462,110 @@ TEST_CASE("kv: integration.md snippet compiles and runs") {
   CHECK(n == 7);
   CHECK(cache(1, 4, 3) == (code(2, 1, 3) + code(4, 1, 3)) / 2.0f);
 }
+
+// ------------------------------------------------------------------ paged caches
+
+namespace {
+
+using sparsevlm::compact_paged_kv;
+using sparsevlm::page_layout;
+
+// A paged cache of `blocks` pages of `bs` tokens, 2 heads, head_dim 3 (an odd dim: the
+// per-head copy), in `layout`, with the request's tokens spread over pages in the
+// order `table`; element (token t, h, d) = code(t, h, d), other pages hold 999.
+template <class T>
+struct paged {
+  page_layout layout;
+  index_t blocks, bs, heads = 2, dim = 3;
+  std::vector<index_t> table;
+  std::vector<T> data;
+
+  paged(page_layout l, index_t b, index_t block_size, std::vector<index_t> t)
+      : layout(l), blocks(b), bs(block_size), table(std::move(t)),
+        data(static_cast<std::size_t>(b * block_size * 2 * 3), sparsevlm::from_float<T>(999.0f)) {
+    for (index_t tok = 0; tok < static_cast<index_t>(table.size()) * bs; ++tok)
+      for (index_t h = 0; h < heads; ++h)
+        for (index_t d = 0; d < dim; ++d) el(tok, h, d) = sparsevlm::from_float<T>(code(tok, h, d));
+  }
+  sparsevlm::strided_view<T, 4> view() {
+    const std::array<index_t, 4> e = layout == page_layout::blocks_tokens_heads_dim
+                                         ? std::array<index_t, 4>{blocks, bs, heads, dim}
+                                         : std::array<index_t, 4>{blocks, heads, bs, dim};
+    return sparsevlm::strided_view<T, 4>(data.data(), e, "cache");
+  }
+  T& el(index_t tok, index_t h, index_t d) {
+    auto v = view();
+    const index_t b = table[static_cast<std::size_t>(tok / bs)], s = tok % bs;
+    return layout == page_layout::blocks_tokens_heads_dim ? v(b, s, h, d) : v(b, h, s, d);
+  }
+};
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("kv: compact_paged_kv == compact_kv of the gathered rows, both page layouts",
+                   T, float, half, bfloat16) {
+  for (page_layout layout : {page_layout::blocks_tokens_heads_dim, page_layout::blocks_heads_tokens_dim}) {
+    CAPTURE(static_cast<int>(layout));
+    // Tokens 0..11 over pages 5, 1, 3 of 4 tokens (out of 6 pages); 2 recycled rows.
+    paged<T> c(layout, 6, 4, {5, 1, 3});
+    const std::vector<T> before = c.data;
+    const seq_t seq{0, 1, 3, 6, -2, 7, 10, -1, 11};
+    std::vector<float> rec(2 * 2 * 3);
+    for (index_t r = 0; r < 2; ++r)
+      for (index_t h = 0; h < 2; ++h)
+        for (index_t d = 0; d < 3; ++d) rec[static_cast<std::size_t>((r * 2 + h) * 3 + d)] = rcode(r, h, d);
+    const tensor3_view<const float> rv(rec.data(), {2, 2, 3}, "recycled");
+    CHECK(compact_paged_kv(seq, c.view(), layout, c.table, rv) == 9);
+    for (index_t i = 0; i < 12; ++i)
+      for (index_t h = 0; h < 2; ++h)
+        for (index_t d = 0; d < 3; ++d) {
+          CAPTURE(i);
+          const float w = i < 9 ? want(seq[static_cast<std::size_t>(i)], h, d) : code(i, h, d);
+          CHECK(sparsevlm::to_float(c.el(i, h, d)) == w);
+        }
+    // The pages the request does not hold are untouched.
+    for (index_t b : {0, 2, 4}) {
+      const std::size_t page = static_cast<std::size_t>(4 * 2 * 3);
+      CHECK(std::memcmp(c.data.data() + b * static_cast<index_t>(page),
+                        before.data() + b * static_cast<index_t>(page), page * sizeof(T)) == 0);
+    }
+    // Without recycled rows, the survivors only (kv_sequence): equal to the dense kernel.
+    paged<T> c2(layout, 6, 4, {5, 1, 3});
+    const seq_t kept = kv_sequence(std::span<const index_t>(seq));
+    CHECK(compact_paged_kv(std::span<const index_t>(kept), c2.view(), layout, c2.table) == 7);
+    std::vector<T> dense(12 * 2 * 3);
+    const tensor3_view<T> dv(dense.data(), {12, 2, 3}, "dense");
+    for (index_t t = 0; t < 12; ++t)
+      for (index_t h = 0; h < 2; ++h)
+        for (index_t d = 0; d < 3; ++d) dv(t, h, d) = sparsevlm::from_float<T>(code(t, h, d));
+    compact_kv(std::span<const index_t>(kept), dv, kv_layout::tokens_heads_dim);
+    for (index_t t = 0; t < 12; ++t)
+      for (index_t h = 0; h < 2; ++h)
+        for (index_t d = 0; d < 3; ++d)
+          CHECK(sparsevlm::to_float(c2.el(t, h, d)) == sparsevlm::to_float(dv(t, h, d)));
+  }
+}
+
+TEST_CASE("kv: compact_paged_kv refuses bad input and changes nothing") {
+  const page_layout L = page_layout::blocks_heads_tokens_dim;
+  paged<float> c(L, 4, 4, {2, 0});
+  const std::vector<float> before = c.data;
+  const auto v = c.view();
+  // A source below its index (not an in-place compaction), a recycled entry without rows.
+  SV_CHECK_THROWS(errc::invalid_argument, "sequence[1]", compact_paged_kv(seq_t{1, 0}, v, L, c.table));
+  SV_CHECK_THROWS(errc::invalid_argument, "sequence[0]", compact_paged_kv(seq_t{-1}, v, L, c.table));
+  // Token 8 is past the two pages of the table.
+  SV_CHECK_THROWS(errc::shape_mismatch, "block_table.size()",
+                  compact_paged_kv(seq_t{0, 8}, v, L, c.table));
+  // A page id outside the cache.
+  SV_CHECK_THROWS(errc::invalid_argument, "block_table[1]",
+                  compact_paged_kv(seq_t{0, 5}, v, L, seq_t{2, 4}));
+  SV_CHECK_THROWS(errc::invalid_argument, "layout",
+                  compact_paged_kv(seq_t{0}, v, static_cast<page_layout>(7), c.table));
+  // Recycled rows with other heads than the cache.
+  std::vector<float> rec(3 * 3);
+  SV_CHECK_THROWS(errc::shape_mismatch, "recycled.extent[1] (heads)",
+                  compact_paged_kv(seq_t{0, -1}, v, L, c.table,
+                                   tensor3_view<const float>(rec.data(), {1, 3, 3}, "recycled")));
+  CHECK(c.data == before);
+}

@@ -189,6 +189,130 @@ index_t compact_kv(std::span<const index_t> sequence, tensor3_view<T> cache, kv_
   return compact_kv(sequence, cache, layout, tensor3_view<const T>());
 }
 
+/// How the pages of a paged K or V cache are laid out; the view is the cache's K (or V)
+/// part alone, any strides. A page holds `block_size` consecutive tokens of one request.
+enum class page_layout {
+  blocks_tokens_heads_dim,  ///< [blocks, block_size, heads, head_dim]: "NHD" pages
+                            ///< (vLLM's FlashAttention, FlashInfer's NHD)
+  blocks_heads_tokens_dim,  ///< [blocks, heads, block_size, head_dim]: "HND" pages
+                            ///< (vLLM's CPU backend, FlashInfer's HND)
+};
+
+namespace detail {
+
+/// The paged cache seen as [blocks, block_size, heads, head_dim] (axes 1 and 2 swapped
+/// for HND pages), so the loop below handles one layout.
+template <class T>
+strided_view<T, 4> page_major(strided_view<T, 4> v, page_layout layout) {
+  if (layout == page_layout::blocks_tokens_heads_dim) return v;
+  return strided_view<T, 4>(v.data(), {v.extent(0), v.extent(2), v.extent(1), v.extent(3)},
+                            {v.stride(0), v.stride(2), v.stride(1), v.stride(3)});
+}
+
+}  // namespace detail
+
+/// compact_kv for one request's rows inside a paged cache: the request's logical token t
+/// lives in page block_table[t / block_size] at slot t % block_size, and afterwards its
+/// first sequence.size() tokens hold the new sequence (token i = old token sequence[i],
+/// or recycled token -sequence[i] - 1 converted to T). Pages are not freed or
+/// reordered: the request keeps its block table, only its rows move. Returns the new
+/// token count; tokens past it are untouched.
+///
+/// - `sequence`: as compact_kv (every source entry p at index i has p >= i; rows only
+///   move toward the front, in order, which is what makes the in-place copy safe).
+/// - `cache`: the whole K or V cache of one layer, [blocks, block_size, heads, head_dim]
+///   or [blocks, heads, block_size, head_dim] per `layout`, any strides; T = float,
+///   half or bfloat16. vLLM's CPU cache [blocks, heads, block_size, 2·head_dim] is the
+///   HND view with the last axis cut at head_dim (K) or from head_dim (V).
+/// - `block_table`: the request's page ids in token order (int64; an engine's int32
+///   table is widened by the caller). It must cover every token read or written
+///   (max(sequence.size(), largest source + 1) tokens); pages must be distinct (not
+///   checked: shared pages give wrong rows, never an access outside the cache).
+/// - `recycled`: [c, heads, head_dim] token-major rows, U = float, half or bfloat16; c = 0
+///   (and a null pointer) when the sequence has no negative entry; it must not overlap
+///   the cache (not checked).
+/// - Cost: O(sequence.size()) checks, then heads·head_dim element copies per token that
+///   moves (one memcpy per head when head_dim is contiguous). No allocation.
+/// - Errors (cache untouched): invalid_argument for a bad `layout`, a sequence entry
+///   outside [0, tokens) ∪ [-c, -1] or below its index, a page id outside [0, blocks);
+///   shape_mismatch when the table covers fewer tokens than needed or `recycled`'s heads
+///   or head_dim differ from the cache's.
+template <class T, class U>
+index_t compact_paged_kv(std::span<const index_t> sequence, strided_view<T, 4> cache,
+                         page_layout layout, std::span<const index_t> block_table,
+                         tensor3_view<const U> recycled) {
+  SPARSEVLM_CHECK(layout == page_layout::blocks_tokens_heads_dim ||
+                      layout == page_layout::blocks_heads_tokens_dim,
+                  errc::invalid_argument, "layout", "blocks_tokens_heads_dim or blocks_heads_tokens_dim",
+                  static_cast<int>(layout));
+  const strided_view<T, 4> kv = detail::page_major(cache, layout);
+  const index_t blocks = kv.extent(0), bs = kv.extent(1), heads = kv.extent(2), dim = kv.extent(3);
+  const std::size_t slot_axis = layout == page_layout::blocks_tokens_heads_dim ? 1 : 2;
+  SPARSEVLM_CHECK(bs > 0, errc::shape_mismatch, detail::concat("cache.extent[", slot_axis, "] (block_size)"),
+                  "> 0", bs);
+  const index_t n = static_cast<index_t>(sequence.size());
+  const index_t c = recycled.extent(0);
+  if (c > 0) {
+    SPARSEVLM_CHECK(recycled.extent(1) == heads, errc::shape_mismatch, "recycled.extent[1] (heads)",
+                    detail::concat(heads, ", as the cache"), recycled.extent(1));
+    SPARSEVLM_CHECK(recycled.extent(2) == dim, errc::shape_mismatch, "recycled.extent[2] (head_dim)",
+                    detail::concat(dim, ", as the cache"), recycled.extent(2));
+  }
+  const index_t covered = static_cast<index_t>(block_table.size()) * bs;
+  index_t needed = n;
+  for (index_t i = 0; i < n; ++i) {
+    const index_t p = sequence[static_cast<std::size_t>(i)];
+    SPARSEVLM_CHECK(p >= -c && (p < 0 || p >= i), errc::invalid_argument,
+                    detail::concat("sequence[", i, "]"),
+                    detail::concat("a recycled index in [-", c, ", -1] or a token >= ", i,
+                                   " (an in-place compaction)"),
+                    p);
+    if (p + 1 > needed) needed = p + 1;
+  }
+  SPARSEVLM_CHECK(needed <= covered, errc::shape_mismatch, "block_table.size()",
+                  detail::concat(">= ", (needed + bs - 1) / bs, " pages of ", bs, " tokens (",
+                                 needed, " tokens are read or written)"),
+                  block_table.size());
+  const index_t pages = (needed + bs - 1) / bs;
+  for (index_t j = 0; j < pages; ++j) {
+    const index_t b = block_table[static_cast<std::size_t>(j)];
+    SPARSEVLM_CHECK(b >= 0 && b < blocks, errc::invalid_argument,
+                    detail::concat("block_table[", j, "]"),
+                    detail::concat("a page id in [0, ", blocks, ") (cache.extent[0])"), b);
+  }
+  if (heads == 0 || dim == 0) return n;
+  const auto row = [&](index_t t, index_t h) -> T* {
+    return &kv(block_table[static_cast<std::size_t>(t / bs)], t % bs, h, 0);
+  };
+  const bool contiguous = kv.stride(3) == 1 || dim == 1;
+  for (index_t i = 0; i < n; ++i) {
+    const index_t p = sequence[static_cast<std::size_t>(i)];
+    if (p == i) continue;
+    for (index_t h = 0; h < heads; ++h) {
+      T* dst = row(i, h);
+      if (p >= 0) {
+        const T* src = row(p, h);
+        if (contiguous) {
+          std::memcpy(dst, src, static_cast<std::size_t>(dim) * sizeof(T));
+        } else {
+          for (index_t d = 0; d < dim; ++d) dst[d * kv.stride(3)] = src[d * kv.stride(3)];
+        }
+      } else {
+        for (index_t d = 0; d < dim; ++d)
+          dst[d * kv.stride(3)] = detail::convert_element<T>(recycled(-p - 1, h, d));
+      }
+    }
+  }
+  return n;
+}
+
+/// compact_paged_kv for a sequence without recycled entries (e.g. kv_sequence(seq)).
+template <class T>
+index_t compact_paged_kv(std::span<const index_t> sequence, strided_view<T, 4> cache,
+                         page_layout layout, std::span<const index_t> block_table) {
+  return compact_paged_kv(sequence, cache, layout, block_table, tensor3_view<const T>());
+}
+
 /// Cluster means of cached rows: out token i = the plain mean of the cache's
 /// rows at clusters[i]'s members. This gives the caches of layers that ran
 /// before the step a K/V row per recycled token, mirroring how the step merges

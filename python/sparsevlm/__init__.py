@@ -42,7 +42,7 @@ __version__: str = _ext.__version__
 __all__ = [
     "Error", "KeepPolicy", "RecycleOptions", "RopeGravity", "StepOptions", "SessionConfig",
     "Layout", "StepResult", "LayerPlan", "PrefillSession", "prune_step", "select_raters",
-    "apply_plan", "run_case", "load_case", "preset_config", "preset_config_for", "derive_config",
+    "apply_plan", "compact_paged_kv", "run_case", "load_case", "preset_config", "preset_config_for", "derive_config",
     "preset_names", "model_names", "isa", "has_cuda", "build_info", "partial_relevance",
     "prune_step_from_head_sums", "show",
 ]
@@ -291,6 +291,103 @@ def _apply_plan_device(s: np.ndarray, hidden: Array, m: Optional[Array]) -> Arra
         mt = m if _is_torch(m) else torch.from_numpy(np.ascontiguousarray(m))
         src = torch.cat([src, mt.to(device=hidden.device, dtype=hidden.dtype)])
     return src.index_select(0, torch.from_numpy(idx).to(hidden.device))
+
+
+PAGE_LAYOUTS = ("NHD", "HND")
+"""compact_paged_kv's page layouts: "NHD" [blocks, block_size, heads, head_dim] (vLLM's
+FlashAttention, FlashInfer's NHD), "HND" [blocks, heads, block_size, head_dim] (vLLM's
+CPU backend, FlashInfer's HND)."""
+
+
+def compact_paged_kv(cache: Array, block_table: Array, sequence: Union[StepResult, Array],
+                     layout: str = "NHD", recycled: Optional[Array] = None) -> int:
+    """Moves one request's rows to the front of its pages, in place (kv_cache.hpp).
+
+    The request's logical token t lives in page ``block_table[t // block_size]`` at
+    slot ``t % block_size``; afterwards its first ``len(sequence)`` tokens hold the
+    new sequence: token i = old token ``sequence[i]``, or ``recycled[-sequence[i]-1]``
+    for a negative entry. The pages and the table stay as they are; what is past the
+    new length is untouched.
+
+    cache: one layer's K (or V) pages, 4-D per ``layout`` (:data:`PAGE_LAYOUTS`), any
+    strides, float32/float16/bfloat16, NumPy or torch (CPU, or CUDA: the same moves by
+    torch on the device, after the same checks). vLLM's CPU cache [blocks, heads,
+    block_size, 2*head_dim] gives K as ``cache[..., :head_dim]`` and V as
+    ``cache[..., head_dim:]`` with layout "HND". block_table: the request's page ids
+    (any integer dtype). sequence: a plan (``plan.sequence``) or indices; every source
+    entry p at index i must have p >= i (make_sequence's order; ``kv_sequence`` for a
+    cache written before the step). recycled: [c, heads, head_dim] rows for negative
+    entries (e.g. cluster means of K), or None.
+
+    Returns the new token count. Raises :class:`Error` naming the argument (a source
+    below its index or out of range, a table too short, a page id outside the cache,
+    a shape that does not match); the cache is then unchanged. Cost O(len(sequence) *
+    heads * head_dim), no allocation on the CPU path.
+    """
+    seq = sequence.sequence if isinstance(sequence, StepResult) else sequence
+    s = _int64s(seq, "sequence")
+    t = _int64s(block_table, "block_table")
+    if layout not in PAGE_LAYOUTS:
+        raise Error(f"layout: expected one of {list(PAGE_LAYOUTS)}, got {layout!r}")
+    if getattr(cache, "ndim", None) != 4:
+        raise Error(f"cache: expected a 4-D paged cache ({layout}), got "
+                    f"{getattr(cache, 'ndim', type(cache).__name__)} dims")
+    if _is_torch(cache) and cache.device.type != "cpu":
+        return _compact_paged_device(cache, t, s, layout, recycled)
+    return int(_ext.compact_paged_kv(s, _arg(cache, "cache"), layout == "HND", t,
+                                     _arg(recycled, "recycled")))
+
+
+def _int64s(x: Any, name: str) -> np.ndarray:
+    a = np.asarray(x.cpu() if _is_torch(x) else x)
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise Error(f"{name}: expected 1-D integers, got {a.dtype} of shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _compact_paged_device(cache, table: np.ndarray, s: np.ndarray, layout: str,
+                          recycled) -> int:
+    """compact_paged_kv on a device tensor: kv_cache.hpp's checks, then one gather of
+    the rows read and one scatter of the rows written, by torch on the device (all
+    reads happen before any write, so no ordering is needed)."""
+    import torch
+
+    kv = cache if layout == "NHD" else cache.transpose(1, 2)  # [blocks, bs, heads, dim]
+    blocks, bs, heads, dim = (int(x) for x in kv.shape)
+    c = 0 if recycled is None else int(recycled.shape[0])
+    if c and (recycled.ndim != 3 or tuple(int(x) for x in recycled.shape[1:]) != (heads, dim)):
+        raise Error(f"recycled: expected [c, {heads}, {dim}] (the cache's heads, head_dim), got "
+                    f"{tuple(recycled.shape)}")
+    n = int(s.size)
+    idx = np.arange(n)
+    bad = np.flatnonzero((s < -c) | ((s >= 0) & (s < idx)))
+    if bad.size:
+        i = int(bad[0])
+        raise Error(f"sequence[{i}]: expected a recycled index in [-{c}, -1] or a token >= {i} "
+                    f"(an in-place compaction), got {int(s[i])}")
+    needed = max(n, int(s.max()) + 1 if n else 0)
+    if needed > table.size * bs:
+        raise Error(f"block_table.size(): expected >= {-(-needed // bs)} pages of {bs} tokens "
+                    f"({needed} tokens are read or written), got {table.size}")
+    pages = table[: -(-needed // bs)]
+    if pages.size and (pages.min() < 0 or pages.max() >= blocks):
+        j = int(np.flatnonzero((pages < 0) | (pages >= blocks))[0])
+        raise Error(f"block_table[{j}]: expected a page id in [0, {blocks}) (cache.extent[0]), "
+                    f"got {int(pages[j])}")
+    if n == 0:
+        return 0
+    dev = cache.device
+    tab = torch.from_numpy(table).to(dev)
+    src = torch.from_numpy(np.maximum(s, 0)).to(dev)
+    rows = kv[tab[src // bs], src % bs]  # [n, heads, dim], a copy
+    if c:
+        neg = torch.from_numpy(s < 0).to(dev)
+        rec = recycled if _is_torch(recycled) else torch.from_numpy(np.ascontiguousarray(recycled))
+        rec = rec.to(device=dev, dtype=cache.dtype)
+        rows[neg] = rec[torch.from_numpy(-s[s < 0] - 1).to(dev)]
+    dst = torch.arange(n, device=dev)
+    kv[tab[dst // bs], dst % bs] = rows
+    return n
 
 
 class PrefillSession:

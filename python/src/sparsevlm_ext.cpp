@@ -461,6 +461,27 @@ void apply_plan_py(const array_in& sequence, const array_in& hidden, const opt_a
   });
 }
 
+// compact_paged_kv on one layer's K (or V) pages, in place; the Python wrapper has
+// widened the block table and the sequence to int64 and named the layout.
+index_t compact_paged_kv_py(const array_in& sequence, const array_out& cache, bool hnd,
+                            const array_in& block_table, const opt_array& recycled) {
+  const DLTensor st = dl_of(sequence), bt = dl_of(block_table), ct = dl_of(cache);
+  const std::span<const index_t> seq = sv::span_of<const index_t>(st, "sequence");
+  const std::span<const index_t> table = sv::span_of<const index_t>(bt, "block_table");
+  const sv::page_layout layout =
+      hnd ? sv::page_layout::blocks_heads_tokens_dim : sv::page_layout::blocks_tokens_heads_dim;
+  return sv::visit_dlpack<4>(ct, "cache", [&](auto c) {
+    using TC = typename decltype(c)::value_type;
+    const auto kv = sv::view_of<TC, 4>(ct, "cache");
+    const auto run = [&](auto r) {
+      nb::gil_scoped_release unlocked;
+      return sv::compact_paged_kv(seq, kv, layout, table, r);
+    };
+    if (!recycled) return run(sv::tensor3_view<const float>(nullptr, {0, 0, 0}, "recycled"));
+    return visit<3>(*recycled, "recycled", run);
+  });
+}
+
 // How each unit of this module was compiled (cpu::unit_build), and what the
 // kernel tables hold: the guard against a size-optimised build (docs/python.md).
 nb::dict build_info_py() {
@@ -866,6 +887,8 @@ NB_MODULE(_sparsevlm, m) {
         return to_numpy(std::move(r), {n});
       },
       "embeds"_a, "visual"_a);
+  m.def("compact_paged_kv", &compact_paged_kv_py, "sequence"_a, "cache"_a, "hnd"_a, "block_table"_a,
+        "recycled"_a.none());
   m.def("apply_plan", &apply_plan_py, "sequence"_a, "hidden"_a, "merged"_a.none(), "out"_a);
   m.def("build_info", &build_info_py,
         "How each unit of the module was compiled and which kernel tables it holds.");
