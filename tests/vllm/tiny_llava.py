@@ -1,0 +1,101 @@
+"""A tiny random-weight LLaVA-1.5 saved as a checkpoint vLLM 0.32 and transformers both load.
+
+CLIP at 336 px with 14 px patches (576 image tokens, as LLaVA-1.5), a Llama decoder of
+hidden 256 and `layers` layers, a small byte-level BPE tokenizer trained here (no hub
+access), LLaVA's processor and prompt format ("USER: <image>\\n... ASSISTANT:"). float32.
+
+vLLM 0.32's loader expects the vision tower's weights as ``vision_tower.vision_model.*``
+(transformers 5.x saves ``vision_tower.*``); :func:`save` renames them; transformers
+loads either.
+"""
+from __future__ import annotations
+
+import os
+
+IMAGE = "<image>"
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", IMAGE]
+_CORPUS = [
+    "USER: What is in the picture? ASSISTANT: A cat sits on a red mat near the door.",
+    "Describe the image in one sentence. The sky is blue and the grass is green.",
+    "How many dogs are there? There are two dogs playing with a ball in the park.",
+    "What color is the car? The car is yellow, parked by the old stone bridge.",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9 . , ? !",
+]
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>",
+                                   extra_special_tokens={"image_token": IMAGE})
+
+
+def build(layers: int = 4, *, seed: int = 0, vocab: int = 512):
+    """(model, processor): the float32 LLaVA and its LlavaProcessor, weights from `seed`."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    tok = _tokenizer(vocab)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=2, projection_dim=64)
+    cfg = LlavaConfig(text_config=text, vision_config=vision,
+                      image_token_id=tok.convert_tokens_to_ids(IMAGE),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default",
+                      projector_hidden_act="gelu", tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(cfg).float().eval()
+    with torch.no_grad():  # a spread of attention, not a near-uniform one
+        for name, p in model.named_parameters():
+            if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+    ip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                          vision_feature_select_strategy="default", image_token=IMAGE,
+                          num_additional_image_tokens=1,
+                          chat_template=None)
+    return model, proc
+
+
+def save(model, proc, path: str) -> str:
+    """Writes the checkpoint (safetensors, config, tokenizer, processor) to `path`."""
+    import torch
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    model.config.save_pretrained(path)
+    model.generation_config.save_pretrained(path)
+    proc.save_pretrained(path)
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.vision_tower.") and not k.startswith("model.vision_tower.vision_model."):
+            k = "model.vision_tower.vision_model." + k[len("model.vision_tower."):]
+        state[k] = v.detach().contiguous().clone()
+    save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def image(seed: int = 0, size=(336, 336)):
+    """A random RGB picture (PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def prompt(question: str) -> str:
+    return f"USER: {IMAGE}\n{question} ASSISTANT:"
