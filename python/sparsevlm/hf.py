@@ -319,31 +319,9 @@ class Sparsified:
     def _config(self, prefix: int, visual: int, where: str) -> SessionConfig:
         """The SessionConfig for one row: the preset derived for its counts, with the
         handle's positions and budget."""
-        if isinstance(self.preset, str):
-            try:
-                c = derive_config(self.preset, self.layers, self.heads, self.hidden, self.mlp,
-                                  prefix, visual)
-            except Error as e:
-                raise Error(f"{where} ({self.preset!r} on this {self.layers}-layer model, "
-                            f"{visual} visual tokens): {e}") from None
-        else:
-            c = self.preset
-        schedule = []
-        for layer, opt in c.schedule:
-            if opt.gravity.enabled:
-                g = opt.gravity
-                if self.mrope:
-                    raise Error(f"{where}: SparseVLM+'s RoPE gravity expects 1-D RoPE, got mRoPE "
-                                f"({type(self.model).__name__}); use a v1/v1.5 preset")
-                tc = self.text_model.config
-                rope = getattr(tc, "rope_parameters", None) or {}
-                g.base = float(rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0)))
-                g.rotary_dim = g.rotary_dim or g.head_dim
-                opt = StepOptions(policy=opt.policy, recycle=opt.recycle, top_heads=opt.top_heads,
-                                  gravity=g)
-            schedule.append((layer, opt))
-        return SessionConfig(c.layers, schedule, positions=self.positions or c.positions,
-                             budget=self.budget or c.budget)
+        return session_config(self.preset, self.text_model.config, self.layers, self.heads,
+                              self.hidden, self.mlp, prefix, visual, self.positions, self.budget,
+                              self.mrope, type(self.model).__name__, where)
 
     # ---------------------------------------------------------------------- the forward
 
@@ -605,7 +583,7 @@ class Sparsified:
             plan = session.prune(layer, put(h), q=put(q), k=put(k), scale=scale)
         case = None
         if dump:
-            case = self._dump(dump, call_no, b, layer, h, a, None if a is not None else qfull, k,
+            case = write_case(dump, call_no, b, layer, h, a, None if a is not None else qfull, k,
                               scale, raters_before, first, visual, options, plan,
                               len(session.spans), embeds)
         return {"plan": plan, "case": case, "entering": n, "visual": visual_tokens}
@@ -728,80 +706,118 @@ class Sparsified:
 
     # ---------------------------------------------------------------------------- dumps
 
-    def _dump(self, root, call_no, b, layer, h, attn, q, k, scale, raters, first, visual,
-              options, plan, n_spans, embeds):
-        """Writes one step as a case folder (../shared/spec/case-format.md) with the
-        library's decision in expected/; returns the folder, or None when the step
-        cannot be written in the format (several spans, SparseVLM+ scoring)."""
-        import torch
+def write_case(root, call_no, b, layer, h, attn, q, k, scale, raters, first, visual, options,
+           plan, n_spans, embeds):
+    """Writes one pruning step as the case folder ``pid<PID>-call<N>-row<B>-layer<L>``
+    under `root` (../shared/spec/case-format.md) with the library's decision in
+    expected/; returns the folder, or None when the step cannot be written in the
+    format (several spans, SparseVLM+ scoring; the reason goes to skipped.txt).
+    h [n, d] the layer's output, attn [H, n, n] or q [H, n, dh] / k [Hkv, n, dh] the
+    whole sequence's, raters the session's before the step, first whether it is the
+    sequence's first step (embeds [n, d_e] then chose the raters). Shared by the
+    Hugging Face and vLLM integrations."""
+    import torch
 
-        name = f"pid{os.getpid()}-call{call_no:05d}-row{b:03d}-layer{layer:03d}"
-        path = os.path.join(os.fspath(root), name)
-        why = None
-        if n_spans != 1:
-            why = f"{n_spans} visual spans (a case has one)"
-        elif options.top_heads or options.gravity.enabled:
-            why = "SparseVLM+ scoring (top_heads / gravity are not in the case format)"
-        elif attn is None and scale and abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-6:
-            why = f"attention scale {scale} (a case's q/k are scored with 1/sqrt(dh))"
-        os.makedirs(root, exist_ok=True)
-        if why:
-            with open(os.path.join(root, "skipped.txt"), "a") as f:
-                f.write(f"{name}: {why}\n")
-            return None
-        os.makedirs(os.path.join(path, "expected"), exist_ok=True)
+    name = f"pid{os.getpid()}-call{call_no:05d}-row{b:03d}-layer{layer:03d}"
+    path = os.path.join(os.fspath(root), name)
+    why = None
+    if n_spans != 1:
+        why = f"{n_spans} visual spans (a case has one)"
+    elif options.top_heads or options.gravity.enabled:
+        why = "SparseVLM+ scoring (top_heads / gravity are not in the case format)"
+    elif attn is None and scale and abs(scale * q.shape[-1] ** 0.5 - 1.0) > 1e-6:
+        why = f"attention scale {scale} (a case's q/k are scored with 1/sqrt(dh))"
+    os.makedirs(root, exist_ok=True)
+    if why:
+        with open(os.path.join(root, "skipped.txt"), "a") as f:
+            f.write(f"{name}: {why}\n")
+        return None
+    os.makedirs(os.path.join(path, "expected"), exist_ok=True)
 
-        def arr(t):
-            t = t.detach().cpu()
-            return t.numpy() if t.dtype == torch.float16 else t.float().numpy()
+    def arr(t):
+        t = t.detach().cpu()
+        return t.numpy() if t.dtype == torch.float16 else t.float().numpy()
 
-        if attn is None:  # the probabilities the case format needs, from q/k
-            qf, kf = q.float(), k.float()
-            rep = qf.shape[0] // kf.shape[0]
-            kf = kf.repeat_interleave(rep, 0)
-            s = (qf @ kf.transpose(1, 2)) * (scale or qf.shape[-1] ** -0.5)
-            n = s.shape[-1]
-            causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
-            attn = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
-            np.save(os.path.join(path, "q.npy"), arr(q))
-            np.save(os.path.join(path, "k.npy"), arr(k))
-        np.save(os.path.join(path, "attn.npy"), arr(attn))
-        np.save(os.path.join(path, "hidden.npy"), arr(h))
-        # The input embeddings choose the raters at the first step; later steps give
-        # them, and embeds.npy (a required file) then holds the step's hidden states.
-        e = embeds if first else h
-        np.save(os.path.join(path, "embeds.npy"), arr(e))
-        pol = options.policy
-        case = {
-            "format": "sparsevlm-case/1",
-            "visual": {"start": int(visual[0]), "len": int(visual[1])},
-            "embeds": "embeds.npy", "attn": "attn.npy", "hidden": "hidden.npy",
-            "policy": ({"kind": "rank", "scale": pol.scale, "bias": pol.bias} if pol.kind == "rank"
-                       else {"kind": "fixed", "keep": int(pol.keep)}),
-            "recycle": {"enabled": bool(options.recycle.enabled),
-                        "fraction": options.recycle.fraction,
-                        "cluster_divisor": options.recycle.cluster_divisor},
-        }
-        if q is not None:
-            case["q"], case["k"] = "q.npy", "k.npy"
-        if not first:
-            case["raters"] = raters
-        with open(os.path.join(path, "case.json"), "w") as f:
-            json.dump(case, f, indent=1)
-        res = {
-            "raters": [int(r) for r in plan.raters], "rank": int(plan.rank),
-            "keep_count": int(plan.keep_count), "keep": [int(x) for x in plan.keep],
-            "clusters": [[int(x) for x in c] for c in plan.clusters],
-            "sequence": [int(x) for x in plan.sequence],
-        }
-        if plan.clusters:
-            res["merged"] = "merged.npy"
-            np.save(os.path.join(path, "expected", "merged.npy"),
-                    np.asarray(plan.merged.cpu() if hasattr(plan.merged, "cpu") else plan.merged,
-                               dtype=np.float32))
-        with open(os.path.join(path, "expected", "result.json"), "w") as f:
-            json.dump(res, f, indent=1)
-        return path
+    if attn is None:  # the probabilities the case format needs, from q/k
+        qf, kf = q.float(), k.float()
+        rep = qf.shape[0] // kf.shape[0]
+        kf = kf.repeat_interleave(rep, 0)
+        s = (qf @ kf.transpose(1, 2)) * (scale or qf.shape[-1] ** -0.5)
+        n = s.shape[-1]
+        causal = torch.ones(n, n, dtype=torch.bool, device=s.device).tril()
+        attn = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+        np.save(os.path.join(path, "q.npy"), arr(q))
+        np.save(os.path.join(path, "k.npy"), arr(k))
+    np.save(os.path.join(path, "attn.npy"), arr(attn))
+    np.save(os.path.join(path, "hidden.npy"), arr(h))
+    # The input embeddings choose the raters at the first step; later steps give
+    # them, and embeds.npy (a required file) then holds the step's hidden states.
+    e = embeds if first else h
+    np.save(os.path.join(path, "embeds.npy"), arr(e))
+    pol = options.policy
+    case = {
+        "format": "sparsevlm-case/1",
+        "visual": {"start": int(visual[0]), "len": int(visual[1])},
+        "embeds": "embeds.npy", "attn": "attn.npy", "hidden": "hidden.npy",
+        "policy": ({"kind": "rank", "scale": pol.scale, "bias": pol.bias} if pol.kind == "rank"
+                   else {"kind": "fixed", "keep": int(pol.keep)}),
+        "recycle": {"enabled": bool(options.recycle.enabled),
+                    "fraction": options.recycle.fraction,
+                    "cluster_divisor": options.recycle.cluster_divisor},
+    }
+    if q is not None:
+        case["q"], case["k"] = "q.npy", "k.npy"
+    if not first:
+        case["raters"] = raters
+    with open(os.path.join(path, "case.json"), "w") as f:
+        json.dump(case, f, indent=1)
+    res = {
+        "raters": [int(r) for r in plan.raters], "rank": int(plan.rank),
+        "keep_count": int(plan.keep_count), "keep": [int(x) for x in plan.keep],
+        "clusters": [[int(x) for x in c] for c in plan.clusters],
+        "sequence": [int(x) for x in plan.sequence],
+    }
+    if plan.clusters:
+        res["merged"] = "merged.npy"
+        np.save(os.path.join(path, "expected", "merged.npy"),
+                np.asarray(plan.merged.cpu() if hasattr(plan.merged, "cpu") else plan.merged,
+                           dtype=np.float32))
+    with open(os.path.join(path, "expected", "result.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return path
+
+
+def session_config(preset, text_config, layers: int, heads: int, hidden: int, mlp: int,
+                   prefix: int, visual: int, positions: Optional[str], budget: Optional[str],
+                   mrope: bool, model_name: str, where: str) -> SessionConfig:
+    """The SessionConfig for one sequence: `preset` (a name, derived for this model's
+    shape and the sequence's `prefix` and `visual` counts by ``derive_config``, or a
+    SessionConfig) with `positions` and `budget` when given; SparseVLM+'s RoPE gravity
+    takes the decoder's RoPE base from `text_config`. Shared by the Hugging Face and
+    vLLM integrations. Raises :class:`Error` prefixed by `where`."""
+    if isinstance(preset, str):
+        try:
+            c = derive_config(preset, layers, heads, hidden, mlp, prefix, visual)
+        except Error as e:
+            raise Error(f"{where} ({preset!r} on this {layers}-layer model, "
+                        f"{visual} visual tokens): {e}") from None
+    else:
+        c = preset
+    schedule = []
+    for layer, opt in c.schedule:
+        if opt.gravity.enabled:
+            g = opt.gravity
+            if mrope:
+                raise Error(f"{where}: SparseVLM+'s RoPE gravity expects 1-D RoPE, got mRoPE "
+                            f"({model_name}); use a v1/v1.5 preset")
+            rope = getattr(text_config, "rope_parameters", None) or {}
+            g.base = float(rope.get("rope_theta", getattr(text_config, "rope_theta", 10000.0)))
+            g.rotary_dim = g.rotary_dim or g.head_dim
+            opt = StepOptions(policy=opt.policy, recycle=opt.recycle, top_heads=opt.top_heads,
+                              gravity=g)
+        schedule.append((layer, opt))
+    return SessionConfig(c.layers, schedule, positions=positions or c.positions,
+                         budget=budget or c.budget)
 
 
 class _State:

@@ -1,0 +1,104 @@
+"""Attention-metadata rewriters: one per vLLM attention backend (docs/vllm.md).
+
+After a cut, the layers that follow see other query lengths, other cache lengths and
+other slots than the step's metadata describes. A :class:`Rewriter` returns a new
+metadata object for them from the step's (which all layers of a KV-cache group share,
+so it is never mutated) and the new per-request counts.
+
+CPU_ATTN is tested (tests/vllm). FLASH_ATTN is written to the same interface from
+vLLM 0.32's ``FlashAttentionMetadata`` and has not run: no GPU was available (it is
+refused unless ``SPARSEVLM_VLLM_UNTESTED=1``). Other backends (FlashInfer, Triton,
+FlexAttention, ...) have no rewriter and are refused at start-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from .. import Error
+
+
+class Rewriter:
+    """rewrite(md, layer, query_start_loc [R+1] int32, seq_lens [R] int32, slot_mapping
+    [T'] int64) -> a new metadata object of md's type for `layer`'s group; md is not
+    changed. The tensors are on md's devices."""
+
+    def rewrite(self, md, layer, query_start_loc, seq_lens, slot_mapping):
+        raise NotImplementedError
+
+
+def _counts(query_start_loc, seq_lens):
+    q = query_start_loc.cpu()
+    lens = q[1:] - q[:-1]
+    return int(q[-1]), int(lens.max()) if lens.numel() else 0, \
+        int(seq_lens.max()) if seq_lens.numel() else 0
+
+
+class CpuAttnRewriter(Rewriter):
+    """CPU_ATTN (``v1/attention/backends/cpu_attn.py``): the counts, and the scheduler
+    metadata rebuilt as its builder does (``ops.cpu_attn_get_scheduler_metadata``)."""
+
+    def __init__(self, vllm_config):
+        self.dtype = vllm_config.model_config.dtype
+
+    def rewrite(self, md, layer, query_start_loc, seq_lens, slot_mapping):
+        from vllm import _custom_ops as ops
+        from vllm import envs
+
+        if md.dynamic_causal is not None or md.encoder_cache is not None or md.use_sdpa_prefill:
+            raise Error("attention metadata: expected CPU_ATTN's causal decoder path, got "
+                        "dynamic causality, an encoder cache or the SDPA prefill")
+        impl = layer.impl
+        tokens, max_q, max_s = _counts(query_start_loc, seq_lens)
+        window = impl.sliding_window if impl.sliding_window is not None else -1
+        sched = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=int(seq_lens.numel()), num_heads=impl.num_heads,
+            num_kv_heads=impl.num_kv_heads, head_dim=impl.head_size, seq_lens=seq_lens,
+            dtype=self.dtype, query_start_loc=query_start_loc, causal=md.causal,
+            sliding_window_size=window, isa=layer.isa, enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+            dynamic_causal=None, kv_cache_dtype=impl.kv_cache_dtype)
+        return dataclasses.replace(md, num_actual_tokens=tokens, max_query_len=max_q,
+                                   query_start_loc=query_start_loc, max_seq_len=max_s,
+                                   seq_lens=seq_lens, slot_mapping=slot_mapping,
+                                   scheduler_metadata=sched)
+
+
+class FlashAttnRewriter(Rewriter):
+    """FLASH_ATTN (``v1/attention/backends/flash_attn.py``), untested: the counts on
+    the device; no cascade, no DCP, no ahead-of-time schedule (FlashAttention then
+    schedules itself)."""
+
+    def rewrite(self, md, layer, query_start_loc, seq_lens, slot_mapping):
+        if getattr(md, "use_cascade", False) or getattr(md, "dcp_context_kv_lens", None) is not None:
+            raise Error("attention metadata: expected FlashAttention without cascade attention "
+                        "or decode context parallelism, got them")
+        tokens, max_q, max_s = _counts(query_start_loc, seq_lens)
+        lens = (query_start_loc[1:] - query_start_loc[:-1]).cpu()
+        decodes = int((lens == 1).sum())
+        return dataclasses.replace(
+            md, num_actual_tokens=tokens, max_query_len=max_q, query_start_loc=query_start_loc,
+            max_seq_len=max_s, seq_lens=seq_lens, slot_mapping=slot_mapping,
+            scheduler_metadata=None, max_num_splits=0, num_decode_reqs=decodes,
+            num_prefill_reqs=int(lens.numel()) - decodes, num_decode_tokens=decodes,
+            num_prefill_tokens=tokens - decodes)
+
+
+REWRITERS = {"CPU_ATTN": CpuAttnRewriter, "FLASH_ATTN": FlashAttnRewriter}
+TESTED = ("CPU_ATTN",)
+
+
+def rewriter_for(layer, vllm_config) -> Rewriter:
+    """The rewriter for `layer`'s backend; refuses a backend without a tested one
+    (an untested one with ``SPARSEVLM_VLLM_UNTESTED=1``), naming it."""
+    name = layer.attn_backend.get_name()
+    untested = os.environ.get("SPARSEVLM_VLLM_UNTESTED") == "1"
+    if name not in REWRITERS or (name not in TESTED and not untested):
+        raise Error(f"attention backend: expected one of {list(TESTED)} (the backends whose "
+                    f"metadata the plugin rewrites and tests"
+                    + (f"; {[n for n in REWRITERS if n not in TESTED]} are written but untested, "
+                       f"SPARSEVLM_VLLM_UNTESTED=1 allows them" if name in REWRITERS else "")
+                    + f"), got {name}")
+    return REWRITERS[name](vllm_config) if name == "CPU_ATTN" else REWRITERS[name]()
+
+
+__all__ = ["Rewriter", "CpuAttnRewriter", "FlashAttnRewriter", "REWRITERS", "rewriter_for"]

@@ -1,0 +1,437 @@
+"""The SparseVLM model classes vLLM builds (registered by :func:`sparsevlm.vllm.register`).
+
+Each class is vLLM's own model class (its multimodal processor, vision tower and
+weight loading are inherited) whose ``forward`` runs the decoder itself through
+:class:`Runtime`: the stock layers, one by one, with the sequence of every request
+that prefills an image cut after each of its pruning layers. What makes that work
+inside vLLM V1 (docs/vllm.md, "Internals relied on"):
+
+- ``requires_raw_input_tokens``: the runner passes ``input_ids`` with the merged
+  ``inputs_embeds``, so the image placeholders say where the visual tokens are.
+- Every attention layer reads its metadata from ``forward_context.attn_metadata
+  [layer_name]`` and writes K/V at ``forward_context.slot_mapping[layer_name]``. After
+  a cut the following layers get their own entries (rewritten by the backend's
+  :class:`sparsevlm.vllm.attention.Rewriter`); the shared metadata object is never
+  mutated, and both dicts are restored when the forward returns.
+- A pruned request's later layers hold its surviving tokens' K/V in its first slots
+  (vLLM's KV manager still reserves all of them: memory is not saved). Decoding gives
+  those layers ``seq_len - removed`` and the matching slot and position id; the
+  state lives in :class:`_Pruned`, keyed by the request's first KV block (request
+  identity is not visible to a model; with prefix caching off a block has one owner).
+- The output keeps the input's token count (the runner reads it at the original
+  token indices): each surviving token at its place, zeros where one was pruned.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import Error, Layout, PrefillSession, apply_plan
+from ..hf import _runs, session_config, write_case
+from . import OPTIONS, TESTED_VLLM
+from .attention import rewriter_for
+
+_CALLS = itertools.count()  # process-wide prefill counter: dump folder names
+_RESUMABLE = 256  # ended or evicted requests remembered for a resume after preemption
+
+
+def check_engine(vllm_config) -> None:
+    """Refuses, naming the setting, an engine the plugin cannot run exactly."""
+    import vllm
+
+    if vllm.__version__.split("+")[0] != TESTED_VLLM:
+        raise Error(f"vllm: expected version {TESTED_VLLM} (the plugin relies on its internals, "
+                    f"docs/vllm.md), got {vllm.__version__}")
+    mc, cc, sc, pc = (vllm_config.model_config, vllm_config.cache_config,
+                      vllm_config.scheduler_config, vllm_config.parallel_config)
+    why = []
+    if cc.enable_prefix_caching:
+        why.append("enable_prefix_caching: expected False (a pruned layer's cache cannot be "
+                   "shared by prefix; request state is keyed by the first block), got True")
+    if sc.enable_chunked_prefill:
+        why.append("enable_chunked_prefill: expected False (the raters need the whole prompt "
+                   "in one step), got True")
+    if not mc.enforce_eager:
+        why.append("enforce_eager: expected True (pruned shapes are data-dependent; a "
+                   "CUDA-graph or compiled decode would replay stale metadata), got False")
+    if pc.pipeline_parallel_size != 1:
+        why.append(f"pipeline_parallel_size: expected 1, got {pc.pipeline_parallel_size}")
+    if pc.tensor_parallel_size != 1:
+        why.append(f"tensor_parallel_size: expected 1 (not yet supported by the plugin, "
+                   f"docs/vllm.md), got {pc.tensor_parallel_size}")
+    if vllm_config.speculative_config is not None:
+        why.append("speculative_config: expected None (drafts would decode against pruned "
+                   "caches the draft model does not have), got one")
+    if why:
+        raise Error("sparsevlm.vllm: this engine's settings cannot be pruned exactly: "
+                    + "; ".join(why) + " (sparsevlm.vllm.engine_args gives the settings)")
+
+
+def _options(hf_config) -> dict:
+    raw = getattr(hf_config, "sparsevlm", None) or {}
+    if not isinstance(raw, dict):
+        raise Error(f"hf_overrides['sparsevlm']: expected a dict, got {type(raw).__name__}")
+    bad = sorted(set(raw) - set(OPTIONS))
+    if bad:
+        raise Error(f"hf_overrides['sparsevlm']: expected keys among {list(OPTIONS)}, got {bad}")
+    out = {k: raw.get(k) for k in OPTIONS}
+    out["preset"] = out["preset"] or "v1.5-192"
+    return out
+
+
+@dataclass
+class _Pruned:
+    """One pruned request, for its decode steps and a resume after preemption.
+
+    prompt: its prompt's ids; removed [layers]: tokens fewer than the prompt each
+    layer's cache holds; base [layers]: each layer's first decode position id;
+    raters: the session's (prompt positions); decoded: ids fed by decode steps."""
+
+    prompt: torch.Tensor
+    removed: list
+    base: list
+    raters: list
+    decoded: list = field(default_factory=list)
+
+
+@dataclass
+class _Req:
+    """One request of the current step: its place in the flat batch (``q0``, ``n``
+    tokens), ``seq`` its seq_len, ``block`` its first block id, and what runs:
+    ``session`` (a pruned prefill) or ``state`` (a decode of a pruned request)."""
+
+    index: int
+    q0: int
+    n: int
+    seq: int
+    block: int
+    session: Optional[PrefillSession] = None
+    state: Optional[_Pruned] = None
+    embeds: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None  # the current [n] position ids
+    removed: int = 0  # tokens removed so far (prefill)
+    slots: Optional[torch.Tensor] = None  # the request's slot for each cache index
+
+
+class Runtime:
+    """The decoder loop of one SparseVLM model instance (see the module's doc)."""
+
+    def __init__(self, model, vllm_config):
+        text = model.language_model.model
+        self.model = model
+        self.text = text
+        self.layers = list(text.layers)
+        if getattr(text, "start_layer", 0) != 0 or getattr(text, "end_layer", len(self.layers)) \
+                != len(self.layers):
+            raise Error("pipeline_parallel_size: expected 1 (the plugin runs every decoder "
+                        "layer), got a partial model")
+        hf = vllm_config.model_config.hf_config
+        self.options = _options(hf)
+        tc = hf.text_config
+        self.text_config = tc
+        self.n_layers = len(self.layers)
+        self.heads = int(tc.num_attention_heads)
+        self.hidden = int(tc.hidden_size)
+        self.mlp = int(getattr(tc, "intermediate_size", 4 * self.hidden))
+        image = getattr(hf, "image_token_id", None)
+        if image is None:
+            image = getattr(hf, "image_token_index", None)
+        if image is None:
+            raise Error("hf_config.image_token_id: expected the image placeholder id, got none")
+        self.visual_ids = [int(image)]
+        self.attn = [layer.self_attn.attn for layer in self.layers]
+        self.names = [a.layer_name for a in self.attn]
+        self.rewriter = rewriter_for(self.attn[0], vllm_config)  # refuses other backends
+        # The schedule must fit the model before the engine starts (LLaVA-1.5's counts).
+        self._config(35, 576, "hf_overrides['sparsevlm']['preset']")
+        self.states: dict = {}  # first block id -> _Pruned
+        self.resumable: collections.OrderedDict = collections.OrderedDict()  # ended requests
+        self._ended = itertools.count()
+        self._capture: dict = {}
+        for j, a in enumerate(self.attn):
+            a.register_forward_pre_hook(self._hook(j))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _config(self, prefix: int, visual: int, where: str):
+        o = self.options
+        return session_config(o["preset"], self.text_config, self.n_layers, self.heads, self.hidden,
+                              self.mlp, prefix, visual, o["positions"], o["budget"], False,
+                              type(self.model).__name__, where)
+
+    def _hook(self, j: int):
+        def pre(module, args):
+            slot = self._capture.get(j)
+            if slot is not None:  # q [T, H*dh], k [T, Hkv*dh] after RoPE
+                slot["q"], slot["k"] = args[0], args[1]
+        return pre
+
+    def _forget(self, block: int) -> None:
+        st = self.states.pop(block, None)
+        if st is not None:
+            self.resumable[next(self._ended)] = st
+            while len(self.resumable) > _RESUMABLE:
+                self.resumable.popitem(last=False)
+
+    def _resumed(self, ids: torch.Tensor) -> Optional[list]:
+        """The raters of a pruned request that was preempted and is now recomputed
+        (vLLM prefills its prompt and outputs again): a known request whose prefilled
+        ids, then the ids its decode steps fed, then one more token make up `ids`.
+        The raters' scores depend only on earlier tokens (causal attention), so the
+        recompute decides what the first prefill did; raters chosen afresh would
+        count the outputs too. Found, not removed: two requests can be identical."""
+        n = ids.numel()
+        for st in itertools.chain(self.states.values(), reversed(self.resumable.values())):
+            p, d = len(st.prompt), len(st.decoded)
+            if p + d + 1 == n and torch.equal(ids[:p], st.prompt) and \
+                    ids[p:p + d].tolist() == st.decoded:
+                return list(st.raters)
+        return None
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, input_ids, positions, intermediate_tensors, inputs_embeds, stock, **kwargs):
+        from vllm.forward_context import get_forward_context
+
+        fc = get_forward_context()
+        md_all = fc.attn_metadata
+        if intermediate_tensors is not None:
+            raise Error("intermediate_tensors: expected None (pipeline parallelism is refused), "
+                        "got some")
+        md0 = md_all.get(self.names[0]) if isinstance(md_all, dict) else None
+        if md0 is None or input_ids is None or inputs_embeds is None:
+            return stock(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        reqs = self._requests(md0, input_ids, positions, inputs_embeds)
+        if not any(r.session is not None or r.state is not None for r in reqs):
+            return stock(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
+        slots = dict(fc.slot_mapping)
+        try:
+            return self._run(fc, md_all, reqs, input_ids, positions, inputs_embeds)
+        finally:
+            fc.attn_metadata, fc.slot_mapping = md_all, slots
+            self._capture.clear()
+
+    def _requests(self, md, input_ids, positions, embeds) -> list:
+        qsl = md.query_start_loc.cpu().tolist()
+        seq = md.seq_lens.cpu().tolist()
+        table = md.block_table
+        reqs = []
+        dump = self.options["dump_dir"] or os.environ.get("SPARSEVLM_DUMP_DIR") or None
+        ids_host = None
+        for r in range(len(seq)):
+            q0, q1 = int(qsl[r]), int(qsl[r + 1])
+            n, s = q1 - q0, int(seq[r])
+            block = int(table[r, 0])
+            req = _Req(r, q0, n, s, block)
+            if n == s:  # a prefill from scratch (prefix caching and chunking are off)
+                self._forget(block)
+                if ids_host is None:
+                    ids_host = input_ids.cpu()
+                ids = ids_host[q0:q1]
+                spans = _runs(ids.numpy(), self.visual_ids, None)
+                if spans:
+                    self._start(req, ids, spans, embeds, positions, r)
+            else:
+                st = self.states.get(block)
+                if st is not None:
+                    if n != 1:
+                        raise Error(f"request {r}: expected one new token per decode step of a "
+                                    f"pruned request, got {n} (chunked prefill or speculative "
+                                    f"decoding)")
+                    st.decoded.append(int(input_ids[q0]))
+                    req.state = st
+            reqs.append(req)
+        self.dump = dump
+        return reqs
+
+    def _start(self, req, ids, spans, embeds, positions, r):
+        n = req.n
+        e = embeds[req.q0:req.q0 + n]
+        conf = self._config(spans[0][0], sum(s[1] for s in spans), f"request {r}")
+        resumed = self._resumed(ids)
+        pos = positions[req.q0:req.q0 + n]
+        kw = {"raters": resumed} if resumed is not None else {"embeds": e.detach().cpu()}
+        req.session = PrefillSession(Layout(n, spans), conf, positions=pos.cpu()[None].contiguous(),
+                                     **kw)
+        req.embeds = e
+        req.positions = pos
+        req.state = _Pruned(ids.clone(), [0] * self.n_layers, [n] * self.n_layers,
+                            [int(x) for x in req.session.raters.tolist()])
+
+    # ------------------------------------------------------------- the decoder loop
+
+    def _run(self, fc, md_all, reqs, input_ids, positions, embeds):
+        dev = embeds.device
+        T = int(embeds.shape[0])
+        md0 = md_all[self.names[0]]
+        table = md0.block_table
+        block_size = int(self.attn[0].kv_cache.shape[2])  # [blocks, Hkv, bs, 2 dh] (CPU_ATTN)
+        call_no = next(_CALLS) if any(r.session for r in reqs) else None
+        # The current flat batch: per request its hidden rows and positions.
+        segs = [embeds[r.q0:r.q0 + r.n] for r in reqs]
+        poss = [positions[r.q0:r.q0 + r.n] for r in reqs]
+        hidden, residual = embeds[:T], None
+        if T > sum(r.n for r in reqs):  # padding rows after the requests: not carried
+            hidden = hidden[:sum(r.n for r in reqs)]
+        base_md, base_slots = dict(md_all), dict(fc.slot_mapping)
+        cur_md, cur_slots = base_md, base_slots
+        key_prev = None
+        flat_pos = positions[:hidden.shape[0]]
+        for i, layer in enumerate(self.layers):
+            key = tuple((r.removed, r.state.removed[i] if r.session is None and r.state else 0)
+                        for r in reqs)
+            if key != key_prev:
+                if all(a == 0 and b == 0 for a, b in key):
+                    cur_md, cur_slots = base_md, base_slots
+                    flat_pos = positions[:hidden.shape[0]]
+                else:
+                    cur_md, cur_slots, flat_pos = self._rewrite(i, reqs, md0, base_md, base_slots,
+                                                                table, block_size, poss, dev)
+                key_prev = key
+                fc.attn_metadata, fc.slot_mapping = cur_md, cur_slots
+            prunes = [r for r in reqs if r.session is not None and r.session.prunes_after(i)]
+            if prunes:
+                self._capture[i] = {}
+            hidden, residual = layer(flat_pos, hidden, residual)
+            if not prunes:
+                continue
+            slot = self._capture.pop(i)
+            if "q" not in slot:
+                raise Error(f"layer {i}: expected its attention to run (vLLM internals changed; "
+                            f"docs/vllm.md), got no call")
+            stream = hidden + residual
+            segs = list(torch.split(stream, [s.shape[0] for s in segs]))
+            qs = torch.split(slot["q"][:stream.shape[0]], [s.shape[0] for s in segs])
+            ks = torch.split(slot["k"][:stream.shape[0]], [s.shape[0] for s in segs])
+            for r in prunes:
+                j = reqs.index(r)
+                segs[j], poss[j] = self._prune(r, i, segs[j], qs[j], ks[j], call_no, dev)
+            hidden, residual = torch.cat(segs), None
+            key_prev = None  # the flat batch changed
+        out, _ = (self.text.norm(hidden, residual) if residual is not None
+                  else (self.text.norm(hidden), None))
+        return self._unpack(out, reqs, T)
+
+    def _prune(self, r, i, h, q_flat, k_flat, call_no, dev):
+        attn = self.attn[i]
+        s = r.session
+        n = h.shape[0]
+        H, Hkv, dh = attn.num_heads, attn.num_kv_heads, attn.head_size
+        q_all = q_flat.reshape(n, H, dh).transpose(0, 1)
+        k = k_flat.reshape(n, Hkv, dh).transpose(0, 1)
+        raters_before = [int(x) for x in s.raters.tolist()]
+        first = s.steps_done == 0
+        visual = s.visual
+        options = dict(s.config.schedule)[i]
+        q = q_all.index_select(1, torch.as_tensor(raters_before, dtype=torch.long, device=dev))
+        scale = float(attn.impl.scale)
+        plan = s.prune(i, h.detach().cpu(), q=q.detach().cpu().contiguous(),
+                       k=k.detach().cpu().contiguous(), scale=scale)
+        if self.dump:
+            write_case(self.dump, call_no, r.index, i, h, None, q_all, k, scale, raters_before,
+                       first, visual, options, plan, len(s.spans), r.embeds)
+        new_h = apply_plan(plan, h)
+        pos = torch.as_tensor(np.asarray(plan.positions), dtype=positions_dtype(r.positions),
+                              device=dev).reshape(-1)
+        r.removed = r.state.prompt.numel() - new_h.shape[0]
+        st = r.state
+        nxt = int(pos.max()) + 1 if pos.numel() else 0
+        for j in range(i + 1, self.n_layers):
+            st.removed[j], st.base[j] = r.removed, nxt
+        return new_h, pos
+
+    def _rewrite(self, i, reqs, md0, base_md, base_slots, table, bs, poss, dev):
+        """Layer i's metadata, slot mapping and position ids when some request's
+        tokens or cache length differ from the step's."""
+        qsl, seq, slots, pos = [0], [], [], []
+        for r, p in zip(reqs, poss):
+            if r.session is not None:  # a prefill (pruned or not yet)
+                n = p.shape[0]
+                idx = torch.arange(n, device=dev)
+                seq.append(n)
+                pos.append(p)
+            elif r.state is not None:  # a decode: its cache is `removed` rows shorter here
+                rm = r.state.removed[i]
+                idx = torch.tensor([r.seq - 1 - rm], device=dev)
+                seq.append(r.seq - rm)
+                t = p - r.state.prompt.numel()
+                pos.append(t + r.state.base[i])
+            else:
+                idx = torch.arange(r.seq - r.n, r.seq, device=dev)
+                seq.append(r.seq)
+                pos.append(p)
+            qsl.append(qsl[-1] + int(idx.numel()))
+            blocks = table[r.index].to(dev).long().index_select(0, idx // bs)
+            slots.append(blocks * bs + idx % bs)
+        slot_t = torch.cat(slots)
+        qsl_t = torch.tensor(qsl, dtype=md0.query_start_loc.dtype, device=md0.query_start_loc.device)
+        seq_t = torch.tensor(seq, dtype=md0.seq_lens.dtype, device=md0.seq_lens.device)
+        md = dict(base_md)
+        sl = dict(base_slots)
+        done: dict = {}
+        for j, name in enumerate(self.names):  # layers of one metadata object share one rewrite
+            old = base_md[name]
+            if id(old) not in done:
+                done[id(old)] = self.rewriter.rewrite(old, self.attn[j], qsl_t, seq_t,
+                                                      slot_t.to(base_slots[name].dtype))
+            md[name] = done[id(old)]
+            sl[name] = md[name].slot_mapping
+        return md, sl, torch.cat(pos).to(torch.long)
+
+    def _unpack(self, hidden, reqs, T):
+        out = hidden.new_zeros(T, hidden.shape[-1])
+        at = 0
+        for r in reqs:
+            s = r.session
+            if s is None or s.steps_done == 0:
+                m = r.n
+                out[r.q0:r.q0 + m] = hidden[at:at + m]
+            else:
+                m = s.length
+                origin = torch.as_tensor(np.asarray(s.origins), dtype=torch.long,
+                                         device=hidden.device)
+                live = torch.nonzero(origin >= 0).flatten()
+                out.index_copy_(0, r.q0 + origin.index_select(0, live),
+                                hidden[at:at + m].index_select(0, live))
+                self.states[r.block] = r.state
+            at += m
+        return out
+
+
+def positions_dtype(p):
+    return p.dtype if p is not None else torch.long
+
+
+def _mixin(base):
+    """vLLM's model class `base` with the SparseVLM forward."""
+
+    class SparseVLM(base):
+        requires_raw_input_tokens = True
+
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            check_engine(vllm_config)  # before the weights load: refuse early
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.sparsevlm = Runtime(self, vllm_config)
+
+        def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
+                    **kwargs):
+            return self.sparsevlm.forward(input_ids, positions, intermediate_tensors,
+                                          inputs_embeds, super().forward, **kwargs)
+
+    SparseVLM.__name__ = SparseVLM.__qualname__ = f"SparseVLM{base.__name__}"
+    return SparseVLM
+
+
+def _classes():
+    from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+
+    return {"SparseVLMLlavaForConditionalGeneration": _mixin(LlavaForConditionalGeneration)}
+
+
+globals().update(_classes())
