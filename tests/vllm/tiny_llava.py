@@ -99,3 +99,24 @@ def image(seed: int = 0, size=(336, 336)):
 
 def prompt(question: str) -> str:
     return f"USER: {IMAGE}\n{question} ASSISTANT:"
+
+
+def text_prompt(question: str) -> str:
+    """A prompt without an image (the plugin leaves it to the stock path)."""
+    return f"USER: {question} ASSISTANT:"
+
+
+def inputs(processor, prompts, path: str) -> str:
+    """Writes the processor's input_ids (ids<i>) and pixel_values (pix<i>, prompts with
+    an image) of `prompts` ({"question", "image": seed or None}) to the .npz `path`."""
+    import numpy as np
+
+    arrays = {}
+    for i, p in enumerate(prompts):
+        if p.get("image") is None:
+            arrays[f"ids{i}"] = processor(text=text_prompt(p["question"]), return_tensors="np")["input_ids"]
+        else:
+            x = processor(images=image(p["image"]), text=prompt(p["question"]), return_tensors="np")
+            arrays[f"ids{i}"], arrays[f"pix{i}"] = x["input_ids"], x["pixel_values"]
+    np.savez(path, **arrays)
+    return path

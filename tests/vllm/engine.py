@@ -1,0 +1,117 @@
+"""Runs one vLLM engine on the tiny LLaVA and writes what it generated, as JSON.
+
+    build/venv-vllm/bin/python tests/vllm/engine.py spec.json out.json
+
+spec: {"model": dir, "engine": {LLM keyword arguments}, "sparsevlm": {engine_args keyword
+arguments} or null (stock), "runs": [{"kind": "batch" | "staggered", "prompts": [{"question",
+"image" (a seed, or null), "max_tokens"}]}]}. A "batch" run is one ``llm.generate``; a
+"staggered" run adds its prompts one at a time through the engine's ``add_request``,
+each after the previous one decoded two tokens, so prefills share steps with decodes.
+
+out: {"runs": [[{"tokens", "logprobs", "prompt_len"}] per prompt], "steps": per forward of
+the SparseVLM model, its requests as [tokens, seq_len, "prefill" | "decode" | "stock"];
+"resumes": prefills recognised as a preempted request's recompute; "error": the
+exception's text when the engine failed to start}. One process (the engine runs in it:
+VLLM_ENABLE_V1_MULTIPROCESSING=0) so the plugin's steps can be recorded here.
+"""
+import json
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tiny_llava  # noqa: E402
+
+STEPS: list = []
+RESUMES = [0]
+
+
+def _record():
+    from sparsevlm.vllm import models
+
+    requests, resumed = models.Runtime._requests, models.Runtime._resumed
+
+    def _requests(self, md, *a):
+        reqs = requests(self, md, *a)
+        STEPS.append([[r.n, r.seq, "prefill" if r.session is not None else
+                       "decode" if r.state is not None else "stock"] for r in reqs])
+        return reqs
+
+    def _resumed(self, ids):
+        out = resumed(self, ids)
+        RESUMES[0] += out is not None
+        return out
+
+    models.Runtime._requests, models.Runtime._resumed = _requests, _resumed
+
+
+def _prompt(p):
+    if p.get("image") is None:
+        return {"prompt": tiny_llava.text_prompt(p["question"])}
+    return {"prompt": tiny_llava.prompt(p["question"]),
+            "multi_modal_data": {"image": tiny_llava.image(p["image"])}}
+
+
+def _result(out):
+    o = out.outputs[0]
+    return {"tokens": list(o.token_ids),
+            "logprobs": [float(lp[t].logprob) for t, lp in zip(o.token_ids, o.logprobs)],
+            "prompt_len": len(out.prompt_token_ids)}
+
+
+def _staggered(llm, vllm, prompts):
+    eng = llm.llm_engine
+    done: dict = {}
+    pending = list(enumerate(prompts))
+    decoded = 2  # the first prompt starts at once
+    while pending or eng.has_unfinished_requests():
+        if pending and decoded >= 2:
+            i, p = pending.pop(0)
+            eng.add_request(str(i), _prompt(p), _params(vllm, p))
+            decoded = 0
+        for out in eng.step():
+            if out.finished:
+                done[int(out.request_id)] = _result(out)
+        decoded += 1
+    return [done[i] for i in range(len(prompts))]
+
+
+def _params(vllm, p):
+    return vllm.SamplingParams(max_tokens=p["max_tokens"], temperature=0.0, logprobs=1)
+
+
+def main(spec_path, out_path):
+    spec = json.load(open(spec_path))
+    out = {"runs": [], "steps": STEPS, "resumes": 0}
+    import vllm
+
+    kw = {}
+    if spec.get("sparsevlm") is not None:
+        import sparsevlm.vllm
+
+        _record()
+        kw = sparsevlm.vllm.engine_args(**spec["sparsevlm"])
+    kw.update(spec["engine"])  # after: the refused settings' test overrides engine_args
+    try:
+        llm = vllm.LLM(model=spec["model"], dtype="float32", runner="generate",
+                       limit_mm_per_prompt={"image": 1}, **kw)
+    except Exception as e:  # the refused settings' test reads this
+        out["error"] = f"{type(e).__name__}: {e}"
+        json.dump(out, open(out_path, "w"))
+        return
+    for run in spec["runs"]:
+        prompts = run["prompts"]
+        if run["kind"] == "batch":
+            res = llm.generate([_prompt(p) for p in prompts],
+                               [_params(vllm, p) for p in prompts])
+            out["runs"].append([_result(r) for r in res])
+        else:
+            out["runs"].append(_staggered(llm, vllm, prompts))
+    out["resumes"] = RESUMES[0]
+    json.dump(out, open(out_path, "w"))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,204 @@
+"""The vLLM plugin (sparsevlm.vllm) on vLLM 0.32's CPU build, against the Hugging Face
+drop-in (sparsevlm.hf) on the same float32 weights. Runs in build/venv-vllm
+(./scripts/vllm-env.sh), with build/venv (./scripts/python-env.sh) for the reference:
+
+    build/venv-vllm/bin/python -m pytest -q tests/vllm
+
+Each engine runs in its own process (tests/vllm/engine.py), the reference in build/venv
+(tests/vllm/hf_reference.py). The tiny LLaVA has 8 decoder layers: v1.5-192 prunes after
+layers 0, 1 and 3 (576 visual tokens -> 300 -> 200 -> 110, with recycled tokens).
+"""
+import glob
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+import tiny_llava  # noqa: E402
+
+vllm = pytest.importorskip("vllm", reason="run in build/venv-vllm (./scripts/vllm-env.sh)")
+import sparsevlm  # noqa: E402
+import sparsevlm.vllm as svv  # noqa: E402
+
+HF_PYTHON = os.path.join(ROOT, "build", "venv", "bin", "python")
+PRESET = "v1.5-192"
+PRUNED_AFTER = [0, 1, 3]
+PROMPTS = [
+    {"question": "What is in the picture?", "image": 0, "max_tokens": 8},
+    {"question": "How many dogs?", "image": 1, "max_tokens": 12},
+    {"question": "What color is the car?", "image": None, "max_tokens": 6},
+]
+ENGINE = {"max_model_len": 1024}
+
+
+def _engine(tmp, name, spec):
+    """Runs tests/vllm/engine.py on `spec` in a fresh process; returns its JSON."""
+    sp, out = os.path.join(tmp, f"{name}.json"), os.path.join(tmp, f"{name}.out.json")
+    json.dump(spec, open(sp, "w"))
+    r = subprocess.run([sys.executable, os.path.join(HERE, "engine.py"), sp, out],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"engine.py {name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+    return json.load(open(out))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, proc = tiny_llava.build(8, seed=1)
+    path = tiny_llava.save(model, proc, str(tmp_path_factory.mktemp("tiny") / "llava8"))
+    from transformers import AutoProcessor
+
+    inputs = tiny_llava.inputs(AutoProcessor.from_pretrained(path), PROMPTS,
+                               os.path.join(path, "inputs.npz"))
+    return path, inputs
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny, tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("pruned"))
+    dump = os.path.join(tmp, "dump")
+    out = _engine(tmp, "pruned", {
+        "model": tiny[0], "engine": ENGINE,
+        "sparsevlm": {"preset": PRESET, "dump_dir": dump},
+        "runs": [{"kind": "batch", "prompts": PROMPTS}, {"kind": "staggered", "prompts": PROMPTS}]})
+    return out, dump
+
+
+@pytest.fixture(scope="module")
+def stock(tiny, tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("stock"))
+    return _engine(tmp, "stock", {"model": tiny[0], "engine": dict(ENGINE, enforce_eager=True),
+                                  "sparsevlm": None,
+                                  "runs": [{"kind": "batch", "prompts": PROMPTS}]})
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    if not os.path.exists(HF_PYTHON):
+        pytest.fail(f"{HF_PYTHON}: expected build/venv (./scripts/python-env.sh), got none")
+    tmp = str(tmp_path_factory.mktemp("hf"))
+    dump = os.path.join(tmp, "dump")
+    spec, out = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+    json.dump({"model": tiny[0], "inputs": tiny[1], "preset": PRESET, "dump_dir": dump,
+               "max_tokens": [p["max_tokens"] for p in PROMPTS]}, open(spec, "w"))
+    r = subprocess.run([HF_PYTHON, os.path.join(HERE, "hf_reference.py"), spec, out],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-6000:]
+    return json.load(open(out)), dump
+
+
+def _decisions(dump):
+    """{layer: sorted decisions (result.json) of every step dumped after that layer}."""
+    out: dict = {}
+    for d in sorted(glob.glob(os.path.join(dump, "pid*-layer*"))):
+        layer = int(d.rsplit("layer", 1)[1])
+        out.setdefault(layer, []).append(json.load(open(os.path.join(d, "expected", "result.json"))))
+    return {k: sorted(v, key=json.dumps) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------ no engine
+
+
+def test_entry_point_and_engine_args():
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert any(e.value == "sparsevlm.vllm:register" for e in eps)
+    kw = svv.engine_args("v1.5-128", positions="renumber", max_model_len=2048)
+    assert kw["hf_overrides"] == {
+        "architectures": ["SparseVLMLlavaForConditionalGeneration"],
+        "sparsevlm": {"preset": "v1.5-128", "positions": "renumber", "budget": None,
+                      "dump_dir": None}}
+    assert (kw["enforce_eager"], kw["enable_prefix_caching"], kw["enable_chunked_prefill"]) == \
+        (True, False, False)
+    assert kw["max_model_len"] == kw["max_num_batched_tokens"] == 2048
+    for args, msg in [(dict(preset="v9"), "preset: expected one of"),
+                      (dict(architecture="Qwen2VLForConditionalGeneration"), "architecture"),
+                      (dict(positions="shift"), "positions: expected"),
+                      (dict(budget="each"), "budget: expected")]:
+        with pytest.raises(sparsevlm.Error, match=msg):
+            svv.engine_args(**({"preset": PRESET} | args))
+
+
+def test_register_adds_the_architecture():
+    svv.register()
+    assert "SparseVLMLlavaForConditionalGeneration" in vllm.ModelRegistry.get_supported_archs()
+
+
+# ------------------------------------------------------------------------- engines
+
+
+def test_pruned_tokens_and_logprobs_equal_the_hf_dropin(pruned, reference):
+    got, want = pruned[0]["runs"][0], reference[0]
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    for g, w in zip(got, want):
+        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
+
+
+def test_decisions_equal_the_hf_dropin_and_rerun_from_the_dumps(pruned, reference):
+    got, want = _decisions(pruned[1]), _decisions(reference[1])
+    assert sorted(want) == PRUNED_AFTER
+    assert sorted(got) == PRUNED_AFTER
+    for layer in PRUNED_AFTER:
+        assert len(want[layer]) == 2  # the two prompts with an image
+        assert len(got[layer]) == 4  # the same two, batched and staggered
+        assert got[layer] == sorted(want[layer] * 2, key=json.dumps), f"layer {layer}"
+        assert all(d["keep_count"] < 576 for d in got[layer])
+    # Each step vLLM ran re-runs from its case folder to the same decision.
+    for d in sorted(glob.glob(os.path.join(pruned[1], "pid*")))[:3]:
+        res = sparsevlm.run_case(d, "qk")
+        exp = json.load(open(os.path.join(d, "expected", "result.json")))
+        assert {k: res[k] for k in ("keep", "clusters", "sequence")} == \
+            {k: exp[k] for k in ("keep", "clusters", "sequence")}
+
+
+def test_staggered_requests_share_steps_and_decode_the_same(pruned):
+    out = pruned[0]
+    assert out["runs"][1] == [dict(r, logprobs=pytest.approx(r["logprobs"], abs=1e-5))
+                              for r in out["runs"][0]]
+    kinds = [sorted({k for _, _, k in step}) for step in out["steps"]]
+    assert ["decode", "prefill"] in kinds, "no step mixed a pruned prefill with a pruned decode"
+    assert any("stock" in k and "decode" in k for k in kinds)
+
+
+def test_text_only_requests_are_stock_and_pruning_changes_the_rest(pruned, stock):
+    got, base = pruned[0]["runs"][0], stock["runs"][0]
+    assert [g["prompt_len"] for g in got] == [b["prompt_len"] for b in base]
+    assert got[2]["tokens"] == base[2]["tokens"]
+    assert got[2]["logprobs"] == pytest.approx(base[2]["logprobs"], abs=1e-5)
+    for i in (0, 1):
+        diff = max(abs(a - b) for a, b in zip(got[i]["logprobs"], base[i]["logprobs"]))
+        assert diff > 1e-3, f"prompt {i}: pruning changed nothing"
+
+
+def test_preempted_requests_resume_exactly(tiny, tmp_path):
+    # 32-token blocks and 39 of them: two prompts (19 blocks each) run together, and
+    # the block one needs while decoding preempts the other, which vLLM recomputes.
+    prompts = [dict(p, max_tokens=40) for p in PROMPTS[:2]] + \
+        [{"question": "Describe the image.", "image": 2, "max_tokens": 40}]
+    out = _engine(str(tmp_path), "preempt", {
+        "model": tiny[0], "engine": dict(ENGINE, block_size=32, num_gpu_blocks_override=39),
+        "sparsevlm": {"preset": PRESET},
+        "runs": [{"kind": "batch", "prompts": [p]} for p in prompts]
+        + [{"kind": "batch", "prompts": prompts}]})
+    alone = [r[0] for r in out["runs"][:3]]
+    together = out["runs"][3]
+    assert out["resumes"] >= 1, "no request was preempted: the test's cache is too large"
+    assert [r["tokens"] for r in together] == [r["tokens"] for r in alone]
+    for a, b in zip(together, alone):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+
+
+def test_unsupported_settings_are_refused_by_name(tiny, tmp_path):
+    out = _engine(str(tmp_path), "refused", {
+        "model": tiny[0],
+        "engine": dict(ENGINE, enforce_eager=False, enable_prefix_caching=True,
+                       enable_chunked_prefill=True),
+        "sparsevlm": {"preset": PRESET}, "runs": []})
+    err = out.get("error") or ""
+    for name in ("enable_prefix_caching: expected False", "enable_chunked_prefill: expected False",
+                 "enforce_eager: expected True"):
+        assert name in err, err[-2000:]
