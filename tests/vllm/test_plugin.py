@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import tiny_llava  # noqa: E402
 
-vllm = pytest.importorskip("vllm", reason="run in build/venv-vllm (./scripts/vllm-env.sh)")
+import vllm  # noqa: E402  (conftest.py: a Python without vLLM fails here, never skips)
 import sparsevlm  # noqa: E402
 import sparsevlm.vllm as svv  # noqa: E402
 

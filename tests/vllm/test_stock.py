@@ -1,10 +1,10 @@
 """Stock vLLM 0.32 (CPU build) on the tiny LLaVA (tiny_llava.py) decodes greedily to the
-tokens transformers gives: the ground the vLLM plugin (issue "vLLM V1 plugin") will stand
-on. Runs in build/venv-vllm (./scripts/vllm-env.sh):
+tokens transformers gives: the ground the vLLM plugin (test_plugin.py) stands on. Runs in
+build/venv-vllm (./scripts/vllm-env.sh):
 
     build/venv-vllm/bin/python -m pytest -q tests/vllm
 
-Not yet part of ./scripts/test.sh: it joins it with the plugin and its tests.
+(./scripts/test.sh runs them.)
 """
 import os
 import sys
@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_llava  # noqa: E402
 
-vllm = pytest.importorskip("vllm", reason="run in build/venv-vllm (./scripts/vllm-env.sh)")
+import vllm  # noqa: E402  (conftest.py: a Python without vLLM fails here, never skips)
 
 
 def test_greedy_tokens_equal_transformers(tmp_path, monkeypatch):
