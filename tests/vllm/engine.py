@@ -2,7 +2,8 @@
 
     build/venv-vllm/bin/python tests/vllm/engine.py spec.json out.json
 
-spec: {"model": dir, "engine": {LLM keyword arguments}, "sparsevlm": {engine_args keyword
+spec: {"model": dir, "family": "llava" (default) | "llava_next" | "qwen2_vl" |
+"qwen2_5_vl", "engine": {LLM keyword arguments}, "sparsevlm": {engine_args keyword
 arguments} or null (stock), "runs": [{"kind": "batch" | "staggered", "prompts": [{"question",
 "image" (a seed, or null), "max_tokens"}]}]}. A "batch" run is one ``llm.generate``; a
 "staggered" run adds its prompts one at a time through the engine's ``add_request``,
@@ -23,6 +24,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_llava  # noqa: E402
+import tiny_llava_next  # noqa: E402
+import tiny_qwen2_5_vl  # noqa: E402
+import tiny_qwen2_vl  # noqa: E402
+
+FAMILY = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl,
+          "qwen2_5_vl": tiny_qwen2_5_vl}
+tiny = tiny_llava
 
 STEPS: list = []
 RESUMES = [0]
@@ -49,9 +57,8 @@ def _record():
 
 def _prompt(p):
     if p.get("image") is None:
-        return {"prompt": tiny_llava.text_prompt(p["question"])}
-    return {"prompt": tiny_llava.prompt(p["question"]),
-            "multi_modal_data": {"image": tiny_llava.image(p["image"])}}
+        return {"prompt": tiny.text_prompt(p["question"])}
+    return {"prompt": tiny.prompt(p["question"]), "multi_modal_data": {"image": tiny.image(p["image"])}}
 
 
 def _result(out):
@@ -83,7 +90,9 @@ def _params(vllm, p):
 
 
 def main(spec_path, out_path):
+    global tiny
     spec = json.load(open(spec_path))
+    tiny = FAMILY[spec.get("family", "llava")]
     out = {"runs": [], "steps": STEPS, "resumes": 0}
     import vllm
 

@@ -4,8 +4,9 @@ sparsevlm.hf is tested with; vLLM 0.32 pins transformers < 5.20):
 
     build/venv/bin/python tests/vllm/hf_reference.py spec.json out.json
 
-spec: {"model": dir, "inputs": an .npz with ids<i> [1, n] and, for prompts with an
-image, pix<i> (made by the checkpoint's processor), "max_tokens": [per prompt],
+spec: {"model": dir, "family": "llava" (default) | "llava_next" | "qwen2_vl" | "qwen2_5_vl", "inputs": an .npz with
+ids<i> [1, n] and, for prompts with an image, pix<i> (with LLaVA-NeXT's sizes<i> or Qwen's grid<i>) (made by the
+checkpoint's processor), "max_tokens": [per prompt],
 "preset": name or null (stock), "dump_dir": dir or null}. Each prompt runs alone.
 out: [{"tokens", "logprobs"}] per prompt (the chosen tokens' log-probabilities).
 """
@@ -18,10 +19,13 @@ import torch
 
 def main(spec_path, out_path):
     import sparsevlm.hf
-    from transformers import LlavaForConditionalGeneration
+    import transformers
 
     spec = json.load(open(spec_path))
-    model = LlavaForConditionalGeneration.from_pretrained(spec["model"]).eval()
+    cls = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+           "qwen2_vl": "Qwen2VLForConditionalGeneration",
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[spec.get("family", "llava")]
+    model = getattr(transformers, cls).from_pretrained(spec["model"]).eval()
     if spec.get("preset"):
         sparsevlm.hf.sparsify(model, spec["preset"], dump_dir=spec.get("dump_dir"))
     data = np.load(spec["inputs"])
@@ -30,6 +34,11 @@ def main(spec_path, out_path):
         kw = {"input_ids": torch.from_numpy(data[f"ids{i}"])}
         if f"pix{i}" in data:
             kw["pixel_values"] = torch.from_numpy(data[f"pix{i}"])
+        if f"sizes{i}" in data:
+            kw["image_sizes"] = torch.from_numpy(data[f"sizes{i}"])
+        if f"grid{i}" in data:  # Qwen2-VL: M-RoPE needs the grid and each token's type
+            kw["image_grid_thw"] = torch.from_numpy(data[f"grid{i}"])
+            kw["mm_token_type_ids"] = (kw["input_ids"] == model.config.image_token_id).int()
         with torch.no_grad():
             g = model.generate(**kw, max_new_tokens=m, do_sample=False, output_scores=True,
                                return_dict_in_generate=True)

@@ -5,8 +5,11 @@ drop-in (sparsevlm.hf) on the same float32 weights. Runs in build/venv-vllm
     build/venv-vllm/bin/python -m pytest -q tests/vllm
 
 Each engine runs in its own process (tests/vllm/engine.py), the reference in build/venv
-(tests/vllm/hf_reference.py). The tiny LLaVA has 8 decoder layers: v1.5-192 prunes after
-layers 0, 1 and 3 (576 visual tokens -> 300 -> 200 -> 110, with recycled tokens).
+(tests/vllm/hf_reference.py). Four families, each with 8 decoder layers, on which
+v1.5-192 prunes after layers 0, 1 and 3: LLaVA-1.5 (tiny_llava.py; 576 visual tokens ->
+300 -> 200 -> 110, with recycled tokens), LLaVA-NeXT (tiny_llava_next.py; AnyRes, 784 ->
+408 -> 272 -> 150), Qwen2-VL and Qwen2.5-VL (tiny_qwen2_vl.py, tiny_qwen2_5_vl.py; M-RoPE,
+144 -> 75 -> 50 -> 28).
 """
 import glob
 import importlib.metadata
@@ -21,6 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import tiny_llava  # noqa: E402
+import tiny_llava_next  # noqa: E402
+import tiny_qwen2_5_vl  # noqa: E402
+import tiny_qwen2_vl  # noqa: E402
 
 import vllm  # noqa: E402  (conftest.py: a Python without vLLM fails here, never skips)
 import sparsevlm  # noqa: E402
@@ -35,6 +41,10 @@ PROMPTS = [
     {"question": "What color is the car?", "image": None, "max_tokens": 6},
 ]
 ENGINE = {"max_model_len": 1024}
+FAMILIES = {"llava": (tiny_llava, "LlavaForConditionalGeneration", 576),
+            "llava_next": (tiny_llava_next, "LlavaNextForConditionalGeneration", 784),
+            "qwen2_vl": (tiny_qwen2_vl, "Qwen2VLForConditionalGeneration", 144),
+            "qwen2_5_vl": (tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration", 144)}
 
 
 def _engine(tmp, name, spec):
@@ -47,34 +57,58 @@ def _engine(tmp, name, spec):
     return json.load(open(out))
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    model, proc = tiny_llava.build(8, seed=1)
-    path = tiny_llava.save(model, proc, str(tmp_path_factory.mktemp("tiny") / "llava8"))
+_BUILT: dict = {}
+
+
+def _tiny(family, tmp_path_factory):
+    """(family, checkpoint folder, the processor's inputs .npz, visual tokens per image),
+    built once per family."""
+    if family in _BUILT:
+        return _BUILT[family]
+    mod = FAMILIES[family][0]
+    model, proc = mod.build(8, seed=1)
+    path = mod.save(model, proc, str(tmp_path_factory.mktemp("tiny") / family))
     from transformers import AutoProcessor
 
-    inputs = tiny_llava.inputs(AutoProcessor.from_pretrained(path), PROMPTS,
-                               os.path.join(path, "inputs.npz"))
-    return path, inputs
+    inputs = mod.inputs(AutoProcessor.from_pretrained(path), PROMPTS, os.path.join(path, "inputs.npz"))
+    _BUILT[family] = family, path, inputs, FAMILIES[family][2]
+    return _BUILT[family]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def tiny(request, tmp_path_factory):
+    return _tiny(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return _tiny("llava", tmp_path_factory)
+
+
+def _spec(tiny, **kw):
+    family = tiny[0]
+    spec = {"model": tiny[1], "family": family, "engine": ENGINE, "sparsevlm": None, "runs": []}
+    spec.update(kw)
+    if spec["sparsevlm"] is not None:
+        spec["sparsevlm"] = dict(spec["sparsevlm"], architecture=FAMILIES[family][1])
+    return spec
 
 
 @pytest.fixture(scope="module")
 def pruned(tiny, tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("pruned"))
     dump = os.path.join(tmp, "dump")
-    out = _engine(tmp, "pruned", {
-        "model": tiny[0], "engine": ENGINE,
-        "sparsevlm": {"preset": PRESET, "dump_dir": dump},
-        "runs": [{"kind": "batch", "prompts": PROMPTS}, {"kind": "staggered", "prompts": PROMPTS}]})
+    out = _engine(tmp, "pruned", _spec(
+        tiny, sparsevlm={"preset": PRESET, "dump_dir": dump},
+        runs=[{"kind": "batch", "prompts": PROMPTS}, {"kind": "staggered", "prompts": PROMPTS}]))
     return out, dump
 
 
 @pytest.fixture(scope="module")
 def stock(tiny, tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("stock"))
-    return _engine(tmp, "stock", {"model": tiny[0], "engine": dict(ENGINE, enforce_eager=True),
-                                  "sparsevlm": None,
-                                  "runs": [{"kind": "batch", "prompts": PROMPTS}]})
+    return _engine(tmp, "stock", _spec(tiny, engine=dict(ENGINE, enforce_eager=True),
+                                       runs=[{"kind": "batch", "prompts": PROMPTS}]))
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +118,8 @@ def reference(tiny, tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("hf"))
     dump = os.path.join(tmp, "dump")
     spec, out = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-    json.dump({"model": tiny[0], "inputs": tiny[1], "preset": PRESET, "dump_dir": dump,
-               "max_tokens": [p["max_tokens"] for p in PROMPTS]}, open(spec, "w"))
+    json.dump({"model": tiny[1], "family": tiny[0], "inputs": tiny[2], "preset": PRESET,
+               "dump_dir": dump, "max_tokens": [p["max_tokens"] for p in PROMPTS]}, open(spec, "w"))
     r = subprocess.run([HF_PYTHON, os.path.join(HERE, "hf_reference.py"), spec, out],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-6000:]
@@ -116,16 +150,17 @@ def test_entry_point_and_engine_args():
         (True, False, False)
     assert kw["max_model_len"] == kw["max_num_batched_tokens"] == 2048
     for args, msg in [(dict(preset="v9"), "preset: expected one of"),
-                      (dict(architecture="Qwen2VLForConditionalGeneration"), "architecture"),
+                      (dict(architecture="Qwen3VLForConditionalGeneration"), "architecture"),
                       (dict(positions="shift"), "positions: expected"),
                       (dict(budget="each"), "budget: expected")]:
         with pytest.raises(sparsevlm.Error, match=msg):
             svv.engine_args(**({"preset": PRESET} | args))
 
 
-def test_register_adds_the_architecture():
+def test_register_adds_the_architectures():
     svv.register()
-    assert "SparseVLMLlavaForConditionalGeneration" in vllm.ModelRegistry.get_supported_archs()
+    archs = vllm.ModelRegistry.get_supported_archs()
+    assert all(a in archs for a in svv.ARCHITECTURES.values())
 
 
 # ------------------------------------------------------------------------- engines
@@ -138,7 +173,7 @@ def test_pruned_tokens_and_logprobs_equal_the_hf_dropin(pruned, reference):
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
 
 
-def test_decisions_equal_the_hf_dropin_and_rerun_from_the_dumps(pruned, reference):
+def test_decisions_equal_the_hf_dropin_and_rerun_from_the_dumps(tiny, pruned, reference):
     got, want = _decisions(pruned[1]), _decisions(reference[1])
     assert sorted(want) == PRUNED_AFTER
     assert sorted(got) == PRUNED_AFTER
@@ -146,7 +181,7 @@ def test_decisions_equal_the_hf_dropin_and_rerun_from_the_dumps(pruned, referenc
         assert len(want[layer]) == 2  # the two prompts with an image
         assert len(got[layer]) == 4  # the same two, batched and staggered
         assert got[layer] == sorted(want[layer] * 2, key=json.dumps), f"layer {layer}"
-        assert all(d["keep_count"] < 576 for d in got[layer])
+        assert all(d["keep_count"] < tiny[3] for d in got[layer])
     # Each step vLLM ran re-runs from its case folder to the same decision.
     for d in sorted(glob.glob(os.path.join(pruned[1], "pid*")))[:3]:
         res = sparsevlm.run_case(d, "qk")
@@ -174,16 +209,16 @@ def test_text_only_requests_are_stock_and_pruning_changes_the_rest(pruned, stock
         assert diff > 1e-3, f"prompt {i}: pruning changed nothing"
 
 
-def test_preempted_requests_resume_exactly(tiny, tmp_path):
+def test_preempted_requests_resume_exactly(llava, tmp_path):
     # 32-token blocks and 39 of them: two prompts (19 blocks each) run together, and
     # the block one needs while decoding preempts the other, which vLLM recomputes.
     prompts = [dict(p, max_tokens=40) for p in PROMPTS[:2]] + \
         [{"question": "Describe the image.", "image": 2, "max_tokens": 40}]
-    out = _engine(str(tmp_path), "preempt", {
-        "model": tiny[0], "engine": dict(ENGINE, block_size=32, num_gpu_blocks_override=39),
-        "sparsevlm": {"preset": PRESET},
-        "runs": [{"kind": "batch", "prompts": [p]} for p in prompts]
-        + [{"kind": "batch", "prompts": prompts}]})
+    out = _engine(str(tmp_path), "preempt", _spec(
+        llava, engine=dict(ENGINE, block_size=32, num_gpu_blocks_override=39),
+        sparsevlm={"preset": PRESET},
+        runs=[{"kind": "batch", "prompts": [p]} for p in prompts]
+        + [{"kind": "batch", "prompts": prompts}]))
     alone = [r[0] for r in out["runs"][:3]]
     together = out["runs"][3]
     assert out["resumes"] >= 1, "no request was preempted: the test's cache is too large"
@@ -192,12 +227,11 @@ def test_preempted_requests_resume_exactly(tiny, tmp_path):
         assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
 
 
-def test_unsupported_settings_are_refused_by_name(tiny, tmp_path):
-    out = _engine(str(tmp_path), "refused", {
-        "model": tiny[0],
-        "engine": dict(ENGINE, enforce_eager=False, enable_prefix_caching=True,
-                       enable_chunked_prefill=True),
-        "sparsevlm": {"preset": PRESET}, "runs": []})
+def test_unsupported_settings_are_refused_by_name(llava, tmp_path):
+    out = _engine(str(tmp_path), "refused", _spec(
+        llava, engine=dict(ENGINE, enforce_eager=False, enable_prefix_caching=True,
+                          enable_chunked_prefill=True),
+        sparsevlm={"preset": PRESET}))
     err = out.get("error") or ""
     for name in ("enable_prefix_caching: expected False", "enable_chunked_prefill: expected False",
                  "enforce_eager: expected True"):

@@ -106,17 +106,29 @@ def text_prompt(question: str) -> str:
     return f"USER: {question} ASSISTANT:"
 
 
-def inputs(processor, prompts, path: str) -> str:
-    """Writes the processor's input_ids (ids<i>) and pixel_values (pix<i>, prompts with
-    an image) of `prompts` ({"question", "image": seed or None}) to the .npz `path`."""
+_NAMES = {"input_ids": "ids", "pixel_values": "pix", "image_sizes": "sizes", "image_grid_thw": "grid"}
+
+
+def inputs(processor, prompts, path: str, family=None) -> str:
+    """Writes what the processor makes of `prompts` ({"question", "image": seed or None})
+    to the .npz `path`: ids<i> (input_ids) and, for a prompt with an image, pix<i>
+    (pixel_values) with sizes<i> (LLaVA-NeXT's image_sizes) or grid<i> (Qwen's
+    image_grid_thw). family: the tiny_* module whose prompt format and pictures to use
+    (this one by default)."""
+    import sys
+
     import numpy as np
 
+    fam = family or sys.modules[__name__]
     arrays = {}
     for i, p in enumerate(prompts):
         if p.get("image") is None:
-            arrays[f"ids{i}"] = processor(text=text_prompt(p["question"]), return_tensors="np")["input_ids"]
+            x = processor(text=fam.text_prompt(p["question"]), return_tensors="np")
         else:
-            x = processor(images=image(p["image"]), text=prompt(p["question"]), return_tensors="np")
-            arrays[f"ids{i}"], arrays[f"pix{i}"] = x["input_ids"], x["pixel_values"]
+            x = processor(images=fam.image(p["image"]), text=fam.prompt(p["question"]),
+                          return_tensors="np")
+        for k, short in _NAMES.items():
+            if k in x:
+                arrays[f"{short}{i}"] = np.asarray(x[k])
     np.savez(path, **arrays)
     return path

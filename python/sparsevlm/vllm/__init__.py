@@ -27,6 +27,9 @@ TESTED_VLLM = "0.32.0"
 ARCHITECTURES = {
     # vLLM's (and the checkpoint's) architecture -> the SparseVLM one
     "LlavaForConditionalGeneration": "SparseVLMLlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration": "SparseVLMLlavaNextForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration": "SparseVLMQwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration": "SparseVLMQwen2_5_VLForConditionalGeneration",
 }
 """The stock architectures the plugin has a SparseVLM version of."""
 

@@ -90,12 +90,15 @@ class _Pruned:
     """One pruned request, for its decode steps and a resume after preemption.
 
     prompt: its prompt's ids; removed [layers]: tokens fewer than the prompt each
-    layer's cache holds; base [layers]: each layer's first decode position id;
-    raters: the session's (prompt positions); decoded: ids fed by decode steps."""
+    layer's cache holds; base [layers]: each layer's first decode position id, and
+    stock_base the stock one (1 + the prompt's largest position id: vLLM gives decode
+    step t the position stock_base + t); raters: the session's (prompt positions);
+    decoded: ids fed by decode steps."""
 
     prompt: torch.Tensor
     removed: list
     base: list
+    stock_base: int
     raters: list
     decoded: list = field(default_factory=list)
 
@@ -114,7 +117,7 @@ class _Req:
     session: Optional[PrefillSession] = None
     state: Optional[_Pruned] = None
     embeds: Optional[torch.Tensor] = None
-    positions: Optional[torch.Tensor] = None  # the current [n] position ids
+    positions: Optional[torch.Tensor] = None  # the prompt's [n] (or mRoPE [3, n]) position ids
     removed: int = 0  # tokens removed so far (prefill)
     slots: Optional[torch.Tensor] = None  # the request's slot for each cache index
 
@@ -144,7 +147,9 @@ class Runtime:
             image = getattr(hf, "image_token_index", None)
         if image is None:
             raise Error("hf_config.image_token_id: expected the image placeholder id, got none")
-        self.visual_ids = [int(image)]
+        video = getattr(hf, "video_token_id", None)
+        self.visual_ids = [int(image)] + ([int(video)] if video is not None else [])
+        self.mrope = bool(getattr(model, "supports_mrope", False))
         self.attn = [layer.self_attn.attn for layer in self.layers]
         self.names = [a.layer_name for a in self.attn]
         self.rewriter = rewriter_for(self.attn[0], vllm_config)  # refuses other backends
@@ -162,7 +167,7 @@ class Runtime:
     def _config(self, prefix: int, visual: int, where: str):
         o = self.options
         return session_config(o["preset"], self.text_config, self.n_layers, self.heads, self.hidden,
-                              self.mlp, prefix, visual, o["positions"], o["budget"], False,
+                              self.mlp, prefix, visual, o["positions"], o["budget"], self.mrope,
                               type(self.model).__name__, where)
 
     def _hook(self, j: int):
@@ -234,7 +239,10 @@ class Runtime:
                 if ids_host is None:
                     ids_host = input_ids.cpu()
                 ids = ids_host[q0:q1]
-                spans = _runs(ids.numpy(), self.visual_ids, None)
+                # Under mRoPE a span is also cut where the temporal position changes
+                # (each image, each temporal patch of a video), as sparsevlm.hf does.
+                t = positions[0, q0:q1].cpu().numpy() if self.mrope else None
+                spans = _runs(ids.numpy(), self.visual_ids, t)
                 if spans:
                     self._start(req, ids, spans, embeds, positions, r)
             else:
@@ -255,13 +263,14 @@ class Runtime:
         e = embeds[req.q0:req.q0 + n]
         conf = self._config(spans[0][0], sum(s[1] for s in spans), f"request {r}")
         resumed = self._resumed(ids)
-        pos = positions[req.q0:req.q0 + n]
+        pos = positions[..., req.q0:req.q0 + n]
         kw = {"raters": resumed} if resumed is not None else {"embeds": e.detach().cpu()}
-        req.session = PrefillSession(Layout(n, spans), conf, positions=pos.cpu()[None].contiguous(),
-                                     **kw)
+        req.session = PrefillSession(Layout(n, spans), conf,
+                                     positions=pos.cpu().reshape(-1, n).contiguous(), **kw)
         req.embeds = e
         req.positions = pos
-        req.state = _Pruned(ids.clone(), [0] * self.n_layers, [n] * self.n_layers,
+        base = int(pos.max()) + 1
+        req.state = _Pruned(ids.clone(), [0] * self.n_layers, [base] * self.n_layers, base,
                             [int(x) for x in req.session.raters.tolist()])
 
     # ------------------------------------------------------------- the decoder loop
@@ -275,21 +284,21 @@ class Runtime:
         call_no = next(_CALLS) if any(r.session for r in reqs) else None
         # The current flat batch: per request its hidden rows and positions.
         segs = [embeds[r.q0:r.q0 + r.n] for r in reqs]
-        poss = [positions[r.q0:r.q0 + r.n] for r in reqs]
+        poss = [positions[..., r.q0:r.q0 + r.n] for r in reqs]
         hidden, residual = embeds[:T], None
         if T > sum(r.n for r in reqs):  # padding rows after the requests: not carried
             hidden = hidden[:sum(r.n for r in reqs)]
         base_md, base_slots = dict(md_all), dict(fc.slot_mapping)
         cur_md, cur_slots = base_md, base_slots
         key_prev = None
-        flat_pos = positions[:hidden.shape[0]]
+        flat_pos = positions[..., :hidden.shape[0]]
         for i, layer in enumerate(self.layers):
             key = tuple((r.removed, r.state.removed[i] if r.session is None and r.state else 0)
                         for r in reqs)
             if key != key_prev:
                 if all(a == 0 and b == 0 for a, b in key):
                     cur_md, cur_slots = base_md, base_slots
-                    flat_pos = positions[:hidden.shape[0]]
+                    flat_pos = positions[..., :hidden.shape[0]]
                 else:
                     cur_md, cur_slots, flat_pos = self._rewrite(i, reqs, md0, base_md, base_slots,
                                                                 table, block_size, poss, dev)
@@ -337,8 +346,8 @@ class Runtime:
             write_case(self.dump, call_no, r.index, i, h, None, q_all, k, scale, raters_before,
                        first, visual, options, plan, len(s.spans), r.embeds)
         new_h = apply_plan(plan, h)
-        pos = torch.as_tensor(np.asarray(plan.positions), dtype=positions_dtype(r.positions),
-                              device=dev).reshape(-1)
+        pos = torch.as_tensor(np.asarray(plan.positions), dtype=r.positions.dtype, device=dev)
+        pos = pos.reshape(r.positions.shape[0], -1) if self.mrope else pos.reshape(-1)
         r.removed = r.state.prompt.numel() - new_h.shape[0]
         st = r.state
         nxt = int(pos.max()) + 1 if pos.numel() else 0
@@ -352,7 +361,7 @@ class Runtime:
         qsl, seq, slots, pos = [0], [], [], []
         for r, p in zip(reqs, poss):
             if r.session is not None:  # a prefill (pruned or not yet)
-                n = p.shape[0]
+                n = p.shape[-1]
                 idx = torch.arange(n, device=dev)
                 seq.append(n)
                 pos.append(p)
@@ -360,8 +369,7 @@ class Runtime:
                 rm = r.state.removed[i]
                 idx = torch.tensor([r.seq - 1 - rm], device=dev)
                 seq.append(r.seq - rm)
-                t = p - r.state.prompt.numel()
-                pos.append(t + r.state.base[i])
+                pos.append(p - r.state.stock_base + r.state.base[i])
             else:
                 idx = torch.arange(r.seq - r.n, r.seq, device=dev)
                 seq.append(r.seq)
@@ -382,7 +390,7 @@ class Runtime:
                                                       slot_t.to(base_slots[name].dtype))
             md[name] = done[id(old)]
             sl[name] = md[name].slot_mapping
-        return md, sl, torch.cat(pos).to(torch.long)
+        return md, sl, torch.cat(pos, -1).to(torch.long)
 
     def _unpack(self, hidden, reqs, T):
         out = hidden.new_zeros(T, hidden.shape[-1])
@@ -402,10 +410,6 @@ class Runtime:
                 self.states[r.block] = r.state
             at += m
         return out
-
-
-def positions_dtype(p):
-    return p.dtype if p is not None else torch.long
 
 
 def _mixin(base):
@@ -430,8 +434,13 @@ def _mixin(base):
 
 def _classes():
     from vllm.model_executor.models.llava import LlavaForConditionalGeneration
+    from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+    from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+    from vllm.model_executor.models.qwen2_vl import Qwen2VLForConditionalGeneration
 
-    return {"SparseVLMLlavaForConditionalGeneration": _mixin(LlavaForConditionalGeneration)}
+    return {f"SparseVLM{c.__name__}": _mixin(c) for c in (
+        LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+        Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)}
 
 
 globals().update(_classes())
