@@ -312,8 +312,10 @@ def compact_paged_kv(cache: Array, block_table: Array, sequence: Union[StepResul
     cache: one layer's K (or V) pages, 4-D per ``layout`` (:data:`PAGE_LAYOUTS`), any
     strides, float32/float16/bfloat16, NumPy or torch (CPU, or CUDA: the same moves by
     torch on the device, after the same checks). vLLM's CPU cache [blocks, heads,
-    block_size, 2*head_dim] gives K as ``cache[..., :head_dim]`` and V as
-    ``cache[..., head_dim:]`` with layout "HND". block_table: the request's page ids
+    block_size, 2*head_dim] holds, per block and head, the block's K rows then its V
+    rows: ``c = cache.view(blocks, heads, 2 * block_size, head_dim)`` gives K as
+    ``c[:, :, :block_size]`` and V as ``c[:, :, block_size:]``, layout "HND" (what
+    sparsevlm.vllm does). block_table: the request's page ids
     (any integer dtype). sequence: a plan (``plan.sequence``) or indices; every source
     entry p at index i must have p >= i (make_sequence's order; ``kv_sequence`` for a
     cache written before the step). recycled: [c, heads, head_dim] rows for negative

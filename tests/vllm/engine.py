@@ -4,7 +4,7 @@
 
 spec: {"model": dir, "family": "llava" (default) | "llava_next" | "qwen2_vl" |
 "qwen2_5_vl", "engine": {LLM keyword arguments}, "sparsevlm": {engine_args keyword
-arguments} or null (stock), "runs": [{"kind": "batch" | "staggered", "prompts": [{"question",
+arguments} or null (stock), "env": {variables set before vLLM is imported}, "runs": [{"kind": "batch" | "staggered", "prompts": [{"question",
 "image" (a seed, or null), "max_tokens"}]}]}. A "batch" run is one ``llm.generate``; a
 "staggered" run adds its prompts one at a time through the engine's ``add_request``,
 each after the previous one decoded two tokens, so prefills share steps with decodes.
@@ -93,6 +93,7 @@ def main(spec_path, out_path):
     global tiny
     spec = json.load(open(spec_path))
     tiny = FAMILY[spec.get("family", "llava")]
+    os.environ.update(spec.get("env", {}))
     out = {"runs": [], "steps": STEPS, "resumes": 0}
     import vllm
 

@@ -1,13 +1,14 @@
-"""The Hugging Face drop-in's pruned greedy generate() on the tiny LLaVA: the reference
+"""The Hugging Face drop-in's pruned greedy generate() on a tiny checkpoint: the reference
 the vLLM plugin is checked against. Runs in build/venv (transformers 5.24, what
 sparsevlm.hf is tested with; vLLM 0.32 pins transformers < 5.20):
 
     build/venv/bin/python tests/vllm/hf_reference.py spec.json out.json
 
-spec: {"model": dir, "family": "llava" (default) | "llava_next" | "qwen2_vl" | "qwen2_5_vl", "inputs": an .npz with
-ids<i> [1, n] and, for prompts with an image, pix<i> (with LLaVA-NeXT's sizes<i> or Qwen's grid<i>) (made by the
-checkpoint's processor), "max_tokens": [per prompt],
-"preset": name or null (stock), "dump_dir": dir or null}. Each prompt runs alone.
+spec: {"model": dir, "family": "llava" (default) | "llava_next" | "qwen2_vl" | "qwen2_5_vl",
+"inputs": an .npz from tiny_llava.inputs (ids<i>, and for a prompt with an image pix<i>
+with LLaVA-NeXT's sizes<i> or Qwen's grid<i>), "max_tokens": [per prompt], "preset": a
+name or null (stock), "kv": sparsevlm.hf's kv= (default "reference"), "dump_dir": a
+folder or null}. Each prompt runs alone (batch 1).
 out: [{"tokens", "logprobs"}] per prompt (the chosen tokens' log-probabilities).
 """
 import json
@@ -27,7 +28,8 @@ def main(spec_path, out_path):
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[spec.get("family", "llava")]
     model = getattr(transformers, cls).from_pretrained(spec["model"]).eval()
     if spec.get("preset"):
-        sparsevlm.hf.sparsify(model, spec["preset"], dump_dir=spec.get("dump_dir"))
+        sparsevlm.hf.sparsify(model, spec["preset"], kv=spec.get("kv", "reference"),
+                              dump_dir=spec.get("dump_dir"))
     data = np.load(spec["inputs"])
     out = []
     for i, m in enumerate(spec["max_tokens"]):

@@ -111,19 +111,25 @@ def stock(tiny, tmp_path_factory):
                                        runs=[{"kind": "batch", "prompts": PROMPTS}]))
 
 
-@pytest.fixture(scope="module")
-def reference(tiny, tmp_path_factory):
+def _reference(tiny, tmp, kv="reference"):
+    """The HF drop-in's pruned generate() on PROMPTS (tests/vllm/hf_reference.py in
+    build/venv): (its outputs, its dump folder)."""
     if not os.path.exists(HF_PYTHON):
         pytest.fail(f"{HF_PYTHON}: expected build/venv (./scripts/python-env.sh), got none")
-    tmp = str(tmp_path_factory.mktemp("hf"))
+    os.makedirs(tmp, exist_ok=True)
     dump = os.path.join(tmp, "dump")
     spec, out = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-    json.dump({"model": tiny[1], "family": tiny[0], "inputs": tiny[2], "preset": PRESET,
+    json.dump({"model": tiny[1], "family": tiny[0], "inputs": tiny[2], "preset": PRESET, "kv": kv,
                "dump_dir": dump, "max_tokens": [p["max_tokens"] for p in PROMPTS]}, open(spec, "w"))
     r = subprocess.run([HF_PYTHON, os.path.join(HERE, "hf_reference.py"), spec, out],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-6000:]
     return json.load(open(out)), dump
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    return _reference(tiny, str(tmp_path_factory.mktemp("hf")))
 
 
 def _decisions(dump):
@@ -145,14 +151,15 @@ def test_entry_point_and_engine_args():
     assert kw["hf_overrides"] == {
         "architectures": ["SparseVLMLlavaForConditionalGeneration"],
         "sparsevlm": {"preset": "v1.5-128", "positions": "renumber", "budget": None,
-                      "dump_dir": None}}
+                      "kv": "reference", "dump_dir": None}}
     assert (kw["enforce_eager"], kw["enable_prefix_caching"], kw["enable_chunked_prefill"]) == \
         (True, False, False)
     assert kw["max_model_len"] == kw["max_num_batched_tokens"] == 2048
     for args, msg in [(dict(preset="v9"), "preset: expected one of"),
                       (dict(architecture="Qwen3VLForConditionalGeneration"), "architecture"),
                       (dict(positions="shift"), "positions: expected"),
-                      (dict(budget="each"), "budget: expected")]:
+                      (dict(budget="each"), "budget: expected"),
+                      (dict(kv="all"), "kv: expected")]:
         with pytest.raises(sparsevlm.Error, match=msg):
             svv.engine_args(**({"preset": PRESET} | args))
 
@@ -161,6 +168,39 @@ def test_register_adds_the_architectures():
     svv.register()
     archs = vllm.ModelRegistry.get_supported_archs()
     assert all(a in archs for a in svv.ARCHITECTURES.values())
+
+
+def test_cpu_page_layout():
+    # kv="survivors"/"merged" compact CPU_ATTN's pages through views of their K and V
+    # halves; the views must read what vLLM's own writer wrote, token by token.
+    import types
+
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from sparsevlm.vllm.attention import CpuAttnRewriter
+
+    nb, hkv, bs, dh = 3, 2, 32, 64
+    isa = _get_attn_isa(torch.float32, bs, dh)
+    cache = torch.zeros(nb, hkv, bs, 2 * dh)
+    kc, vc = cache.view(nb, hkv, 2 * bs, dh).chunk(2, dim=2)
+    key = torch.randn(5, hkv, dh)
+    val = torch.randn(5, hkv, dh)
+    slots = torch.tensor([0, 1, 31, 33, 70])
+    ops.cpu_attn_reshape_and_cache(key, val, kc, vc, slots, isa, k_scale=1.0, v_scale=1.0,
+                                   kv_cache_dtype="auto")
+    layer = types.SimpleNamespace(isa=isa, kv_cache=cache)
+    rw = CpuAttnRewriter.__new__(CpuAttnRewriter)
+    if isa != "vec":
+        with pytest.raises(sparsevlm.Error, match="'vec' kernels"):
+            rw.kv_pages(layer)
+        return
+    k, v, layout = rw.kv_pages(layer)
+    assert layout == "HND"
+    for i, s in enumerate(slots.tolist()):
+        assert torch.equal(k[s // bs, :, s % bs], key[i]), f"K of slot {s}"
+        assert torch.equal(v[s // bs, :, s % bs], val[i]), f"V of slot {s}"
 
 
 # ------------------------------------------------------------------------- engines
@@ -207,6 +247,38 @@ def test_text_only_requests_are_stock_and_pruning_changes_the_rest(pruned, stock
     for i in (0, 1):
         diff = max(abs(a - b) for a, b in zip(got[i]["logprobs"], base[i]["logprobs"]))
         assert diff > 1e-3, f"prompt {i}: pruning changed nothing"
+
+
+@pytest.mark.parametrize("kv", ["survivors", "merged"])
+def test_kv_options_equal_the_hf_dropin(llava, tmp_path, kv):
+    # The caches of the layers up to each pruning layer are compacted inside the pages
+    # (compact_paged_kv): later decode steps read fewer rows there, as in sparsevlm.hf.
+    want = _reference(llava, str(tmp_path / "hf"), kv=kv)[0]
+    out = _engine(str(tmp_path), kv, _spec(llava, sparsevlm={"preset": PRESET, "kv": kv},
+                                           runs=[{"kind": "batch", "prompts": PROMPTS}]))
+    got = out["runs"][0]
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    for g, w in zip(got, want):
+        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
+
+
+def test_tensor_parallel_decides_as_the_hf_dropin(llava, tmp_path):
+    # Two ranks of two heads each: each scores its heads (partial_relevance), one
+    # all-reduce, the step from the head sums; the dumps gather every head.
+    want, want_dump = _reference(llava, str(tmp_path / "hf"))
+    dump = str(tmp_path / "dump")
+    # vLLM's CPU workers bind their threads per NUMA node; one node here: a core each.
+    cores = "|".join(str(c % os.cpu_count()) for c in range(2))
+    out = _engine(str(tmp_path), "tp2", _spec(
+        llava, engine=dict(ENGINE, tensor_parallel_size=2),
+        env={"VLLM_CPU_OMP_THREADS_BIND": cores},
+        sparsevlm={"preset": PRESET, "dump_dir": dump},
+        runs=[{"kind": "batch", "prompts": PROMPTS}]))
+    got = out["runs"][0]
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    for g, w in zip(got, want):
+        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
+    assert _decisions(dump) == _decisions(want_dump)
 
 
 def test_preempted_requests_resume_exactly(llava, tmp_path):

@@ -38,15 +38,18 @@ def _tokenizer(vocab: int):
                                    extra_special_tokens={"image_token": IMAGE})
 
 
-def build(layers: int = 4, *, seed: int = 0, vocab: int = 512):
-    """(model, processor): the float32 LLaVA and its LlavaProcessor, weights from `seed`."""
+def build(layers: int = 4, *, seed: int = 0, vocab: int = 512, hidden: int = 256, heads: int = 4,
+          intermediate: int = 512):
+    """(model, processor): the float32 LLaVA and its LlavaProcessor, weights from `seed`;
+    the decoder `layers` x `hidden` wide with `heads` heads (as many KV heads) and an
+    MLP of `intermediate`."""
     import torch
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     tok = _tokenizer(vocab)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                        max_position_embeddings=2048, rms_norm_eps=1e-5,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)

@@ -33,7 +33,7 @@ ARCHITECTURES = {
 }
 """The stock architectures the plugin has a SparseVLM version of."""
 
-OPTIONS = ("preset", "positions", "budget", "dump_dir")
+OPTIONS = ("preset", "positions", "budget", "kv", "dump_dir")
 """The keys of ``hf_overrides["sparsevlm"]`` (see :func:`engine_args`)."""
 
 
@@ -49,7 +49,7 @@ def register() -> None:
 
 def engine_args(preset: str = "v1.5-192", *, architecture: str = "LlavaForConditionalGeneration",
                 positions: Optional[str] = None, budget: Optional[str] = None,
-                dump_dir: Optional[Union[str, os.PathLike]] = None,
+                kv: str = "reference", dump_dir: Optional[Union[str, os.PathLike]] = None,
                 max_model_len: Optional[int] = None) -> dict:
     """The ``vllm.LLM`` / ``EngineArgs`` keyword arguments that make an engine prune.
 
@@ -57,7 +57,10 @@ def engine_args(preset: str = "v1.5-192", *, architecture: str = "LlavaForCondit
     model's depth and each prompt's visual tokens as the Hugging Face drop-in does.
     architecture: the checkpoint's (a key of :data:`ARCHITECTURES`). positions:
     None (the preset's), "renumber" or "keep_original". budget: None, "global" or
-    "per_span". dump_dir: write every pruning step as a case folder (as the
+    "per_span". kv: the caches of the layers up to a pruning layer, as
+    ``sparsevlm.hf``'s ``kv=`` ("reference": kept whole; "survivors" or "merged":
+    compacted inside the request's pages, so those layers decode against fewer rows;
+    vLLM still reserves every page). dump_dir: write every pruning step as a case folder (as the
     environment variable ``SPARSEVLM_DUMP_DIR`` does). max_model_len: also sets
     ``max_num_batched_tokens`` to it (a prompt must fit one step: raters need the
     whole prompt).
@@ -68,6 +71,7 @@ def engine_args(preset: str = "v1.5-192", *, architecture: str = "LlavaForCondit
     :class:`sparsevlm.Error` naming the argument.
     """
     from .. import Error, preset_names
+    from ..hf import KV_OPTIONS
 
     if architecture not in ARCHITECTURES:
         raise Error(f"architecture: expected one of {list(ARCHITECTURES)}, got {architecture!r}")
@@ -78,7 +82,9 @@ def engine_args(preset: str = "v1.5-192", *, architecture: str = "LlavaForCondit
         raise Error(f"positions: expected None, 'renumber' or 'keep_original', got {positions!r}")
     if budget not in (None, "global", "per_span"):
         raise Error(f"budget: expected None, 'global' or 'per_span', got {budget!r}")
-    options = {"preset": preset, "positions": positions, "budget": budget,
+    if kv not in KV_OPTIONS:
+        raise Error(f"kv: expected one of {list(KV_OPTIONS)}, got {kv!r}")
+    options = {"preset": preset, "positions": positions, "budget": budget, "kv": kv,
                "dump_dir": None if dump_dir is None else os.fspath(dump_dir)}
     out = {"hf_overrides": {"architectures": [ARCHITECTURES[architecture]], "sparsevlm": options},
            "enforce_eager": True, "enable_prefix_caching": False, "enable_chunked_prefill": False}

@@ -21,10 +21,20 @@ from .. import Error
 class Rewriter:
     """rewrite(md, layer, query_start_loc [R+1] int32, seq_lens [R] int32, slot_mapping
     [T'] int64) -> a new metadata object of md's type for `layer`'s group; md is not
-    changed. The tensors are on md's devices."""
+    changed. The tensors are on md's devices.
+
+    kv_pages(layer) -> (K, V, page layout): views of the layer's paged K and V caches in
+    a layout of :func:`sparsevlm.compact_paged_kv` (the kv="survivors" / "merged"
+    options compact them); raises :class:`Error` where the backend's layout is not known."""
 
     def rewrite(self, md, layer, query_start_loc, seq_lens, slot_mapping):
         raise NotImplementedError
+
+    def kv_pages(self, layer):
+        raise NotImplementedError
+
+    def check_kv(self, layer):
+        """Refuses at start-up a kv option kv_pages cannot serve (default: none)."""
 
 
 def _counts(query_start_loc, seq_lens):
@@ -40,6 +50,18 @@ class CpuAttnRewriter(Rewriter):
 
     def __init__(self, vllm_config):
         self.dtype = vllm_config.model_config.dtype
+        self.config = vllm_config
+
+    def check_kv(self, layer):
+        """At start-up, for kv="survivors"/"merged": the ISA the builder will choose."""
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        cc = self.config.cache_config
+        isa = _get_attn_isa(self.dtype, cc.block_size, layer.impl.head_size, cc.cache_dtype)
+        if isa != "vec":
+            raise Error(f"kv: expected CPU_ATTN's 'vec' kernels for kv='survivors'/'merged' (the "
+                        f"page layout the plugin knows; float32, or x86 without AMX), got ISA "
+                        f"{isa!r} for dtype {self.dtype}; use kv='reference'")
 
     def rewrite(self, md, layer, query_start_loc, seq_lens, slot_mapping):
         from vllm import _custom_ops as ops
@@ -62,6 +84,30 @@ class CpuAttnRewriter(Rewriter):
                                    seq_lens=seq_lens, slot_mapping=slot_mapping,
                                    scheduler_metadata=sched)
 
+    def kv_pages(self, layer):
+        """CPU_ATTN's cache [blocks, Hkv, block_size, 2 dh] holds, per block and head, the
+        block's K then its V, each block_size * dh values. How the kernel orders them
+        depends on its ISA: "vec" (float32 and the x86 default) writes V token-major
+        [block_size, dh] and K dim-major [dh, block_size]
+        (tests/vllm/test_plugin.py::test_cpu_page_layout checks it against vLLM's own
+        writer). Other ISAs (amx, vec16, neon, ...) pack K differently: refused."""
+        import torch
+
+        isa = getattr(layer, "isa", None)
+        if isa != "vec":
+            raise Error(f"kv: expected CPU_ATTN's 'vec' kernels for kv='survivors'/'merged' "
+                        f"(the page layout the plugin knows), got ISA {isa!r}; use "
+                        f"kv='reference'")
+        c = layer.kv_cache
+        nb, hkv, bs, two = (int(x) for x in c.shape)
+        dh = two // 2
+        st = c.stride()
+        off = c.storage_offset()
+        # [blocks, Hkv, block_size, dh] views of the two halves of each (block, head).
+        k = torch.as_strided(c, (nb, hkv, bs, dh), (st[0], st[1], 1, bs), off)
+        v = torch.as_strided(c, (nb, hkv, bs, dh), (st[0], st[1], dh, 1), off + bs * dh)
+        return k, v, "HND"
+
 
 class FlashAttnRewriter(Rewriter):
     """FLASH_ATTN (``v1/attention/backends/flash_attn.py``), untested: the counts on
@@ -81,6 +127,11 @@ class FlashAttnRewriter(Rewriter):
             scheduler_metadata=None, max_num_splits=0, num_decode_reqs=decodes,
             num_prefill_reqs=int(lens.numel()) - decodes, num_decode_tokens=decodes,
             num_prefill_tokens=tokens - decodes)
+
+    def kv_pages(self, layer):
+        """FlashAttention's cache [2, blocks, block_size, Hkv, dh]: K and V in NHD."""
+        c = layer.kv_cache
+        return c[0], c[1], "NHD"
 
 
 REWRITERS = {"CPU_ATTN": CpuAttnRewriter, "FLASH_ATTN": FlashAttnRewriter}

@@ -32,8 +32,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .. import Error, Layout, PrefillSession, apply_plan
-from ..hf import _runs, session_config, write_case
+from .. import (Error, Layout, PrefillSession, apply_plan, compact_paged_kv, partial_relevance,
+               prune_step_from_head_sums)
+from ..hf import KV_OPTIONS, _runs, session_config, write_case
 from . import OPTIONS, TESTED_VLLM
 from .attention import rewriter_for
 
@@ -62,9 +63,6 @@ def check_engine(vllm_config) -> None:
                    "CUDA-graph or compiled decode would replay stale metadata), got False")
     if pc.pipeline_parallel_size != 1:
         why.append(f"pipeline_parallel_size: expected 1, got {pc.pipeline_parallel_size}")
-    if pc.tensor_parallel_size != 1:
-        why.append(f"tensor_parallel_size: expected 1 (not yet supported by the plugin, "
-                   f"docs/vllm.md), got {pc.tensor_parallel_size}")
     if vllm_config.speculative_config is not None:
         why.append("speculative_config: expected None (drafts would decode against pruned "
                    "caches the draft model does not have), got one")
@@ -82,6 +80,10 @@ def _options(hf_config) -> dict:
         raise Error(f"hf_overrides['sparsevlm']: expected keys among {list(OPTIONS)}, got {bad}")
     out = {k: raw.get(k) for k in OPTIONS}
     out["preset"] = out["preset"] or "v1.5-192"
+    out["kv"] = out["kv"] or "reference"
+    if out["kv"] not in KV_OPTIONS:
+        raise Error(f"hf_overrides['sparsevlm']['kv']: expected one of {list(KV_OPTIONS)}, "
+                    f"got {out['kv']!r}")
     return out
 
 
@@ -119,7 +121,7 @@ class _Req:
     embeds: Optional[torch.Tensor] = None
     positions: Optional[torch.Tensor] = None  # the prompt's [n] (or mRoPE [3, n]) position ids
     removed: int = 0  # tokens removed so far (prefill)
-    slots: Optional[torch.Tensor] = None  # the request's slot for each cache index
+    held: dict = field(default_factory=dict)  # kv != "reference": layer -> rows its cache holds
 
 
 class Runtime:
@@ -136,6 +138,7 @@ class Runtime:
                         "layer), got a partial model")
         hf = vllm_config.model_config.hf_config
         self.options = _options(hf)
+        self.kv = self.options["kv"]
         tc = hf.text_config
         self.text_config = tc
         self.n_layers = len(self.layers)
@@ -150,9 +153,15 @@ class Runtime:
         video = getattr(hf, "video_token_id", None)
         self.visual_ids = [int(image)] + ([int(video)] if video is not None else [])
         self.mrope = bool(getattr(model, "supports_mrope", False))
+        self.kv_heads = int(getattr(tc, "num_key_value_heads", None) or self.heads)
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        self.tp, self.tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         self.attn = [layer.self_attn.attn for layer in self.layers]
         self.names = [a.layer_name for a in self.attn]
         self.rewriter = rewriter_for(self.attn[0], vllm_config)  # refuses other backends
+        if self.kv != "reference":
+            self.rewriter.check_kv(self.attn[0])
         # The schedule must fit the model before the engine starts (LLaVA-1.5's counts).
         self._config(35, 576, "hf_overrides['sparsevlm']['preset']")
         self.states: dict = {}  # first block id -> _Pruned
@@ -281,6 +290,7 @@ class Runtime:
         md0 = md_all[self.names[0]]
         table = md0.block_table
         block_size = int(self.attn[0].kv_cache.shape[2])  # [blocks, Hkv, bs, 2 dh] (CPU_ATTN)
+        self._table, self._block_size = table.cpu().long(), block_size
         call_no = next(_CALLS) if any(r.session for r in reqs) else None
         # The current flat batch: per request its hidden rows and positions.
         segs = [embeds[r.q0:r.q0 + r.n] for r in reqs]
@@ -293,8 +303,12 @@ class Runtime:
         key_prev = None
         flat_pos = positions[..., :hidden.shape[0]]
         for i, layer in enumerate(self.layers):
-            key = tuple((r.removed, r.state.removed[i] if r.session is None and r.state else 0)
-                        for r in reqs)
+            # What layer i's metadata and positions depend on: per decode its cache's
+            # shortfall and first decode position (layers with equal shortfalls can
+            # differ in positions, kv="survivors"); the prefills' tokens change only at
+            # a cut, which resets key_prev.
+            key = tuple((r.state.removed[i], r.state.base[i] - r.state.stock_base)
+                        if r.session is None and r.state else (r.removed, 0) for r in reqs)
             if key != key_prev:
                 if all(a == 0 and b == 0 for a, b in key):
                     cur_md, cur_slots = base_md, base_slots
@@ -308,6 +322,10 @@ class Runtime:
             if prunes:
                 self._capture[i] = {}
             hidden, residual = layer(flat_pos, hidden, residual)
+            if self.kv != "reference":  # the rows each layer's cache was written with
+                for r, seg in zip(reqs, segs):
+                    if r.session is not None:
+                        r.held[i] = torch.arange(seg.shape[0])
             if not prunes:
                 continue
             slot = self._capture.pop(i)
@@ -340,11 +358,19 @@ class Runtime:
         options = dict(s.config.schedule)[i]
         q = q_all.index_select(1, torch.as_tensor(raters_before, dtype=torch.long, device=dev))
         scale = float(attn.impl.scale)
-        plan = s.prune(i, h.detach().cpu(), q=q.detach().cpu().contiguous(),
-                       k=k.detach().cpu().contiguous(), scale=scale)
+        if self.tp == 1:
+            plan = s.prune(i, h.detach().cpu(), q=q.detach().cpu().contiguous(),
+                           k=k.detach().cpu().contiguous(), scale=scale)
+        else:
+            plan = self._prune_tp(r, i, h, q, k, scale, options, raters_before)
         if self.dump:
-            write_case(self.dump, call_no, r.index, i, h, None, q_all, k, scale, raters_before,
-                       first, visual, options, plan, len(s.spans), r.embeds)
+            if self.tp > 1:  # the case holds every head: gather them (a collective)
+                q_all, k = self._gather_heads(q_all, self.heads), self._gather_heads(k, self.kv_heads)
+            if self.tp_rank == 0:
+                write_case(self.dump, call_no, r.index, i, h, None, q_all, k, scale,
+                           raters_before, first, visual, options, plan, len(s.spans), r.embeds)
+        if self.kv != "reference":
+            self._compact(r, i, plan)
         new_h = apply_plan(plan, h)
         pos = torch.as_tensor(np.asarray(plan.positions), dtype=r.positions.dtype, device=dev)
         pos = pos.reshape(r.positions.shape[0], -1) if self.mrope else pos.reshape(-1)
@@ -354,6 +380,81 @@ class Runtime:
         for j in range(i + 1, self.n_layers):
             st.removed[j], st.base[j] = r.removed, nxt
         return new_h, pos
+
+    def _prune_tp(self, r, i, h, q, k, scale, options, raters):
+        """Tensor parallelism. One visual span, SparseVLM/v1.5 scoring: this rank's head
+        sums (partial_relevance on its q/k heads), one all-reduce of [R, N] floats over
+        vLLM's tensor-parallel group, the step finished from the sums on the replicated
+        hidden states, and the session moved on with it (docs/tensor-parallel.md).
+        Several spans or SparseVLM+ (per-head data): the rater rows of q and the keys
+        are all-gathered and every rank runs the session's step on all heads. Either
+        way the ranks' decisions are then compared (one all-gather of two integers): a
+        difference raises rather than letting the ranks' sequences diverge."""
+        from vllm.distributed import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
+
+        s = r.session
+        held = [sp for sp in s.spans if sp[1] > 0]
+        hc = h.detach().cpu()
+        if len(held) == 1 and not options.top_heads and not options.gravity.enabled:
+            p = partial_relevance(raters, held[0], q_local=q.detach().cpu().contiguous(),
+                                  k_local=k.detach().cpu().contiguous(), scale=scale)
+            p = tensor_model_parallel_all_reduce(p)
+            step = prune_step_from_head_sums(p, self.heads, hc, held[0], raters, options)
+            plan = s.commit(i, step)
+        else:
+            qa, ka = self._gather_heads(q, self.heads), self._gather_heads(k, self.kv_heads)
+            plan = s.prune(i, hc, q=qa.cpu().contiguous(), k=ka.cpu().contiguous(), scale=scale)
+        seq = torch.as_tensor(np.asarray(plan.sequence), dtype=torch.long)
+        # float32 (vLLM's CPU all-gather takes no integers); both values below 2^24.
+        check = int(((seq + 7) * torch.arange(1, seq.numel() + 1)).sum()) % 1000003
+        mine = torch.tensor([[float(seq.numel()), float(check)]], dtype=torch.float32)
+        every = tensor_model_parallel_all_gather(mine, dim=0)
+        if not bool((every == mine).all()):
+            raise Error(f"tensor parallelism: expected every rank to decide the same sequence at "
+                        f"layer {i} (request {r.index}), got (length, checksum) {every.tolist()}")
+        return plan
+
+    def _gather_heads(self, x, total):
+        """[H_local, n, dh] on each rank -> [total, n, dh] (KV heads replicated over
+        ranks when total < tp: one copy of each)."""
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        g = tensor_model_parallel_all_gather(x.contiguous(), dim=0)
+        if g.shape[0] != total:
+            g = g[:: g.shape[0] // total][:total]
+        return g
+
+    def _compact(self, r, upto, plan):
+        """kv="survivors" / "merged" (as sparsevlm.hf): the request's K/V rows in the
+        caches of layers 0..upto compacted inside its pages by compact_paged_kv; those
+        layers then decode against ``prompt - removed`` rows."""
+        table = self._table[r.index]
+        bs = self._block_size
+        n_prompt = r.state.prompt.numel()
+        for j in range(upto + 1):
+            held = r.held[j]
+            rec_idx = []
+            if self.kv == "survivors":
+                rows = torch.as_tensor(np.asarray(r.session.kv_rows(j)), dtype=torch.long)
+                seq = torch.searchsorted(held, rows)
+                if seq.numel() and (int(seq.max()) >= held.numel()
+                                    or not torch.equal(held[seq], rows)):
+                    raise Error(f"kv_rows({j}): expected rows that layer {j}'s cache holds, got "
+                                f"others (request {r.index})")
+                r.held[j] = rows
+            else:  # merged: every layer up to here holds this step's input rows
+                seq = torch.as_tensor(np.asarray(plan.sequence), dtype=torch.long)
+                rec_idx = [torch.as_tensor(c, dtype=torch.long) for c in plan.clusters]
+                r.held[j] = torch.arange(seq.numel())
+            k, v, layout = self.rewriter.kv_pages(self.attn[j])
+            for cache in (k, v):
+                pages = cache if layout == "HND" else cache.transpose(1, 2)  # [blocks, H, bs, dh]
+                rec = None
+                if rec_idx:  # a recycled token's K/V: its members' mean (read before moving)
+                    rec = torch.stack([pages[table[m // bs], :, m % bs].float().mean(0)
+                                       for m in rec_idx]).to(cache.dtype)
+                compact_paged_kv(cache, table, seq, layout=layout, recycled=rec)
+            r.state.removed[j] = n_prompt - int(seq.numel())
 
     def _rewrite(self, i, reqs, md0, base_md, base_slots, table, bs, poss, dev):
         """Layer i's metadata, slot mapping and position ids when some request's
