@@ -113,13 +113,13 @@ def main() -> None:
               "prompt_tokens": s["prompt_tokens"], "stock": s, "pruned": p,
               "prefill_speedup": s["prefill_s"] / p["prefill_s"],
               "decode_speedup": p["decode_tok_s"] / s["decode_tok_s"]}
-    print(f"{cpu}, {os.cpu_count()} cores; decoder {args.layers} x {args.hidden} ({args.heads} heads, "
-          f"MLP {args.intermediate}); {s['prompt_tokens']} prompt tokens (576 image); batch "
-          f"{args.batch}; {args.preset}")
+    print(f"{cpu}, {os.cpu_count()} cores; decoder {args.layers} x {args.hidden} "
+          f"({args.heads} heads, MLP {args.intermediate}); {s['prompt_tokens']} prompt tokens "
+          f"(576 image); batch {args.batch}; {args.preset}")
     print(f"{'':8} {'prefill s':>10} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, r in (("stock", s), ("pruned", p)):
-        print(f"{name:8} {r['prefill_s']:10.3f} {args.batch * r['prompt_tokens'] / r['prefill_s']:14.0f} "
-              f"{r['decode_tok_s']:13.1f}")
+        rate = args.batch * r["prompt_tokens"] / r["prefill_s"]
+        print(f"{name:8} {r['prefill_s']:10.3f} {rate:14.0f} {r['decode_tok_s']:13.1f}")
     print(f"prefill x{report['prefill_speedup']:.2f}, decode x{report['decode_speedup']:.2f} "
           f"(stock / pruned time; medians of {args.repeats})")
     if args.json:

@@ -4,8 +4,9 @@
 
 spec: {"model": dir, "family": "llava" (default) | "llava_next" | "qwen2_vl" |
 "qwen2_5_vl", "engine": {LLM keyword arguments}, "sparsevlm": {engine_args keyword
-arguments} or null (stock), "env": {variables set before vLLM is imported}, "runs": [{"kind": "batch" | "staggered", "prompts": [{"question",
-"image" (a seed, or null), "max_tokens"}]}]}. A "batch" run is one ``llm.generate``; a
+arguments} or null (stock), "env": {variables set before vLLM is imported}, "runs":
+[{"kind": "batch" | "staggered", "prompts": [{"question", "image" (a seed, or null),
+"max_tokens"}]}]}. A "batch" run is one ``llm.generate``; a
 "staggered" run adds its prompts one at a time through the engine's ``add_request``,
 each after the previous one decoded two tokens, so prefills share steps with decodes.
 
@@ -58,7 +59,8 @@ def _record():
 def _prompt(p):
     if p.get("image") is None:
         return {"prompt": tiny.text_prompt(p["question"])}
-    return {"prompt": tiny.prompt(p["question"]), "multi_modal_data": {"image": tiny.image(p["image"])}}
+    return {"prompt": tiny.prompt(p["question"]),
+            "multi_modal_data": {"image": tiny.image(p["image"])}}
 
 
 def _result(out):

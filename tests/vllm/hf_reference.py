@@ -23,7 +23,8 @@ def main(spec_path, out_path):
     import transformers
 
     spec = json.load(open(spec_path))
-    cls = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+    cls = {"llava": "LlavaForConditionalGeneration",
+           "llava_next": "LlavaNextForConditionalGeneration",
            "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[spec.get("family", "llava")]
     model = getattr(transformers, cls).from_pretrained(spec["model"]).eval()

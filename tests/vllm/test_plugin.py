@@ -70,7 +70,8 @@ def _tiny(family, tmp_path_factory):
     path = mod.save(model, proc, str(tmp_path_factory.mktemp("tiny") / family))
     from transformers import AutoProcessor
 
-    inputs = mod.inputs(AutoProcessor.from_pretrained(path), PROMPTS, os.path.join(path, "inputs.npz"))
+    inputs = mod.inputs(AutoProcessor.from_pretrained(path), PROMPTS,
+                        os.path.join(path, "inputs.npz"))
     _BUILT[family] = family, path, inputs, FAMILIES[family][2]
     return _BUILT[family]
 
@@ -137,7 +138,8 @@ def _decisions(dump):
     out: dict = {}
     for d in sorted(glob.glob(os.path.join(dump, "pid*-layer*"))):
         layer = int(d.rsplit("layer", 1)[1])
-        out.setdefault(layer, []).append(json.load(open(os.path.join(d, "expected", "result.json"))))
+        res = json.load(open(os.path.join(d, "expected", "result.json")))
+        out.setdefault(layer, []).append(res)
     return {k: sorted(v, key=json.dumps) for k, v in out.items()}
 
 

@@ -49,7 +49,8 @@ def build(layers: int = 4, *, seed: int = 0, vocab: int = 512, hidden: int = 256
 
     tok = _tokenizer(vocab)
     text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=heads,
                        max_position_embeddings=2048, rms_norm_eps=1e-5,
                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                        pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
@@ -84,7 +85,8 @@ def save(model, proc, path: str) -> str:
     proc.save_pretrained(path)
     state = {}
     for k, v in model.state_dict().items():
-        if k.startswith("model.vision_tower.") and not k.startswith("model.vision_tower.vision_model."):
+        if k.startswith("model.vision_tower.") and \
+                not k.startswith("model.vision_tower.vision_model."):
             k = "model.vision_tower.vision_model." + k[len("model.vision_tower."):]
         state[k] = v.detach().contiguous().clone()
     save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
@@ -109,7 +111,8 @@ def text_prompt(question: str) -> str:
     return f"USER: {question} ASSISTANT:"
 
 
-_NAMES = {"input_ids": "ids", "pixel_values": "pix", "image_sizes": "sizes", "image_grid_thw": "grid"}
+_NAMES = {"input_ids": "ids", "pixel_values": "pix", "image_sizes": "sizes",
+          "image_grid_thw": "grid"}
 
 
 def inputs(processor, prompts, path: str, family=None) -> str:

@@ -41,7 +41,8 @@ def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
     vision = CLIPVisionConfig(image_size=224, patch_size=14, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=2, projection_dim=64)
     cfg = LlavaNextConfig(text_config=text, vision_config=vision,
-                          image_token_id=tok.convert_tokens_to_ids(IMAGE), image_grid_pinpoints=PINPOINTS,
+                          image_token_id=tok.convert_tokens_to_ids(IMAGE),
+                          image_grid_pinpoints=PINPOINTS,
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           projector_hidden_act="gelu", tie_word_embeddings=False)
     torch.manual_seed(seed)
@@ -50,7 +51,8 @@ def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
         for name, p in model.named_parameters():
             if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(4.0)
-    ip = LlavaNextImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+    ip = LlavaNextImageProcessor(size={"shortest_edge": 224},
+                                 crop_size={"height": 224, "width": 224},
                                  image_grid_pinpoints=PINPOINTS)
     proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                               vision_feature_select_strategy="default", image_token=IMAGE,

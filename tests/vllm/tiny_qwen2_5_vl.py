@@ -22,7 +22,8 @@ def inputs(processor, prompts, path: str) -> str:
 def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
     """(model, processor): the float32 Qwen2.5-VL and its Qwen2_5_VLProcessor."""
     import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+                              Qwen2_5_VLProcessor)
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
@@ -30,7 +31,8 @@ def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in zip(
         ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
         tiny_qwen2_vl.VISION)}
-    text = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+    text = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
+                num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                 rms_norm_eps=1e-6, max_window_layers=layers, use_sliding_window=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,

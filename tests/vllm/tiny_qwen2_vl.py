@@ -24,10 +24,12 @@ def _tokenizer(vocab: int):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<|endoftext|>"] + VISION,
+    trainer = trainers.BpeTrainer(vocab_size=vocab,
+                                  special_tokens=["<unk>", "<|endoftext|>"] + VISION,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(tiny_llava._CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                   eos_token="<|endoftext|>",
                                    pad_token="<|endoftext|>",
                                    extra_special_tokens={"image_token": "<|image_pad|>",
                                                          "video_token": "<|video_pad|>",
@@ -44,8 +46,10 @@ def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
 
     tok = _tokenizer(vocab)
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in zip(
-        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), VISION)}
-    text = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+        VISION)}
+    text = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
+                num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
                 rms_norm_eps=1e-6, max_window_layers=layers, use_sliding_window=False,
                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
@@ -65,7 +69,8 @@ def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
                                temporal_patch_size=2, merge_size=2)
     vp = Qwen2VLVideoProcessor(min_pixels=336 * 336, max_pixels=336 * 336, patch_size=14,
                                temporal_patch_size=2, merge_size=2)
-    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp, chat_template=None)
+    proc = Qwen2VLProcessor(image_processor=ip, tokenizer=tok, video_processor=vp,
+                            chat_template=None)
     return model, proc
 
 

@@ -115,7 +115,8 @@ class FlashAttnRewriter(Rewriter):
     schedules itself)."""
 
     def rewrite(self, md, layer, query_start_loc, seq_lens, slot_mapping):
-        if getattr(md, "use_cascade", False) or getattr(md, "dcp_context_kv_lens", None) is not None:
+        if getattr(md, "use_cascade", False) or \
+                getattr(md, "dcp_context_kv_lens", None) is not None:
             raise Error("attention metadata: expected FlashAttention without cascade attention "
                         "or decode context parallelism, got them")
         tokens, max_q, max_s = _counts(query_start_loc, seq_lens)

@@ -154,9 +154,11 @@ class Runtime:
         self.visual_ids = [int(image)] + ([int(video)] if video is not None else [])
         self.mrope = bool(getattr(model, "supports_mrope", False))
         self.kv_heads = int(getattr(tc, "num_key_value_heads", None) or self.heads)
-        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+        from vllm.distributed import (get_tensor_model_parallel_rank,
+                                      get_tensor_model_parallel_world_size)
 
-        self.tp, self.tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
+        self.tp = get_tensor_model_parallel_world_size()
+        self.tp_rank = get_tensor_model_parallel_rank()
         self.attn = [layer.self_attn.attn for layer in self.layers]
         self.names = [a.layer_name for a in self.attn]
         self.rewriter = rewriter_for(self.attn[0], vllm_config)  # refuses other backends
@@ -365,7 +367,8 @@ class Runtime:
             plan = self._prune_tp(r, i, h, q, k, scale, options, raters_before)
         if self.dump:
             if self.tp > 1:  # the case holds every head: gather them (a collective)
-                q_all, k = self._gather_heads(q_all, self.heads), self._gather_heads(k, self.kv_heads)
+                q_all = self._gather_heads(q_all, self.heads)
+                k = self._gather_heads(k, self.kv_heads)
             if self.tp_rank == 0:
                 write_case(self.dump, call_no, r.index, i, h, None, q_all, k, scale,
                            raters_before, first, visual, options, plan, len(s.spans), r.embeds)
@@ -390,7 +393,8 @@ class Runtime:
         are all-gathered and every rank runs the session's step on all heads. Either
         way the ranks' decisions are then compared (one all-gather of two integers): a
         difference raises rather than letting the ranks' sequences diverge."""
-        from vllm.distributed import tensor_model_parallel_all_gather, tensor_model_parallel_all_reduce
+        from vllm.distributed import (tensor_model_parallel_all_gather,
+                                      tensor_model_parallel_all_reduce)
 
         s = r.session
         held = [sp for sp in s.spans if sp[1] > 0]
@@ -479,7 +483,8 @@ class Runtime:
             blocks = table[r.index].to(dev).long().index_select(0, idx // bs)
             slots.append(blocks * bs + idx % bs)
         slot_t = torch.cat(slots)
-        qsl_t = torch.tensor(qsl, dtype=md0.query_start_loc.dtype, device=md0.query_start_loc.device)
+        qsl_t = torch.tensor(qsl, dtype=md0.query_start_loc.dtype,
+                             device=md0.query_start_loc.device)
         seq_t = torch.tensor(seq, dtype=md0.seq_lens.dtype, device=md0.seq_lens.device)
         md = dict(base_md)
         sl = dict(base_slots)
