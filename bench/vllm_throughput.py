@@ -68,7 +68,7 @@ def _engine(args) -> dict:
         dec.append(args.batch * (args.decode - 1) / max(tn - t1, 1e-9))
     return {"prefill_s": statistics.median(pre), "prefill_all": pre,
             "decode_tok_s": statistics.median(dec), "decode_all": dec,
-            "prompt_tokens": len(out[0].prompt_token_ids)}
+            "prompt_tokens": [len(o.prompt_token_ids) for o in out]}
 
 
 def main() -> None:
@@ -114,11 +114,11 @@ def main() -> None:
               "prefill_speedup": s["prefill_s"] / p["prefill_s"],
               "decode_speedup": p["decode_tok_s"] / s["decode_tok_s"]}
     print(f"{cpu}, {os.cpu_count()} cores; decoder {args.layers} x {args.hidden} "
-          f"({args.heads} heads, MLP {args.intermediate}); {s['prompt_tokens']} prompt tokens "
-          f"(576 image); batch {args.batch}; {args.preset}")
+          f"({args.heads} heads, MLP {args.intermediate}); prompts of {s['prompt_tokens']} "
+          f"tokens (576 image each); {args.preset}")
     print(f"{'':8} {'prefill s':>10} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for name, r in (("stock", s), ("pruned", p)):
-        rate = args.batch * r["prompt_tokens"] / r["prefill_s"]
+        rate = sum(r["prompt_tokens"]) / r["prefill_s"]
         print(f"{name:8} {r['prefill_s']:10.3f} {rate:14.0f} {r['decode_tok_s']:13.1f}")
     print(f"prefill x{report['prefill_speedup']:.2f}, decode x{report['decode_speedup']:.2f} "
           f"(stock / pruned time; medians of {args.repeats})")

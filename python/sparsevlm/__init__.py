@@ -312,10 +312,11 @@ def compact_paged_kv(cache: Array, block_table: Array, sequence: Union[StepResul
     cache: one layer's K (or V) pages, 4-D per ``layout`` (:data:`PAGE_LAYOUTS`), any
     strides, float32/float16/bfloat16, NumPy or torch (CPU, or CUDA: the same moves by
     torch on the device, after the same checks). vLLM's CPU cache [blocks, heads,
-    block_size, 2*head_dim] holds, per block and head, the block's K rows then its V
-    rows: ``c = cache.view(blocks, heads, 2 * block_size, head_dim)`` gives K as
-    ``c[:, :, :block_size]`` and V as ``c[:, :, block_size:]``, layout "HND" (what
-    sparsevlm.vllm does). block_table: the request's page ids
+    block_size, 2*head_dim] holds, per block and head, the block's K then its V; under
+    its "vec" kernels V is token-major and K dim-major, so both are "HND" strided views
+    (``sparsevlm.vllm.attention.CpuAttnRewriter.kv_pages``). vLLM's FlashAttention cache
+    of the same shape gives K as ``cache[..., :head_dim]`` and V as
+    ``cache[..., head_dim:]``, layout "HND". block_table: the request's page ids
     (any integer dtype). sequence: a plan (``plan.sequence``) or indices; every source
     entry p at index i must have p >= i (make_sequence's order; ``kv_sequence`` for a
     cache written before the step). recycled: [c, heads, head_dim] rows for negative

@@ -71,6 +71,17 @@ have no row there), "merged" to the full new sequence, a recycled token's K/V
 being the mean of its members' (docs/integration.md, "KV caches")."""
 
 SCORES_FROM = ("qk", "attn")
+POSITIONS = (None, "renumber", "keep_original")
+BUDGETS = (None, "global", "per_span")
+
+
+def _check_options(name=lambda key: key, **values) -> None:
+    """Raises :class:`Error` for a kv / positions / budget value outside its choices,
+    naming it as ``name(key)`` (the vLLM plugin's come from ``hf_overrides``)."""
+    allowed = {"kv": KV_OPTIONS, "positions": POSITIONS, "budget": BUDGETS}
+    for key, value in values.items():
+        if value not in allowed[key]:
+            raise Error(f"{name(key)}: expected one of {list(allowed[key])}, got {value!r}")
 
 _ATTENTION = ("sdpa", "eager", "flash_attention_2")
 _CALLS = itertools.count()  # process-wide prefill counter: dump folder names
@@ -240,12 +251,7 @@ class Sparsified:
             raise Error(f"scores_from: expected one of {list(SCORES_FROM)}, got {scores_from!r}")
         impl = cfg._attn_implementation
         _check_attention(impl, scores_from)
-        if kv not in KV_OPTIONS:
-            raise Error(f"kv: expected one of {list(KV_OPTIONS)}, got {kv!r}")
-        if positions not in (None, "renumber", "keep_original"):
-            raise Error(f"positions: expected None, 'renumber' or 'keep_original', got {positions!r}")
-        if budget not in (None, "global", "per_span"):
-            raise Error(f"budget: expected None, 'global' or 'per_span', got {budget!r}")
+        _check_options(kv=kv, positions=positions, budget=budget)
 
         self.model = model
         self.text_model = text
@@ -319,9 +325,9 @@ class Sparsified:
     def _config(self, prefix: int, visual: int, where: str) -> SessionConfig:
         """The SessionConfig for one row: the preset derived for its counts, with the
         handle's positions and budget."""
-        return session_config(self.preset, self.text_model.config, self.layers, self.heads,
-                              self.hidden, self.mlp, prefix, visual, self.positions, self.budget,
-                              self.mrope, type(self.model).__name__, where)
+        return _session_config(self.preset, self.text_model.config, self.layers, self.heads,
+                               self.hidden, self.mlp, prefix, visual, self.positions, self.budget,
+                               self.mrope, type(self.model).__name__, where)
 
     # ---------------------------------------------------------------------- the forward
 
@@ -787,9 +793,9 @@ def write_case(root, call_no, b, layer, h, attn, q, k, scale, raters, first, vis
     return path
 
 
-def session_config(preset, text_config, layers: int, heads: int, hidden: int, mlp: int,
-                   prefix: int, visual: int, positions: Optional[str], budget: Optional[str],
-                   mrope: bool, model_name: str, where: str) -> SessionConfig:
+def _session_config(preset, text_config, layers: int, heads: int, hidden: int, mlp: int,
+                    prefix: int, visual: int, positions: Optional[str], budget: Optional[str],
+                    mrope: bool, model_name: str, where: str) -> SessionConfig:
     """The SessionConfig for one sequence: `preset` (a name, derived for this model's
     shape and the sequence's `prefix` and `visual` counts by ``derive_config``, or a
     SessionConfig) with `positions` and `budget` when given; SparseVLM+'s RoPE gravity

@@ -1,7 +1,8 @@
 """sparsevlm.compact_paged_kv: one request's rows compacted inside a paged K/V cache
 (kv_cache.hpp's compact_paged_kv), against a dense reference built here, on NumPy and
-torch, both page layouts, vLLM's CPU cache layout, and the torch device path (run on
-CPU tensors here: no GPU on the test machines)."""
+torch, both page layouts, K and V as the two halves of the last axis (vLLM 0.32's
+FlashAttention cache; its CPU cache is checked in tests/vllm), and the torch device
+path (run on CPU tensors here: no GPU on the test machines)."""
 import numpy as np
 import pytest
 
@@ -55,7 +56,9 @@ def test_equals_dense_reference(layout, seed):
     np.testing.assert_array_equal(cache[others], before[others])
 
 
-def test_vllm_cpu_layout_k_and_v_halves_torch():
+def test_k_and_v_halves_of_the_last_axis_torch():
+    # [blocks, heads, block_size, 2 dim], K then V on the last axis (vLLM 0.32's
+    # FlashAttention cache): strided HND views, compacted in place.
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(7)
     blocks, heads, bs, dim = 5, 2, 32, 8

@@ -7,8 +7,8 @@ sparsevlm.hf is tested with; vLLM 0.32 pins transformers < 5.20):
 spec: {"model": dir, "family": "llava" (default) | "llava_next" | "qwen2_vl" | "qwen2_5_vl",
 "inputs": an .npz from tiny_llava.inputs (ids<i>, and for a prompt with an image pix<i>
 with LLaVA-NeXT's sizes<i> or Qwen's grid<i>), "max_tokens": [per prompt], "preset": a
-name or null (stock), "kv": sparsevlm.hf's kv= (default "reference"), "dump_dir": a
-folder or null}. Each prompt runs alone (batch 1).
+name or null (stock), "kv" and "positions": sparsevlm.hf's kv= and positions= (defaults
+"reference" and null), "dump_dir": a folder or null}. Each prompt runs alone (batch 1).
 out: [{"tokens", "logprobs"}] per prompt (the chosen tokens' log-probabilities).
 """
 import json
@@ -30,7 +30,7 @@ def main(spec_path, out_path):
     model = getattr(transformers, cls).from_pretrained(spec["model"]).eval()
     if spec.get("preset"):
         sparsevlm.hf.sparsify(model, spec["preset"], kv=spec.get("kv", "reference"),
-                              dump_dir=spec.get("dump_dir"))
+                              positions=spec.get("positions"), dump_dir=spec.get("dump_dir"))
     data = np.load(spec["inputs"])
     out = []
     for i, m in enumerate(spec["max_tokens"]):

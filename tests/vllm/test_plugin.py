@@ -112,7 +112,7 @@ def stock(tiny, tmp_path_factory):
                                        runs=[{"kind": "batch", "prompts": PROMPTS}]))
 
 
-def _reference(tiny, tmp, kv="reference"):
+def _reference(tiny, tmp, kv="reference", positions=None):
     """The HF drop-in's pruned generate() on PROMPTS (tests/vllm/hf_reference.py in
     build/venv): (its outputs, its dump folder)."""
     if not os.path.exists(HF_PYTHON):
@@ -121,6 +121,7 @@ def _reference(tiny, tmp, kv="reference"):
     dump = os.path.join(tmp, "dump")
     spec, out = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
     json.dump({"model": tiny[1], "family": tiny[0], "inputs": tiny[2], "preset": PRESET, "kv": kv,
+               "positions": positions,
                "dump_dir": dump, "max_tokens": [p["max_tokens"] for p in PROMPTS]}, open(spec, "w"))
     r = subprocess.run([HF_PYTHON, os.path.join(HERE, "hf_reference.py"), spec, out],
                        capture_output=True, text=True, timeout=900)
@@ -170,6 +171,54 @@ def test_register_adds_the_architectures():
     svv.register()
     archs = vllm.ModelRegistry.get_supported_archs()
     assert all(a in archs for a in svv.ARCHITECTURES.values())
+
+
+def _config(**kw):
+    """A stand-in for vLLM's VllmConfig with the fields check_engine reads."""
+    from types import SimpleNamespace as NS
+
+    c = dict(prefix=False, chunked=False, eager=True, pp=1, spec=None, transfer=None, v2=False)
+    c.update(kw)
+    return NS(model_config=NS(enforce_eager=c["eager"]),
+              cache_config=NS(enable_prefix_caching=c["prefix"]),
+              scheduler_config=NS(enable_chunked_prefill=c["chunked"]),
+              parallel_config=NS(pipeline_parallel_size=c["pp"], tensor_parallel_size=1),
+              speculative_config=c["spec"], kv_transfer_config=c["transfer"],
+              use_v2_model_runner=c["v2"])
+
+
+def test_check_engine_names_each_refused_setting():
+    from types import SimpleNamespace as NS
+
+    from sparsevlm.vllm.models import check_engine
+
+    check_engine(_config())  # the settings engine_args gives
+    for kw, msg in [(dict(prefix=True), "enable_prefix_caching: expected False"),
+                    (dict(chunked=True), "enable_chunked_prefill: expected False"),
+                    (dict(eager=False), "enforce_eager: expected True"),
+                    (dict(pp=2), "pipeline_parallel_size: expected 1, got 2"),
+                    (dict(spec=NS(method="eagle")), "speculative_config: expected None .* 'eagle'"),
+                    (dict(transfer=object()), "kv_transfer_config: expected None"),
+                    (dict(v2=True), "model runner: expected V1")]:
+        with pytest.raises(sparsevlm.Error, match=msg):
+            check_engine(_config(**kw))
+
+
+def test_hf_overrides_options_are_checked_by_key():
+    from types import SimpleNamespace as NS
+
+    from sparsevlm.vllm.models import _options
+
+    assert _options(NS(sparsevlm={"preset": "v1.5-64"})) == {
+        "preset": "v1.5-64", "positions": None, "budget": None, "kv": "reference",
+        "dump_dir": None}
+    for raw, msg in [({"preset": "v7"}, r"\['preset'\]: expected one of"),
+                     ({"positions": "renum"}, r"\['positions'\]: expected one of"),
+                     ({"budget": "all"}, r"\['budget'\]: expected one of"),
+                     ({"kv": "some"}, r"\['kv'\]: expected one of"),
+                     ({"layers": 3}, r"expected keys among")]:
+        with pytest.raises(sparsevlm.Error, match=msg):
+            _options(NS(sparsevlm=raw))
 
 
 def test_cpu_page_layout():
@@ -224,12 +273,14 @@ def test_decisions_equal_the_hf_dropin_and_rerun_from_the_dumps(tiny, pruned, re
         assert len(got[layer]) == 4  # the same two, batched and staggered
         assert got[layer] == sorted(want[layer] * 2, key=json.dumps), f"layer {layer}"
         assert all(d["keep_count"] < tiny[3] for d in got[layer])
-    # Each step vLLM ran re-runs from its case folder to the same decision.
-    for d in sorted(glob.glob(os.path.join(pruned[1], "pid*")))[:3]:
+    # Every step vLLM ran re-runs from its case folder to the same decision.
+    keys = ("raters", "rank", "keep_count", "keep", "clusters", "sequence")
+    folders = sorted(glob.glob(os.path.join(pruned[1], "pid*")))
+    assert len(folders) == 4 * len(PRUNED_AFTER)
+    for d in folders:
         res = sparsevlm.run_case(d, "qk")
         exp = json.load(open(os.path.join(d, "expected", "result.json")))
-        assert {k: res[k] for k in ("keep", "clusters", "sequence")} == \
-            {k: exp[k] for k in ("keep", "clusters", "sequence")}
+        assert {k: res[k] for k in keys} == {k: exp[k] for k in keys}, d
 
 
 def test_staggered_requests_share_steps_and_decode_the_same(pruned):
@@ -264,17 +315,33 @@ def test_kv_options_equal_the_hf_dropin(llava, tmp_path, kv):
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_keep_original_positions_equal_the_hf_dropin(family, tmp_path_factory, tmp_path):
+    # The other position policy: the layers after a cut keep the tokens' own (M-RoPE)
+    # ids, and decoding continues every layer from the prompt's stock position.
+    tiny = _tiny(family, tmp_path_factory)
+    want = _reference(tiny, str(tmp_path / "hf"), positions="keep_original")[0]
+    out = _engine(str(tmp_path), "keep", _spec(
+        tiny, sparsevlm={"preset": PRESET, "positions": "keep_original"},
+        runs=[{"kind": "batch", "prompts": PROMPTS}]))
+    got = out["runs"][0]
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    for g, w in zip(got, want):
+        assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
+
+
 def test_tensor_parallel_decides_as_the_hf_dropin(llava, tmp_path):
     # Two ranks of two heads each: each scores its heads (partial_relevance), one
     # all-reduce, the step from the head sums; the dumps gather every head.
     want, want_dump = _reference(llava, str(tmp_path / "hf"))
     dump = str(tmp_path / "dump")
     # vLLM's CPU workers bind their threads per NUMA node; one node here: a core each.
+    # The dump folder comes through the environment, which must reach the workers.
     cores = "|".join(str(c % os.cpu_count()) for c in range(2))
     out = _engine(str(tmp_path), "tp2", _spec(
         llava, engine=dict(ENGINE, tensor_parallel_size=2),
-        env={"VLLM_CPU_OMP_THREADS_BIND": cores},
-        sparsevlm={"preset": PRESET, "dump_dir": dump},
+        env={"VLLM_CPU_OMP_THREADS_BIND": cores, "SPARSEVLM_DUMP_DIR": dump},
+        sparsevlm={"preset": PRESET},
         runs=[{"kind": "batch", "prompts": PROMPTS}]))
     got = out["runs"][0]
     assert [g["tokens"] for g in got] == [w["tokens"] for w in want]

@@ -38,22 +38,41 @@ def _tokenizer(vocab: int):
                                    extra_special_tokens={"image_token": IMAGE})
 
 
+def text_config(tok, layers: int, *, hidden: int = 256, heads: int = 4, intermediate: int = 512):
+    """The Llama decoder config of the tiny LLaVA models (as many KV heads as heads)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=heads, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=False)
+
+
+def spread(model):
+    """Scales the decoder's q/k projections by 4 (in place): random weights then give a
+    spread of attention, not a near-uniform one, so the pruning decisions matter."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+    return model
+
+
 def build(layers: int = 4, *, seed: int = 0, vocab: int = 512, hidden: int = 256, heads: int = 4,
           intermediate: int = 512):
     """(model, processor): the float32 LLaVA and its LlavaProcessor, weights from `seed`;
     the decoder `layers` x `hidden` wide with `heads` heads (as many KV heads) and an
     MLP of `intermediate`."""
     import torch
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     tok = _tokenizer(vocab)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                       num_hidden_layers=layers, num_attention_heads=heads,
-                       num_key_value_heads=heads,
-                       max_position_embeddings=2048, rms_norm_eps=1e-5,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    text = text_config(tok, layers, hidden=hidden, heads=heads, intermediate=intermediate)
     vision = CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=2, projection_dim=64)
     cfg = LlavaConfig(text_config=text, vision_config=vision,
@@ -61,11 +80,7 @@ def build(layers: int = 4, *, seed: int = 0, vocab: int = 512, hidden: int = 256
                       vision_feature_layer=-2, vision_feature_select_strategy="default",
                       projector_hidden_act="gelu", tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).float().eval()
-    with torch.no_grad():  # a spread of attention, not a near-uniform one
-        for name, p in model.named_parameters():
-            if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
+    model = spread(LlavaForConditionalGeneration(cfg).float().eval())
     ip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
     proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
                           vision_feature_select_strategy="default", image_token=IMAGE,

@@ -28,16 +28,12 @@ def inputs(processor, prompts, path: str) -> str:
 def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
     """(model, processor): the float32 LLaVA-NeXT and its LlavaNextProcessor."""
     import torch
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig,
+    from transformers import (CLIPVisionConfig, LlavaNextConfig,
                               LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
                               LlavaNextProcessor)
 
     tok = tiny_llava._tokenizer(vocab)
-    text = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                       pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    text = tiny_llava.text_config(tok, layers)
     vision = CLIPVisionConfig(image_size=224, patch_size=14, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=2, projection_dim=64)
     cfg = LlavaNextConfig(text_config=text, vision_config=vision,
@@ -46,11 +42,7 @@ def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
                           vision_feature_layer=-2, vision_feature_select_strategy="default",
                           projector_hidden_act="gelu", tie_word_embeddings=False)
     torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
+    model = tiny_llava.spread(LlavaNextForConditionalGeneration(cfg).float().eval())
     ip = LlavaNextImageProcessor(size={"shortest_edge": 224},
                                  crop_size={"height": 224, "width": 224},
                                  image_grid_pinpoints=PINPOINTS)

@@ -37,6 +37,19 @@ def _tokenizer(vocab: int):
                                                          "vision_eos_token": "<|vision_end|>"})
 
 
+def text_config(tok, layers: int) -> dict:
+    """The Qwen2 decoder config of the tiny Qwen models: hidden 256, 4 heads of 64,
+    M-RoPE sections [8, 12, 12]."""
+    return dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                max_position_embeddings=4096, rms_norm_eps=1e-6, max_window_layers=layers,
+                use_sliding_window=False,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                 "mrope_section": [8, 12, 12]},
+                bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=False)
+
+
 def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
     """(model, processor): the float32 Qwen2-VL and its Qwen2VLProcessor, weights from `seed`."""
     import torch
@@ -48,23 +61,12 @@ def build(layers: int = 8, *, seed: int = 0, vocab: int = 512):
     ids = {k: tok.convert_tokens_to_ids(t) for k, t in zip(
         ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
         VISION)}
-    text = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
-                num_hidden_layers=layers,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                rms_norm_eps=1e-6, max_window_layers=layers, use_sliding_window=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                                 "mrope_section": [8, 12, 12]},
-                bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                tie_word_embeddings=False)
+    text = text_config(tok, layers)
     vision = dict(depth=2, embed_dim=64, hidden_size=256, mlp_ratio=2, num_heads=2, patch_size=14,
                   temporal_patch_size=2, spatial_merge_size=2)
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **ids)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(cfg).float().eval()
-    with torch.no_grad():  # a spread of attention, not a near-uniform one
-        for name, p in model.named_parameters():
-            if "language_model" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
-                p.mul_(4.0)
+    model = tiny_llava.spread(Qwen2VLForConditionalGeneration(cfg).float().eval())
     ip = Qwen2VLImageProcessor(min_pixels=336 * 336, max_pixels=336 * 336, patch_size=14,
                                temporal_patch_size=2, merge_size=2)
     vp = Qwen2VLVideoProcessor(min_pixels=336 * 336, max_pixels=336 * 336, patch_size=14,

@@ -71,19 +71,14 @@ def engine_args(preset: str = "v1.5-192", *, architecture: str = "LlavaForCondit
     :class:`sparsevlm.Error` naming the argument.
     """
     from .. import Error, preset_names
-    from ..hf import KV_OPTIONS
+    from ..hf import _check_options
 
     if architecture not in ARCHITECTURES:
         raise Error(f"architecture: expected one of {list(ARCHITECTURES)}, got {architecture!r}")
     names = list(preset_names())
     if preset not in names:
         raise Error(f"preset: expected one of {names}, got {preset!r}")
-    if positions not in (None, "renumber", "keep_original"):
-        raise Error(f"positions: expected None, 'renumber' or 'keep_original', got {positions!r}")
-    if budget not in (None, "global", "per_span"):
-        raise Error(f"budget: expected None, 'global' or 'per_span', got {budget!r}")
-    if kv not in KV_OPTIONS:
-        raise Error(f"kv: expected one of {list(KV_OPTIONS)}, got {kv!r}")
+    _check_options(kv=kv, positions=positions, budget=budget)
     options = {"preset": preset, "positions": positions, "budget": budget, "kv": kv,
                "dump_dir": None if dump_dir is None else os.fspath(dump_dir)}
     out = {"hf_overrides": {"architectures": [ARCHITECTURES[architecture]], "sparsevlm": options},

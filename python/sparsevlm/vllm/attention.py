@@ -60,16 +60,21 @@ class CpuAttnRewriter(Rewriter):
         isa = _get_attn_isa(self.dtype, cc.block_size, layer.impl.head_size, cc.cache_dtype)
         if isa != "vec":
             raise Error(f"kv: expected CPU_ATTN's 'vec' kernels for kv='survivors'/'merged' (the "
-                        f"page layout the plugin knows; float32, or x86 without AMX), got ISA "
-                        f"{isa!r} for dtype {self.dtype}; use kv='reference'")
+                        f"page layout the plugin knows: x86, head_dim a multiple of 32, no AMX "
+                        f"for bfloat16), got ISA {isa!r} for dtype {self.dtype}; use "
+                        f"kv='reference'")
 
     def rewrite(self, md, layer, query_start_loc, seq_lens, slot_mapping):
         from vllm import _custom_ops as ops
         from vllm import envs
 
-        if md.dynamic_causal is not None or md.encoder_cache is not None or md.use_sdpa_prefill:
-            raise Error("attention metadata: expected CPU_ATTN's causal decoder path, got "
-                        "dynamic causality, an encoder cache or the SDPA prefill")
+        for f in ("dynamic_causal", "encoder_cache"):
+            if getattr(md, f) is not None:
+                raise Error(f"attention metadata.{f}: expected None (CPU_ATTN's causal decoder "
+                            f"path), got a tensor")
+        if md.use_sdpa_prefill:
+            raise Error("attention metadata.use_sdpa_prefill: expected False (CPU_ATTN's own "
+                        "kernels), got True")
         impl = layer.impl
         tokens, max_q, max_s = _counts(query_start_loc, seq_lens)
         window = impl.sliding_window if impl.sliding_window is not None else -1
@@ -87,8 +92,8 @@ class CpuAttnRewriter(Rewriter):
     def kv_pages(self, layer):
         """CPU_ATTN's cache [blocks, Hkv, block_size, 2 dh] holds, per block and head, the
         block's K then its V, each block_size * dh values. How the kernel orders them
-        depends on its ISA: "vec" (float32 and the x86 default) writes V token-major
-        [block_size, dh] and K dim-major [dh, block_size]
+        depends on its ISA: "vec" (x86 without AMX for bfloat16, head_dim a multiple of
+        32) writes V token-major [block_size, dh] and K dim-major [dh, block_size]
         (tests/vllm/test_plugin.py::test_cpu_page_layout checks it against vLLM's own
         writer). Other ISAs (amx, vec16, neon, ...) pack K differently: refused."""
         import torch
@@ -115,10 +120,11 @@ class FlashAttnRewriter(Rewriter):
     schedules itself)."""
 
     def rewrite(self, md, layer, query_start_loc, seq_lens, slot_mapping):
-        if getattr(md, "use_cascade", False) or \
-                getattr(md, "dcp_context_kv_lens", None) is not None:
-            raise Error("attention metadata: expected FlashAttention without cascade attention "
-                        "or decode context parallelism, got them")
+        if getattr(md, "use_cascade", False):
+            raise Error("attention metadata.use_cascade: expected False, got True")
+        if getattr(md, "dcp_context_kv_lens", None) is not None:
+            raise Error("attention metadata.dcp_context_kv_lens: expected None (no decode "
+                        "context parallelism), got a tensor")
         tokens, max_q, max_s = _counts(query_start_loc, seq_lens)
         lens = (query_start_loc[1:] - query_start_loc[:-1]).cpu()
         decodes = int((lens == 1).sum())
@@ -130,9 +136,11 @@ class FlashAttnRewriter(Rewriter):
             num_prefill_tokens=tokens - decodes)
 
     def kv_pages(self, layer):
-        """FlashAttention's cache [2, blocks, block_size, Hkv, dh]: K and V in NHD."""
+        """FlashAttention's cache in vLLM 0.32 is [blocks, Hkv, block_size, 2 dh] (its
+        forward splits the last axis at dh): K and V as HND views."""
         c = layer.kv_cache
-        return c[0], c[1], "NHD"
+        dh = int(c.shape[-1]) // 2
+        return c[..., :dh], c[..., dh:], "HND"
 
 
 REWRITERS = {"CPU_ATTN": CpuAttnRewriter, "FLASH_ATTN": FlashAttnRewriter}

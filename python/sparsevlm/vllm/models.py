@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,12 +34,13 @@ import numpy as np
 import torch
 
 from .. import (Error, Layout, PrefillSession, apply_plan, compact_paged_kv, partial_relevance,
-               prune_step_from_head_sums)
-from ..hf import KV_OPTIONS, _runs, session_config, write_case
+               preset_names, prune_step_from_head_sums)
+from ..hf import _check_options, _runs, _session_config, write_case
 from . import OPTIONS, TESTED_VLLM
 from .attention import rewriter_for
 
 _CALLS = itertools.count()  # process-wide prefill counter: dump folder names
+logger = logging.getLogger("sparsevlm.vllm")
 _RESUMABLE = 256  # ended or evicted requests remembered for a resume after preemption
 
 
@@ -60,12 +62,22 @@ def check_engine(vllm_config) -> None:
                    "in one step), got True")
     if not mc.enforce_eager:
         why.append("enforce_eager: expected True (pruned shapes are data-dependent; a "
-                   "CUDA-graph or compiled decode would replay stale metadata), got False")
+                   "CUDA-graph or compiled forward would replay stale metadata), got False")
     if pc.pipeline_parallel_size != 1:
         why.append(f"pipeline_parallel_size: expected 1, got {pc.pipeline_parallel_size}")
-    if vllm_config.speculative_config is not None:
-        why.append("speculative_config: expected None (drafts would decode against pruned "
-                   "caches the draft model does not have), got one")
+    spec = vllm_config.speculative_config
+    if spec is not None:
+        why.append(f"speculative_config: expected None (drafts would decode against pruned "
+                   f"caches the draft model does not have), got method "
+                   f"{getattr(spec, 'method', None)!r}")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        why.append("kv_transfer_config: expected None (externally computed tokens shorten "
+                   "the prefill the raters need, and a connector would ship pruned pages), "
+                   "got one")
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        why.append("model runner: expected V1 (VLLM_USE_V2_MODEL_RUNNER=0; the plugin relies on "
+                   "the V1 runner's internals, docs/vllm.md), got V2 (vLLM's default where "
+                   "Triton runs, or VLLM_USE_V2_MODEL_RUNNER=1)")
     if why:
         raise Error("sparsevlm.vllm: this engine's settings cannot be pruned exactly: "
                     + "; ".join(why) + " (sparsevlm.vllm.engine_args gives the settings)")
@@ -81,9 +93,12 @@ def _options(hf_config) -> dict:
     out = {k: raw.get(k) for k in OPTIONS}
     out["preset"] = out["preset"] or "v1.5-192"
     out["kv"] = out["kv"] or "reference"
-    if out["kv"] not in KV_OPTIONS:
-        raise Error(f"hf_overrides['sparsevlm']['kv']: expected one of {list(KV_OPTIONS)}, "
-                    f"got {out['kv']!r}")
+    names = list(preset_names())
+    if out["preset"] not in names:
+        raise Error(f"hf_overrides['sparsevlm']['preset']: expected one of {names}, got "
+                    f"{out['preset']!r}")
+    _check_options(lambda key: f"hf_overrides['sparsevlm'][{key!r}]", kv=out["kv"],
+                   positions=out["positions"], budget=out["budget"])
     return out
 
 
@@ -132,10 +147,11 @@ class Runtime:
         self.model = model
         self.text = text
         self.layers = list(text.layers)
-        if getattr(text, "start_layer", 0) != 0 or getattr(text, "end_layer", len(self.layers)) \
-                != len(self.layers):
-            raise Error("pipeline_parallel_size: expected 1 (the plugin runs every decoder "
-                        "layer), got a partial model")
+        start, end = getattr(text, "start_layer", 0), getattr(text, "end_layer", len(self.layers))
+        if (start, end) != (0, len(self.layers)):
+            raise Error(f"pipeline_parallel_size: expected 1 (the plugin runs every decoder "
+                        f"layer), got a partial model (layers {start}..{end} of "
+                        f"{len(self.layers)})")
         hf = vllm_config.model_config.hf_config
         self.options = _options(hf)
         self.kv = self.options["kv"]
@@ -162,7 +178,16 @@ class Runtime:
         self.attn = [layer.self_attn.attn for layer in self.layers]
         self.names = [a.layer_name for a in self.attn]
         self.rewriter = rewriter_for(self.attn[0], vllm_config)  # refuses other backends
+        windows = sorted({w for w in (getattr(x.impl, "sliding_window", None) for x in self.attn)
+                          if w not in (None, -1)})
+        if windows:
+            raise Error(f"sliding_window: expected full attention in every decoder layer (one "
+                        f"KV-cache group, one block table), got windows {windows}")
         if self.kv != "reference":
+            dtype = vllm_config.cache_config.cache_dtype
+            if dtype != "auto":
+                raise Error(f"kv_cache_dtype: expected 'auto' for kv={self.kv!r} (compaction "
+                            f"moves and averages the model's dtype), got {dtype!r}")
             self.rewriter.check_kv(self.attn[0])
         # The schedule must fit the model before the engine starts (LLaVA-1.5's counts).
         self._config(35, 576, "hf_overrides['sparsevlm']['preset']")
@@ -170,6 +195,8 @@ class Runtime:
         self.resumable: collections.OrderedDict = collections.OrderedDict()  # ended requests
         self._ended = itertools.count()
         self._capture: dict = {}
+        self.mm_mask = None  # embed_input_ids' is_multimodal of the current step
+        self._warned_resume = False
         for j, a in enumerate(self.attn):
             a.register_forward_pre_hook(self._hook(j))
 
@@ -177,9 +204,9 @@ class Runtime:
 
     def _config(self, prefix: int, visual: int, where: str):
         o = self.options
-        return session_config(o["preset"], self.text_config, self.n_layers, self.heads, self.hidden,
-                              self.mlp, prefix, visual, o["positions"], o["budget"], self.mrope,
-                              type(self.model).__name__, where)
+        return _session_config(o["preset"], self.text_config, self.n_layers, self.heads,
+                               self.hidden, self.mlp, prefix, visual, o["positions"],
+                               o["budget"], self.mrope, type(self.model).__name__, where)
 
     def _hook(self, j: int):
         def pre(module, args):
@@ -240,6 +267,13 @@ class Runtime:
         reqs = []
         dump = self.options["dump_dir"] or os.environ.get("SPARSEVLM_DUMP_DIR") or None
         ids_host = None
+        # The runner's own mask of the positions that received multimodal embeddings
+        # (recorded by embed_input_ids this step): a placeholder id typed as text is not
+        # a visual token. Without it (no multimodal input this step) nothing is visual.
+        mask, self.mm_mask = self.mm_mask, None
+        if mask is not None and mask.numel() < int(qsl[len(seq)]):
+            mask = None
+        mask_host = mask.cpu().numpy() if mask is not None else None
         for r in range(len(seq)):
             q0, q1 = int(qsl[r]), int(qsl[r + 1])
             n, s = q1 - q0, int(seq[r])
@@ -253,7 +287,12 @@ class Runtime:
                 # Under mRoPE a span is also cut where the temporal position changes
                 # (each image, each temporal patch of a video), as sparsevlm.hf does.
                 t = positions[0, q0:q1].cpu().numpy() if self.mrope else None
-                spans = _runs(ids.numpy(), self.visual_ids, t)
+                tok = ids.numpy().copy()
+                if mask_host is None:
+                    tok[:] = -1
+                else:
+                    tok[~mask_host[q0:q1]] = -1
+                spans = _runs(tok, self.visual_ids, t)
                 if spans:
                     self._start(req, ids, spans, embeds, positions, r)
             else:
@@ -270,14 +309,28 @@ class Runtime:
         return reqs
 
     def _start(self, req, ids, spans, embeds, positions, r):
+        """A pruned prefill's session. A prompt the preset cannot be derived for (e.g.
+        too few visual tokens for its keep counts) runs unpruned, with a warning: one
+        request must not stop the engine and every other request with it."""
         n = req.n
         e = embeds[req.q0:req.q0 + n]
-        conf = self._config(spans[0][0], sum(s[1] for s in spans), f"request {r}")
         resumed = self._resumed(ids)
+        if resumed is not None and self.kv != "reference" and not self._warned_resume:
+            self._warned_resume = True
+            logger.warning("sparsevlm.vllm: a preempted request is recomputed with kv=%r: its "
+                           "output tokens now attend to uncompacted caches up to the pruning "
+                           "layers, so it may continue differently than without preemption "
+                           "(kv='reference' resumes exactly)", self.kv)
         pos = positions[..., req.q0:req.q0 + n]
         kw = {"raters": resumed} if resumed is not None else {"embeds": e.detach().cpu()}
-        req.session = PrefillSession(Layout(n, spans), conf,
-                                     positions=pos.cpu().reshape(-1, n).contiguous(), **kw)
+        try:
+            conf = self._config(spans[0][0], sum(s[1] for s in spans), f"request {r}")
+            req.session = PrefillSession(Layout(n, spans), conf,
+                                         positions=pos.cpu().reshape(-1, n).contiguous(), **kw)
+        except Error as err:
+            logger.warning("sparsevlm.vllm: request %d (%d tokens, visual spans %s) runs "
+                           "unpruned: %s", r, n, spans, err)
+            return
         req.embeds = e
         req.positions = pos
         base = int(pos.max()) + 1
@@ -443,8 +496,10 @@ class Runtime:
                 seq = torch.searchsorted(held, rows)
                 if seq.numel() and (int(seq.max()) >= held.numel()
                                     or not torch.equal(held[seq], rows)):
-                    raise Error(f"kv_rows({j}): expected rows that layer {j}'s cache holds, got "
-                                f"others (request {r.index})")
+                    miss = rows[~torch.isin(rows, held)].tolist()[:1] or ["(order)"]
+                    raise Error(f"kv_rows({j}): expected rows that layer {j}'s cache holds "
+                                f"({held.numel()} rows), got row {miss[0]} outside them "
+                                f"(request {r.index})")
                 r.held[j] = rows
             else:  # merged: every layer up to here holds this step's input rows
                 seq = torch.as_tensor(np.asarray(plan.sequence), dtype=torch.long)
@@ -528,6 +583,12 @@ def _mixin(base):
             check_engine(vllm_config)  # before the weights load: refuse early
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self.sparsevlm = Runtime(self, vllm_config)
+
+        def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None,
+                            **kwargs):
+            self.sparsevlm.mm_mask = is_multimodal  # [tokens] bool: where images were merged
+            return super().embed_input_ids(input_ids, multimodal_embeddings,
+                                           is_multimodal=is_multimodal, **kwargs)
 
         def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None,
                     **kwargs):
