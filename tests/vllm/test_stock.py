@@ -9,8 +9,6 @@ build/venv-vllm (./scripts/vllm-env.sh):
 import os
 import sys
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_llava  # noqa: E402
 

@@ -91,7 +91,6 @@ def build(layers: int = 4, *, seed: int = 0, vocab: int = 512, hidden: int = 256
 
 def save(model, proc, path: str) -> str:
     """Writes the checkpoint (safetensors, config, tokenizer, processor) to `path`."""
-    import torch
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
