@@ -4,6 +4,8 @@
 // when the engine chooses to compact them).
 #pragma once
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <span>
 #include <type_traits>
@@ -209,6 +211,117 @@ strided_view<T, 4> page_major(strided_view<T, 4> v, page_layout layout) {
                             {v.stride(0), v.stride(2), v.stride(1), v.stride(3)});
 }
 
+// The rules of a paged compaction, written once: the CPU function below applies them
+// serially, the CUDA kernels (cuda/detail/kv_cache_kernels.hpp) in parallel, and both
+// report the same first fault with the same message (throw_paged_fault).
+
+/// Entry p at index i: a recycled index in [-c, -1] or a token p >= i (rows only move
+/// toward the front, which is what makes the in-place copy safe on the CPU).
+SPARSEVLM_HD inline bool paged_entry_ok(std::int64_t p, std::int64_t i, std::int64_t c) noexcept {
+  return p >= -c && (p < 0 || p >= i);
+}
+/// Tokens a valid entry touches: token i is written and p (if >= 0) read.
+SPARSEVLM_HD inline std::int64_t paged_entry_reach(std::int64_t p, std::int64_t i) noexcept {
+  return (p > i ? p : i) + 1;
+}
+/// Element (t, h, d) of a request's logical token t, as an offset from the page-major
+/// view's data: page block_table[t / bs], slot t % bs.
+template <class B>
+SPARSEVLM_HD std::int64_t paged_offset(const B* block_table, std::int64_t bs, const std::int64_t* s,
+                                       std::int64_t t, std::int64_t h, std::int64_t d) noexcept {
+  return static_cast<std::int64_t>(block_table[t / bs]) * s[0] + (t % bs) * s[1] + h * s[2] +
+         d * s[3];
+}
+
+/// The first check of a paged compaction that fails, in the order the checks run:
+/// the sequence entries in index order, then the table's coverage, then the page ids
+/// of the first ceil(needed / block_size) pages in order.
+struct paged_fault {
+  enum kind_t : std::int64_t { none = 0, entry = 1, coverage = 2, page = 3 };
+  std::int64_t kind = none;
+  std::int64_t index = 0;  ///< entry: i; coverage: the table size; page: j
+  std::int64_t value = 0;  ///< entry: sequence[i]; page: block_table[j]
+  std::int64_t needed = 0; ///< tokens read or written (coverage)
+  std::int64_t recycled = 0, block_size = 0, blocks = 0;  ///< c, bs and the cache's pages
+};
+
+/// Finds the first fault serially (what the CUDA check kernel finds in parallel).
+template <class B>
+paged_fault find_paged_fault(const std::int64_t* sequence, std::int64_t n, std::int64_t c,
+                             const B* block_table, std::int64_t table_size, std::int64_t bs,
+                             std::int64_t blocks) {
+  paged_fault f;
+  f.recycled = c;
+  f.block_size = bs;
+  f.blocks = blocks;
+  std::int64_t needed = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (!paged_entry_ok(sequence[i], i, c)) {
+      f.kind = paged_fault::entry;
+      f.index = i;
+      f.value = sequence[i];
+      return f;
+    }
+    needed = std::max(needed, paged_entry_reach(sequence[i], i));
+  }
+  f.needed = needed;
+  if (needed > table_size * bs) {
+    f.kind = paged_fault::coverage;
+    f.index = table_size;
+    return f;
+  }
+  for (std::int64_t j = 0; j < (needed + bs - 1) / bs; ++j) {
+    if (block_table[j] < 0 || block_table[j] >= blocks) {
+      f.kind = paged_fault::page;
+      f.index = j;
+      f.value = static_cast<std::int64_t>(block_table[j]);
+      return f;
+    }
+  }
+  return f;
+}
+
+/// Throws the error of a fault (a no-op for kind none): invalid_argument for an entry or
+/// a page id, shape_mismatch for a table that covers too few tokens.
+inline void throw_paged_fault(const paged_fault& f) {
+  switch (f.kind) {
+    case paged_fault::entry:
+      fail(errc::invalid_argument, concat("sequence[", f.index, "]"),
+           concat("a recycled index in [-", f.recycled, ", -1] or a token >= ", f.index,
+                  " (an in-place compaction)"),
+           f.value);
+    case paged_fault::coverage:
+      fail(errc::shape_mismatch, "block_table.size()",
+           concat(">= ", (f.needed + f.block_size - 1) / f.block_size, " pages of ", f.block_size,
+                  " tokens (", f.needed, " tokens are read or written)"),
+           f.index);
+    case paged_fault::page:
+      fail(errc::invalid_argument, concat("block_table[", f.index, "]"),
+           concat("a page id in [0, ", f.blocks, ") (cache.extent[0])"), f.value);
+    default: return;
+  }
+}
+
+/// The host-visible checks of a paged compaction (layout, block size, recycled rows'
+/// heads and head_dim), shared by the CPU function and the CUDA launcher. Returns the
+/// page-major view.
+template <class T, class U>
+strided_view<T, 4> check_paged_args(strided_view<T, 4> cache, page_layout layout,
+                                    tensor3_view<const U> recycled) {
+  SPARSEVLM_CHECK(layout == page_layout::blocks_tokens_heads_dim ||
+                      layout == page_layout::blocks_heads_tokens_dim,
+                  errc::invalid_argument, "layout", "blocks_tokens_heads_dim or blocks_heads_tokens_dim",
+                  static_cast<int>(layout));
+  const strided_view<T, 4> kv = page_major(cache, layout);
+  const std::size_t slot_axis = layout == page_layout::blocks_tokens_heads_dim ? 1 : 2;
+  SPARSEVLM_CHECK(kv.extent(1) > 0, errc::shape_mismatch,
+                  concat("cache.extent[", slot_axis, "] (block_size)"), "> 0", kv.extent(1));
+  if (recycled.extent(0) > 0)
+    check_side_kv(recycled, recycled.extent(0), kv.extent(2), kv.extent(3),
+                  kv_layout::tokens_heads_dim, "recycled");
+  return kv;
+}
+
 }  // namespace detail
 
 /// compact_kv for one request's rows inside a paged cache: the request's logical token t
@@ -216,14 +329,16 @@ strided_view<T, 4> page_major(strided_view<T, 4> v, page_layout layout) {
 /// first sequence.size() tokens hold the new sequence (token i = old token sequence[i],
 /// or recycled token -sequence[i] - 1 converted to T). Pages are not freed or
 /// reordered: the request keeps its block table, only its rows move. Returns the new
-/// token count; tokens past it are untouched.
+/// token count; tokens past it are untouched. On CUDA memory: cuda/kv_cache.cuh.
 ///
 /// - `sequence`: as compact_kv (every source entry p at index i has p >= i; rows only
 ///   move toward the front, in order, which is what makes the in-place copy safe).
 /// - `cache`: the whole K or V cache of one layer, [blocks, block_size, heads, head_dim]
 ///   or [blocks, heads, block_size, head_dim] per `layout`, any strides; T = float,
-///   half or bfloat16. vLLM's CPU cache [blocks, heads, block_size, 2·head_dim] is the
-///   HND view with the last axis cut at head_dim (K) or from head_dim (V).
+///   half or bfloat16. vLLM 0.32's caches are [blocks, heads, block_size, 2·head_dim]:
+///   FlashAttention's gives K and V as the HND views of [..., :head_dim] and
+///   [..., head_dim:]; the CPU backend's holds per block and head the K block then the V
+///   block, both HND strided views (docs/integration.md).
 /// - `block_table`: the request's page ids in token order (int64; an engine's int32
 ///   table is widened by the caller). It must cover every token read or written
 ///   (max(sequence.size(), largest source + 1) tokens); pages must be distinct (not
@@ -241,48 +356,17 @@ template <class T, class U>
 index_t compact_paged_kv(std::span<const index_t> sequence, strided_view<T, 4> cache,
                          page_layout layout, std::span<const index_t> block_table,
                          tensor3_view<const U> recycled) {
-  SPARSEVLM_CHECK(layout == page_layout::blocks_tokens_heads_dim ||
-                      layout == page_layout::blocks_heads_tokens_dim,
-                  errc::invalid_argument, "layout", "blocks_tokens_heads_dim or blocks_heads_tokens_dim",
-                  static_cast<int>(layout));
-  const strided_view<T, 4> kv = detail::page_major(cache, layout);
+  const strided_view<T, 4> kv = detail::check_paged_args(cache, layout, recycled);
   const index_t blocks = kv.extent(0), bs = kv.extent(1), heads = kv.extent(2), dim = kv.extent(3);
-  const std::size_t slot_axis = layout == page_layout::blocks_tokens_heads_dim ? 1 : 2;
-  SPARSEVLM_CHECK(bs > 0, errc::shape_mismatch, detail::concat("cache.extent[", slot_axis, "] (block_size)"),
-                  "> 0", bs);
   const index_t n = static_cast<index_t>(sequence.size());
-  const index_t c = recycled.extent(0);
-  if (c > 0) {
-    SPARSEVLM_CHECK(recycled.extent(1) == heads, errc::shape_mismatch, "recycled.extent[1] (heads)",
-                    detail::concat(heads, ", as the cache"), recycled.extent(1));
-    SPARSEVLM_CHECK(recycled.extent(2) == dim, errc::shape_mismatch, "recycled.extent[2] (head_dim)",
-                    detail::concat(dim, ", as the cache"), recycled.extent(2));
-  }
-  const index_t covered = static_cast<index_t>(block_table.size()) * bs;
-  index_t needed = n;
-  for (index_t i = 0; i < n; ++i) {
-    const index_t p = sequence[static_cast<std::size_t>(i)];
-    SPARSEVLM_CHECK(p >= -c && (p < 0 || p >= i), errc::invalid_argument,
-                    detail::concat("sequence[", i, "]"),
-                    detail::concat("a recycled index in [-", c, ", -1] or a token >= ", i,
-                                   " (an in-place compaction)"),
-                    p);
-    if (p + 1 > needed) needed = p + 1;
-  }
-  SPARSEVLM_CHECK(needed <= covered, errc::shape_mismatch, "block_table.size()",
-                  detail::concat(">= ", (needed + bs - 1) / bs, " pages of ", bs, " tokens (",
-                                 needed, " tokens are read or written)"),
-                  block_table.size());
-  const index_t pages = (needed + bs - 1) / bs;
-  for (index_t j = 0; j < pages; ++j) {
-    const index_t b = block_table[static_cast<std::size_t>(j)];
-    SPARSEVLM_CHECK(b >= 0 && b < blocks, errc::invalid_argument,
-                    detail::concat("block_table[", j, "]"),
-                    detail::concat("a page id in [0, ", blocks, ") (cache.extent[0])"), b);
-  }
+  detail::throw_paged_fault(detail::find_paged_fault(sequence.data(), n, recycled.extent(0),
+                                                     block_table.data(),
+                                                     static_cast<index_t>(block_table.size()), bs,
+                                                     blocks));
   if (heads == 0 || dim == 0) return n;
+  const index_t s[4] = {kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3)};
   const auto row = [&](index_t t, index_t h) -> T* {
-    return &kv(block_table[static_cast<std::size_t>(t / bs)], t % bs, h, 0);
+    return kv.data() + detail::paged_offset(block_table.data(), bs, s, t, h, 0);
   };
   const bool contiguous = kv.stride(3) == 1 || dim == 1;
   for (index_t i = 0; i < n; ++i) {

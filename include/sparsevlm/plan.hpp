@@ -54,7 +54,7 @@ inline std::vector<index_t> make_sequence(index_t length, visual_span visual,
 namespace detail {
 
 template <class To, class From>
-To convert_element(From v) {
+SPARSEVLM_HD To convert_element(From v) {
   if constexpr (std::is_same_v<std::remove_cv_t<To>, std::remove_cv_t<From>>) {
     return v;
   } else if constexpr (is_element_v<To> && is_element_v<From>) {

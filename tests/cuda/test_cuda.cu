@@ -10,7 +10,7 @@
 // raters, rank, keep count, keep set, clusters and sequence exactly, the
 // scores and merged rows bit for bit (the arithmetic is shared: core/), and
 // within the spec's tolerance as a fallback report. Then the plan's gathers
-// against plan.hpp / positions.hpp / kv_cache.hpp, the pinned length slot, and
+// against plan.hpp / positions.hpp / kv_cache.hpp (dense and paged), the pinned length slot, and
 // the NaN flags.
 #include <cuda_runtime.h>
 
@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include <sparsevlm/cuda/kv_cache.cuh>
 #include <sparsevlm/cuda/step.cuh>
 #include <sparsevlm/kv_cache.hpp>
 #include <sparsevlm/plan.hpp>
@@ -348,6 +349,110 @@ void run_plan(const svt::flat_case& c, cudaStream_t stream) {
   EXPECT(same);
 }
 
+/// The paged compaction on the device (cuda/kv_cache.cuh) against the CPU's
+/// compact_paged_kv, with the step's own sequence as the device array: a
+/// bfloat16 NHD cache with an int32 table and float32 recycled rows, an HND
+/// float cache with an int64 table and the recycled-free sequence; then a
+/// refused sequence (the CPU's error, the cache unchanged) and a host pointer.
+void run_paged(const svt::flat_case& c, cudaStream_t stream) {
+  using namespace sparsevlm;
+  context = c.name + " paged";
+  const auto want = svt::cpu_step(c, svt::elem::f32, false);
+  const index_t heads = 2, hd = 5, bs = 16;
+  const index_t pages = (c.L + bs - 1) / bs, blocks = pages + 3;
+  std::vector<index_t> table64(static_cast<std::size_t>(pages));
+  for (index_t j = 0; j < pages; ++j) table64[static_cast<std::size_t>(j)] = (j * 7 + 2) % blocks;
+  // (j·7 + 2) mod blocks is a permutation when gcd(7, blocks) = 1; else shift by one page.
+  if (blocks % 7 == 0)
+    for (auto& b : table64) b = (b + 1) % blocks;
+  const std::vector<std::int32_t> table32(table64.begin(), table64.end());
+  const index_t ncl = static_cast<index_t>(want.recycled.clusters.size());
+  std::vector<float> rec(static_cast<std::size_t>(ncl * heads * hd));
+  for (std::size_t i = 0; i < rec.size(); ++i) rec[i] = 0.25f * static_cast<float>(i) - 3.0f;
+  const std::size_t elems = static_cast<std::size_t>(blocks * bs * heads * hd);
+  std::vector<float> base(elems);
+  for (std::size_t i = 0; i < elems; ++i) base[i] = static_cast<float>(i % 977) - 400.0f;
+  const dev<index_t> seq(want.sequence);
+  const auto kseq = kv_sequence(std::span<const index_t>(want.sequence));
+  const dev<index_t> kseq_d(kseq);
+  const dev<float> rec_d(rec);
+  const dev<std::int32_t> t32(table32);
+  const dev<index_t> t64(table64);
+  const index_t n = static_cast<index_t>(want.sequence.size());
+  dev<unsigned char> ws(cu::compact_paged_kv_workspace_bytes<float>(n, heads, hd));
+  cu::compact_status st;
+  {  // bfloat16 NHD, int32 table, recycled rows
+    const auto hb = as<bfloat16>(base);
+    std::vector<bfloat16> ref = hb;
+    compact_paged_kv(std::span<const index_t>(want.sequence),
+                     strided_view<bfloat16, 4>(ref.data(), {blocks, bs, heads, hd}),
+                     page_layout::blocks_tokens_heads_dim, std::span<const index_t>(table64),
+                     tensor3_view<const float>(rec.data(), {ncl, heads, hd}));
+    dev<bfloat16> cache(hb);
+    CUDA_OK(cu::compact_paged_kv_async(
+        seq.p, n, strided_view<bfloat16, 4>(cache.p, {blocks, bs, heads, hd}),
+        page_layout::blocks_tokens_heads_dim, t32.p, pages,
+        tensor3_view<const float>(rec_d.p, {ncl, heads, hd}), ws.p, ws.n, stream));
+    CUDA_OK(cu::download_compact_status(ws.p, st, stream));
+    EXPECT(st.ok());
+    EXPECT(same_bits(cache.get(), ref));
+  }
+  {  // float HND, int64 table, the recycled-free sequence
+    std::vector<float> ref = base;
+    compact_paged_kv(std::span<const index_t>(kseq),
+                     strided_view<float, 4>(ref.data(), {blocks, heads, bs, hd}),
+                     page_layout::blocks_heads_tokens_dim, std::span<const index_t>(table64));
+    dev<float> cache(base);
+    CUDA_OK(cu::compact_paged_kv_async(
+        kseq_d.p, static_cast<index_t>(kseq.size()),
+        strided_view<float, 4>(cache.p, {blocks, heads, bs, hd}),
+        page_layout::blocks_heads_tokens_dim, t64.p, pages, ws.p, ws.n, stream));
+    CUDA_OK(cu::download_compact_status(ws.p, st, stream));
+    EXPECT(st.ok());
+    EXPECT(same_bits(cache.get(), ref));
+    // A source below its index: refused on the device, the cache as it was.
+    std::vector<index_t> bad(kseq.begin(), kseq.end());
+    if (bad.size() >= 2) {
+      std::swap(bad[0], bad[bad.size() - 1]);
+      const dev<index_t> bad_d(bad);
+      dev<float> cache2(base);
+      CUDA_OK(cu::compact_paged_kv_async(
+          bad_d.p, static_cast<index_t>(bad.size()),
+          strided_view<float, 4>(cache2.p, {blocks, heads, bs, hd}),
+          page_layout::blocks_heads_tokens_dim, t64.p, pages, ws.p, ws.n, stream));
+      CUDA_OK(cu::download_compact_status(ws.p, st, stream));
+      EXPECT(!st.ok());
+      std::string cpu_message, dev_message;
+      try {
+        std::vector<float> tmp = base;
+        compact_paged_kv(std::span<const index_t>(bad),
+                         strided_view<float, 4>(tmp.data(), {blocks, heads, bs, hd}),
+                         page_layout::blocks_heads_tokens_dim, std::span<const index_t>(table64));
+      } catch (const sparsevlm::error& e) {
+        cpu_message = e.what();
+      }
+      try {
+        st.raise();
+      } catch (const sparsevlm::error& e) {
+        dev_message = e.what();
+      }
+      EXPECT(!cpu_message.empty() && dev_message == cpu_message);
+      EXPECT(same_bits(cache2.get(), base));
+    }
+    // A host table is refused before anything is enqueued.
+    bool refused = false;
+    try {
+      (void)cu::compact_paged_kv_async(
+          kseq_d.p, static_cast<index_t>(kseq.size()),
+          strided_view<float, 4>(cache.p, {blocks, heads, bs, hd}),
+          page_layout::blocks_heads_tokens_dim, table64.data(), pages, ws.p, ws.n, stream);
+    } catch (const sparsevlm::error& e) {
+      refused = std::string_view(e.what()).find("block_table") != std::string_view::npos;
+    }
+    EXPECT(refused);
+  }
+}
+
 /// NaN in the attention: the step's length is −1 and the flag says why.
 void run_flags(const svt::flat_case& c0, cudaStream_t stream) {
   if (c0.raters || c0.S + c0.N >= c0.L) return;
@@ -396,6 +501,7 @@ int main() {
     run_case<sparsevlm::bfloat16>(c, svt::elem::bf16, stream, pinned);
     run_qk_variants(c, stream);
     run_plan(c, stream);
+    run_paged(c, stream);
     run_flags(c, stream);
   }
   run_batch(all, stream, pinned);

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../check.hpp"
 #include "../core/pipeline.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
@@ -138,6 +139,24 @@ struct device_exec {
     status = cudaGetLastError();
   }
 };
+
+/// Refuses a pointer a kernel cannot dereference (host memory that is neither
+/// pinned-mapped nor managed), naming the argument, so that it never becomes a
+/// sticky illegal-address error in the caller's context. Null passes (an empty
+/// argument). Throws sparsevlm::error; a failing query is returned.
+inline cudaError_t check_device_pointer(const void* p, const char* name) {
+  if (p == nullptr) return cudaSuccess;
+  cudaPointerAttributes attr{};
+  const cudaError_t e = cudaPointerGetAttributes(&attr, p);
+  if (e != cudaSuccess) return e;
+  SPARSEVLM_CHECK(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged ||
+                      (attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr),
+                  errc::invalid_argument, name,
+                  "device memory (cudaMalloc, cudaMallocManaged or mapped pinned memory)",
+                  attr.type == cudaMemoryTypeHost ? "pinned host memory without a device mapping"
+                                                  : "host memory");
+  return cudaSuccess;
+}
 
 template <class T>
 kn::rows2<T> rows_of(matrix_view<const T> m) {

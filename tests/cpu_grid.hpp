@@ -1,0 +1,79 @@
+// CUDA thread blocks on CPU threads, for the tests that run the CUDA backend's
+// kernel bodies (core/kernels.hpp, cuda/detail/*_kernels.hpp) without a GPU:
+// one std::thread per CUDA thread, a std::barrier for __syncthreads.
+#pragma once
+
+#include <algorithm>
+#include <barrier>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+#include <sparsevlm/core/block.hpp>
+#include <sparsevlm/view.hpp>
+
+namespace svt {
+
+using sparsevlm::index_t;
+namespace core = sparsevlm::core;
+
+/// A CUDA block on CPU threads.
+struct cpu_block {
+  index_t r, n, x, y, gxv, gyv;
+  std::barrier<>* bar;
+  index_t rank() const noexcept { return r; }
+  index_t size() const noexcept { return n; }
+  index_t bx() const noexcept { return x; }
+  index_t by() const noexcept { return y; }
+  index_t gx() const noexcept { return gxv; }
+  index_t gy() const noexcept { return gyv; }
+  void sync() const { bar->arrive_and_wait(); }
+};
+
+/// Runs `body` over a grid: the blocks one after another, each on `threads`
+/// threads. Shared memory is filled with 0xff bytes (NaN) before every block,
+/// so a kernel that reads it before writing it computes garbage.
+template <class Body>
+void run_grid(const Body& body, index_t gx, index_t gy, int threads, std::size_t smem) {
+  std::vector<double> shared(smem / sizeof(double) + 1);
+  std::barrier<> bar(threads);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t)
+    pool.emplace_back([&, t] {
+      for (index_t y = 0; y < gy; ++y)
+        for (index_t x = 0; x < gx; ++x) {
+          if (t == 0) std::memset(shared.data(), 0xff, shared.size() * sizeof(double));
+          bar.arrive_and_wait();
+          body(cpu_block{t, threads, x, y, gx, gy, &bar}, static_cast<void*>(shared.data()));
+          bar.arrive_and_wait();
+        }
+    });
+  for (auto& th : pool) th.join();
+}
+
+/// The pipeline's executor on the CPU: small blocks and grids, so that every
+/// grid-stride loop, tile edge and scan carry is exercised on the small cases.
+struct cpu_exec {
+  static constexpr int tile = 4;  // 4×4 dot tiles: tile_threads<4> = 4 threads
+  int block = 8;
+  index_t max_blocks = 3;
+  std::size_t shared = std::size_t{1} << 20;
+  int launches = 0;
+
+  int threads() const { return block; }
+  index_t grid(index_t n) const {
+    return n <= 0 ? 0 : std::min<index_t>(core::ceil_div(n, block), max_blocks);
+  }
+  std::size_t max_shared() const { return shared; }
+  template <class Body>
+  void launch(const Body& body, index_t gx, index_t gy, int threads, std::size_t smem) {
+    REQUIRE(smem <= shared);
+    if (gx <= 0 || gy <= 0) return;
+    ++launches;
+    run_grid(body, gx, gy, threads, smem);
+  }
+};
+
+}  // namespace svt
