@@ -12,7 +12,8 @@ each after the previous one decoded two tokens, so prefills share steps with dec
 
 out: {"runs": [[{"tokens", "logprobs", "prompt_len"}] per prompt], "steps": per forward of
 the SparseVLM model, its requests as [tokens, seq_len, "prefill" | "decode" | "stock"];
-"resumes": prefills recognised as a preempted request's recompute; "error": the
+"resumes": prefills recognised as a preempted request's recompute; "rewriter": the
+metadata rewriter's class (null when no step ran pruned); "error": the
 exception's text when the engine failed to start}. One process (the engine runs in it:
 VLLM_ENABLE_V1_MULTIPROCESSING=0) so the plugin's steps can be recorded here.
 """
@@ -35,6 +36,7 @@ tiny = tiny_llava
 
 STEPS: list = []
 RESUMES = [0]
+REWRITER = [None]
 
 
 def _record():
@@ -43,6 +45,7 @@ def _record():
     requests, resumed = models.Runtime._requests, models.Runtime._resumed
 
     def _requests(self, md, *a):
+        REWRITER[0] = type(self.rewriter).__name__
         reqs = requests(self, md, *a)
         STEPS.append([[r.n, r.seq, "prefill" if r.session is not None else
                        "decode" if r.state is not None else "stock"] for r in reqs])
@@ -122,6 +125,7 @@ def main(spec_path, out_path):
         else:
             out["runs"].append(_staggered(llm, vllm, prompts))
     out["resumes"] = RESUMES[0]
+    out["rewriter"] = REWRITER[0]
     json.dump(out, open(out_path, "w"))
 
 

@@ -221,6 +221,36 @@ def test_hf_overrides_options_are_checked_by_key():
             _options(NS(sparsevlm=raw))
 
 
+def test_rewriter_choice_by_backend_and_environment(monkeypatch):
+    from sparsevlm.vllm import attention
+
+    class Layer:
+        def __init__(self, name):
+            self.attn_backend = type("B", (), {"get_name": staticmethod(lambda: name)})
+
+    monkeypatch.delenv("SPARSEVLM_VLLM_UNTESTED", raising=False)
+    monkeypatch.delenv("SPARSEVLM_VLLM_REWRITER", raising=False)
+    for name in ("FLASHINFER", "TRITON_ATTN", "FLASH_ATTN"):
+        with pytest.raises(sparsevlm.Error,
+                           match=f"SPARSEVLM_VLLM_UNTESTED=1 allows them.*got {name}"):
+            attention.rewriter_for(Layer(name), None)
+    with pytest.raises(sparsevlm.Error,
+                       match="attention backend: expected one of .*got FLEX_ATTENTION"):
+        attention.rewriter_for(Layer("FLEX_ATTENTION"), None)
+    monkeypatch.setenv("SPARSEVLM_VLLM_UNTESTED", "1")
+    assert type(attention.rewriter_for(Layer("FLASHINFER"), None)) is attention.BuilderRewriter
+    assert type(attention.rewriter_for(Layer("FLASH_ATTN"), None)) is attention.FlashAttnRewriter
+    monkeypatch.setenv("SPARSEVLM_VLLM_REWRITER", "builder")
+    assert type(attention.rewriter_for(Layer("FLASH_ATTN"), None)) is attention.BuilderRewriter
+    monkeypatch.setenv("SPARSEVLM_VLLM_REWRITER", "mine")
+    with pytest.raises(sparsevlm.Error,
+                       match="SPARSEVLM_VLLM_REWRITER: expected unset or 'builder', got 'mine'"):
+        attention.rewriter_for(Layer("CPU_ATTN"), None)
+    # Metadata that did not come through vLLM's builder call is refused by name.
+    with pytest.raises(sparsevlm.Error, match="without its CommonAttentionMetadata"):
+        attention.BuilderRewriter(None, "FLASHINFER").batch(object())
+
+
 def test_cpu_page_layout():
     # kv="survivors"/"merged" compact CPU_ATTN's pages through views of their K and V
     # halves; the views must read what vLLM's own writer wrote, token by token.
@@ -313,6 +343,24 @@ def test_kv_options_equal_the_hf_dropin(llava, tmp_path, kv):
     assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
     for g, w in zip(got, want):
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
+
+
+def test_builder_rewriter_equals_the_hf_dropin(llava, tmp_path):
+    # The generic rewriter (the step's CommonAttentionMetadata with the new counts, built
+    # again by the backend's own builder: what FlashInfer and Triton use on a GPU) on
+    # CPU_ATTN, where it must give what the hand-written one gives: kv="survivors" makes
+    # each decode's layers read caches of different lengths, the staggered run mixes
+    # prefills and decodes in one step.
+    want = _reference(llava, str(tmp_path / "hf"), kv="survivors")[0]
+    out = _engine(str(tmp_path), "builder", _spec(
+        llava, env={"SPARSEVLM_VLLM_REWRITER": "builder"},
+        sparsevlm={"preset": PRESET, "kv": "survivors"},
+        runs=[{"kind": "batch", "prompts": PROMPTS}, {"kind": "staggered", "prompts": PROMPTS}]))
+    assert out["rewriter"] == "BuilderRewriter"
+    for got in out["runs"]:
+        assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+        for g, w in zip(got, want):
+            assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])

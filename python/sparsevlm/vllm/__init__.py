@@ -1,4 +1,4 @@
-"""SparseVLM inside vLLM V1's own prefill (docs/vllm.md): out of tree, no vLLM patch.
+"""SparseVLM inside vLLM V1's own prefill (docs/vllm.md): out of tree, vLLM unchanged.
 
     import sparsevlm.vllm, vllm
     llm = vllm.LLM(model=path, max_model_len=4096, **sparsevlm.vllm.engine_args("v1.5-192"))

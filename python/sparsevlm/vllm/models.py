@@ -261,9 +261,8 @@ class Runtime:
             self._capture.clear()
 
     def _requests(self, md, input_ids, positions, embeds) -> list:
-        qsl = md.query_start_loc.cpu().tolist()
-        seq = md.seq_lens.cpu().tolist()
-        table = md.block_table
+        qsl_t, seq_t, table = self.rewriter.batch(md)
+        qsl, seq = qsl_t.cpu().tolist(), seq_t.cpu().tolist()
         reqs = []
         dump = self.options["dump_dir"] or os.environ.get("SPARSEVLM_DUMP_DIR") or None
         ids_host = None
@@ -343,8 +342,8 @@ class Runtime:
         dev = embeds.device
         T = int(embeds.shape[0])
         md0 = md_all[self.names[0]]
-        table = md0.block_table
-        block_size = int(self.attn[0].kv_cache.shape[2])  # [blocks, Hkv, bs, 2 dh] (CPU_ATTN)
+        table = self.rewriter.batch(md0)[2]
+        block_size = int(self.attn[0].kv_cache.shape[2])  # [blocks, Hkv, bs, 2 dh] (vLLM 0.32)
         self._table, self._block_size = table.cpu().long(), block_size
         call_no = next(_CALLS) if any(r.session for r in reqs) else None
         # The current flat batch: per request its hidden rows and positions.
@@ -538,19 +537,19 @@ class Runtime:
             blocks = table[r.index].to(dev).long().index_select(0, idx // bs)
             slots.append(blocks * bs + idx % bs)
         slot_t = torch.cat(slots)
-        qsl_t = torch.tensor(qsl, dtype=md0.query_start_loc.dtype,
-                             device=md0.query_start_loc.device)
-        seq_t = torch.tensor(seq, dtype=md0.seq_lens.dtype, device=md0.seq_lens.device)
+        qsl0, seq0, _ = self.rewriter.batch(md0)
+        qsl_t = torch.tensor(qsl, dtype=qsl0.dtype, device=qsl0.device)
+        seq_t = torch.tensor(seq, dtype=seq0.dtype, device=seq0.device)
         md = dict(base_md)
         sl = dict(base_slots)
         done: dict = {}
         for j, name in enumerate(self.names):  # layers of one metadata object share one rewrite
             old = base_md[name]
+            slot_n = slot_t.to(base_slots[name].dtype)
             if id(old) not in done:
-                done[id(old)] = self.rewriter.rewrite(old, self.attn[j], qsl_t, seq_t,
-                                                      slot_t.to(base_slots[name].dtype))
+                done[id(old)] = self.rewriter.rewrite(old, self.attn[j], qsl_t, seq_t, slot_n)
             md[name] = done[id(old)]
-            sl[name] = md[name].slot_mapping
+            sl[name] = slot_n
         return md, sl, torch.cat(pos, -1).to(torch.long)
 
     def _unpack(self, hidden, reqs, T):
