@@ -310,8 +310,9 @@ def compact_paged_kv(cache: Array, block_table: Array, sequence: Union[StepResul
     new length is untouched.
 
     cache: one layer's K (or V) pages, 4-D per ``layout`` (:data:`PAGE_LAYOUTS`), any
-    strides, float32/float16/bfloat16, NumPy or torch (CPU, or CUDA: the same moves by
-    torch on the device, after the same checks). vLLM's CPU cache [blocks, heads,
+    strides, float32/float16/bfloat16, NumPy or torch (CPU; CUDA: cuda/kv_cache.cuh's
+    kernels on the tensor's current stream where ``has_cuda()``, else the same moves by
+    torch on the device after the same checks). vLLM's CPU cache [blocks, heads,
     block_size, 2*head_dim] holds, per block and head, the block's K then its V; under
     its "vec" kernels V is token-major and K dim-major, so both are "HND" strided views
     (``sparsevlm.vllm.attention.CpuAttnRewriter.kv_pages``). vLLM's FlashAttention cache
@@ -335,6 +336,16 @@ def compact_paged_kv(cache: Array, block_table: Array, sequence: Union[StepResul
     if getattr(cache, "ndim", None) != 4:
         raise Error(f"cache: expected a 4-D paged cache ({layout}), got "
                     f"{getattr(cache, 'ndim', type(cache).__name__)} dims")
+    if _is_torch(cache) and cache.device.type == "cuda" and _ext.has_cuda():
+        # cuda/kv_cache.cuh's kernels, on the caller's stream (the call returns when
+        # the rows have moved).
+        if recycled is not None:
+            import torch
+
+            rec = recycled if _is_torch(recycled) else torch.from_numpy(np.asarray(recycled))
+            recycled = rec.to(cache.device)
+        return int(_ext.compact_paged_kv(s, cache.detach(), layout == "HND", t,
+                                         _arg(recycled, "recycled", True), _stream_of(cache)))
     if _is_torch(cache) and cache.device.type != "cpu":
         return _compact_paged_device(cache, t, s, layout, recycled)
     return int(_ext.compact_paged_kv(s, _arg(cache, "cache"), layout == "HND", t,

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include <sparsevlm/cuda/kv_cache.cuh>
 #include <sparsevlm/cuda/step.cuh>
 #include <sparsevlm/dlpack.hpp>
 
@@ -59,7 +60,8 @@ class scratch {
   }
   std::vector<entry> entries_;
 };
-enum : int { workspace_slot = 0, raters_slot = 1 };
+enum : int { workspace_slot = 0, raters_slot = 1, paged_sequence_slot = 2, paged_table_slot = 3,
+             paged_workspace_slot = 4 };
 
 // Makes the arrays' device current for the call, and restores the caller's.
 struct device_guard {
@@ -167,6 +169,87 @@ sv::step_result cuda_prune_step(const device_step_arrays& a, sv::visual_span vis
   if (dt.code == kDLBfloat && dt.bits == 16)
     return run_typed<sv::bfloat16>(a, visual, raters_view, opt, stream);
   return run_typed<float>(a, visual, raters_view, opt, stream);  // view_of refuses other dtypes
+}
+
+namespace {
+
+template <class T, class U>
+index_t compact_typed(sv::strided_view<T, 4> cache, sv::page_layout layout,
+                      std::span<const index_t> seq, std::span<const index_t> table,
+                      sv::tensor3_view<const U> rec, cudaStream_t stream) {
+  // The CPU function's checks on the host copies first: a refused call enqueues
+  // nothing, and its error is the CPU's (the device repeats them as a guard).
+  const auto kv = sv::detail::check_paged_args(cache, layout, rec);
+  sv::detail::throw_paged_fault(sv::detail::find_paged_fault(
+      seq.data(), static_cast<index_t>(seq.size()), rec.extent(0), table.data(),
+      static_cast<index_t>(table.size()), kv.extent(1), kv.extent(0)));
+  int device = 0;
+  cuda_check(cudaGetDevice(&device), "cudaGetDevice");
+  const auto upload = [&](std::span<const index_t> host, int slot) -> const index_t* {
+    const std::size_t bytes = host.size_bytes();
+    void* dev = scratch::get(device, slot, bytes);
+    if (bytes > 0)
+      cuda_check(cudaMemcpyAsync(dev, host.data(), bytes, cudaMemcpyHostToDevice, stream),
+                 "cudaMemcpyAsync (compact_paged_kv)");
+    return static_cast<const index_t*>(dev);
+  };
+  const index_t n = static_cast<index_t>(seq.size());
+  const index_t* seq_d = upload(seq, paged_sequence_slot);
+  const index_t* table_d = upload(table, paged_table_slot);
+  const std::size_t bytes = sv::cuda::compact_paged_kv_workspace_bytes<T>(n, kv.extent(2), kv.extent(3));
+  void* ws = scratch::get(device, paged_workspace_slot, bytes);
+  cuda_check(sv::cuda::compact_paged_kv_async(seq_d, n, cache, layout, table_d,
+                                              static_cast<index_t>(table.size()), rec, ws, bytes,
+                                              stream),
+             "compact_paged_kv_async");
+  sv::cuda::compact_status status;
+  cuda_check(sv::cuda::download_compact_status(ws, status, stream), "download_compact_status");
+  status.raise();
+  return n;
+}
+
+template <class T>
+index_t compact_cache(const DLTensor& cache, sv::page_layout layout, std::span<const index_t> seq,
+                      std::span<const index_t> table, const DLTensor* recycled,
+                      cudaStream_t stream) {
+  constexpr auto cuda = sv::device_kind::cuda;
+  const auto kv = sv::view_of<T, 4>(cache, "cache", cuda);
+  if (recycled == nullptr)
+    return compact_typed(kv, layout, seq, table,
+                         sv::tensor3_view<const T>(nullptr, {0, 0, 0}, "recycled"), stream);
+  const DLDataType dt = recycled->dtype;
+  if (dt.code == kDLFloat && dt.bits == 16)
+    return compact_typed(kv, layout, seq, table,
+                         sv::view_of<const sv::half, 3>(*recycled, "recycled", cuda), stream);
+  if (dt.code == kDLBfloat && dt.bits == 16)
+    return compact_typed(kv, layout, seq, table,
+                         sv::view_of<const sv::bfloat16, 3>(*recycled, "recycled", cuda), stream);
+  return compact_typed(kv, layout, seq, table,
+                       sv::view_of<const float, 3>(*recycled, "recycled", cuda), stream);
+}
+
+}  // namespace
+
+index_t cuda_compact_paged_kv(const DLTensor& cache, bool hnd, std::span<const index_t> sequence,
+                              std::span<const index_t> block_table, const DLTensor* recycled,
+                              std::uintptr_t stream_handle) {
+  const int ordinal = sv::check_device(cache, "cache", sv::device_kind::cuda);
+  if (recycled != nullptr) {
+    const int o = sv::check_device(*recycled, "recycled", sv::device_kind::cuda);
+    SPARSEVLM_CHECK(o < 0 || ordinal < 0 || o == ordinal, sv::errc::invalid_argument,
+                    "recycled.device", sv::detail::concat("cuda:", ordinal, " (where cache is)"),
+                    sv::dl_device_name(recycled->device));
+  }
+  const device_guard guard(ordinal);
+  const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  const sv::page_layout layout =
+      hnd ? sv::page_layout::blocks_heads_tokens_dim : sv::page_layout::blocks_tokens_heads_dim;
+  const DLDataType dt = cache.dtype;
+  if (dt.code == kDLFloat && dt.bits == 16)
+    return compact_cache<sv::half>(cache, layout, sequence, block_table, recycled, stream);
+  if (dt.code == kDLBfloat && dt.bits == 16)
+    return compact_cache<sv::bfloat16>(cache, layout, sequence, block_table, recycled, stream);
+  return compact_cache<float>(cache, layout, sequence, block_table, recycled, stream);  // view_of refuses others
 }
 
 sparsevlm::cpu::unit_build cuda_unit_build() noexcept { return SPARSEVLM_THIS_UNIT_BUILD; }

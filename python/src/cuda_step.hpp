@@ -7,6 +7,7 @@
 #include <dlpack/dlpack.h>
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include <sparsevlm/cpu/kernel_table.hpp>
@@ -36,6 +37,18 @@ struct device_step_arrays {
 sparsevlm::step_result cuda_prune_step(const device_step_arrays& a, sparsevlm::visual_span visual,
                                        const std::vector<sparsevlm::index_t>* raters,
                                        const sparsevlm::step_options& opt, std::uintptr_t stream);
+
+/// kv_cache.hpp's compact_paged_kv on one layer's K (or V) pages in CUDA memory:
+/// cuda::compact_paged_kv_async on `stream` (the host sequence and table copied to
+/// device scratch kept per thread and device), then its status read back, so the
+/// call returns when the rows have moved. `recycled` ([c, heads, head_dim] on the
+/// cache's device) may be null. Errors: sparsevlm::error as the CPU function's,
+/// raised on the host before anything is enqueued; std::runtime_error for a
+/// failing CUDA call.
+sparsevlm::index_t cuda_compact_paged_kv(const DLTensor& cache, bool hnd,
+                                         std::span<const sparsevlm::index_t> sequence,
+                                         std::span<const sparsevlm::index_t> block_table,
+                                         const DLTensor* recycled, std::uintptr_t stream);
 
 /// How this unit (cuda_step.cu's host code) was compiled: sparsevlm.build_info().
 sparsevlm::cpu::unit_build cuda_unit_build() noexcept;

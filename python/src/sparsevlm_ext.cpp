@@ -464,10 +464,21 @@ void apply_plan_py(const array_in& sequence, const array_in& hidden, const opt_a
 // compact_paged_kv on one layer's K (or V) pages, in place; the Python wrapper has
 // widened the block table and the sequence to int64 and named the layout.
 index_t compact_paged_kv_py(const array_in& sequence, const array_out& cache, bool hnd,
-                            const array_in& block_table, const opt_array& recycled) {
+                            const array_in& block_table, const opt_array& recycled,
+                            std::uintptr_t stream) {
   const DLTensor st = dl_of(sequence), bt = dl_of(block_table), ct = dl_of(cache);
   const std::span<const index_t> seq = sv::span_of<const index_t>(st, "sequence");
   const std::span<const index_t> table = sv::span_of<const index_t>(bt, "block_table");
+#ifdef SPARSEVLM_PYTHON_CUDA
+  if (ct.device.device_type == kDLCUDA || ct.device.device_type == kDLCUDAManaged) {
+    const std::optional<DLTensor> rt =
+        recycled ? std::optional<DLTensor>(dl_of(*recycled)) : std::nullopt;
+    nb::gil_scoped_release unlocked;
+    return sparsevlm_py::cuda_compact_paged_kv(ct, hnd, seq, table, rt ? &*rt : nullptr, stream);
+  }
+#else
+  (void)stream;
+#endif
   const sv::page_layout layout =
       hnd ? sv::page_layout::blocks_heads_tokens_dim : sv::page_layout::blocks_tokens_heads_dim;
   return sv::visit_dlpack<4>(ct, "cache", [&](auto c) {
@@ -888,7 +899,7 @@ NB_MODULE(_sparsevlm, m) {
       },
       "embeds"_a, "visual"_a);
   m.def("compact_paged_kv", &compact_paged_kv_py, "sequence"_a, "cache"_a, "hnd"_a, "block_table"_a,
-        "recycled"_a.none());
+        "recycled"_a.none(), "stream"_a = 0);
   m.def("apply_plan", &apply_plan_py, "sequence"_a, "hidden"_a, "merged"_a.none(), "out"_a);
   m.def("build_info", &build_info_py,
         "How each unit of the module was compiled and which kernel tables it holds.");

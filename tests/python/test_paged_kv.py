@@ -121,3 +121,28 @@ def test_bad_input_names_the_argument_and_changes_nothing():
     with pytest.raises(Error, match="4-D"):
         sparsevlm.compact_paged_kv(cache[0], table, [0], "HND")
     np.testing.assert_array_equal(cache, before)
+
+
+def test_cuda_tensors_take_the_cuda_kernels():
+    """On a GPU with the CUDA build: cuda/kv_cache.cuh's kernels move what the CPU moves,
+    bit for bit, and refuse what it refuses, with the cache unchanged."""
+    torch = pytest.importorskip("torch")
+    if not (sparsevlm.has_cuda() and torch.cuda.is_available()):
+        pytest.skip("no CUDA build of the package or no GPU: the GPU compaction did not run")
+    rng = np.random.default_rng(5)
+    table = np.asarray([4, 1, 6, 2])
+    seq = np.asarray([0, 2, 3, -1, 5, 9, -2, 14, 15], dtype=np.int64)
+    rec = rng.standard_normal((2, 2, 4)).astype(np.float32)
+    for layout in ("NHD", "HND"):
+        cache, _ = _paged(layout, 8, 4, 2, 4, table, rng)
+        for dtype in (torch.float32, torch.bfloat16):
+            cpu = torch.from_numpy(cache.copy()).to(dtype)
+            gpu = cpu.cuda()
+            assert sparsevlm.compact_paged_kv(cpu, table, seq, layout, rec) == 9
+            t32 = torch.from_numpy(table.astype(np.int32)).cuda()
+            assert sparsevlm.compact_paged_kv(gpu, t32, seq, layout, torch.from_numpy(rec).cuda()) == 9
+            assert torch.equal(gpu.cpu(), cpu)
+        gpu = torch.from_numpy(cache.copy()).cuda()
+        with pytest.raises(Error, match=r"sequence\[1\]"):
+            sparsevlm.compact_paged_kv(gpu, table, [1, 0], layout)
+        assert torch.equal(gpu.cpu(), torch.from_numpy(cache))

@@ -13,7 +13,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "../step.hpp"
+#include <sparsevlm/step.hpp>
 #include "npy.hpp"
 
 namespace sparsevlm::io {

@@ -19,9 +19,9 @@
 #include <string>
 #include <vector>
 
-#include "../error.hpp"
-#include "../types.hpp"
-#include "../view.hpp"
+#include <sparsevlm/error.hpp>
+#include <sparsevlm/types.hpp>
+#include <sparsevlm/view.hpp>
 #include "case.hpp"
 
 namespace sparsevlm::io {

@@ -14,9 +14,9 @@
 #include <string_view>
 #include <vector>
 
-#include "../dtype.hpp"
-#include "../error.hpp"
-#include "../view.hpp"
+#include <sparsevlm/dtype.hpp>
+#include <sparsevlm/error.hpp>
+#include <sparsevlm/view.hpp>
 
 namespace sparsevlm::io {
 
