@@ -33,6 +33,17 @@ const char* elem_name(elem e);
 /// Every case folder under `dir` (sorted by name); empty when `dir` does not exist.
 std::vector<flat_case> load_flat_cases(const std::string& dir);
 
+/// Steps generated in the tree to the spec's shapes (shared/spec/case-format.md),
+/// from fixed seeds, so that the tests that compare a backend with prune_step have
+/// cases without ../shared: prefixes, GQA, both keep policies, recycling on and
+/// off, caller raters. The attention is the causal softmax of q·kᵀ·scale per
+/// head (kv head h / (H / Hkv)), so both score forms are present. A draw is kept
+/// only when the keep boundary clears the spec's margin (the kept and the
+/// dropped scores at least 1e-6 apart, as tools/crosscheck rejects); the rank and
+/// DPC-KNN margins are not checked (the tests compare bits, which no margin
+/// changes).
+std::vector<flat_case> synthetic_cases();
+
 /// prune_step on the CPU with embeds, attention (or q/k) and hidden converted
 /// to `e` (round to nearest even), scoring from q/k when `qk`.
 sparsevlm::step_result cpu_step(const flat_case& c, elem e, bool qk);

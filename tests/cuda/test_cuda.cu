@@ -3,7 +3,7 @@
 // counts failures. Exit status 77 when there is no usable device, which CTest
 // reports as skipped (tests/CMakeLists.txt: SKIP_RETURN_CODE 77).
 //
-// Every shared case (SPARSEVLM_TEST_CASES_DIR) runs on the CPU (prune_step)
+// Every shared case (SPARSEVLM_TEST_CASES_DIR) and seeded in-tree case runs on the CPU (prune_step)
 // and on the GPU (cuda::prune_step_async), in float32, float16 and bfloat16
 // copies, from the attention and from q/k (all rows, rater rows only, and with
 // an LSE), alone and as one ragged batch of 32; the results must be equal:
@@ -483,14 +483,16 @@ int main() {
   CUDA_OK(cudaGetDeviceProperties(&prop, 0));
   std::printf("device 0: %s (sm_%d%d)\n", prop.name, prop.major, prop.minor);
 #ifdef SPARSEVLM_TEST_CASES_DIR
-  const std::vector<svt::flat_case> all = svt::load_flat_cases(SPARSEVLM_TEST_CASES_DIR);
+  std::vector<svt::flat_case> all = svt::load_flat_cases(SPARSEVLM_TEST_CASES_DIR);
 #else
-  const std::vector<svt::flat_case> all;
+  std::vector<svt::flat_case> all;
 #endif
   if (all.empty()) {
-    std::printf("no shared cases found: nothing to compare\n");
+    std::printf("no shared cases found (CMake's SPARSEVLM_CASES_DIR): nothing to compare\n");
     return 1;
   }
+  // The seeded in-tree cases too (step_case.hpp): GQA, caller raters, other shapes.
+  for (auto& c : svt::synthetic_cases()) all.push_back(std::move(c));
   cudaStream_t stream = nullptr;
   CUDA_OK(cudaStreamCreate(&stream));
   index_t* pinned = nullptr;
