@@ -59,8 +59,7 @@ struct layer_counts {
 };
 
 inline index_t recycled_for(const recycle_options& r, index_t pruned) {
-  if (!r.enabled || pruned <= 0) return 0;
-  return core::cluster_count(core::recycle_count(pruned, r.fraction), r.cluster_divisor);
+  return core::recycled_counts(pruned, r.enabled, r.fraction, r.cluster_divisor).clusters;
 }
 
 /// Upper bounds of one rank-policy step. The step keeps all `v` when rank == v and

@@ -38,10 +38,8 @@ inline index_t keep_count(const keep_policy& policy, index_t rank, index_t n_vis
                   detail::concat("in [0, ", n_visual, "]"), rank);
   SPARSEVLM_CHECK(n_raters >= 0, errc::invalid_argument, "n_raters", ">= 0", n_raters);
   check_policy(policy);
-  if (n_raters == 0) return n_visual;
-  if (policy.kind == keep_policy::kind_t::fixed) return std::min(policy.keep, n_visual - 1);
-  if (rank == n_visual) return n_visual;
-  return core::rank_keep(rank, policy.scale, policy.bias, n_visual);
+  return core::decide_keep(n_visual, n_raters, rank, policy.kind == keep_policy::kind_t::fixed,
+                           policy.keep, policy.scale, policy.bias);
 }
 
 }  // namespace sparsevlm

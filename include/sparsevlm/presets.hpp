@@ -221,11 +221,9 @@ inline void check_schedule(const preset& p, const model_shape& m) {
                       detail::concat("< ", visual, " (visual tokens at layer ", s.layer, ")"),
                       s.policy.keep);
       const index_t pruned = visual - s.policy.keep;
-      const index_t clusters =
-          p.recycle.enabled
-              ? core::cluster_count(core::recycle_count(pruned, p.recycle.fraction),
-                                    p.recycle.cluster_divisor)
-              : 0;
+      const index_t clusters = core::recycled_counts(pruned, p.recycle.enabled, p.recycle.fraction,
+                                                     p.recycle.cluster_divisor)
+                                   .clusters;
       visual = s.policy.keep + clusters;
     }
   }

@@ -714,9 +714,9 @@ inline layer_plan session_adopt(const prefill_session& s, index_t layer, step_re
   SPARSEVLM_CHECK(static_cast<index_t>(step.keep.size()) == keep, errc::invalid_argument,
                   "step.keep", concat(keep, " positions (step.keep_count)"), step.keep.size());
   const index_t pruned = v.len - keep;
-  const bool recycles = opt.recycle.enabled && pruned > 0;
-  const index_t members = recycles ? core::recycle_count(pruned, opt.recycle.fraction) : 0;
-  const index_t want_c = recycles ? core::cluster_count(members, opt.recycle.cluster_divisor) : 0;
+  const core::recycle_counts rc = core::recycled_counts(
+      pruned, opt.recycle.enabled, opt.recycle.fraction, opt.recycle.cluster_divisor);
+  const index_t members = rc.rows, want_c = rc.clusters;
   SPARSEVLM_CHECK(static_cast<index_t>(step.recycled.clusters.size()) == want_c,
                   errc::invalid_argument, "step.recycled.clusters",
                   concat(want_c, " clusters (the layer's recycling of ", pruned, " pruned tokens)"),

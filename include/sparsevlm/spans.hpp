@@ -342,18 +342,19 @@ spans_result run_spans(matrix_view<const TE> embeds, matrix_view<const TH> hidde
   for (std::size_t i = 0; i < K; ++i) {
     const visual_span v = spans[i];
     span_part& part = res.spans[i];
-    const index_t pruned = v.len - part.keep_count;
-    const bool recycling = opt.recycle.enabled && pruned > 0;
-    const index_t s = recycling ? core::recycle_count(pruned, opt.recycle.fraction) : 0;
+    const core::recycle_counts rc = core::recycled_counts(
+        v.len - part.keep_count, opt.recycle.enabled, opt.recycle.fraction,
+        opt.recycle.cluster_divisor);
+    const index_t s = rc.rows;
     std::vector<index_t>& order = ws.idx_b;
     select_keep(std::span<const float>(res.scores).subspan(static_cast<std::size_t>(off),
                                                            static_cast<std::size_t>(v.len)),
                 v.start, part.keep_count, s, part.keep, order, ws);
     res.keep.insert(res.keep.end(), part.keep.begin(), part.keep.end());
     part.first_cluster = static_cast<index_t>(res.recycled.clusters.size());
-    if (recycling) {
+    if (s > 0) {
       recycle(hidden, v, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)),
-              core::cluster_count(s, opt.recycle.cluster_divisor), rr, ws);
+              rc.clusters, rr, ws);
       part.clusters = static_cast<index_t>(rr.clusters.size());
       res.recycled.clusters.insert(res.recycled.clusters.end(), rr.clusters.begin(),
                                    rr.clusters.end());

@@ -97,16 +97,15 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden, visual
   done("rank");
   res.keep_count = keep_count(opt.policy, res.rank, N, R);
 
-  const index_t pruned = N - res.keep_count;
-  const bool recycling = opt.recycle.enabled && pruned > 0;
-  const index_t s = recycling ? core::recycle_count(pruned, opt.recycle.fraction) : 0;
+  const core::recycle_counts rc = core::recycled_counts(
+      N - res.keep_count, opt.recycle.enabled, opt.recycle.fraction, opt.recycle.cluster_divisor);
+  const index_t s = rc.rows;
   std::vector<index_t>& order = ws.idx_b;
   select_keep(res.scores, visual.start, res.keep_count, s, res.keep, order, ws);
   done("keep");
-  if (recycling) {
-    const index_t c = core::cluster_count(s, opt.recycle.cluster_divisor);
-    recycle(hidden, visual, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)), c,
-            res.recycled, ws);
+  if (s > 0) {
+    recycle(hidden, visual, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)),
+            rc.clusters, res.recycled, ws);
   } else {
     // Park the cluster lists in the workspace rather than free them.
     while (!res.recycled.clusters.empty()) {

@@ -619,17 +619,12 @@ struct keep_decide {
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void*) const {
     if (thread_id(b) != 0) return;
-    const i64 N = n_visual, R = counts->raters, rank = counts->rank;
-    i64 keep;
-    if (R == 0) keep = N;
-    else if (fixed) keep = fixed_keep < N - 1 ? fixed_keep : N - 1;
-    else if (rank == N) keep = N;
-    else keep = rank_keep(rank, scale, bias, N);
-    const i64 pruned = N - keep;
-    const i64 s = recycle && pruned > 0 ? recycle_count(pruned, fraction) : 0;
+    const i64 N = n_visual;
+    const i64 keep = decide_keep(N, counts->raters, counts->rank, fixed, fixed_keep, scale, bias);
+    const recycle_counts rc = recycled_counts(N - keep, recycle, fraction, divisor);
     counts->keep = keep;
-    counts->recycled = s;
-    counts->clusters = s > 0 ? cluster_count(s, divisor) : 0;
+    counts->recycled = rc.rows;
+    counts->clusters = rc.clusters;
   }
 };
 

@@ -64,6 +64,37 @@ SPARSEVLM_HD inline std::int64_t cluster_count(std::int64_t s, double cluster_di
   return v >= static_cast<double>(s) ? s : static_cast<std::int64_t>(v);
 }
 
+/// Spec step 5, the whole keep rule (one home: keep_count.hpp and the CUDA
+/// kernel call it): every token without raters or at full rank; else the fixed
+/// count clamped to n − 1, or rank_keep.
+SPARSEVLM_HD inline std::int64_t decide_keep(std::int64_t n_visual, std::int64_t n_raters,
+                                             std::int64_t rank, bool fixed,
+                                             std::int64_t fixed_keep, double scale,
+                                             double bias) noexcept {
+  if (n_raters == 0) return n_visual;
+  if (fixed) return fixed_keep < n_visual - 1 ? fixed_keep : n_visual - 1;
+  if (rank == n_visual) return n_visual;
+  return rank_keep(rank, scale, bias, n_visual);
+}
+
+/// Spec step 7's counts for `pruned` tokens: s recycled rows and c clusters, both
+/// 0 when recycling is off or nothing was pruned (one home: the step, the spans
+/// step, the session's check, the presets' and the budget's token counts and the
+/// CUDA kernel call it).
+struct recycle_counts {
+  std::int64_t rows = 0;
+  std::int64_t clusters = 0;
+};
+SPARSEVLM_HD inline recycle_counts recycled_counts(std::int64_t pruned, bool enabled,
+                                                   double fraction,
+                                                   double cluster_divisor) noexcept {
+  recycle_counts r;
+  if (!enabled || pruned <= 0) return r;
+  r.rows = recycle_count(pruned, fraction);
+  r.clusters = cluster_count(r.rows, cluster_divisor);
+  return r;
+}
+
 /// Spec step 7, one entry of D from the Gram matrix G = X·Xᵀ (double):
 /// ‖x_i − x_j‖₂ / sqrt(d) = sqrt(max((G_ii + G_jj) − 2·G_ij, 0)) / sqrt(d).
 /// Duplicate rows give three identical Gram entries, hence exactly 0.
