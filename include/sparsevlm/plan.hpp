@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "core/math.hpp"
 
 namespace sparsevlm {
 
@@ -35,12 +36,11 @@ inline void make_sequence(index_t length, visual_span visual, std::span<const in
   }
   SPARSEVLM_CHECK(recycled >= 0 && recycled <= visual.len - k, errc::invalid_argument, "recycled",
                   detail::concat("in [0, ", visual.len - k, "] (the pruned count)"), recycled);
-  seq.clear();  // keeps its capacity
-  seq.reserve(static_cast<std::size_t>(length - visual.len + k + recycled));
-  for (index_t p = 0; p < visual.start; ++p) seq.push_back(p);
-  seq.insert(seq.end(), keep.begin(), keep.end());
-  for (index_t i = 0; i < recycled; ++i) seq.push_back(-(i + 1));
-  for (index_t p = visual.end(); p < length; ++p) seq.push_back(p);
+  const index_t n = length - visual.len + k + recycled;
+  seq.resize(static_cast<std::size_t>(n));  // keeps its capacity
+  for (index_t i = 0; i < n; ++i)
+    seq[static_cast<std::size_t>(i)] =
+        core::sequence_entry(i, visual.start, visual.len, keep.data(), k, recycled);
 }
 
 /// As above, returning the sequence in a new vector.

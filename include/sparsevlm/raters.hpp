@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "check.hpp"
+#include "core/math.hpp"
 #include "cpu/dispatch.hpp"
 #include "workspace.hpp"
 
@@ -114,13 +115,10 @@ void select_raters(matrix_view<const T> embeds, visual_span visual, workspace& w
     for (index_t t = 0; t < Tn; ++t) m[t] += e[t] / sum;
   }
   for (index_t t = 0; t < Tn; ++t) m[t] /= static_cast<double>(N);
-  raters.clear();  // keeps its capacity: no allocation once sized
-  if (std::all_of(m, m + Tn, [&](double v) { return v == m[0]; })) return;
-  double mean = 0.0;
-  for (index_t t = 0; t < Tn; ++t) mean += m[t];
-  mean /= static_cast<double>(Tn);
-  for (index_t t = 0; t < Tn; ++t)
-    if (m[t] > mean) raters.push_back(visual.end() + t);
+  // Sized to the text and cut to the pick: within the reserved capacity (R <= T),
+  // so no allocation once sized.
+  raters.resize(static_cast<std::size_t>(Tn));
+  raters.resize(static_cast<std::size_t>(core::pick_raters(m, Tn, visual.end(), raters.data())));
 }
 
 /// As above, returning the raters in a new vector.

@@ -77,16 +77,8 @@ inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector
   for (index_t q = 0; q < c; ++q) label[static_cast<std::size_t>(centres[q])] = q;
   for (index_t i = 0; i < s; ++i) {
     if (label[static_cast<std::size_t>(i)] >= 0) continue;
-    index_t best = 0;
-    double best_d = D[static_cast<std::size_t>(i * s + centres[0])];
-    for (index_t q = 1; q < c; ++q) {
-      const double dq = D[static_cast<std::size_t>(i * s + centres[static_cast<std::size_t>(q)])];
-      if (dq < best_d) {
-        best_d = dq;
-        best = q;
-      }
-    }
-    label[static_cast<std::size_t>(i)] = best;
+    label[static_cast<std::size_t>(i)] =
+        core::nearest_centre(D.data() + i * s, centres.data(), c);
   }
 }
 

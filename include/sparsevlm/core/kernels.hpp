@@ -291,17 +291,7 @@ struct rater_pick {
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void*) const {
     if (b.rank() != 0 || b.bx() != 0) return;
-    i64 r = 0;
-    bool all_equal = true;
-    for (i64 t = 0; t < n_text; ++t) all_equal = all_equal && m[t] == m[0];
-    if (n_text > 0 && !all_equal) {
-      double mean = 0.0;
-      for (i64 t = 0; t < n_text; ++t) mean += m[t];
-      mean /= static_cast<double>(n_text);
-      for (i64 t = 0; t < n_text; ++t)
-        if (m[t] > mean) raters[r++] = first_text + t;
-    }
-    counts->raters = r;
+    counts->raters = pick_raters(m, n_text, first_text, raters);
   }
 };
 
@@ -887,16 +877,7 @@ struct recycle_assign {
         label[i] = gpos[i];
         continue;
       }
-      i64 best = 0;
-      double best_d = D[i * ld + centres[0]];
-      for (i64 q = 1; q < c; ++q) {
-        const double dq = D[i * ld + centres[q]];
-        if (dq < best_d) {
-          best_d = dq;
-          best = q;
-        }
-      }
-      label[i] = best;
+      label[i] = nearest_centre(D + i * ld, centres, c);
     }
   }
 };
@@ -991,14 +972,8 @@ struct plan_sequence {
     const i64 n = length - n_visual + k + c;
     if (thread_id(b) == 0) counts->length = bad ? -1 : n;
     if (bad) return;
-    for (i64 i = thread_id(b); i < n; i += thread_count(b)) {
-      i64 v;
-      if (i < S) v = i;
-      else if (i < S + k) v = keep[i - S];
-      else if (i < S + k + c) v = -(i - S - k + 1);
-      else v = S + n_visual + (i - S - k - c);
-      sequence[i] = v;
-    }
+    for (i64 i = thread_id(b); i < n; i += thread_count(b))
+      sequence[i] = sequence_entry(i, S, n_visual, keep, k, c);
   }
 };
 

@@ -64,6 +64,59 @@ SPARSEVLM_HD inline std::int64_t cluster_count(std::int64_t s, double cluster_di
   return v >= static_cast<double>(s) ? s : static_cast<std::int64_t>(v);
 }
 
+/// Spec step 8's sequence layout, written once (plan.hpp's make_sequence and the
+/// CUDA kernel call it): entry i of the new sequence for a visual span [S, S+N),
+/// k kept positions `keep` and c recycled tokens: the prefix, the kept tokens,
+/// -(j + 1) for recycled token j, then the text (i < L − N + k + c).
+template <class Index>
+SPARSEVLM_HD std::int64_t sequence_entry(std::int64_t i, std::int64_t S, std::int64_t N,
+                                         const Index* keep, std::int64_t k,
+                                         std::int64_t c) noexcept {
+  if (i < S) return i;
+  if (i < S + k) return keep[i - S];
+  if (i < S + k + c) return -(i - S - k + 1);
+  return S + N + (i - S - k - c);
+}
+
+/// Spec step 7's assignment of a non-centre, written once (recycle.hpp's dpc_knn
+/// and the CUDA kernel call it): the cluster q of the nearest centre, row
+/// `d_row` of D (d_row[centres[q]] its distance to centre q); a strictly nearer
+/// centre replaces, so ties go to the earlier centre (c >= 1).
+template <class Index>
+SPARSEVLM_HD std::int64_t nearest_centre(const double* d_row, const Index* centres,
+                                         std::int64_t c) noexcept {
+  std::int64_t best = 0;
+  double best_d = d_row[centres[0]];
+  for (std::int64_t q = 1; q < c; ++q) {
+    const double dq = d_row[centres[q]];
+    if (dq < best_d) {
+      best_d = dq;
+      best = q;
+    }
+  }
+  return best;
+}
+
+/// Spec step 1's pick, written once (raters.hpp and the CUDA kernel call it): the
+/// text positions first_text + t with m[t] > mean(m), ascending, into `out`
+/// (room for n_text); none when there is no text or every m[t] is equal (checked
+/// exactly, before the mean, so the mean's rounding cannot invent raters). The
+/// mean sums in index order. Returns the count.
+SPARSEVLM_HD inline std::int64_t pick_raters(const double* m, std::int64_t n_text,
+                                             std::int64_t first_text,
+                                             std::int64_t* out) noexcept {
+  bool all_equal = true;
+  for (std::int64_t t = 0; t < n_text; ++t) all_equal = all_equal && m[t] == m[0];
+  if (n_text == 0 || all_equal) return 0;
+  double mean = 0.0;
+  for (std::int64_t t = 0; t < n_text; ++t) mean += m[t];
+  mean /= static_cast<double>(n_text);
+  std::int64_t r = 0;
+  for (std::int64_t t = 0; t < n_text; ++t)
+    if (m[t] > mean) out[r++] = first_text + t;
+  return r;
+}
+
 /// Spec step 5, the whole keep rule (one home: keep_count.hpp and the CUDA
 /// kernel call it): every token without raters or at full rank; else the fixed
 /// count clamped to n − 1, or rank_keep.
