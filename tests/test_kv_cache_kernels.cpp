@@ -104,24 +104,9 @@ fault_t run_device(svt::cpu_exec& ex, const std::vector<index_t>& seq, strided_v
   const strided_view<T, 4> kv = sparsevlm::detail::check_paged_args(cache, layout, recycled);
   workspace ws(kd::paged_workspace_bytes(static_cast<index_t>(seq.size()), kv.extent(2),
                                          kv.extent(3), sizeof(T)));
-  kd::paged_args<T, U, B> a{};
-  a.sequence = seq.data();
-  a.n = static_cast<index_t>(seq.size());
-  a.cache = kv.data();
-  for (std::size_t d = 0; d < 4; ++d) a.strides[d] = kv.stride(d);
-  a.blocks = kv.extent(0);
-  a.block_size = kv.extent(1);
-  a.heads = kv.extent(2);
-  a.dim = kv.extent(3);
-  a.table = table.data();
-  a.table_size = static_cast<index_t>(table.size());
-  a.recycled = recycled.data();
-  a.c = recycled.extent(0);
-  a.r0 = recycled.stride(0);
-  a.r1 = recycled.stride(1);
-  a.r2 = recycled.stride(2);
-  a.fault = static_cast<fault_t*>(ws.base);
-  a.stage = reinterpret_cast<T*>(static_cast<unsigned char*>(ws.base) + 256);
+  const auto a = kd::make_paged_args(seq.data(), static_cast<index_t>(seq.size()), kv,
+                                     table.data(), static_cast<index_t>(table.size()), recycled,
+                                     ws.base);
   const int before = ex.launches;
   kd::compact_paged(ex, a);
   CHECK(ex.launches - before <= 3);

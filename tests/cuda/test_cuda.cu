@@ -402,12 +402,14 @@ void run_paged(const svt::flat_case& c, cudaStream_t stream) {
     compact_paged_kv(std::span<const index_t>(kseq),
                      strided_view<float, 4>(ref.data(), {blocks, heads, bs, hd}),
                      page_layout::blocks_heads_tokens_dim, std::span<const index_t>(table64));
+    const auto compact_hnd = [&](const index_t* seq_d, std::size_t n, float* cache_p) {
+      CUDA_OK(cu::compact_paged_kv_async(
+          seq_d, static_cast<index_t>(n), strided_view<float, 4>(cache_p, {blocks, heads, bs, hd}),
+          page_layout::blocks_heads_tokens_dim, t64.p, pages, ws.p, ws.n, stream));
+      CUDA_OK(cu::download_compact_status(ws.p, st, stream));
+    };
     dev<float> cache(base);
-    CUDA_OK(cu::compact_paged_kv_async(
-        kseq_d.p, static_cast<index_t>(kseq.size()),
-        strided_view<float, 4>(cache.p, {blocks, heads, bs, hd}),
-        page_layout::blocks_heads_tokens_dim, t64.p, pages, ws.p, ws.n, stream));
-    CUDA_OK(cu::download_compact_status(ws.p, st, stream));
+    compact_hnd(kseq_d.p, kseq.size(), cache.p);
     EXPECT(st.ok());
     EXPECT(same_bits(cache.get(), ref));
     // A source below its index: refused on the device, the cache as it was.
@@ -416,11 +418,7 @@ void run_paged(const svt::flat_case& c, cudaStream_t stream) {
       std::swap(bad[0], bad[bad.size() - 1]);
       const dev<index_t> bad_d(bad);
       dev<float> cache2(base);
-      CUDA_OK(cu::compact_paged_kv_async(
-          bad_d.p, static_cast<index_t>(bad.size()),
-          strided_view<float, 4>(cache2.p, {blocks, heads, bs, hd}),
-          page_layout::blocks_heads_tokens_dim, t64.p, pages, ws.p, ws.n, stream));
-      CUDA_OK(cu::download_compact_status(ws.p, st, stream));
+      compact_hnd(bad_d.p, bad.size(), cache2.p);
       EXPECT(!st.ok());
       std::string cpu_message, dev_message;
       try {

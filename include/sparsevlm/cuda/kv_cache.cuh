@@ -91,24 +91,8 @@ cudaError_t compact_paged_kv_async(const index_t* sequence, index_t n, strided_v
     const cudaError_t e = detail::check_device_pointer(p, name);
     if (e != cudaSuccess) return e;
   }
-  detail::paged_args<T, U, B> a{};
-  a.sequence = sequence;
-  a.n = n;
-  a.cache = kv.data();
-  for (std::size_t d = 0; d < 4; ++d) a.strides[d] = kv.stride(d);
-  a.blocks = kv.extent(0);
-  a.block_size = kv.extent(1);
-  a.heads = kv.extent(2);
-  a.dim = kv.extent(3);
-  a.table = block_table;
-  a.table_size = table_size;
-  a.recycled = recycled.data();
-  a.c = recycled.extent(0);
-  a.r0 = recycled.stride(0);
-  a.r1 = recycled.stride(1);
-  a.r2 = recycled.stride(2);
-  a.fault = static_cast<sparsevlm::detail::paged_fault*>(workspace);
-  a.stage = reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + 256);
+  const auto a = detail::make_paged_args(sequence, n, kv, block_table, table_size, recycled,
+                                         workspace);
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
   detail::compact_paged(ex, a);

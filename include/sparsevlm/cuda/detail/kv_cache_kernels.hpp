@@ -117,11 +117,13 @@ struct paged_check {
   }
 };
 
-/// Phase 1, grid-stride over the n·heads·head_dim elements: stage[i][h][d] = the
-/// element token i takes (old token p's, or recycled row -p-1's converted to T).
-/// Elements of tokens that stay (p == i) are skipped.
-template <class T, class U, class B>
-struct paged_gather {
+/// The two phases of the copy, grid-stride over the n·heads·head_dim elements of
+/// the tokens that move (p != i): the gather (Scatter = false) stages the element
+/// token i takes, old token p's or recycled row -p-1's converted to T, as
+/// stage[i][h][d]; the scatter writes it into token i's slot. No element is
+/// written before every element has been read, whatever the order of threads.
+template <class T, class U, class B, bool Scatter>
+struct paged_move {
   paged_args<T, U, B> a;
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void*) const {
@@ -131,9 +133,13 @@ struct paged_gather {
       const i64 i = e / hd, p = a.sequence[i];
       if (p == i) continue;
       const i64 h = (e - i * hd) / a.dim, d = e - i * hd - h * a.dim;
-      if (p >= 0) {
-        a.stage[e] = a.cache[sparsevlm::detail::paged_offset(a.table, a.block_size, a.strides, p,
-                                                             h, d)];
+      const auto at = [&](i64 t) {
+        return sparsevlm::detail::paged_offset(a.table, a.block_size, a.strides, t, h, d);
+      };
+      if constexpr (Scatter) {
+        a.cache[at(i)] = a.stage[e];
+      } else if (p >= 0) {
+        a.stage[e] = a.cache[at(p)];
       } else {
         a.stage[e] = sparsevlm::detail::convert_element<T>(
             a.recycled[(-p - 1) * a.r0 + h * a.r1 + d * a.r2]);
@@ -141,24 +147,38 @@ struct paged_gather {
     }
   }
 };
-
-/// Phase 2: the staged elements into token i's slots.
 template <class T, class U, class B>
-struct paged_scatter {
-  paged_args<T, U, B> a;
-  template <class Block>
-  SPARSEVLM_HD void operator()(const Block& b, void*) const {
-    if (a.fault->kind != paged_fault::none) return;
-    const i64 hd = a.heads * a.dim, total = a.n * hd;
-    for (i64 e = b.bx() * b.size() + b.rank(); e < total; e += b.gx() * b.size()) {
-      const i64 i = e / hd;
-      if (a.sequence[i] == i) continue;
-      const i64 h = (e - i * hd) / a.dim, d = e - i * hd - h * a.dim;
-      a.cache[sparsevlm::detail::paged_offset(a.table, a.block_size, a.strides, i, h, d)] =
-          a.stage[e];
-    }
-  }
-};
+using paged_gather = paged_move<T, U, B, false>;
+template <class T, class U, class B>
+using paged_scatter = paged_move<T, U, B, true>;
+
+/// The arguments of one compaction: `kv` the page-major view (check_paged_args),
+/// `workspace` laid out as paged_workspace_bytes says (the fault, then the staging
+/// rows at 256 bytes). Shared by the launcher and the CPU-thread tests.
+template <class T, class U, class B>
+paged_args<T, U, B> make_paged_args(const i64* sequence, i64 n, strided_view<T, 4> kv,
+                                    const B* table, i64 table_size,
+                                    tensor3_view<const U> recycled, void* workspace) {
+  paged_args<T, U, B> a{};
+  a.sequence = sequence;
+  a.n = n;
+  a.cache = kv.data();
+  for (std::size_t d = 0; d < 4; ++d) a.strides[d] = kv.stride(d);
+  a.blocks = kv.extent(0);
+  a.block_size = kv.extent(1);
+  a.heads = kv.extent(2);
+  a.dim = kv.extent(3);
+  a.table = table;
+  a.table_size = table_size;
+  a.recycled = recycled.data();
+  a.c = recycled.extent(0);
+  a.r0 = recycled.stride(0);
+  a.r1 = recycled.stride(1);
+  a.r2 = recycled.stride(2);
+  a.fault = static_cast<paged_fault*>(workspace);
+  a.stage = reinterpret_cast<T*>(static_cast<unsigned char*>(workspace) + 256);
+  return a;
+}
 
 /// The launch sequence (three kernels, no host synchronisation), for any executor
 /// of core/pipeline.hpp's kind.
