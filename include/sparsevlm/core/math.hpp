@@ -105,9 +105,10 @@ SPARSEVLM_HD std::int64_t nearest_centre(const double* d_row, const Index* centr
 SPARSEVLM_HD inline std::int64_t pick_raters(const double* m, std::int64_t n_text,
                                              std::int64_t first_text,
                                              std::int64_t* out) noexcept {
-  bool all_equal = true;
-  for (std::int64_t t = 0; t < n_text; ++t) all_equal = all_equal && m[t] == m[0];
-  if (n_text == 0 || all_equal) return 0;
+  if (n_text == 0) return 0;
+  std::int64_t first_unequal = 1;
+  while (first_unequal < n_text && m[first_unequal] == m[0]) ++first_unequal;
+  if (first_unequal == n_text) return 0;  // every m[t] equal
   double mean = 0.0;
   for (std::int64_t t = 0; t < n_text; ++t) mean += m[t];
   mean /= static_cast<double>(n_text);
