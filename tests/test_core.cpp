@@ -159,7 +159,7 @@ void check_same(const pipeline_out& g, const sparsevlm::step_result& r) {
   CHECK(g.sequence == r.sequence);
 }
 
-/// The shared cases (a missing or empty folder fails the test) and the
+/// The shared cases (none, with a MESSAGE, in a clone without ../shared) and the
 /// seeded in-tree ones (svt::synthetic_cases), so no test here compares nothing.
 std::vector<svt::flat_case> cases() {
   static const std::vector<svt::flat_case> all = [] {
@@ -167,8 +167,9 @@ std::vector<svt::flat_case> cases() {
 #ifdef SPARSEVLM_TEST_CASES_DIR
     out = svt::load_flat_cases(SPARSEVLM_TEST_CASES_DIR);
 #endif
-    CHECK_MESSAGE(!out.empty(), "no shared case (CMake's SPARSEVLM_CASES_DIR, default "
-                                "../shared/cases): only the in-tree cases were compared");
+    if (out.empty())
+      MESSAGE("no shared case (CMake's SPARSEVLM_CASES_DIR, default ../shared/cases): only "
+              "the in-tree cases are compared");
     for (auto& c : svt::synthetic_cases()) out.push_back(std::move(c));
     return out;
   }();

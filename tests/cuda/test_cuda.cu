@@ -187,7 +187,8 @@ void run_case(const svt::flat_case& c, svt::elem e, cudaStream_t stream, index_t
 
 /// q holding only the rater rows, and an engine's LSE: the same decisions.
 void run_qk_variants(const svt::flat_case& c, cudaStream_t stream) {
-  if (!c.has_qk()) return;
+  // The variants below pick their raters from the embeddings (q holds their rows).
+  if (!c.has_qk() || c.raters) return;
   const auto want = svt::cpu_step(c, svt::elem::f32, true);
   const index_t R = static_cast<index_t>(want.raters.size());
   if (R == 0) return;
@@ -485,10 +486,8 @@ int main() {
 #else
   std::vector<svt::flat_case> all;
 #endif
-  if (all.empty()) {
-    std::printf("no shared cases found (CMake's SPARSEVLM_CASES_DIR): nothing to compare\n");
-    return 1;
-  }
+  if (all.empty())
+    std::printf("no shared cases found (CMake's SPARSEVLM_CASES_DIR): the in-tree cases only\n");
   // The seeded in-tree cases too (step_case.hpp): GQA, caller raters, other shapes.
   for (auto& c : svt::synthetic_cases()) all.push_back(std::move(c));
   cudaStream_t stream = nullptr;
