@@ -224,6 +224,11 @@ SPARSEVLM_HD inline bool paged_entry_ok(std::int64_t p, std::int64_t i, std::int
 SPARSEVLM_HD inline std::int64_t paged_entry_reach(std::int64_t p, std::int64_t i) noexcept {
   return (p > i ? p : i) + 1;
 }
+/// A page id the cache holds: in [0, blocks).
+template <class B>
+SPARSEVLM_HD bool paged_page_ok(B page, std::int64_t blocks) noexcept {
+  return page >= 0 && static_cast<std::int64_t>(page) < blocks;
+}
 /// Element (t, h, d) of a request's logical token t, as an offset from the page-major
 /// view's data: page block_table[t / bs], slot t % bs.
 template <class B>
@@ -271,7 +276,7 @@ paged_fault find_paged_fault(const std::int64_t* sequence, std::int64_t n, std::
     return f;
   }
   for (std::int64_t j = 0; j < (needed + bs - 1) / bs; ++j) {
-    if (block_table[j] < 0 || block_table[j] >= blocks) {
+    if (!paged_page_ok(block_table[j], blocks)) {
       f.kind = paged_fault::page;
       f.index = j;
       f.value = static_cast<std::int64_t>(block_table[j]);

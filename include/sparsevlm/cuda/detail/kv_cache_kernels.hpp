@@ -83,7 +83,7 @@ struct paged_check {
     i64 my_page = pages;
     if (entries_ok)
       for (i64 j = t; j < pages; j += nt)
-        if (a.table[j] < 0 || a.table[j] >= a.blocks) {
+        if (!sparsevlm::detail::paged_page_ok(a.table[j], a.blocks)) {
           my_page = j;
           break;
         }
