@@ -1,5 +1,5 @@
 // CUDA thread blocks on CPU threads, for the tests that run the CUDA backend's
-// kernel bodies (core/kernels.hpp, cuda/detail/*_kernels.hpp) without a GPU:
+// kernel bodies (cuda/detail/*_kernels.hpp) without a GPU:
 // one std::thread per CUDA thread, a std::barrier for __syncthreads.
 #pragma once
 

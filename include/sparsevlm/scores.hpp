@@ -19,20 +19,15 @@ namespace sparsevlm {
 namespace detail {
 
 /// Turns per-rater head sums in P into the head mean, then the scores: P /= H,
-/// score[j] = (Σ_r P[r][j]) / R, raters in order. Shared by both scoring paths
-/// so that they round identically.
+/// score[j] = (Σ_r P[r][j]) / R, raters in order, by core::column_score (the
+/// device kernels' rule too). Shared by both scoring paths and the
+/// tensor-parallel finish, so that they round identically.
 inline void finish_scores(matrix_view<float> P, std::span<float> scores, index_t heads) {
   const index_t R = P.extent(0), N = P.extent(1);
   const float hf = static_cast<float>(heads);
-  for (index_t r = 0; r < R; ++r)
-    for (index_t j = 0; j < N; ++j) P(r, j) /= hf;
-  std::fill(scores.begin(), scores.end(), 0.0f);
-  for (index_t r = 0; r < R; ++r)
-    for (index_t j = 0; j < N; ++j) scores[static_cast<std::size_t>(j)] += P(r, j);
-  if (R > 0) {
-    const float rf = static_cast<float>(R);
-    for (float& s : scores) s /= rf;
-  }
+  for (index_t j = 0; j < N; ++j)
+    scores[static_cast<std::size_t>(j)] =
+        core::column_score(R, hf, P.data() + j * P.stride(1), P.stride(0));
 }
 
 /// dst[j·dst_stride] += float(src[j·stride]) for j < n, with the kernel table's

@@ -6,11 +6,11 @@
 // b.gx()/b.gy() (its block and the grid, x and y), and b.sync() (a barrier for
 // the whole block, __syncthreads). The CUDA backend passes cuda::detail::
 // cuda_block; the tests run the same bodies on CPU threads with a std::barrier
-// (tests/test_core.cpp), and `serial_block` runs a one-thread body in place.
+// (tests/test_step_kernels.cpp), and `serial_block` runs a one-thread body in place.
 //
 // The kernels of this library are functors `body(b, shared)` over such a
-// context (core/kernels.hpp). Rules they follow, so that both backends agree:
-// no atomics (a flag that several threads may raise is written, never
+// context (cuda/detail/*_kernels.hpp). Rules they follow, so that both backends
+// agree: no atomics (a flag that several threads may raise is written, never
 // read-modified-written: raise_flag); no warp-level intrinsics; every barrier is
 // reached by every thread of the block; and every sum whose order matters runs
 // in one thread, in the order the CPU stage uses.

@@ -13,6 +13,23 @@ namespace sparsevlm::core {
 /// float32 machine epsilon, 2^-23: the spec's rank tolerance factor.
 inline constexpr double rank_epsilon = 1.0 / 8388608.0;
 
+/// Spec step 3, one visual column: p[r·stride] holds the head sum of rater row
+/// r (heads added in head order from 0); it becomes P[r] = sum / H, and the
+/// score (Σ_r P[r]) / R is returned, float32, raters in order from 0 (0 when
+/// R = 0). The CPU (scores.hpp's finish_scores) and the device score kernels
+/// (one thread per column) both call it, so the division and the order of the
+/// sums have one home.
+SPARSEVLM_HD inline float column_score(std::int64_t raters, float heads, float* p,
+                                       std::int64_t stride) noexcept {
+  float score = 0.0f;
+  for (std::int64_t r = 0; r < raters; ++r) {
+    const float v = p[r * stride] / heads;
+    p[r * stride] = v;
+    score += v;
+  }
+  return raters > 0 ? score / static_cast<float>(raters) : score;
+}
+
 /// Strict total order "a ranks before b" on (score, position): higher score first,
 /// equal scores to the lower position. Used for the keep set and for choosing
 /// which pruned tokens are recycled.

@@ -1,7 +1,7 @@
-// What every CUDA stage shares: the device executor of core/pipeline.hpp, the
+// What every CUDA stage shares: the device executor of detail/pipeline.hpp, the
 // per-step device state (device_step) and its workspace protocol, and reading
 // a step back to the host. Needs nvcc (a .cuh); the kernels themselves are the
-// host-compilable bodies of core/kernels.hpp.
+// host-compilable bodies of detail/*_kernels.hpp.
 //
 // Conventions (docs/cuda.md): inputs are the library's views over *device*
 // memory; every launcher is stream-ordered and returns cudaError_t; argument
@@ -20,7 +20,8 @@
 #include <vector>
 
 #include "../check.hpp"
-#include "../core/pipeline.hpp"
+#include "detail/pipeline.hpp"
+#include "results.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
 #include "../view.hpp"
@@ -30,8 +31,6 @@ namespace sparsevlm::cuda {
 
 namespace detail {
 
-namespace pl = ::sparsevlm::core::pipeline;
-namespace kn = ::sparsevlm::core::kernels;
 
 /// The block context of core/block.hpp for a CUDA thread block (1-D blocks,
 /// 2-D grids). Host-callable so that nvcc accepts the bodies' host instances,
@@ -86,7 +85,7 @@ struct cuda_block {
   }
 };
 
-/// The one kernel template: runs a body of core/kernels.hpp.
+/// The one kernel template: runs a body of detail/*_kernels.hpp.
 template <class Body>
 __global__ void run_body(Body body) {
   extern __shared__ double shared_mem[];
@@ -98,7 +97,7 @@ inline constexpr int block_threads = 256;
 /// Blocks of a grid-stride loop at most (enough to fill any current GPU).
 inline constexpr std::int64_t max_grid = 8192;
 
-/// core/pipeline.hpp's executor: enqueues on `stream`, keeps the first error
+/// detail/pipeline.hpp's executor: enqueues on `stream`, keeps the first error
 /// and enqueues nothing after it.
 struct device_exec {
   static constexpr int tile = 32;  // 32×32 dot tiles: 256 threads
@@ -159,61 +158,19 @@ inline cudaError_t check_device_pointer(const void* p, const char* name) {
 }
 
 template <class T>
-kn::rows2<T> rows_of(matrix_view<const T> m) {
-  return kn::rows2<T>{m.data(), m.stride(0), m.stride(1)};
+rows2<T> rows_of(matrix_view<const T> m) {
+  return rows2<T>{m.data(), m.stride(0), m.stride(1)};
 }
 template <class T>
-kn::rows3<T> rows_of(tensor3_view<const T> m) {
-  return kn::rows3<T>{m.data(), m.stride(0), m.stride(1), m.stride(2)};
+rows3<T> rows_of(tensor3_view<const T> m) {
+  return rows3<T>{m.data(), m.stride(0), m.stride(1), m.stride(2)};
 }
 
 }  // namespace detail
 
-/// Flags a step raised on the device (core::kernels::step_flag), as read back.
-struct step_status {
-  bool non_finite_embeds = false;     ///< a rater logit was NaN/Inf
-  bool non_finite_scores = false;     ///< attention, q/k or LSE gave a NaN/Inf score
-  bool non_finite_hidden = false;     ///< a recycled hidden row held NaN/Inf
-  bool no_convergence = false;        ///< the rank's eigen-solver did not converge
-  bool bad_raters = false;            ///< caller raters not ascending text positions
-  [[nodiscard]] bool ok() const noexcept {
-    return !(non_finite_embeds || non_finite_scores || non_finite_hidden || no_convergence ||
-             bad_raters);
-  }
-};
-
-/// One pruning step's state on the device: where its buffers sit in the
-/// caller's workspace, and the host-known sizes. A cheap value (pointers only);
-/// valid while the workspace is, and until the next step that uses it.
-///
-/// The outputs, in device memory (the counts are device-resident: read them
-/// with download(), or the new length through the pinned slot of
-/// prune_step_async):
-///   raters [R], scores [N], keep [keep] (absolute, ascending), clusters as
-///   offsets [c + 1] into members [s] (absolute positions, ascending within a
-///   cluster), merged [c, d] float32, sequence [new length] (plan.hpp's).
-struct device_step {
-  core::pipeline::buffers buf{};
-  core::pipeline::bounds bounds{};
-  index_t length = 0;      ///< L of this step
-  visual_span visual{};    ///< [S, S+N)
-  index_t hidden_dim = 0;  ///< d
-
-  [[nodiscard]] const core::kernels::step_counts* counts() const noexcept { return buf.counts; }
-  [[nodiscard]] const index_t* raters() const noexcept { return buf.raters; }
-  [[nodiscard]] const float* scores() const noexcept { return buf.scores; }
-  [[nodiscard]] const index_t* keep() const noexcept { return buf.keep; }
-  [[nodiscard]] const index_t* cluster_offsets() const noexcept { return buf.offsets; }
-  [[nodiscard]] const index_t* cluster_members() const noexcept { return buf.members; }
-  [[nodiscard]] const float* merged() const noexcept { return buf.merged; }
-  [[nodiscard]] const index_t* sequence() const noexcept { return buf.sequence; }
-  /// Device address of the new sequence length (−1 after a flagged error).
-  [[nodiscard]] const index_t* length_slot() const noexcept { return &buf.counts->length; }
-};
-
 namespace detail {
 
-inline core::pipeline::bounds bounds_of(const step_shape& s) {
+inline detail::pipeline::bounds bounds_of(const step_shape& s) {
   SPARSEVLM_CHECK(s.length >= 0 && s.visual >= 1 && s.visual <= s.length, errc::shape_mismatch,
                   "shape.visual", sparsevlm::detail::concat("in [1, ", s.length, "] (shape.length)"),
                   s.visual);
@@ -223,13 +180,13 @@ inline core::pipeline::bounds bounds_of(const step_shape& s) {
                                             ", hidden_dim ", s.hidden_dim, ", head_dim ", s.head_dim));
   SPARSEVLM_CHECK(!s.gravity, errc::invalid_argument, "shape.gravity",
                   "false (the CUDA backend has no RoPE gravity correction)", "true");
-  return core::pipeline::make_bounds(s.length, s.visual, s.heads, s.embed_dim, s.hidden_dim,
+  return detail::pipeline::make_bounds(s.length, s.visual, s.heads, s.embed_dim, s.hidden_dim,
                                      s.head_dim > 0, s.recycle_fraction, s.cluster_divisor);
 }
 
 /// Checks the limits of the one-block kernels against this device (docs/cuda.md).
-inline void check_limits(const core::pipeline::bounds& b, std::size_t smem_limit) {
-  SPARSEVLM_CHECK(core::pipeline::density_shared_bytes(b.s_max) <= smem_limit,
+inline void check_limits(const detail::pipeline::bounds& b, std::size_t smem_limit) {
+  SPARSEVLM_CHECK(detail::pipeline::density_shared_bytes(b.s_max) <= smem_limit,
                   errc::invalid_argument, "recycled rows (s_max)",
                   sparsevlm::detail::concat("at most ", smem_limit / sizeof(double),
                                             " after rounding up to a power of two (one row of D in "
@@ -246,8 +203,8 @@ inline void check_limits(const core::pipeline::bounds& b, std::size_t smem_limit
 /// q/k path's buffers (H·T·L floats of logits, T = L − N).
 /// Errors: sparsevlm::error for a shape the backend cannot run.
 inline std::size_t step_workspace_bytes(const step_shape& shape) {
-  core::pipeline::buffers unused;
-  return core::pipeline::layout(detail::bounds_of(shape), nullptr, unused);
+  detail::pipeline::buffers unused;
+  return detail::pipeline::layout(detail::bounds_of(shape), nullptr, unused);
 }
 
 /// Starts a step in `workspace` (two-phase, as CUB: with workspace == nullptr
@@ -260,9 +217,9 @@ inline std::size_t step_workspace_bytes(const step_shape& shape) {
 inline cudaError_t begin_step(const step_shape& shape, index_t length, visual_span visual,
                               void* workspace, std::size_t& bytes, device_step& step,
                               cudaStream_t stream) {
-  const core::pipeline::bounds b = detail::bounds_of(shape);
-  core::pipeline::buffers buf;
-  const std::size_t need = core::pipeline::layout(b, nullptr, buf);
+  const detail::pipeline::bounds b = detail::bounds_of(shape);
+  detail::pipeline::buffers buf;
+  const std::size_t need = detail::pipeline::layout(b, nullptr, buf);
   if (workspace == nullptr) {
     bytes = need;
     return cudaSuccess;
@@ -283,9 +240,9 @@ inline cudaError_t begin_step(const step_shape& shape, index_t length, visual_sp
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
   detail::check_limits(b, ex.max_shared());
-  core::pipeline::layout(b, workspace, buf);
+  detail::pipeline::layout(b, workspace, buf);
   step = device_step{buf, b, length, visual, shape.hidden_dim};
-  core::pipeline::reset(ex, buf);
+  detail::pipeline::reset(ex, buf);
   return ex.status;
 }
 
@@ -295,14 +252,11 @@ inline cudaError_t begin_step(const step_shape& shape, index_t length, visual_sp
 /// counts read so far and empty lists.
 inline cudaError_t download(const device_step& step, step_result& out, step_status& status,
                             cudaStream_t stream) {
-  core::kernels::step_counts c{};
+  detail::step_counts c{};
   cudaError_t e = cudaMemcpyAsync(&c, step.buf.counts, sizeof c, cudaMemcpyDeviceToHost, stream);
   if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
   if (e != cudaSuccess) return e;
-  namespace kn = core::kernels;
-  status = step_status{c.flags[kn::flag_embeds] != 0, c.flags[kn::flag_scores] != 0,
-                       c.flags[kn::flag_hidden] != 0, c.flags[kn::flag_eigen] != 0,
-                       c.flags[kn::flag_raters] != 0};
+  status = detail::status_of(c);
   const index_t N = step.visual.len, d = step.hidden_dim;
   out = step_result{};
   out.rank = c.rank;

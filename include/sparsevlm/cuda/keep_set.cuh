@@ -16,7 +16,7 @@ namespace sparsevlm::cuda {
 inline cudaError_t keep_count_async(const device_step& step, const step_options& opt,
                                     cudaStream_t stream) {
   check_policy(opt.policy);
-  core::pipeline::decide_args a;
+  detail::pipeline::decide_args a;
   a.fixed = opt.policy.kind == keep_policy::kind_t::fixed;
   a.scale = opt.policy.scale;
   a.bias = opt.policy.bias;
@@ -38,7 +38,7 @@ inline cudaError_t keep_count_async(const device_step& step, const step_options&
   }
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::keep_count(ex, step.visual.len, a, step.buf);
+  detail::pipeline::keep_count(ex, step.visual.len, a, step.buf);
   return ex.status;
 }
 
@@ -51,7 +51,7 @@ inline cudaError_t keep_count_async(const device_step& step, const step_options&
 inline cudaError_t select_keep_async(const device_step& step, cudaStream_t stream) {
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::keep_set(ex, step.visual.start, step.visual.len, step.buf);
+  detail::pipeline::keep_set(ex, step.visual.start, step.visual.len, step.buf);
   return ex.status;
 }
 

@@ -14,18 +14,9 @@
 
 #include "common.cuh"
 #include "detail/kv_cache_kernels.hpp"
+#include "results.hpp"
 
 namespace sparsevlm::cuda {
-
-/// What a device compaction found, as read back by download_compact_status.
-struct compact_status {
-  sparsevlm::detail::paged_fault fault{};
-  /// True when every check passed (and the rows moved).
-  [[nodiscard]] bool ok() const noexcept { return fault.kind == fault.none; }
-  /// Throws the error compact_paged_kv (the CPU function) throws for the same
-  /// arguments; a no-op when ok().
-  void raise() const { sparsevlm::detail::throw_paged_fault(fault); }
-};
 
 /// Bytes of device workspace compact_paged_kv_async needs for up to `tokens`
 /// sequence entries of a cache with `heads` × `head_dim` elements of type T per

@@ -19,7 +19,7 @@ inline cudaError_t make_sequence_async(const device_step& step, index_t* pinned_
                                        cudaStream_t stream) {
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::sequence(ex, step.length, step.visual.start, step.visual.len, step.buf);
+  detail::pipeline::sequence(ex, step.length, step.visual.start, step.visual.len, step.buf);
   if (ex.status == cudaSuccess && pinned_length != nullptr)
     ex.status = cudaMemcpyAsync(pinned_length, step.length_slot(), sizeof(index_t),
                                 cudaMemcpyDeviceToHost, stream);
@@ -64,9 +64,9 @@ void check_gather(tensor3_view<const T> in, tensor3_view<T> out, const device_st
 }
 
 template <class T>
-core::kernels::plan_gather<T> gather_of(const device_step& step, tensor3_view<const T> in,
-                                        tensor3_view<T> out, core::kernels::recycled_rows mode) {
-  return core::kernels::plan_gather<T>{in.data(),     in.stride(0),    in.stride(1),
+detail::plan_gather<T> gather_of(const device_step& step, tensor3_view<const T> in,
+                                        tensor3_view<T> out, detail::recycled_rows mode) {
+  return detail::plan_gather<T>{in.data(),     in.stride(0),    in.stride(1),
                                        in.stride(2),  out.data(),      out.stride(0),
                                        out.stride(1), out.stride(2),   step.length,
                                        in.extent(1),  in.extent(2),    mode,
@@ -97,7 +97,7 @@ cudaError_t apply_plan_async(const device_step& step, matrix_view<const T> in,
   detail::check_gather(in3, out3, step, "in");
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::gather(ex, detail::gather_of(step, in3, out3, core::kernels::recycled_rows::merged));
+  detail::pipeline::gather(ex, detail::gather_of(step, in3, out3, detail::recycled_rows::merged));
   return ex.status;
 }
 
@@ -111,7 +111,7 @@ cudaError_t apply_plan_kv_async(const device_step& step, tensor3_view<const T> i
   detail::check_gather(in, out, step, "in");
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::gather(ex, detail::gather_of(step, in, out, core::kernels::recycled_rows::drop));
+  detail::pipeline::gather(ex, detail::gather_of(step, in, out, detail::recycled_rows::drop));
   return ex.status;
 }
 
@@ -137,12 +137,12 @@ inline cudaError_t pruned_positions_async(const device_step& step,
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
   if (policy == position_policy::renumber) {
-    ex.launch(core::kernels::plan_renumber{out.data(), out.stride(0), out.stride(1), out.extent(0),
+    ex.launch(detail::plan_renumber{out.data(), out.stride(0), out.stride(1), out.extent(0),
                                            step.length, step.buf.counts},
               ex.grid(out.extent(0) * step.length), 1, ex.threads(), 0);
   } else {
-    core::pipeline::gather(
-        ex, detail::gather_of(step, in3, out3, core::kernels::recycled_rows::first_member));
+    detail::pipeline::gather(
+        ex, detail::gather_of(step, in3, out3, detail::recycled_rows::first_member));
   }
   return ex.status;
 }

@@ -22,7 +22,7 @@ namespace sparsevlm::cuda {
 inline cudaError_t numerical_rank_async(const device_step& step, cudaStream_t stream) {
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::rank(ex, step.visual.len, step.bounds.m_max(), step.buf);
+  detail::pipeline::rank(ex, step.visual.len, step.bounds.m_max(), step.buf);
   return ex.status;
 }
 

@@ -31,7 +31,7 @@ cudaError_t select_raters_async(const device_step& step, matrix_view<const TE> e
                   "> 0 in the workspace's shape to choose raters on the device", 0);
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::select_raters(ex, detail::rows_of(embeds), step.length, step.visual.start,
+  detail::pipeline::select_raters(ex, detail::rows_of(embeds), step.length, step.visual.start,
                                 step.visual.len, embeds.extent(1), step.buf);
   return ex.status;
 }
@@ -48,7 +48,7 @@ inline cudaError_t set_raters_async(const device_step& step, std::span<const ind
                   raters.size());
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::given_raters(ex, raters.data(), static_cast<index_t>(raters.size()),
+  detail::pipeline::given_raters(ex, raters.data(), static_cast<index_t>(raters.size()),
                                step.visual.end(), step.length, step.buf);
   return ex.status;
 }

@@ -31,7 +31,7 @@ cudaError_t recycle_async(const device_step& step, matrix_view<const TH> hidden,
                   hidden.extent(1));
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::recycle(ex, detail::rows_of(hidden), step.visual.start, hidden.extent(1),
+  detail::pipeline::recycle(ex, detail::rows_of(hidden), step.visual.start, hidden.extent(1),
                           step.bounds.s_max, step.bounds.c_max, step.buf);
   return ex.status;
 }

@@ -40,7 +40,7 @@ cudaError_t relevance_scores_async(const device_step& step, tensor3_view<const T
                                             attn.extent(2), "]"));
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::scores_attention(ex, detail::rows_of(attn), attn.extent(0), step.visual.start,
+  detail::pipeline::scores_attention(ex, detail::rows_of(attn), attn.extent(0), step.visual.start,
                                    step.visual.len, step.buf);
   return ex.status;
 }
@@ -87,7 +87,7 @@ cudaError_t relevance_scores_qk_async(const device_step& step, const qk_view<TQ,
                     sparsevlm::detail::concat("[", H, ", ", Lq, "]"),
                     sparsevlm::detail::concat("[", qk.lse->extent(0), ", ", qk.lse->extent(1), "]"));
   }
-  core::pipeline::qk_args<TQ, TK> a;
+  detail::pipeline::qk_args<TQ, TK> a;
   a.q = detail::rows_of(qk.q);
   a.k = detail::rows_of(qk.k);
   a.heads = H;
@@ -106,7 +106,7 @@ cudaError_t relevance_scores_qk_async(const device_step& step, const qk_view<TQ,
   }
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  core::pipeline::scores_qk(ex, a, step.visual.start, step.visual.len, step.bounds.text, step.buf);
+  detail::pipeline::scores_qk(ex, a, step.visual.start, step.visual.len, step.bounds.text, step.buf);
   return ex.status;
 }
 

@@ -181,7 +181,7 @@ paged_args<T, U, B> make_paged_args(const i64* sequence, i64 n, strided_view<T, 
 }
 
 /// The launch sequence (three kernels, no host synchronisation), for any executor
-/// of core/pipeline.hpp's kind.
+/// of pipeline.hpp's kind.
 template <class Exec, class T, class U, class B>
 void compact_paged(Exec& ex, const paged_args<T, U, B>& a) {
   ex.launch(paged_check<T, U, B>{a}, 1, 1, ex.threads(), paged_check_shared(ex.threads()));

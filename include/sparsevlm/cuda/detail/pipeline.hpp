@@ -1,12 +1,13 @@
 // The CUDA backend's launch sequence, written once for any executor: the
-// device one (cuda/common.cuh) enqueues the kernels of core/kernels.hpp on a
-// stream, the tests' CPU executor (tests/test_core.cpp) runs them on threads.
+// device one (cuda/common.cuh) enqueues the stage kernels (the *_kernels.hpp
+// next to this file) on a stream, the tests' CPU executor (tests/test_core.cpp)
+// runs them on threads.
 // Host-compilable, so the order of launches, their grids and the workspace
 // layout are tested without a GPU.
 //
 // An executor `ex` provides:
 //   Exec::tile                      edge of the dot-product tiles (threads:
-//                                   kernels::tile_threads<Exec::tile>)
+//                                   tile_threads<Exec::tile>)
 //   ex.threads()                    threads of the other kernels' blocks
 //   ex.grid(n)                      blocks for a grid-stride loop over n items
 //   ex.max_shared()                 dynamic shared memory a block may use, bytes
@@ -19,12 +20,20 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "kernels.hpp"
+#include "keep_set_kernels.hpp"
+#include "plan_kernels.hpp"
+#include "rank_kernels.hpp"
+#include "raters_kernels.hpp"
+#include "recycle_kernels.hpp"
+#include "scores_kernels.hpp"
+#include "step_kernels.hpp"
 
-namespace sparsevlm::core::pipeline {
+// The kernels are the enclosing namespace's (cuda::detail); the launch
+// sequence keeps its own, so that its stage names (rank, keep_set, begin_step ...)
+// never hide the public launchers of sparsevlm::cuda.
+namespace sparsevlm::cuda::detail::pipeline {
 
 using i64 = std::int64_t;
-using namespace sparsevlm::core::kernels;
 
 /// Host-known upper bounds of a step (what the workspace is sized for).
 struct bounds {
@@ -54,8 +63,8 @@ inline bounds make_bounds(i64 length, i64 visual, i64 heads, i64 embed_dim, i64 
   b.hidden_dim = hidden_dim;
   b.qk = qk;
   if (recycle_fraction > 0.0 && visual > 0) {
-    b.s_max = recycle_count(visual, recycle_fraction);
-    b.c_max = cluster_count(b.s_max, cluster_divisor > 1.0 ? cluster_divisor : 1.0);
+    b.s_max = core::recycle_count(visual, recycle_fraction);
+    b.c_max = core::cluster_count(b.s_max, cluster_divisor > 1.0 ? cluster_divisor : 1.0);
   }
   return b;
 }
@@ -99,8 +108,6 @@ struct buffers {
   i64* label = nullptr;
 };
 
-namespace detail {
-
 inline constexpr std::size_t alignment = 256;
 
 /// Bump allocation over `base` (or counting only, when base is null).
@@ -116,14 +123,12 @@ struct carver {
   }
 };
 
-}  // namespace detail
-
 /// Lays the buffers of a step with bounds `b` over `base` and returns the bytes
 /// they take; with base == nullptr only the size (the workspace size query: the
 /// same routine computes both, so they cannot disagree). Every buffer grows
 /// with every bound, so a workspace sized for larger bounds fits a smaller step.
 inline std::size_t layout(const bounds& b, void* base, buffers& out) {
-  detail::carver c{static_cast<unsigned char*>(base)};
+  carver c{static_cast<unsigned char*>(base)};
   const i64 N = b.visual, T = b.text, L = b.length, d = b.hidden_dim;
   out.counts = c.take<step_counts>(1);
   out.raters = c.take<i64>(T);
@@ -173,7 +178,7 @@ inline std::size_t layout(const bounds& b, void* base, buffers& out) {
     out.centres = c.take<i64>(b.c_max);
     out.label = c.take<i64>(b.s_max);
   });
-  return (end + detail::alignment - 1) / detail::alignment * detail::alignment;
+  return (end + alignment - 1) / alignment * alignment;
 }
 
 /// Shared memory the rank kernel needs to hold G (m_max² + 2·m_max + 4 doubles).
@@ -183,7 +188,7 @@ inline std::size_t rank_shared_bytes(i64 m_max) {
 
 /// Shared memory the density kernel needs: one row of D, padded to a power of two.
 inline std::size_t density_shared_bytes(i64 s_max) {
-  return static_cast<std::size_t>(s_max > 0 ? pow2_at_least(s_max) : 0) * sizeof(double);
+  return static_cast<std::size_t>(s_max > 0 ? core::pow2_at_least(s_max) : 0) * sizeof(double);
 }
 
 // ---- the stages ---------------------------------------------------------------
@@ -204,7 +209,7 @@ void select_raters(Exec& ex, rows2<TE> embeds, i64 length, i64 first_visual, i64
   if (T > 0) {
     ex.launch(rater_logits<TE, tile>{embeds, first_visual, n_visual, first_text, T, embed_dim,
                                      buf.logits, buf.counts},
-              ceil_div(n_visual, tile), ceil_div(T, tile), tile_threads<tile>,
+              core::ceil_div(n_visual, tile), core::ceil_div(T, tile), tile_threads<tile>,
               static_cast<std::size_t>(tile_smem<tile>));
     ex.launch(rater_row_stats{buf.logits, n_visual, T, buf.row_max, buf.row_sum},
               ex.grid(n_visual), 1, ex.threads(), 0);
@@ -253,12 +258,12 @@ void scores_qk(Exec& ex, const qk_args<TQ, TK>& a, i64 first_visual, i64 n_visua
                const buffers& buf) {
   constexpr int tile = Exec::tile;
   const i64 k_max = a.length;
-  const i64 r_tiles = ceil_div(r_max, tile);
+  const i64 r_tiles = core::ceil_div(r_max, tile);
   if (r_max > 0) {
     ex.launch(qk_logits<TQ, TK, tile>{a.q, a.k, a.heads / a.kv_heads, a.all_queries, a.q_rows,
                                        a.head_dim, r_tiles, r_max, k_max, buf.raters, buf.z,
                                        buf.counts},
-              ceil_div(k_max, tile), a.heads * r_tiles, tile_threads<tile>,
+              core::ceil_div(k_max, tile), a.heads * r_tiles, tile_threads<tile>,
               static_cast<std::size_t>(tile_smem<tile>));
     ex.launch(qk_row_stats{buf.z, r_max, k_max, a.scale, a.lse, a.lse_s0, a.lse_s1,
                            a.all_queries, buf.raters, buf.z_offset, buf.z_sum, buf.counts},
@@ -275,8 +280,9 @@ template <class Exec>
 void rank(Exec& ex, i64 n_visual, i64 m_max, const buffers& buf) {
   constexpr int tile = Exec::tile;
   if (m_max > 0) {
-    ex.launch(rank_gram<tile>{buf.P, n_visual, buf.G, buf.counts}, ceil_div(m_max, tile),
-              ceil_div(m_max, tile), tile_threads<tile>, static_cast<std::size_t>(tile_smem<tile>));
+    ex.launch(rank_gram<tile>{buf.P, n_visual, buf.G, buf.counts}, core::ceil_div(m_max, tile),
+              core::ceil_div(m_max, tile), tile_threads<tile>,
+              static_cast<std::size_t>(tile_smem<tile>));
   }
   const bool in_shared = rank_shared_bytes(m_max) <= ex.max_shared();
   ex.launch(rank_solve{buf.G, buf.eig, n_visual, in_shared, buf.counts}, 1, 1, ex.threads(),
@@ -306,7 +312,7 @@ template <class Exec>
 void keep_set(Exec& ex, i64 first_visual, i64 n_visual, const buffers& buf) {
   const int t = ex.threads();
   ex.launch(keep_ranks{buf.scores, n_visual, buf.pos, buf.order, buf.counts},
-            ceil_div(n_visual, t), 1, t, static_cast<std::size_t>(t) * sizeof(float));
+            core::ceil_div(n_visual, t), 1, t, static_cast<std::size_t>(t) * sizeof(float));
   ex.launch(keep_list{buf.pos, first_visual, n_visual, buf.keep, buf.counts}, 1, 1, t,
             static_cast<std::size_t>(t) * sizeof(i64));
 }
@@ -322,7 +328,7 @@ void recycle(Exec& ex, rows2<TH> hidden, i64 first_visual, i64 hidden_dim, i64 s
   const i64 ld = s_max;
   ex.launch(recycle_gram<TH, tile>{hidden, first_visual, hidden_dim, ld, buf.order, buf.D,
                                    buf.counts},
-            ceil_div(s_max, tile), ceil_div(s_max, tile), tile_threads<tile>,
+            core::ceil_div(s_max, tile), core::ceil_div(s_max, tile), tile_threads<tile>,
             static_cast<std::size_t>(tile_smem<tile>));
   ex.launch(recycle_diag{buf.D, ld, buf.diag, buf.counts}, ex.grid(s_max), 1, t, 0);
   ex.launch(recycle_distances{buf.D, ld, buf.diag, std::sqrt(static_cast<double>(hidden_dim)),
@@ -414,4 +420,4 @@ void run_step(Exec& ex, const step_args<TE, TH>& a, const qk_args<TQ, TK>& qk, c
   finish(ex, a.hidden, a.length, a.first_visual, a.n_visual, a.hidden_dim, a.decide, bd, buf);
 }
 
-}  // namespace sparsevlm::core::pipeline
+}  // namespace sparsevlm::cuda::detail::pipeline

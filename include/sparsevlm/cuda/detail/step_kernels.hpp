@@ -1,0 +1,223 @@
+// What every kernel of a pruning step on the device shares: the device-resident
+// counts and flags (step_counts), the strided element views, and the building
+// blocks (dot tiles, the bitonic sort, grid-stride indices). The stages' kernels
+// are next to it, one file per stage: raters_kernels.hpp, scores_kernels.hpp,
+// rank_kernels.hpp, keep_set_kernels.hpp, recycle_kernels.hpp, plan_kernels.hpp;
+// pipeline.hpp launches them in order.
+//
+// Each kernel is a functor `body(b, smem)`, written once for any block context
+// (core/block.hpp): nvcc runs it as a __global__ function (cuda/common.cuh), the
+// CPU tests run the very same code on CPU threads (tests/test_core.cpp). Its
+// members are the launch's arguments (device pointers, strides, host-known
+// sizes); `b` is the block context, `smem` the block's dynamic shared memory.
+// The counts that the data decide (raters R, rank, keep, recycled s, clusters c)
+// stay on the device in a step_counts; a kernel reads them and sizes its grid for
+// the worst case that the host knows (pipeline.hpp). Nothing here synchronises
+// the device. Host-compilable: no CUDA header is needed to read or test them.
+//
+// Arithmetic: every value that a CPU stage computes is computed here with the
+// same operations in the same order (the comment of each body names the CPU
+// code it mirrors): dot products through core/dot.hpp, exp through
+// core/exp.hpp, sums in one thread in the CPU's order, decisions and orders
+// through core/math.hpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../../core/block.hpp"
+#include "../../core/dot.hpp"
+#include "../../core/exp.hpp"
+#include "../../core/math.hpp"
+#include "../../dtype.hpp"
+
+namespace sparsevlm::cuda::detail {
+
+using i64 = std::int64_t;
+
+/// What went wrong in a step, as flags on the device (the CPU path throws the
+/// matching sparsevlm::error).
+enum step_flag : int {
+  flag_embeds = 0,     ///< a rater logit is NaN/Inf (non-finite embeds, or an overflow)
+  flag_scores = 1,     ///< a score is NaN/Inf (non-finite attention or q/k/lse)
+  flag_hidden = 2,     ///< a hidden row that recycling merges holds NaN/Inf
+  flag_eigen = 3,      ///< the rank's eigen-solver did not converge
+  flag_raters = 4,     ///< caller raters not ascending or not text positions
+  flag_count = 5
+};
+
+/// The device-resident state of one step: the counts the data decide, and the
+/// flags. `length` is the new sequence length, or -1 when a flag is raised (the
+/// plan kernels then leave every output untouched).
+struct step_counts {
+  i64 raters = 0;    ///< R
+  i64 rank = 0;
+  i64 keep = 0;      ///< keep count
+  i64 recycled = 0;  ///< s, the recycled pruned tokens
+  i64 clusters = 0;  ///< c
+  i64 length = 0;    ///< the new sequence length, -1 on error
+  i64 flags[flag_count] = {};
+};
+
+/// Whether a flag other than `own` is raised. A kernel that raises flag `own`
+/// itself passes it, so that all threads of a block take the same branch (one
+/// thread may raise it while another is still reading the flags).
+SPARSEVLM_HD inline bool failed(const step_counts* c, int own = -1) noexcept {
+  bool any = false;
+  for (int f = 0; f < flag_count; ++f) any = any || (f != own && c->flags[f] != 0);
+  return any;
+}
+
+/// [rows, cols] elements of T (float, half, bfloat16) with strides in elements.
+template <class T>
+struct rows2 {
+  const T* p = nullptr;
+  i64 s0 = 0, s1 = 0;
+  SPARSEVLM_HD float at(i64 r, i64 c) const noexcept { return to_float(p[r * s0 + c * s1]); }
+};
+
+/// [a, b, c] elements of T with strides in elements.
+template <class T>
+struct rows3 {
+  const T* p = nullptr;
+  i64 s0 = 0, s1 = 0, s2 = 0;
+  SPARSEVLM_HD float at(i64 a, i64 b, i64 c) const noexcept {
+    return to_float(p[a * s0 + b * s1 + c * s2]);
+  }
+};
+
+// ---- building blocks ---------------------------------------------------------
+
+/// Depth staged through shared memory per step of a dot tile (a multiple of 16).
+inline constexpr int tile_depth = 32;
+/// Dot products (pairs) each thread of a dot tile owns.
+inline constexpr int tile_pairs = 4;
+/// Threads of a TILE×TILE dot tile.
+template <int Tile>
+inline constexpr int tile_threads = Tile * Tile / tile_pairs;
+/// Shared memory of a dot tile, bytes (two staged blocks of rows, padded
+/// against bank conflicts).
+template <int Tile>
+inline constexpr i64 tile_smem = 2 * Tile * (tile_depth + 1) * static_cast<i64>(sizeof(float));
+
+/// The dot products of a Tile×Tile block of pairs: out(i, j, dot(A_i, B_j)) for
+/// i < na, j < nb (tile-local indices), with the canonical arithmetic
+/// (core/dot.hpp): Acc = float, 16 lanes with fma32; Acc = double, 8 lanes
+/// with fma64 on the widened values. la(i, k) / lb(j, k) load element k of a
+/// row as float (called only for i < na, k < depth). Needs exactly
+/// tile_threads<Tile> threads.
+///
+/// Rows are staged tile_depth elements at a time; lane l of a pair still
+/// accumulates elements l, l + lanes, ... in order across the stages, the
+/// staged values past `depth` are zero, and lane groups that start at or past
+/// `depth` are skipped: exactly the CPU's loop `for (k = 0; k < d; k += lanes)`.
+template <class Acc, int Tile, class Block, class LA, class LB, class Out>
+SPARSEVLM_HD void dot_tile(const Block& b, float* smem, i64 na, i64 nb, i64 depth, LA&& la,
+                           LB&& lb, Out&& out) {
+  constexpr int lanes = std::is_same_v<Acc, float> ? core::dot32_lanes : core::dot64_lanes;
+  constexpr int ks = tile_depth + 1;  // padded row stride in shared memory
+  float* sa = smem;
+  float* sb = smem + Tile * ks;
+  const i64 t = b.rank(), nt = b.size();
+  Acc acc[tile_pairs][lanes];
+  for (int q = 0; q < tile_pairs; ++q)
+    for (int l = 0; l < lanes; ++l) acc[q][l] = Acc(0);
+  for (i64 k0 = 0; k0 < depth; k0 += tile_depth) {
+    for (i64 e = t; e < Tile * tile_depth; e += nt) {
+      const i64 r = e / tile_depth, k = e % tile_depth;
+      const bool kin = k0 + k < depth;
+      sa[r * ks + k] = (r < na && kin) ? la(r, k0 + k) : 0.0f;
+      sb[r * ks + k] = (r < nb && kin) ? lb(r, k0 + k) : 0.0f;
+    }
+    b.sync();
+    for (int q = 0; q < tile_pairs; ++q) {
+      const i64 p = t + q * nt;
+      const float* ra = sa + (p / Tile) * ks;
+      const float* rb = sb + (p % Tile) * ks;
+      for (int g = 0; g < tile_depth; g += lanes) {
+        if (k0 + g >= depth) break;
+        for (int l = 0; l < lanes; ++l) {
+          if constexpr (std::is_same_v<Acc, float>) {
+            acc[q][l] = core::fma32(ra[g + l], rb[g + l], acc[q][l]);
+          } else {
+            acc[q][l] = core::fma64(static_cast<double>(ra[g + l]), static_cast<double>(rb[g + l]),
+                              acc[q][l]);
+          }
+        }
+      }
+    }
+    b.sync();
+  }
+  for (int q = 0; q < tile_pairs; ++q) {
+    const i64 p = t + q * nt;
+    const i64 i = p / Tile, j = p % Tile;
+    if (i < na && j < nb) {
+      if constexpr (std::is_same_v<Acc, float>) {
+        out(i, j, core::reduce16(acc[q]));
+      } else {
+        out(i, j, core::reduce8(acc[q]));
+      }
+    }
+  }
+}
+
+/// The Tile×Tile block (i0, j0) of a symmetric Gram matrix g (row stride ld) in
+/// double (dot_tile with Acc = double): rows are load(r, k); only pairs with
+/// i <= j are computed into both g[i][j] and g[j][i] (blocks below the diagonal
+/// are the caller's to skip), so each pair is one number.
+template <int Tile, class Block, class Load>
+SPARSEVLM_HD void gram_tile(const Block& b, float* smem, i64 i0, i64 j0, i64 na, i64 nb,
+                            i64 depth, Load load, double* g, i64 ld) {
+  dot_tile<double, Tile>(
+      b, smem, na, nb, depth, [load, i0](i64 r, i64 k) { return load(i0 + r, k); },
+      [load, j0](i64 r, i64 k) { return load(j0 + r, k); },
+      [g, ld, i0, j0](i64 i, i64 j, double v) {
+        if (i0 + i > j0 + j) return;
+        g[(i0 + i) * ld + j0 + j] = v;
+        g[(j0 + j) * ld + i0 + i] = v;
+      });
+}
+
+/// Sorts v[0, n) ascending in shared memory, n a power of two (bitonic network).
+template <class Block>
+SPARSEVLM_HD void bitonic_sort(const Block& b, double* v, i64 n) {
+  for (i64 size = 2; size <= n; size <<= 1) {
+    for (i64 stride = size >> 1; stride > 0; stride >>= 1) {
+      for (i64 t = b.rank(); t < n / 2; t += b.size()) {
+        const i64 i = 2 * stride * (t / stride) + t % stride;
+        const i64 j = i + stride;
+        const bool up = (i & size) == 0;
+        const double x = v[i], y = v[j];
+        if ((x > y) == up) {
+          v[i] = y;
+          v[j] = x;
+        }
+      }
+      b.sync();
+    }
+  }
+}
+
+/// Global thread index and count of a 1-D grid (for grid-stride loops).
+template <class Block>
+SPARSEVLM_HD i64 thread_id(const Block& b) {
+  return b.bx() * b.size() + b.rank();
+}
+template <class Block>
+SPARSEVLM_HD i64 thread_count(const Block& b) {
+  return b.gx() * b.size();
+}
+
+/// Resets the counts of a step (the first kernel of every step).
+struct counts_reset {
+  step_counts* counts;
+  template <class Block>
+  SPARSEVLM_HD void operator()(const Block& b, void*) const {
+    if (thread_id(b) != 0) return;
+    counts->raters = counts->rank = counts->keep = counts->recycled = counts->clusters = 0;
+    counts->length = 0;
+    for (int f = 0; f < flag_count; ++f) counts->flags[f] = 0;
+  }
+};
+
+}  // namespace sparsevlm::cuda::detail
