@@ -3,6 +3,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
+#include <type_traits>
 #include <algorithm>
 #include <array>
 
@@ -86,10 +87,9 @@ struct toy {
 
 /// Each buffer's capacity, in order.
 std::vector<std::size_t> capacities(const workspace& ws) {
-  return {ws.f32_a.capacity(), ws.f32_b.capacity(), ws.f32_c.capacity(), ws.f32_d.capacity(),
-          ws.f32_e.capacity(), ws.f32_f.capacity(), ws.f64_a.capacity(), ws.f64_b.capacity(),
-          ws.f64_c.capacity(), ws.f64_d.capacity(), ws.f64_e.capacity(), ws.idx_a.capacity(),
-          ws.idx_b.capacity(), ws.idx_c.capacity(), ws.idx_d.capacity(), ws.idx_e.capacity()};
+  std::vector<std::size_t> out;
+  ws.visit_buffers([&](const auto& v) { out.push_back(v.capacity()); });
+  return out;
 }
 
 }  // namespace
@@ -135,20 +135,26 @@ TEST_CASE("workspace: the float and double buffers are 64-byte aligned, reserved
     return v.capacity() == 0 || reinterpret_cast<std::uintptr_t>(v.data()) % 64 == 0;
   };
   const auto check_all = [&](const workspace& ws) {
-    for (const auto* v : {&ws.f32_a, &ws.f32_b, &ws.f32_c, &ws.f32_d, &ws.f32_e, &ws.f32_f})
-      CHECK(aligned(*v));
-    for (const auto* v : {&ws.f64_a, &ws.f64_b, &ws.f64_c, &ws.f64_d, &ws.f64_e}) CHECK(aligned(*v));
+    int checked = 0;
+    ws.visit_buffers([&](const auto& v) {
+      using T = typename std::remove_reference_t<decltype(v)>::value_type;
+      if constexpr (std::is_floating_point_v<T>) {  // the scratch_vectors the SIMD kernels stream
+        CHECK(aligned(v));
+        ++checked;
+      }
+    });
+    CHECK(checked == 26);  // every float and double buffer of every stage
   };
   workspace grown;  // grown by the steps themselves
   step_options o;
   o.policy = keep_policy::fixed(5);
   (void)prune_step(t.inputs(), o, grown);
   (void)prune_step(t.inputs_qk(), o, grown);
-  CHECK(grown.f32_a.capacity() > 0);
+  CHECK(grown.raters.visual.capacity() + grown.step.P.capacity() > 0);
   check_all(grown);
   workspace reserved;
   reserved.reserve(t.shape(0.3));
-  CHECK(reserved.f32_a.capacity() > 0);
+  CHECK(reserved.raters.visual.capacity() > 0);
   check_all(reserved);
   // Odd sizes too: every allocation of the allocator is aligned.
   for (std::size_t n : {1, 3, 17, 1000, 100003}) {

@@ -68,7 +68,7 @@ inline void gravity_table(const rope_gravity& g, std::span<const index_t> raters
   const auto pos = [&](index_t u) {
     return g.positions.empty() ? u : g.positions[static_cast<std::size_t>(u)];
   };
-  double* theta = workspace::take(ws.f64_d, static_cast<std::size_t>(rd / 2));
+  double* theta = workspace::take(ws.gravity.frequencies, static_cast<std::size_t>(rd / 2));
   for (index_t i = 0; i < rd / 2; ++i)
     theta[i] = std::pow(g.base, -2.0 * static_cast<double>(i) / static_cast<double>(rd));
   const auto bias = [&](double delta) {
@@ -85,10 +85,10 @@ inline void gravity_table(const rope_gravity& g, std::span<const index_t> raters
   const bool tabulate = length > 0 && pmax - pmin <= 4 * length;
   double* table = nullptr;
   if (tabulate) {
-    table = workspace::take(ws.f64_e, static_cast<std::size_t>(pmax - pmin + 1));
+    table = workspace::take(ws.gravity.distances, static_cast<std::size_t>(pmax - pmin + 1));
     for (index_t dlt = 0; dlt <= pmax - pmin; ++dlt) table[dlt] = bias(static_cast<double>(dlt));
   }
-  double* b = workspace::take(ws.f64_a, static_cast<std::size_t>(length));
+  double* b = workspace::take(ws.gravity.biases, static_cast<std::size_t>(length));
   for (std::size_t r = 0; r < raters.size(); ++r) {
     const index_t t = raters[r];
     double mx = -std::numeric_limits<double>::infinity();

@@ -48,7 +48,7 @@ inline void select_keep(std::span<const float> scores, index_t visual_start, ind
                   detail::concat("in [0, ", N - keep, "]"), top_pruned);
   detail::check_scores(scores);
 
-  index_t* order = workspace::take(ws.idx_a, static_cast<std::size_t>(N));
+  index_t* order = workspace::take(ws.keep_set.order, static_cast<std::size_t>(N));
   std::iota(order, order + N, index_t{0});
   const auto better = [&](index_t a, index_t b) {
     return core::ranks_before(scores[static_cast<std::size_t>(a)], a,

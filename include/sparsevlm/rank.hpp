@@ -51,7 +51,7 @@ inline index_t numerical_rank(matrix_view<const float> P, workspace& ws) {
     rows = P.data();
     ld = P.stride(0);
   } else {
-    float* buf = workspace::take(ws.f32_b, static_cast<std::size_t>(R * N));
+    float* buf = workspace::take(ws.rank.P, static_cast<std::size_t>(R * N));
     for (index_t r = 0; r < R; ++r)
       for (index_t j = 0; j < N; ++j) {
         if (R <= N) buf[r * N + j] = P(r, j);
@@ -60,9 +60,9 @@ inline index_t numerical_rank(matrix_view<const float> P, workspace& ws) {
     rows = buf;
     ld = depth;
   }
-  double* G = workspace::take(ws.f64_c, static_cast<std::size_t>(m * m));
+  double* G = workspace::take(ws.rank.gram, static_cast<std::size_t>(m * m));
   cpu::kernels().gram_f64(rows, ld, m, depth, G);
-  double* lambda = workspace::take(ws.f64_a, static_cast<std::size_t>(2 * m));
+  double* lambda = workspace::take(ws.rank.eigen, static_cast<std::size_t>(2 * m));
   if (!core::symmetric_eigenvalues(G, m, lambda, lambda + m)) {
     detail::fail(errc::non_finite, "P", "a matrix whose eigenvalues converge",
                  "no convergence of the symmetric QL iteration");

@@ -82,9 +82,9 @@ void select_raters(matrix_view<const T> embeds, visual_span visual, workspace& w
   }
 
   index_t ldv = 0, ldt = 0;
-  const float* vrows = detail::rows_as_f32(embeds, visual.start, N, ws.f32_a, ldv);
-  const float* trows = detail::rows_as_f32(embeds, visual.end(), Tn, ws.f32_b, ldt);
-  float* logits = workspace::take(ws.f32_c, static_cast<std::size_t>(N * Tn));
+  const float* vrows = detail::rows_as_f32(embeds, visual.start, N, ws.raters.visual, ldv);
+  const float* trows = detail::rows_as_f32(embeds, visual.end(), Tn, ws.raters.text, ldt);
+  float* logits = workspace::take(ws.raters.logits, static_cast<std::size_t>(N * Tn));
   const cpu::kernel_table& kt = cpu::kernels();
   kt.dot_rows(vrows, ldv, N, trows, ldt, Tn, d, logits, Tn);
   // Every visual row meets every text row, so a NaN/Inf anywhere in rows S..L
@@ -101,8 +101,8 @@ void select_raters(matrix_view<const T> embeds, visual_span visual, workspace& w
                    "a dot product that fits in float32", "an overflow to Inf");
     }
   }
-  double* e = workspace::take(ws.f64_b, static_cast<std::size_t>(Tn));
-  double* m = workspace::take(ws.f64_a, static_cast<std::size_t>(Tn));
+  double* e = workspace::take(ws.raters.exps, static_cast<std::size_t>(Tn));
+  double* m = workspace::take(ws.raters.mean, static_cast<std::size_t>(Tn));
   std::fill(m, m + Tn, 0.0);
   for (index_t i = 0; i < N; ++i) {
     const float* li = logits + i * Tn;

@@ -46,7 +46,7 @@ inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector
   SPARSEVLM_CHECK(c >= 1 && c <= s, errc::invalid_argument, "c", concat("in [1, ", s, "]"), c);
   SPARSEVLM_CHECK(static_cast<index_t>(D.size()) == s * s, errc::shape_mismatch, "D.size()",
                   concat(s, " x ", s, " = ", s * s), D.size());
-  double* rho = workspace::take(ws.f64_b, static_cast<std::size_t>(3 * s));
+  double* rho = workspace::take(ws.recycle.density, static_cast<std::size_t>(3 * s));
   double* gamma = rho + s;
   double* tmp = rho + 2 * s;
   const index_t k = c;
@@ -111,7 +111,7 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
   SPARSEVLM_CHECK(s >= 1, errc::invalid_argument, "selected.size()", ">= 1", s);
   SPARSEVLM_CHECK(clusters >= 1 && clusters <= s, errc::invalid_argument, "clusters",
                   detail::concat("in [1, ", s, "]"), clusters);
-  std::vector<index_t>& seen = ws.idx_c;  // marks the visual indices met so far
+  std::vector<index_t>& seen = ws.recycle.seen;  // marks the visual indices met so far
   seen.assign(static_cast<std::size_t>(visual.len), 0);
   for (index_t i = 0; i < s; ++i) {
     const index_t v = selected[static_cast<std::size_t>(i)];
@@ -126,7 +126,7 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
   }
 
   // The selected rows as float32, contiguous: the Gram kernel and the means read them.
-  float* x = workspace::take(ws.f32_b, static_cast<std::size_t>(s * d));
+  float* x = workspace::take(ws.recycle.rows, static_cast<std::size_t>(s * d));
   const cpu::kernel_table& k = cpu::kernels();
   for (index_t i = 0; i < s; ++i) {
     const index_t row = visual.start + selected[static_cast<std::size_t>(i)];
@@ -149,9 +149,9 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
   // bit-identical dot products, hence exactly 0; the cancellation error for
   // distinct rows is about 2^-50·(‖x_i‖² + ‖x_j‖²), far inside the spec's
   // 1e-6 decision margin at any realistic hidden-state scale.
-  double* G = workspace::take(ws.f64_a, static_cast<std::size_t>(s * s));
+  double* G = workspace::take(ws.recycle.gram, static_cast<std::size_t>(s * s));
   k.gram_f64(x, d, s, d, G);
-  double* D = workspace::take(ws.f64_c, static_cast<std::size_t>(s * s));
+  double* D = workspace::take(ws.recycle.distances, static_cast<std::size_t>(s * s));
   const double sqrt_d = std::sqrt(static_cast<double>(d));
   for (index_t i = 0; i < s; ++i) {
     D[i * s + i] = 0.0;
@@ -162,8 +162,8 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
     }
   }
 
-  std::vector<index_t>& centres = ws.idx_d;
-  std::vector<index_t>& label = ws.idx_e;
+  std::vector<index_t>& centres = ws.recycle.centres;
+  std::vector<index_t>& label = ws.recycle.labels;
   dpc_knn(std::span<const double>(D, static_cast<std::size_t>(s * s)), s, clusters, centres, label,
           ws);
 
@@ -192,10 +192,10 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
     r.clusters[static_cast<std::size_t>(label[static_cast<std::size_t>(i)])].push_back(
         visual.start + selected[static_cast<std::size_t>(i)]);
   // Where each visual index sits among the selected rows of x.
-  std::vector<index_t>& slot = ws.idx_c;
+  std::vector<index_t>& slot = ws.recycle.seen;
   for (index_t i = 0; i < s; ++i) slot[static_cast<std::size_t>(selected[static_cast<std::size_t>(i)])] = i;
   r.merged.assign(static_cast<std::size_t>(clusters * d), 0.0f);
-  double* acc = workspace::take(ws.f64_d, static_cast<std::size_t>(d));
+  double* acc = workspace::take(ws.recycle.sums, static_cast<std::size_t>(d));
   for (index_t q = 0; q < clusters; ++q) {
     auto& members = r.clusters[static_cast<std::size_t>(q)];
     std::sort(members.begin(), members.end());

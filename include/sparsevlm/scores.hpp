@@ -66,22 +66,22 @@ void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span v
                   "scoring.top_heads", concat("in [0, ", H, "] (0: all heads)"), o.top_heads);
   const float* gt = nullptr;
   if (o.gravity.enabled) {
-    float* g = workspace::take(ws.f32_e, static_cast<std::size_t>(R * N));
+    float* g = workspace::take(ws.scoring.gravity, static_cast<std::size_t>(R * N));
     gravity_table(o.gravity, raters, visual, length,
                   std::span<float>(g, static_cast<std::size_t>(R * N)), ws);
     gt = g;
   }
-  float* buf = workspace::take(ws.f32_d, static_cast<std::size_t>(N));
+  float* buf = workspace::take(ws.scoring.row, static_cast<std::size_t>(N));
   const auto load = [&](index_t h, index_t r) {
     row(h, r, buf);
     if (gt)
       for (index_t j = 0; j < N; ++j) buf[j] /= gt[r * N + j];
   };
   const index_t k = o.top_heads > 0 ? o.top_heads : H;
-  std::vector<index_t>& chosen = ws.idx_c;  // 1 for the heads that are averaged
+  std::vector<index_t>& chosen = ws.scoring.chosen;  // 1 for the heads that are averaged
   chosen.assign(static_cast<std::size_t>(H), k == H ? 1 : 0);
   if (k < H) {
-    double* total = workspace::take(ws.f64_b, static_cast<std::size_t>(H));
+    double* total = workspace::take(ws.scoring.head_totals, static_cast<std::size_t>(H));
     for (index_t h = 0; h < H; ++h) {
       double t = 0.0;
       for (index_t r = 0; r < R; ++r) {
@@ -94,7 +94,7 @@ void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span v
                       concat("head ", h, " rater->visual attention"), "a finite total", t);
       total[h] = t;
     }
-    std::vector<index_t>& order = ws.idx_d;
+    std::vector<index_t>& order = ws.scoring.head_order;
     order.resize(static_cast<std::size_t>(H));
     for (index_t h = 0; h < H; ++h) order[static_cast<std::size_t>(h)] = h;
     std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](index_t a, index_t b) {

@@ -133,10 +133,10 @@ void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> rat
   // Only keys 0..max rater are ever read.
   const index_t kmax = R > 0 ? raters[static_cast<std::size_t>(R - 1)] + 1 : 0;
 
-  float* kbuf = workspace::take(ws.f32_b, static_cast<std::size_t>(kmax * dh));
-  float* qbuf = workspace::take(ws.f32_c, static_cast<std::size_t>(dh));
-  double* z = workspace::take(ws.f64_c, static_cast<std::size_t>(L));
-  float* zf = workspace::take(ws.f32_f, static_cast<std::size_t>(L));
+  float* kbuf = workspace::take(ws.qk.keys, static_cast<std::size_t>(kmax * dh));
+  float* qbuf = workspace::take(ws.qk.query, static_cast<std::size_t>(dh));
+  double* z = workspace::take(ws.qk.logits, static_cast<std::size_t>(L));
+  float* zf = workspace::take(ws.qk.logits_f32, static_cast<std::size_t>(L));
   const cpu::kernel_table& kt = cpu::kernels();
   index_t cached = -1;  // the key head now in kbuf; heads are visited in order
   const auto row = [&](index_t h, index_t r, float* out) {
@@ -171,7 +171,7 @@ void relevance_scores_qk(const qk_view<TQ, TK>& qk, std::span<const index_t> rat
       for (index_t j = 0; j < N; ++j) out[j] = static_cast<float>(z[visual.start + j] / sum);
     }
   };
-  float* tmp = workspace::take(ws.f32_d, static_cast<std::size_t>(N));  // the driver's row buffer
+  float* tmp = workspace::take(ws.scoring.row, static_cast<std::size_t>(N));  // the driver's row buffer
   detail::accumulate_scores(H, raters, visual, L, opt, P, scores, ws, row,
                             [&](index_t h, index_t r, float* dst) {
                               row(h, r, tmp);

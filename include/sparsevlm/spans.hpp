@@ -266,11 +266,11 @@ spans_result run_spans(matrix_view<const TE> embeds, matrix_view<const TH> hidde
   const index_t R = static_cast<index_t>(res.raters.size());
   const std::span<const index_t> rs(res.raters);
 
-  // P over the union's columns, span after span, row-major [R, n] in f32_a (as
-  // prune_step; rater selection is done with it). One row even when R = 0, so
-  // that the column offsets below stay inside the buffer.
+  // P over the union's columns, span after span, row-major [R, n] in the step's
+  // own scratch (as prune_step). One row even when R = 0, so that the column
+  // offsets below stay inside the buffer.
   const index_t width = one_pass ? hull.len : n;
-  float* P = workspace::take(ws.f32_a, static_cast<std::size_t>((R > 0 ? R : 1) * width));
+  float* P = workspace::take(ws.step.P, static_cast<std::size_t>((R > 0 ? R : 1) * width));
   if (one_pass) {
     res.scores.assign(static_cast<std::size_t>(hull.len), 0.0f);
     score(rs, hull, matrix_view<float>(P, {R, hull.len}, "P"), std::span<float>(res.scores));
@@ -311,7 +311,7 @@ spans_result run_spans(matrix_view<const TE> embeds, matrix_view<const TH> hidde
     // the union's order (score, then position) is that span's, so each span's
     // share is the top of its own scores, chosen again below with its pruned order.
     std::vector<index_t>& kept = res.keep;  // union indices for now
-    select_keep(res.scores, 0, res.keep_count, 0, kept, ws.idx_b, ws);
+    select_keep(res.scores, 0, res.keep_count, 0, kept, ws.step.ranked, ws);
     std::size_t i = 0;
     index_t end = spans[0].len;
     for (index_t u : kept) {
@@ -346,7 +346,7 @@ spans_result run_spans(matrix_view<const TE> embeds, matrix_view<const TH> hidde
         v.len - part.keep_count, opt.recycle.enabled, opt.recycle.fraction,
         opt.recycle.cluster_divisor);
     const index_t s = rc.rows;
-    std::vector<index_t>& order = ws.idx_b;
+    std::vector<index_t>& order = ws.step.ranked;
     select_keep(std::span<const float>(res.scores).subspan(static_cast<std::size_t>(off),
                                                            static_cast<std::size_t>(v.len)),
                 v.start, part.keep_count, s, part.keep, order, ws);

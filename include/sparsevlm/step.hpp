@@ -89,8 +89,8 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden, visual
   const index_t R = static_cast<index_t>(res.raters.size());
 
   res.scores.assign(static_cast<std::size_t>(N), 0.0f);
-  // Rater selection is done with f32_a and the scorers do not use it, so P lives there.
-  matrix_view<float> P(workspace::take(ws.f32_a, static_cast<std::size_t>(R * N)), {R, N}, "P");
+  // P is the step's own scratch: it outlives the scoring stage, into the rank.
+  matrix_view<float> P(workspace::take(ws.step.P, static_cast<std::size_t>(R * N)), {R, N}, "P");
   score(std::span<const index_t>(res.raters), P, std::span<float>(res.scores));
   done("scores");
   res.rank = R > 0 ? numerical_rank(matrix_view<const float>(P), ws) : 0;
@@ -100,7 +100,7 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden, visual
   const core::recycle_counts rc = core::recycled_counts(
       N - res.keep_count, opt.recycle.enabled, opt.recycle.fraction, opt.recycle.cluster_divisor);
   const index_t s = rc.rows;
-  std::vector<index_t>& order = ws.idx_b;
+  std::vector<index_t>& order = ws.step.ranked;
   select_keep(res.scores, visual.start, res.keep_count, s, res.keep, order, ws);
   done("keep");
   if (s > 0) {

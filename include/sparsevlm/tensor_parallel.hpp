@@ -81,7 +81,7 @@ void check_finite_head_rows(tensor3_view<const T> v, index_t h, index_t row, con
 ///   the same on every rank.
 /// - `P_part`: [R, N] float32 output, any strides; untouched on error.
 /// - Cost: O(H_local·R·N) reads, O(R·N) writes. Scratch from `ws`: R·N floats
-///   (ws.f32_a; a workspace reserved for the step's shape holds it).
+///   (ws.partial.sums; a workspace reserved for the step's shape holds it).
 /// - Errors: shape_mismatch for `attn_local` extents (H_local = 0, not square),
 ///   a span outside L, or `P_part` not [R, N]; invalid_argument for bad raters;
 ///   non_finite naming the element (`attn_local[h, q, c]`) when a value read is
@@ -105,7 +105,7 @@ void partial_relevance(tensor3_view<const T> attn_local, std::span<const index_t
   if (R == 0) return;
 
   // Summed in scratch, so that P_part is untouched when a NaN turns up.
-  float* acc = workspace::take(ws.f32_a, static_cast<std::size_t>(R * N));
+  float* acc = workspace::take(ws.partial.sums, static_cast<std::size_t>(R * N));
   std::fill(acc, acc + R * N, 0.0f);
   const cpu::kernel_table& k = cpu::kernels();
   const index_t as = attn_local.stride(2);
@@ -161,7 +161,7 @@ void partial_relevance(tensor3_view<const T> attn_local, std::span<const index_t
 /// - Cost: relevance_scores_qk's, O(H_local·R·L·dh), plus refilling the key head
 ///   once per query head instead of once per key head (O(H_local·L·dh) widening)
 ///   and O(H_local·R·N) adds. Scratch from `ws`: relevance_scores_qk's, plus
-///   R·N floats (ws.f32_a) and R·N + N floats (ws.f32_e).
+///   R·N floats (ws.partial.sums) and R·N + N floats (ws.partial.head).
 /// - Errors: as relevance_scores_qk (shape_mismatch, invalid_argument), and
 ///   non_finite naming `q[h, row, c]` / `k[g, u, c]` (local head indices) or the
 ///   lse; overflowing logits are reported with the local query head, the inner
@@ -190,9 +190,9 @@ void partial_relevance_qk(const qk_view<TQ, TK>& qk_local, std::span<const index
   for (index_t g = 0; g < Hkv; ++g)
     for (index_t u = 0; u < kmax; ++u) detail::check_finite_head_rows(qk_local.k, g, u, "k");
 
-  float* acc = workspace::take(ws.f32_a, static_cast<std::size_t>(R * N));
-  // relevance_scores_qk without score options leaves f32_a and f32_e alone.
-  float* one = workspace::take(ws.f32_e, static_cast<std::size_t>(R * N + N));
+  float* acc = workspace::take(ws.partial.sums, static_cast<std::size_t>(R * N));
+  // Both are this stage's own: relevance_scores_qk, called per head below, uses others.
+  float* one = workspace::take(ws.partial.head, static_cast<std::size_t>(R * N + N));
   std::fill(acc, acc + R * N, 0.0f);
   const matrix_view<float> P_one(one, {R, N}, "P");
   const std::span<float> s_one(one + R * N, static_cast<std::size_t>(N));
