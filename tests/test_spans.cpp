@@ -630,3 +630,31 @@ TEST_CASE("spans: make_sequence_spans checks its arguments") {
   SV_CHECK_THROWS(errc::invalid_argument, "recycled[1]: expected in [0, 1]",
                   sparsevlm::make_sequence_spans(8, spans, seq_t{6}, seq_t{0, 2}));
 }
+
+TEST_CASE("spans: the per-stage hook sees every stage once, in order, for one span and several") {
+  std::mt19937 g(8123);
+  sparsevlm::workspace ws;
+  const std::vector<std::string> want{"raters", "scores", "rank", "keep", "recycle", "plan"};
+  for (index_t count : {1, 3}) {
+    for (const auto budget : {span_budget::global, span_budget::per_span}) {
+      INFO("spans ", count, " per_span ", budget == span_budget::per_span);
+      index_t L = 0;
+      const auto spans = random_spans(g, count, L);
+      const layout lay(g, L, spans);
+      const span_options o = random_options(g, lay.total(), budget);
+      std::vector<std::string> seen, seen_qk;
+      const auto a = prune_step_spans(lay.inputs(false), lay.view(), o, ws,
+                                      [&](const char* s) { seen.emplace_back(s); });
+      const auto b = prune_step_spans(lay.inputs_qk(false), lay.view(), o, ws,
+                                      [&](const char* s) { seen_qk.emplace_back(s); });
+      CHECK(seen == want);
+      CHECK(seen_qk == want);
+      // The hook observes; it does not change the decisions.
+      const auto c = prune_step_spans(lay.inputs(false), lay.view(), o, ws);
+      CHECK(a.keep == c.keep);
+      CHECK(a.sequence == c.sequence);
+      const auto d = prune_step_spans(lay.inputs_qk(false), lay.view(), o, ws);
+      CHECK(b.keep == d.keep);
+    }
+  }
+}

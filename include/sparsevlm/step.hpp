@@ -1,4 +1,6 @@
-// One SparseVLM pruning step: the stages composed.
+// One SparseVLM pruning step over one visual span: its inputs, their checks, and
+// prune_step (the composition itself, shared with the multi-span step, is
+// compose.hpp's detail::run_step).
 #pragma once
 
 #include <optional>
@@ -6,12 +8,7 @@
 #include <utility>
 #include <vector>
 
-#include "keep_count.hpp"
-#include "keep_set.hpp"
-#include "plan.hpp"
-#include "rank.hpp"
-#include "raters.hpp"
-#include "recycle.hpp"
+#include "compose.hpp"
 #include "scores.hpp"
 #include "scores_qk.hpp"
 
@@ -43,11 +40,6 @@ struct step_inputs_qk {
 
 namespace detail {
 
-/// The default per-stage hook of prune_step.
-struct no_op {
-  void operator()(const char*) const noexcept {}
-};
-
 /// Checks shared by both input forms, with L taken from the attention source.
 template <class TE, class TH>
 void check_step_common(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
@@ -72,53 +64,16 @@ void check_step_common(matrix_view<const TE> embeds, matrix_view<const TH> hidde
   // a full scan would cost as much as compacting the hidden states.
 }
 
-/// Steps 1 and 3-8 around a scoring callback `score(raters, P, scores)`;
-/// `done(stage)` is called after each stage (see prune_step).
+/// The one composition (compose.hpp) over the single span `visual`, with the
+/// global budget (a span_options that carries `opt`: no allocation).
 template <class TE, class TH, class Score, class Done>
-void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden, visual_span visual,
-              const std::optional<std::span<const index_t>>& raters, index_t L,
-              const step_options& opt, workspace& ws, step_result& res, Score&& score,
-              Done&& done) {
-  const index_t N = visual.len;
-  if (raters) {
-    res.raters.assign(raters->begin(), raters->end());
-  } else {
-    select_raters(embeds, visual, ws, res.raters);
-  }
-  done("raters");
-  const index_t R = static_cast<index_t>(res.raters.size());
-
-  res.scores.assign(static_cast<std::size_t>(N), 0.0f);
-  // P is the step's own scratch: it outlives the scoring stage, into the rank.
-  matrix_view<float> P(workspace::take(ws.step.P, static_cast<std::size_t>(R * N)), {R, N}, "P");
-  score(std::span<const index_t>(res.raters), P, std::span<float>(res.scores));
-  done("scores");
-  res.rank = R > 0 ? numerical_rank(matrix_view<const float>(P), ws) : 0;
-  done("rank");
-  res.keep_count = keep_count(opt.policy, res.rank, N, R);
-
-  const core::recycle_counts rc = core::recycled_counts(
-      N - res.keep_count, opt.recycle.enabled, opt.recycle.fraction, opt.recycle.cluster_divisor);
-  const index_t s = rc.rows;
-  std::vector<index_t>& order = ws.step.ranked;
-  select_keep(res.scores, visual.start, res.keep_count, s, res.keep, order, ws);
-  done("keep");
-  if (s > 0) {
-    recycle(hidden, visual, std::span<const index_t>(order.data(), static_cast<std::size_t>(s)),
-            rc.clusters, res.recycled, ws);
-  } else {
-    // Park the cluster lists in the workspace rather than free them.
-    while (!res.recycled.clusters.empty()) {
-      ws.spare_clusters.push_back(std::move(res.recycled.clusters.back()));
-      res.recycled.clusters.pop_back();
-    }
-    res.recycled.merged.clear();
-    res.recycled.dim = hidden.extent(1);
-  }
-  done("recycle");
-  make_sequence(L, visual, res.keep, static_cast<index_t>(res.recycled.clusters.size()),
-                res.sequence);
-  done("plan");
+void run_single(matrix_view<const TE> embeds, matrix_view<const TH> hidden, visual_span visual,
+                const std::optional<std::span<const index_t>>& raters, index_t L,
+                const step_options& opt, workspace& ws, step_result& res, Score&& score,
+                Done&& done) {
+  const span_options so{span_budget::global, opt.policy, {}, opt.recycle, opt.scoring};
+  run_step(embeds, hidden, std::span<const visual_span>(&visual, 1), raters, L, so, ws, false, res,
+           nullptr, std::forward<Score>(score), std::forward<Done>(done));
 }
 
 }  // namespace detail
@@ -172,13 +127,13 @@ template <class TE, class TA, class TH, class Done = detail::no_op>
 void prune_step_into(const step_inputs<TE, TA, TH>& in, const step_options& opt, workspace& ws,
                      step_result& out, Done&& done = {}) {
   check_step(in, opt);
-  detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.attn.extent(1), opt, ws,
-                   ws.result,
-                   [&](std::span<const index_t> raters, matrix_view<float> P,
-                       std::span<float> scores) {
-                     relevance_scores(in.attn, raters, in.visual, P, scores, opt.scoring, ws);
-                   },
-                   done);
+  detail::run_single(in.embeds, in.hidden, in.visual, in.raters, in.attn.extent(1), opt, ws,
+                     ws.result,
+                     [&](std::span<const index_t> raters, visual_span v, matrix_view<float> P,
+                         std::span<float> scores) {
+                       relevance_scores(in.attn, raters, v, P, scores, opt.scoring, ws);
+                     },
+                     done);
   std::swap(out, ws.result);
 }
 
@@ -189,13 +144,13 @@ template <class TE, class TQ, class TK, class TH, class Done = detail::no_op>
 void prune_step_into(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& opt,
                      workspace& ws, step_result& out, Done&& done = {}) {
   check_step(in, opt);
-  detail::run_step(in.embeds, in.hidden, in.visual, in.raters, in.qk.k.extent(1), opt, ws,
-                   ws.result,
-                   [&](std::span<const index_t> raters, matrix_view<float> P,
-                       std::span<float> scores) {
-                     relevance_scores_qk(in.qk, raters, in.visual, P, scores, opt.scoring, ws);
-                   },
-                   done);
+  detail::run_single(in.embeds, in.hidden, in.visual, in.raters, in.qk.k.extent(1), opt, ws,
+                     ws.result,
+                     [&](std::span<const index_t> raters, visual_span v, matrix_view<float> P,
+                         std::span<float> scores) {
+                       relevance_scores_qk(in.qk, raters, v, P, scores, opt.scoring, ws);
+                     },
+                     done);
   std::swap(out, ws.result);
 }
 

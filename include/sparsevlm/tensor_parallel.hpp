@@ -289,10 +289,10 @@ template <class TH, class Done = detail::no_op>
 void prune_step_from_head_sums_into(const head_sum_inputs<TH>& in, const step_options& opt,
                                     workspace& ws, step_result& out, Done&& done = {}) {
   check_step(in, opt);
-  detail::run_step(
+  detail::run_single(
       matrix_view<const float>{}, in.hidden, in.visual,
       std::optional<std::span<const index_t>>(in.raters), in.hidden.extent(0), opt, ws, ws.result,
-      [&](std::span<const index_t>, matrix_view<float> P, std::span<float> scores) {
+      [&](std::span<const index_t>, visual_span, matrix_view<float> P, std::span<float> scores) {
         const index_t R = P.extent(0), N = P.extent(1);
         detail::check_finite_rows(in.P_sum, 0, R, "P_sum");
         for (index_t r = 0; r < R; ++r)
