@@ -241,3 +241,47 @@ TEST_CASE("workspace: prune_step_into leaves the caller's result untouched on er
   CHECK(out.recycled.merged == before.recycled.merged);
   CHECK(out.raters == before.raters);
 }
+
+TEST_CASE("workspace: a warmed-up multi-span loop (prune_step_spans_into) stops allocating") {
+  std::mt19937 g(35);
+  const toy a(g, 48, 9, 2, 16);
+  // Three images inside the toy's visual region, with text between them.
+  const std::vector<visual_span> spans{{a.S, 12}, {a.S + 15, 14}, {a.S + 32, a.N - 32}};
+  for (const auto budget : {span_budget::global, span_budget::per_span}) {
+    INFO("per_span ", budget == span_budget::per_span);
+    span_options o;
+    o.budget = budget;
+    o.policy = keep_policy::fixed(budget == span_budget::global ? 12 : 4);
+    o.recycle.fraction = 0.8;
+    o.recycle.cluster_divisor = 3.0;
+    workspace ws;
+    spans_result out;
+    for (int rep = 0; rep < 3; ++rep) {
+      prune_step_spans_into(a.inputs(), spans, o, ws, out);
+      prune_step_spans_into(a.inputs_qk(), spans, o, ws, out);
+    }
+    REQUIRE(out.recycled.clusters.size() >= 3);  // every span recycled
+    g_allocations = 0;
+    g_counting = true;
+    for (int rep = 0; rep < 5; ++rep) {
+      prune_step_spans_into(a.inputs(), spans, o, ws, out);
+      prune_step_spans_into(a.inputs_qk(), spans, o, ws, out);
+    }
+    g_counting = false;
+    CHECK(g_allocations.load() == 0);
+    // The reused result is the same as a fresh one.
+    const spans_result fresh = prune_step_spans(a.inputs_qk(), spans, o);
+    CHECK(out.keep == fresh.keep);
+    CHECK(out.recycled.clusters == fresh.recycled.clusters);
+    CHECK(out.recycled.merged == fresh.recycled.merged);
+    CHECK(out.sequence == fresh.sequence);
+    CHECK(out.scores == fresh.scores);
+    CHECK(out.raters == fresh.raters);
+    REQUIRE(out.spans.size() == fresh.spans.size());
+    for (std::size_t i = 0; i < out.spans.size(); ++i) {
+      CHECK(out.spans[i].keep == fresh.spans[i].keep);
+      CHECK(out.spans[i].clusters == fresh.spans[i].clusters);
+      CHECK(out.spans[i].first_cluster == fresh.spans[i].first_cluster);
+    }
+  }
+}

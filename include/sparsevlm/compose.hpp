@@ -46,37 +46,6 @@ struct span_options {
   score_options scoring{};
 };
 
-/// One span's part of a multi-span step.
-struct span_part {
-  visual_span visual;
-  /// per_span: the numerical rank of this span's P (its R rows and N_i columns);
-  /// global: -1 (only the union's rank is computed, spans_result::rank).
-  index_t rank = -1;
-  index_t keep_count = 0;
-  std::vector<index_t> keep;  ///< absolute positions, ascending
-  /// This span's clusters are spans_result::recycled.clusters[first_cluster,
-  /// first_cluster + clusters) (and the same rows of `merged`).
-  index_t first_cluster = 0;
-  index_t clusters = 0;
-};
-
-/// Everything a multi-span step decides. With one span every field equals
-/// prune_step's step_result (rank: in global mode).
-struct spans_result {
-  std::vector<index_t> raters;  ///< absolute positions after the last span, ascending
-  std::vector<float> scores;    ///< one per visual token: span 0's, then span 1's, ...
-  index_t rank = -1;            ///< global: rank of P over the union; per_span: -1
-  index_t keep_count = 0;       ///< kept tokens over all spans
-  std::vector<index_t> keep;    ///< every kept position, ascending
-  /// Every span's clusters, span after span (each span's in the spec's order);
-  /// merged row i is recycled token i. Clusters never cross spans.
-  recycle_result recycled;
-  std::vector<span_part> spans;  ///< one per span, in span order
-  /// The new sequence as source positions; -(i + 1) stands for recycled token i
-  /// (numbered across spans in sequence order), so apply_plan takes it as is.
-  std::vector<index_t> sequence;
-};
-
 /// Validates a layout of visual spans in a sequence of `length` tokens: at least
 /// one span; each with start >= 0, len >= 1 and inside [0, length); sorted by
 /// position and not overlapping (spans[i].start >= spans[i-1].end(); adjacent
@@ -108,19 +77,13 @@ inline void check_spans(std::span<const visual_span> spans, index_t length,
   }
 }
 
-/// The new sequence of a multi-span step: every non-visual position in order;
-/// each span replaced by its kept positions (ascending) followed by its recycled
-/// tokens. Recycled tokens are numbered across spans in sequence order: span i's
-/// are -(first_i + 1) ... -(first_i + recycled[i]), first_i = Σ_{j<i} recycled[j].
-///
-/// - `keep`: every kept position, ascending, unique, each inside a span;
-///   `recycled`: one count per span, each in [0, N_i − kept in span i].
-/// - Every source entry p at output index i satisfies p >= i, so
-///   apply_plan_inplace applies it.
-/// - Cost O(L). Errors: shape_mismatch / invalid_argument.
-inline std::vector<index_t> make_sequence_spans(index_t length, std::span<const visual_span> spans,
-                                                std::span<const index_t> keep,
-                                                std::span<const index_t> recycled) {
+namespace detail {
+
+/// make_sequence_spans (below) into `seq`, reusing its capacity.
+inline void make_sequence_spans_into(index_t length, std::span<const visual_span> spans,
+                                     std::span<const index_t> keep,
+                                     std::span<const index_t> recycled,
+                                     std::vector<index_t>& seq) {
   using detail::concat;
   check_spans(spans, length, "length");
   SPARSEVLM_CHECK(recycled.size() == spans.size(), errc::shape_mismatch, "recycled.size()",
@@ -148,7 +111,7 @@ inline std::vector<index_t> make_sequence_spans(index_t length, std::span<const 
   SPARSEVLM_CHECK(k == keep.size(), errc::invalid_argument, concat("keep[", k, "]"),
                   concat("a position inside the spans (the last ends at ", spans.back().end(), ")"),
                   k < keep.size() ? keep[k] : 0);
-  std::vector<index_t> seq;
+  seq.clear();
   seq.reserve(static_cast<std::size_t>(total));
   index_t p = 0, next_recycled = 0;
   k = 0;
@@ -160,16 +123,36 @@ inline std::vector<index_t> make_sequence_spans(index_t length, std::span<const 
     p = v.end();
   }
   for (; p < length; ++p) seq.push_back(p);
+}
+
+}  // namespace detail
+
+/// The new sequence of a multi-span step: every non-visual position in order;
+/// each span replaced by its kept positions (ascending) followed by its recycled
+/// tokens. Recycled tokens are numbered across spans in sequence order: span i's
+/// are -(first_i + 1) ... -(first_i + recycled[i]), first_i = Σ_{j<i} recycled[j].
+///
+/// - `keep`: every kept position, ascending, unique, each inside a span;
+///   `recycled`: one count per span, each in [0, N_i − kept in span i].
+/// - Every source entry p at output index i satisfies p >= i, so
+///   apply_plan_inplace applies it.
+/// - Cost O(L). Errors: shape_mismatch / invalid_argument.
+inline std::vector<index_t> make_sequence_spans(index_t length, std::span<const visual_span> spans,
+                                                std::span<const index_t> keep,
+                                                std::span<const index_t> recycled) {
+  std::vector<index_t> seq;
+  detail::make_sequence_spans_into(length, spans, keep, recycled, seq);
   return seq;
 }
 
 namespace detail {
 
 /// Spec step 1 with V = the union of the spans' rows and T = the tokens after the
-/// last span. One span is select_raters itself; several are copied (as float32,
-/// exactly) into one [N + T, d] block, union rows then text rows, on which
-/// select_raters runs with the visual span [0, N): the same arithmetic in the
-/// same order as if the union were contiguous in `embeds`.
+/// last span. One span is select_raters itself; with several, the union's rows and
+/// the text rows are converted (exactly) into the raters' own row buffers
+/// (ws.raters: N·d_e and T·d_e floats, as for one span of converted rows), and
+/// the same arithmetic runs in the same order as if the union were contiguous in
+/// `embeds`. No allocation once the workspace is sized.
 template <class TE>
 void select_raters_spans(matrix_view<const TE> embeds, std::span<const visual_span> spans,
                          workspace& ws, std::vector<index_t>& raters) {
@@ -188,28 +171,23 @@ void select_raters_spans(matrix_view<const TE> embeds, std::span<const visual_sp
   // Checked here, in `embeds`' own rows, so that an error names the real element.
   for (const visual_span& v : spans) check_finite_rows(embeds, v.start, v.end(), "embeds");
   check_finite_rows(embeds, text, L, "embeds");
-  // A step-sized copy the workspace has no slot for (only with several spans and
-  // no caller raters): O((N + T)·d), as much as reading the rows.
-  std::vector<float> block(static_cast<std::size_t>((n + L - text) * d));
-  index_t row = 0;
-  const auto copy_rows = [&](index_t from, index_t to) {
-    for (index_t p = from; p < to; ++p, ++row)
-      for (index_t c = 0; c < d; ++c)
-        block[static_cast<std::size_t>(row * d + c)] = to_float(embeds(p, c));
+  const index_t Tn = L - text;
+  float* vrows = workspace::take(ws.raters.visual, static_cast<std::size_t>(n * d));
+  float* trows = workspace::take(ws.raters.text, static_cast<std::size_t>(Tn * d));
+  const auto copy_rows = [&](float* out, index_t from, index_t to) {
+    for (index_t p = from; p < to; ++p, out += d)
+      for (index_t c = 0; c < d; ++c) out[c] = to_float(embeds(p, c));
+    return out;
   };
-  for (const visual_span& v : spans) copy_rows(v.start, v.end());
-  copy_rows(text, L);
-  try {
-    select_raters(matrix_view<const float>(block.data(), {n + L - text, d}, "embeds"),
-                  visual_span{0, n}, ws, raters);
-  } catch (const error& e) {
+  float* at = vrows;
+  for (const visual_span& v : spans) at = copy_rows(at, v.start, v.end());
+  copy_rows(trows, text, L);
+  raters_from_rows(vrows, d, n, trows, d, Tn, d, text, ws, raters, [](index_t) {
     // Inputs are finite (checked above), so this is a float32 overflow; the
-    // copy's row numbers would mislead.
-    if (e.code() != errc::non_finite) throw;
+    // union's row numbers would mislead.
     fail(errc::non_finite, "embeds (visual rows against text rows)",
          "dot products that fit in float32", "an overflow to Inf");
-  }
-  for (index_t& r : raters) r += text - n;
+  });
 }
 
 /// The default per-stage hook of the compositions.
@@ -249,16 +227,15 @@ inline void park_clusters(recycle_result& r, workspace& ws, index_t dim) {
 ///   spans the hook reports "keep" and "recycle" after the last span.
 /// - Sequence: make_sequence (one span) or make_sequence_spans.
 ///
-/// `res` is written in place (its vectors reused); `parts`, required with
-/// several spans, receives one span_part per span. With one span and no `parts`
-/// this allocates nothing once `ws` and `res` have held a step of this shape;
-/// several spans allocate their parts, the union's rater rows (without caller
-/// raters) and the sequence.
-template <class TE, class TH, class Score, class Done>
+/// `res` (a step_result or a spans_result: the same fields) is written in place
+/// (its vectors reused); `parts`, required with
+/// several spans, receives one span_part per span (also reused). Nothing is
+/// allocated once `ws`, `res` and `parts` have held a step of this shape.
+template <class TE, class TH, class Result, class Score, class Done>
 void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
               std::span<const visual_span> spans,
               const std::optional<std::span<const index_t>>& raters, index_t L,
-              const span_options& opt, workspace& ws, bool one_pass, step_result& res,
+              const span_options& opt, workspace& ws, bool one_pass, Result& res,
               std::vector<span_part>* parts, Score&& score, Done&& done) {
   const std::size_t K = spans.size();
   SPARSEVLM_ASSERT(K >= 1 && (K == 1 || parts != nullptr));
@@ -392,8 +369,10 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
   }
   res.keep.clear();
   park_clusters(res.recycled, ws, hidden.extent(1));
-  std::vector<index_t> recycled_per_span(K, 0);
-  recycle_result rr;  // one span's clusters, appended to res.recycled
+  // One span's clusters land in ws.step.span_clusters and are moved on into
+  // `res`; each span's cluster count in ws.step.span_counts (K <= N entries).
+  recycle_result& rr = ws.step.span_clusters;
+  index_t* recycled_per_span = workspace::take(ws.step.span_counts, K);
   index_t off = 0;
   for (std::size_t i = 0; i < K; ++i) {
     const visual_span v = spans[i];
@@ -410,8 +389,10 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
       recycle(hidden, v, std::span<const index_t>(order.data(), static_cast<std::size_t>(rc.rows)),
               rc.clusters, rr, ws);
       part.clusters = static_cast<index_t>(rr.clusters.size());
-      res.recycled.clusters.insert(res.recycled.clusters.end(), rr.clusters.begin(),
-                                   rr.clusters.end());
+      // The member lists move (their capacity with them); rr is left without
+      // lists, and its next recycle() draws them from ws.spare_clusters.
+      for (auto& members : rr.clusters) res.recycled.clusters.push_back(std::move(members));
+      rr.clusters.clear();
       res.recycled.merged.insert(res.recycled.merged.end(), rr.merged.begin(), rr.merged.end());
     }
     recycled_per_span[i] = part.clusters;
@@ -420,7 +401,8 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
   done("keep");
   done("recycle");
   // 8. The sequence.
-  res.sequence = make_sequence_spans(L, spans, res.keep, recycled_per_span);
+  make_sequence_spans_into(L, spans, res.keep, std::span<const index_t>(recycled_per_span, K),
+                           res.sequence);
   done("plan");
 }
 

@@ -45,6 +45,45 @@ const float* rows_as_f32(matrix_view<const T> m, index_t r0, index_t n, scratch_
   return out;
 }
 
+/// Spec step 1 on rows already in float32: N visual rows at `vrows` (row stride
+/// ldv), Tn >= 1 text rows at `trows` (ldt), d columns; raters numbered from
+/// `first_text`. `bad_logit(i)` is called for the first non-finite logit i
+/// (visual row i / Tn, text row i % Tn) and must throw. select_raters and the
+/// multi-span step (select_raters_spans) both end here.
+template <class BadLogit>
+void raters_from_rows(const float* vrows, index_t ldv, index_t N, const float* trows,
+                      index_t ldt, index_t Tn, index_t d, index_t first_text, workspace& ws,
+                      std::vector<index_t>& raters, BadLogit&& bad_logit) {
+  float* logits = workspace::take(ws.raters.logits, static_cast<std::size_t>(N * Tn));
+  const cpu::kernel_table& kt = cpu::kernels();
+  kt.dot_rows(vrows, ldv, N, trows, ldt, Tn, d, logits, Tn);
+  // Every visual row meets every text row, so a NaN/Inf anywhere in the rows
+  // makes some logit non-finite: one check of the N·T logits replaces a scan of
+  // the (N + T)·d inputs. Finite inputs can still overflow a float32 dot
+  // product; the softmax would then turn Inf − Inf into NaN and silently choose
+  // no raters.
+  for (index_t i = 0; i < N * Tn; ++i)
+    if (!std::isfinite(logits[i])) bad_logit(i);
+  double* e = workspace::take(ws.raters.exps, static_cast<std::size_t>(Tn));
+  double* m = workspace::take(ws.raters.mean, static_cast<std::size_t>(Tn));
+  std::fill(m, m + Tn, 0.0);
+  for (index_t i = 0; i < N; ++i) {
+    const float* li = logits + i * Tn;
+    double mx = -std::numeric_limits<double>::infinity();
+    for (index_t t = 0; t < Tn; ++t) mx = std::max(mx, static_cast<double>(li[t]));
+    for (index_t t = 0; t < Tn; ++t) e[t] = static_cast<double>(li[t]) - mx;
+    kt.exp_f64(e, Tn);  // the shared exp: the same bits on every instruction set
+    double sum = 0.0;
+    for (index_t t = 0; t < Tn; ++t) sum += e[t];
+    for (index_t t = 0; t < Tn; ++t) m[t] += e[t] / sum;
+  }
+  for (index_t t = 0; t < Tn; ++t) m[t] /= static_cast<double>(N);
+  // Sized to the text and cut to the pick: within the reserved capacity (R <= T),
+  // so no allocation once sized.
+  raters.resize(static_cast<std::size_t>(Tn));
+  raters.resize(static_cast<std::size_t>(core::pick_raters(m, Tn, first_text, raters.data())));
+}
+
 }  // namespace detail
 
 /// Text raters (paper Sec. 3.2; spec step 1).
@@ -84,41 +123,15 @@ void select_raters(matrix_view<const T> embeds, visual_span visual, workspace& w
   index_t ldv = 0, ldt = 0;
   const float* vrows = detail::rows_as_f32(embeds, visual.start, N, ws.raters.visual, ldv);
   const float* trows = detail::rows_as_f32(embeds, visual.end(), Tn, ws.raters.text, ldt);
-  float* logits = workspace::take(ws.raters.logits, static_cast<std::size_t>(N * Tn));
-  const cpu::kernel_table& kt = cpu::kernels();
-  kt.dot_rows(vrows, ldv, N, trows, ldt, Tn, d, logits, Tn);
-  // Every visual row meets every text row, so a NaN/Inf anywhere in rows S..L
-  // makes some logit non-finite: one check of the N·T logits replaces a scan of
-  // the (N + T)·d inputs. Finite inputs can still overflow a float32 dot
-  // product; the softmax would then turn Inf − Inf into NaN and silently choose
-  // no raters.
-  for (index_t i = 0; i < N * Tn; ++i) {
-    if (!std::isfinite(logits[i])) {
-      detail::check_finite_rows(embeds, visual.start, L, "embeds");  // names an element
-      detail::fail(errc::non_finite,
-                   detail::concat("embeds rows ", visual.start + i / Tn, " and ",
-                                  visual.end() + i % Tn),
-                   "a dot product that fits in float32", "an overflow to Inf");
-    }
-  }
-  double* e = workspace::take(ws.raters.exps, static_cast<std::size_t>(Tn));
-  double* m = workspace::take(ws.raters.mean, static_cast<std::size_t>(Tn));
-  std::fill(m, m + Tn, 0.0);
-  for (index_t i = 0; i < N; ++i) {
-    const float* li = logits + i * Tn;
-    double mx = -std::numeric_limits<double>::infinity();
-    for (index_t t = 0; t < Tn; ++t) mx = std::max(mx, static_cast<double>(li[t]));
-    for (index_t t = 0; t < Tn; ++t) e[t] = static_cast<double>(li[t]) - mx;
-    kt.exp_f64(e, Tn);  // the shared exp: the same bits on every instruction set
-    double sum = 0.0;
-    for (index_t t = 0; t < Tn; ++t) sum += e[t];
-    for (index_t t = 0; t < Tn; ++t) m[t] += e[t] / sum;
-  }
-  for (index_t t = 0; t < Tn; ++t) m[t] /= static_cast<double>(N);
-  // Sized to the text and cut to the pick: within the reserved capacity (R <= T),
-  // so no allocation once sized.
-  raters.resize(static_cast<std::size_t>(Tn));
-  raters.resize(static_cast<std::size_t>(core::pick_raters(m, Tn, visual.end(), raters.data())));
+  detail::raters_from_rows(vrows, ldv, N, trows, ldt, Tn, d, visual.end(), ws, raters,
+                           [&](index_t i) {
+                             detail::check_finite_rows(embeds, visual.start, L, "embeds");
+                             detail::fail(errc::non_finite,
+                                          detail::concat("embeds rows ", visual.start + i / Tn,
+                                                         " and ", visual.end() + i % Tn),
+                                          "a dot product that fits in float32",
+                                          "an overflow to Inf");
+                           });
 }
 
 /// As above, returning the raters in a new vector.

@@ -58,27 +58,6 @@ void check_spans_common(matrix_view<const TE> embeds, matrix_view<const TH> hidd
   if (opt.recycle.enabled) check_recycle_options(opt.recycle);
 }
 
-/// The one composition (compose.hpp) into a spans_result.
-template <class TE, class TH, class Score, class Done>
-spans_result run_spans(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
-                       std::span<const visual_span> spans,
-                       const std::optional<std::span<const index_t>>& raters, index_t L,
-                       const span_options& opt, workspace& ws, bool one_pass, Score&& score,
-                       Done&& done) {
-  step_result r;
-  spans_result out;
-  run_step(embeds, hidden, spans, raters, L, opt, ws, one_pass, r, &out.spans,
-           std::forward<Score>(score), std::forward<Done>(done));
-  out.raters = std::move(r.raters);
-  out.scores = std::move(r.scores);
-  out.rank = r.rank;
-  out.keep_count = r.keep_count;
-  out.keep = std::move(r.keep);
-  out.recycled = std::move(r.recycled);
-  out.sequence = std::move(r.sequence);
-  return out;
-}
-
 }  // namespace detail
 
 /// Validates a multi-span step's inputs and options: the attention's shape (L
@@ -125,27 +104,33 @@ void check_step_spans(const step_inputs_qk<TE, TQ, TK, TH>& in, std::span<const 
 /// - Sequence: make_sequence_spans; apply it with apply_plan and `recycled.merged`.
 ///
 /// - Cost: as prune_step with N = all visual tokens, plus, for several spans
-///   without caller raters, one copy of the union and text rows of `embeds`
-///   (allocated); scoring from q/k reads each rater row once for all spans
-///   (without top_heads), so spans add no O(H·R·L·dh) passes. Rank: one
-///   O(R²·N) with the global budget, one per span with per_span.
-/// - Errors: sparsevlm::error (see check_step_spans and prune_step); nothing is
-///   returned on error. Deterministic.
+///   without caller raters, one float32 copy of the union and text rows of
+///   `embeds` (in the workspace's rater rows); scoring from q/k reads each rater
+///   row once for all spans (without top_heads), so spans add no O(H·R·L·dh)
+///   passes. Rank: one O(R²·N) with the global budget, one per span with per_span.
+/// - Allocation: none once `ws` and `out` have held a step of this layout (the
+///   result is built in `ws.spans_out` and swapped into `out`, as
+///   prune_step_into does; workspace::reserve sizes the buffers of one span of N
+///   tokens, and the cluster lists of several spans are sized by the first step).
+/// - Errors: sparsevlm::error (see check_step_spans and prune_step); `out` is
+///   untouched on error. Deterministic.
 /// - `done(stage)` as prune_step_into's hook; with several spans "keep" and
 ///   "recycle" are reported together, after the last span.
 template <class TE, class TA, class TH, class Done = detail::no_op>
-spans_result prune_step_spans(const step_inputs<TE, TA, TH>& in,
-                              std::span<const visual_span> spans, const span_options& opt,
-                              workspace& ws, Done&& done = {}) {
+void prune_step_spans_into(const step_inputs<TE, TA, TH>& in, std::span<const visual_span> spans,
+                           const span_options& opt, workspace& ws, spans_result& out,
+                           Done&& done = {}) {
   check_step_spans(in, spans, opt);
   // Per span: reads only the visual columns, as prune_step does.
-  return detail::run_spans(
-      in.embeds, in.hidden, spans, in.raters, in.attn.extent(1), opt, ws, false,
+  detail::run_step(
+      in.embeds, in.hidden, spans, in.raters, in.attn.extent(1), opt, ws, false, ws.spans_out,
+      &ws.spans_out.spans,
       [&](std::span<const index_t> raters, visual_span v, matrix_view<float> P,
           std::span<float> scores) {
         relevance_scores(in.attn, raters, v, P, scores, opt.scoring, ws);
       },
       std::forward<Done>(done));
+  std::swap(out, ws.spans_out);
 }
 
 /// The Q/K form (fused-attention engines). Every rater row's softmax covers all
@@ -153,18 +138,28 @@ spans_result prune_step_spans(const step_inputs<TE, TA, TH>& in,
 /// first span's start to the last span's end; with `scoring.top_heads` (a choice
 /// per span), one pass per span.
 template <class TE, class TQ, class TK, class TH, class Done = detail::no_op>
-spans_result prune_step_spans(const step_inputs_qk<TE, TQ, TK, TH>& in,
-                              std::span<const visual_span> spans, const span_options& opt,
-                              workspace& ws, Done&& done = {}) {
+void prune_step_spans_into(const step_inputs_qk<TE, TQ, TK, TH>& in,
+                           std::span<const visual_span> spans, const span_options& opt,
+                           workspace& ws, spans_result& out, Done&& done = {}) {
   check_step_spans(in, spans, opt);
-  return detail::run_spans(
+  detail::run_step(
       in.embeds, in.hidden, spans, in.raters, in.qk.k.extent(1), opt, ws,
-      opt.scoring.top_heads == 0,
+      opt.scoring.top_heads == 0, ws.spans_out, &ws.spans_out.spans,
       [&](std::span<const index_t> raters, visual_span v, matrix_view<float> P,
           std::span<float> scores) {
         relevance_scores_qk(in.qk, raters, v, P, scores, opt.scoring, ws);
       },
       std::forward<Done>(done));
+  std::swap(out, ws.spans_out);
+}
+
+/// prune_step_spans_into returning a new result (either input form).
+template <class Inputs, class Done = detail::no_op>
+spans_result prune_step_spans(const Inputs& in, std::span<const visual_span> spans,
+                              const span_options& opt, workspace& ws, Done&& done = {}) {
+  spans_result out;
+  prune_step_spans_into(in, spans, opt, ws, out, std::forward<Done>(done));
+  return out;
 }
 
 /// Convenience overload with a temporary workspace (either input form).

@@ -96,4 +96,35 @@ struct step_result {
   std::vector<index_t> sequence;
 };
 
+/// One span's part of a multi-span step.
+struct span_part {
+  visual_span visual;
+  /// per_span: the numerical rank of this span's P (its R rows and N_i columns);
+  /// global: -1 (only the union's rank is computed, spans_result::rank).
+  index_t rank = -1;
+  index_t keep_count = 0;
+  std::vector<index_t> keep;  ///< absolute positions, ascending
+  /// This span's clusters are spans_result::recycled.clusters[first_cluster,
+  /// first_cluster + clusters) (and the same rows of `merged`).
+  index_t first_cluster = 0;
+  index_t clusters = 0;
+};
+
+/// Everything a multi-span step decides. With one span every field equals
+/// prune_step's step_result (rank: in global mode).
+struct spans_result {
+  std::vector<index_t> raters;  ///< absolute positions after the last span, ascending
+  std::vector<float> scores;    ///< one per visual token: span 0's, then span 1's, ...
+  index_t rank = -1;            ///< global: rank of P over the union; per_span: -1
+  index_t keep_count = 0;       ///< kept tokens over all spans
+  std::vector<index_t> keep;    ///< every kept position, ascending
+  /// Every span's clusters, span after span (each span's in the spec's order);
+  /// merged row i is recycled token i. Clusters never cross spans.
+  recycle_result recycled;
+  std::vector<span_part> spans;  ///< one per span, in span order
+  /// The new sequence as source positions; -(i + 1) stands for recycled token i
+  /// (numbered across spans in sequence order), so apply_plan takes it as is.
+  std::vector<index_t> sequence;
+};
+
 }  // namespace sparsevlm

@@ -182,9 +182,13 @@ struct step_scratch {
   /// over several spans, where the hull of the spans (<= L) may hold text.
   scratch_vector<float> P;
   std::vector<index_t> ranked;  ///< the pruned tokens, best first, for recycling [N]
+  std::vector<index_t> span_counts;  ///< several spans: each span's clusters [K <= N]
+  /// Several spans: one span's clusters, moved on into the step's result (its
+  /// lists circulate through workspace::spare_clusters; not counted by bytes()).
+  recycle_result span_clusters;
   template <class Self, class Fn>
   static void needs(Self& b, const scratch_sizes& s, Fn&& fn) {
-    fn(b.P, std::max<std::size_t>(s.R, 1) * s.L), fn(b.ranked, s.N);
+    fn(b.P, std::max<std::size_t>(s.R, 1) * s.L), fn(b.ranked, s.N), fn(b.span_counts, s.N);
   }
 };
 
@@ -271,6 +275,8 @@ class workspace {
   /// (so the caller's result is untouched on error, and both sets of vectors
   /// keep their capacity for the next step).
   step_result result;
+  /// The same for prune_step_spans_into.
+  spans_result spans_out;
   /// Cluster member lists not in use (see recycle()).
   std::vector<std::vector<index_t>> spare_clusters;
 
