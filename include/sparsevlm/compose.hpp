@@ -304,7 +304,7 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
   }
   res.keep_count = 0;
   if (opt.budget == span_budget::global) {
-    res.rank = R > 0 ? numerical_rank(matrix_view<const float>(P, {R, n}, "P"), ws) : 0;
+    res.rank = R > 0 ? numerical_rank_trusted(matrix_view<const float>(P, {R, n}, "P"), ws) : 0;
     res.keep_count = keep_count(opt.policy, res.rank, n, R);
     if (several) {
       // The top keep_count over the union, split by span: restricted to one span,
@@ -312,7 +312,7 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
       // share is the top of its own scores, chosen again below with its pruned
       // order.
       std::vector<index_t>& kept = res.keep;  // union indices for now
-      select_keep(res.scores, 0, res.keep_count, 0, kept, ws.step.ranked, ws);
+      select_keep_trusted(res.scores, 0, res.keep_count, 0, kept, ws.step.ranked, ws);
       std::size_t i = 0;
       index_t end = spans[0].len;
       for (index_t u : kept) {
@@ -328,8 +328,8 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
     for (std::size_t i = 0; i < K; ++i) {
       const index_t len = spans[i].len;
       const keep_policy& pol = opt.span_policies.empty() ? opt.policy : opt.span_policies[i];
-      const index_t rank =
-          R > 0 ? numerical_rank(matrix_view<const float>(P + off, {R, len}, {n, 1}, "P"), ws) : 0;
+      const matrix_view<const float> Pi(P + off, {R, len}, {n, 1}, "P");
+      const index_t rank = R > 0 ? numerical_rank_trusted(Pi, ws) : 0;
       const index_t keep = keep_count(pol, rank, len, R);
       if (parts) (*parts)[i].rank = rank, (*parts)[i].keep_count = keep;
       res.keep_count += keep;
@@ -347,11 +347,12 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
     const core::recycle_counts rc =
         core::recycled_counts(v.len - res.keep_count, opt.recycle.enabled, opt.recycle.fraction,
                               opt.recycle.cluster_divisor);
-    select_keep(res.scores, v.start, res.keep_count, rc.rows, res.keep, order, ws);
+    select_keep_trusted(res.scores, v.start, res.keep_count, rc.rows, res.keep, order, ws);
     done("keep");
     if (rc.rows > 0) {
-      recycle(hidden, v, std::span<const index_t>(order.data(), static_cast<std::size_t>(rc.rows)),
-              rc.clusters, res.recycled, ws);
+      recycle_trusted(hidden, v,
+                      std::span<const index_t>(order.data(), static_cast<std::size_t>(rc.rows)),
+                      rc.clusters, res.recycled, ws);
     } else {
       park_clusters(res.recycled, ws, hidden.extent(1));
     }
@@ -363,7 +364,7 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
       part.clusters = c;
     }
     // 8. The sequence.
-    make_sequence(L, v, res.keep, c, res.sequence);
+    write_sequence(L, v, res.keep, c, res.sequence);
     done("plan");
     return;
   }
@@ -380,14 +381,15 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
     const core::recycle_counts rc =
         core::recycled_counts(v.len - part.keep_count, opt.recycle.enabled, opt.recycle.fraction,
                               opt.recycle.cluster_divisor);
-    select_keep(std::span<const float>(res.scores).subspan(static_cast<std::size_t>(off),
-                                                           static_cast<std::size_t>(v.len)),
-                v.start, part.keep_count, rc.rows, part.keep, order, ws);
+    select_keep_trusted(std::span<const float>(res.scores).subspan(
+                            static_cast<std::size_t>(off), static_cast<std::size_t>(v.len)),
+                        v.start, part.keep_count, rc.rows, part.keep, order, ws);
     res.keep.insert(res.keep.end(), part.keep.begin(), part.keep.end());
     part.first_cluster = static_cast<index_t>(res.recycled.clusters.size());
     if (rc.rows > 0) {
-      recycle(hidden, v, std::span<const index_t>(order.data(), static_cast<std::size_t>(rc.rows)),
-              rc.clusters, rr, ws);
+      recycle_trusted(hidden, v,
+                      std::span<const index_t>(order.data(), static_cast<std::size_t>(rc.rows)),
+                      rc.clusters, rr, ws);
       part.clusters = static_cast<index_t>(rr.clusters.size());
       // The member lists move (their capacity with them); rr is left without
       // lists, and its next recycle() draws them from ws.spare_clusters.

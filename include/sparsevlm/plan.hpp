@@ -12,6 +12,22 @@
 
 namespace sparsevlm {
 
+namespace detail {
+
+/// make_sequence on arguments known to be valid (the composition's keep set from
+/// select_keep, its cluster count from recycled_counts).
+inline void write_sequence(index_t length, visual_span visual, std::span<const index_t> keep,
+                           index_t recycled, std::vector<index_t>& seq) {
+  const index_t k = static_cast<index_t>(keep.size());
+  const index_t n = length - visual.len + k + recycled;
+  seq.resize(static_cast<std::size_t>(n));  // keeps its capacity
+  for (index_t i = 0; i < n; ++i)
+    seq[static_cast<std::size_t>(i)] =
+        core::sequence_entry(i, visual.start, visual.len, keep.data(), k, recycled);
+}
+
+}  // namespace detail
+
 /// The new sequence (spec step 8): prefix, kept visual tokens in order, recycled
 /// tokens in cluster order, text. Entries are source positions; -(i + 1) stands
 /// for recycled token i.
@@ -36,11 +52,7 @@ inline void make_sequence(index_t length, visual_span visual, std::span<const in
   }
   SPARSEVLM_CHECK(recycled >= 0 && recycled <= visual.len - k, errc::invalid_argument, "recycled",
                   detail::concat("in [0, ", visual.len - k, "] (the pruned count)"), recycled);
-  const index_t n = length - visual.len + k + recycled;
-  seq.resize(static_cast<std::size_t>(n));  // keeps its capacity
-  for (index_t i = 0; i < n; ++i)
-    seq[static_cast<std::size_t>(i)] =
-        core::sequence_entry(i, visual.start, visual.len, keep.data(), k, recycled);
+  detail::write_sequence(length, visual, keep, recycled, seq);
 }
 
 /// As above, returning the sequence in a new vector.

@@ -82,48 +82,25 @@ inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector
   }
 }
 
-/// Recycles the selected pruned tokens (spec step 7, after the selection).
-///
-/// - `hidden`: [L, d] float32/float16/bfloat16, any strides, d >= 1.
-/// - `visual`: the visual span; `selected`: s >= 1 relative visual indices in
-///   ranked order (descending score, ties to the lower index), as select_keep
-///   returns them first in `pruned_out`; distinct.
-/// - `clusters`: c, 1 <= c <= s (core::cluster_count gives the spec's value).
-/// - `out`: clusters (absolute positions, ascending within a cluster) and merged
-///   rows [c, d] float32, the plain mean of each cluster's hidden rows.
-///
-/// D[i][j] = ‖x_i − x_j‖₂ / sqrt(d) is computed in double from the Gram matrix
-/// (cpu::kernel_table::gram_f64, identical on every instruction set), once per
-/// pair, so it is exactly symmetric and exactly 0 for duplicate rows.
-/// Cost: O(s²·d/2) multiply-adds for D, O(s·d) for the means. Scratch: s·d
-/// floats, 2s² + 3s + d doubles, N + 2s indices.
-/// Errors: shape_mismatch / invalid_argument for bad extents or indices;
-/// non_finite for NaN/Inf in a selected hidden row. `out` is untouched on error;
-/// otherwise its vectors are reused (no allocation once they are large enough).
+namespace detail {
+
+/// recycle() on a selection known to be valid (the composition's: the top
+/// pruned tokens of select_keep, their cluster count from recycled_counts);
+/// the selected hidden rows are still checked, since only the data can say
+/// whether they are finite.
 template <class T>
-void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const index_t> selected,
-             index_t clusters, recycle_result& out, workspace& ws) {
-  const index_t L = hidden.extent(0);
+void recycle_trusted(matrix_view<const T> hidden, visual_span visual,
+                     std::span<const index_t> selected, index_t clusters, recycle_result& out,
+                     workspace& ws) {
   const index_t d = hidden.extent(1);
   const index_t s = static_cast<index_t>(selected.size());
-  detail::check_span(visual, L, "hidden.extent[0]");
-  SPARSEVLM_CHECK(d >= 1, errc::shape_mismatch, "hidden.extent[1]", ">= 1", d);
-  SPARSEVLM_CHECK(s >= 1, errc::invalid_argument, "selected.size()", ">= 1", s);
-  SPARSEVLM_CHECK(clusters >= 1 && clusters <= s, errc::invalid_argument, "clusters",
-                  detail::concat("in [1, ", s, "]"), clusters);
-  std::vector<index_t>& seen = ws.recycle.seen;  // marks the visual indices met so far
-  seen.assign(static_cast<std::size_t>(visual.len), 0);
   for (index_t i = 0; i < s; ++i) {
-    const index_t v = selected[static_cast<std::size_t>(i)];
-    SPARSEVLM_CHECK(v >= 0 && v < visual.len, errc::invalid_argument,
-                    detail::concat("selected[", i, "]"),
-                    detail::concat("a visual index in [0, ", visual.len, ")"), v);
-    SPARSEVLM_CHECK(seen[static_cast<std::size_t>(v)] == 0, errc::invalid_argument,
-                    detail::concat("selected[", i, "]"), "distinct indices",
-                    detail::concat(v, ", already listed"));
-    seen[static_cast<std::size_t>(v)] = 1;
-    detail::check_finite_rows(hidden, visual.start + v, visual.start + v + 1, "hidden");
+    const index_t row = visual.start + selected[static_cast<std::size_t>(i)];
+    check_finite_rows(hidden, row, row + 1, "hidden");
   }
+  // recycle()'s marks become the slots of the selected rows below: N entries.
+  if (ws.recycle.seen.size() < static_cast<std::size_t>(visual.len))
+    ws.recycle.seen.resize(static_cast<std::size_t>(visual.len));
 
   // The selected rows as float32, contiguous: the Gram kernel and the means read them.
   float* x = workspace::take(ws.recycle.rows, static_cast<std::size_t>(s * d));
@@ -209,6 +186,52 @@ void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const in
       r.merged[static_cast<std::size_t>(q * d + c)] =
           static_cast<float>(acc[c] / count);
   }
+}
+
+}  // namespace detail
+
+/// Recycles the selected pruned tokens (spec step 7, after the selection).
+///
+/// - `hidden`: [L, d] float32/float16/bfloat16, any strides, d >= 1.
+/// - `visual`: the visual span; `selected`: s >= 1 relative visual indices in
+///   ranked order (descending score, ties to the lower index), as select_keep
+///   returns them first in `pruned_out`; distinct.
+/// - `clusters`: c, 1 <= c <= s (core::cluster_count gives the spec's value).
+/// - `out`: clusters (absolute positions, ascending within a cluster) and merged
+///   rows [c, d] float32, the plain mean of each cluster's hidden rows.
+///
+/// D[i][j] = ‖x_i − x_j‖₂ / sqrt(d) is computed in double from the Gram matrix
+/// (cpu::kernel_table::gram_f64, identical on every instruction set), once per
+/// pair, so it is exactly symmetric and exactly 0 for duplicate rows.
+/// Cost: O(s²·d/2) multiply-adds for D, O(s·d) for the means. Scratch: s·d
+/// floats, 2s² + 3s + d doubles, N + 2s indices.
+/// Errors: shape_mismatch / invalid_argument for bad extents or indices;
+/// non_finite for NaN/Inf in a selected hidden row. `out` is untouched on error;
+/// otherwise its vectors are reused (no allocation once they are large enough).
+template <class T>
+void recycle(matrix_view<const T> hidden, visual_span visual, std::span<const index_t> selected,
+             index_t clusters, recycle_result& out, workspace& ws) {
+  const index_t L = hidden.extent(0);
+  const index_t d = hidden.extent(1);
+  const index_t s = static_cast<index_t>(selected.size());
+  detail::check_span(visual, L, "hidden.extent[0]");
+  SPARSEVLM_CHECK(d >= 1, errc::shape_mismatch, "hidden.extent[1]", ">= 1", d);
+  SPARSEVLM_CHECK(s >= 1, errc::invalid_argument, "selected.size()", ">= 1", s);
+  SPARSEVLM_CHECK(clusters >= 1 && clusters <= s, errc::invalid_argument, "clusters",
+                  detail::concat("in [1, ", s, "]"), clusters);
+  std::vector<index_t>& seen = ws.recycle.seen;  // marks the visual indices met so far
+  seen.assign(static_cast<std::size_t>(visual.len), 0);
+  for (index_t i = 0; i < s; ++i) {
+    const index_t v = selected[static_cast<std::size_t>(i)];
+    SPARSEVLM_CHECK(v >= 0 && v < visual.len, errc::invalid_argument,
+                    detail::concat("selected[", i, "]"),
+                    detail::concat("a visual index in [0, ", visual.len, ")"), v);
+    SPARSEVLM_CHECK(seen[static_cast<std::size_t>(v)] == 0, errc::invalid_argument,
+                    detail::concat("selected[", i, "]"), "distinct indices",
+                    detail::concat(v, ", already listed"));
+    seen[static_cast<std::size_t>(v)] = 1;
+  }
+  detail::recycle_trusted(hidden, visual, selected, clusters, out, ws);
 }
 
 }  // namespace sparsevlm
