@@ -19,6 +19,7 @@
 #include <fstream>
 
 #include <nlohmann/json.hpp>
+#include <sparsevlm/budget.hpp>
 #include <sparsevlm/io/npy.hpp>
 #include <sparsevlm/sparsevlm.hpp>
 

@@ -4,6 +4,8 @@
 #include <random>
 #include <vector>
 
+#include <sparsevlm/budget.hpp>
+
 #include "test_util.hpp"
 
 using sparsevlm::budget_plan;

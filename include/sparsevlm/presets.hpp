@@ -2,6 +2,7 @@
 // and the model shapes they were published for. See docs/presets.md.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <string>
@@ -181,6 +182,32 @@ inline const preset& find_preset(std::string_view name) {
                detail::concat("'", name, "'"));
 }
 
+namespace detail {
+
+/// The token counts of one step on v >= 1 visual tokens.
+struct layer_counts {
+  index_t keep, recycled, out;
+};
+
+/// The clusters recycling adds back for `pruned` pruned tokens.
+inline index_t recycled_for(const recycle_options& r, index_t pruned) {
+  return core::recycled_counts(pruned, r.enabled, r.fraction, r.cluster_divisor).clusters;
+}
+
+/// One step on v >= 1 visual tokens that keeps `keep` of them (clamped to v − 1,
+/// as the spec clamps a fixed keep): keep, the clusters recycling adds, and the
+/// visual tokens that leave (keep + clusters). The one token-count rule of the
+/// preset checks, plan_budget and the prefill session's schedule check; the
+/// step itself decides through core::decide_keep and core::recycled_counts, the
+/// same rules.
+inline layer_counts tokens_after_step(index_t keep, index_t v, const recycle_options& r) {
+  const index_t k = std::min(keep, v - 1);
+  const index_t c = recycled_for(r, v - k);
+  return {k, c, k + c};
+}
+
+}  // namespace detail
+
 /// Validates `p` for `m` (and `m` itself, with check_model_shape):
 /// - at least one pruning layer; layers strictly increasing, in [0, layers − 1)
 ///   (pruning the last layer's output leaves no layer to see the saving);
@@ -220,11 +247,7 @@ inline void check_schedule(const preset& p, const model_shape& m) {
       SPARSEVLM_CHECK(s.policy.keep < visual, errc::invalid_argument, at + ".policy.keep",
                       detail::concat("< ", visual, " (visual tokens at layer ", s.layer, ")"),
                       s.policy.keep);
-      const index_t pruned = visual - s.policy.keep;
-      const index_t clusters = core::recycled_counts(pruned, p.recycle.enabled, p.recycle.fraction,
-                                                     p.recycle.cluster_divisor)
-                                   .clusters;
-      visual = s.policy.keep + clusters;
+      visual = detail::tokens_after_step(s.policy.keep, visual, p.recycle).out;
     }
   }
 }

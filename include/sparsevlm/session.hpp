@@ -10,7 +10,6 @@
 #include <utility>
 #include <vector>
 
-#include "budget.hpp"
 #include "kv_cache.hpp"
 #include "positions.hpp"
 #include "presets.hpp"
@@ -534,11 +533,11 @@ class prefill_session {
       }
       if (exact && holding == 1) {
         for (index_t& n : v)
-          if (n > 0) n = keep + detail::recycled_for(r, n - keep);
+          if (n > 0) n = detail::tokens_after_step(keep, n, r).out;
       } else if (split) {
         const std::vector<index_t> k = detail::apportion_keep(keep, v);
         for (std::size_t j = 0; j < v.size(); ++j)
-          if (v[j] > 0) v[j] = k[j] + detail::recycled_for(r, v[j] - k[j]);
+          if (v[j] > 0) v[j] = detail::tokens_after_step(k[j], v[j], r).out;
       } else {
         for (index_t& n : v) n = std::min(n, keep + detail::recycled_for(r, n));
         exact = false;

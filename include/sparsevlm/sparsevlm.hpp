@@ -9,7 +9,6 @@
 #pragma once
 
 #include "batch.hpp"
-#include "budget.hpp"
 #include "config.hpp"
 #include "core/math.hpp"
 #include "dtype.hpp"

@@ -7,10 +7,13 @@ execute_process(COMMAND ${CMAKE_COMMAND} --install "${BUILD}" --prefix "${prefix
 if(rc)
   message(FATAL_ERROR "install failed: ${rc}")
 endif()
-# The tools (tools/include/sparsevlm/io: nlohmann-json, libpng) are not installed.
-if(EXISTS "${prefix}/include/sparsevlm/io")
-  message(FATAL_ERROR "${prefix}/include/sparsevlm/io: installed, expected the tools to stay in the tree")
-endif()
+# The tools (tools/include/sparsevlm: io/ with nlohmann-json and libpng, and the
+# FLOPs accounting budget.hpp) are not installed.
+foreach(tool io budget.hpp)
+  if(EXISTS "${prefix}/include/sparsevlm/${tool}")
+    message(FATAL_ERROR "${prefix}/include/sparsevlm/${tool}: installed, expected the tools to stay in the tree")
+  endif()
+endforeach()
 execute_process(COMMAND ${CMAKE_COMMAND} -S "${CONSUMER}" -B "${WORK}/build"
                         -DCMAKE_PREFIX_PATH=${prefix} -DCMAKE_BUILD_TYPE=Release
                 RESULT_VARIABLE rc)

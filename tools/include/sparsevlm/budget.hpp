@@ -1,13 +1,16 @@
-// Plan before the forward: what a preset costs on a model, from counts alone.
+// Plan before the forward: what a preset costs on a model, from counts alone
+// (token counts and the authors' FLOPs accounting). A tool (sparsevlm::tools, not
+// installed): the CLI's `plan`, the demo and the tests use it; an engine needs only the token-count rule it shares with the library
+// (presets.hpp's detail::tokens_after_step).
 #pragma once
 
 #include <algorithm>
 #include <optional>
 #include <vector>
 
-#include "core/math.hpp"
-#include "error.hpp"
-#include "presets.hpp"
+#include <sparsevlm/core/math.hpp>
+#include <sparsevlm/error.hpp>
+#include <sparsevlm/presets.hpp>
 
 namespace sparsevlm {
 
@@ -53,14 +56,6 @@ struct budget_plan {
 };
 
 namespace detail {
-
-struct layer_counts {
-  index_t keep, recycled, out;
-};
-
-inline index_t recycled_for(const recycle_options& r, index_t pruned) {
-  return core::recycled_counts(pruned, r.enabled, r.fraction, r.cluster_divisor).clusters;
-}
 
 /// Upper bounds of one rank-policy step. The step keeps all `v` when rank == v and
 /// else rank_keep(rank, a, b, v), with rank <= min(R, v) and R <= text raters.
@@ -148,9 +143,7 @@ inline budget_plan plan_budget(const model_shape& m, const preset& p, index_t te
       detail::layer_counts c{v, 0, v};  // no text, no raters: nothing pruned
       if (text_tokens > 0 && v > 0) {
         if (pol.kind == keep_policy::kind_t::fixed) {
-          const index_t k = std::min(pol.keep, v - 1);
-          const index_t rec = detail::recycled_for(p.recycle, v - k);
-          c = {k, rec, k + rec};
+          c = detail::tokens_after_step(pol.keep, v, p.recycle);
         } else {
           c = detail::rank_bounds(pol, p.recycle, v, v_exact, text_tokens);
           v_exact = false;
