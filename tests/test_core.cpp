@@ -24,18 +24,6 @@ using svt::run_grid;
 
 namespace {
 
-template <class T>
-std::vector<T> as(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = sparsevlm::from_float<T>(v[i]);
-  return out;
-}
-
-template <class T>
-bool same_bits(const T* a, const T* b, std::size_t n) {
-  return n == 0 || std::memcmp(a, b, n * sizeof(T)) == 0;  // memcmp must not see null
-}
-
 std::vector<double> random_symmetric(std::mt19937& g, index_t n, index_t rank) {
   // A = B·Bᵀ with B n×rank: symmetric positive semi-definite of the given rank.
   std::vector<double> b(static_cast<std::size_t>(n * rank)), a(static_cast<std::size_t>(n * n));
@@ -70,7 +58,7 @@ TEST_CASE("core: canonical dot products with loaders equal the kernel tables") {
     CHECK(std::memcmp(&t32, &c32, sizeof t32) == 0);
     CHECK(std::memcmp(&t64, &c64, sizeof t64) == 0);
     // Through typed loaders (bfloat16 storage, strided): the same as converting first.
-    const auto ab = as<sparsevlm::bfloat16>(a);
+    const auto ab = svt::converted<sparsevlm::bfloat16>(a);
     std::vector<float> aw(ab.size());
     for (std::size_t i = 0; i < ab.size(); ++i) aw[i] = sparsevlm::to_float(ab[i]);
     const float l32 = core::dot32_by([&](index_t k) { return sparsevlm::to_float(ab[k]); },
@@ -115,7 +103,7 @@ TEST_CASE("core: the block-parallel eigen-solver gives the serial bits on any bl
             },
             1, 1, threads, 0);
         for (int t = 0; t < threads; ++t) CHECK(ok[static_cast<std::size_t>(t)] == 1);
-        CHECK(same_bits(d.data(), db.data(), d.size()));
+        CHECK(svt::same_bits(d.data(), db.data(), d.size()));
       }
     }
   }

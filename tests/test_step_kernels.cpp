@@ -38,18 +38,6 @@ using svt::run_grid;
 
 namespace {
 
-template <class T>
-std::vector<T> as(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = sparsevlm::from_float<T>(v[i]);
-  return out;
-}
-
-template <class T>
-bool same_bits(const T* a, const T* b, std::size_t n) {
-  return n == 0 || std::memcmp(a, b, n * sizeof(T)) == 0;  // memcmp must not see null
-}
-
 /// Host memory laid out as the device workspace.
 struct host_workspace {
   std::vector<double> store;
@@ -109,7 +97,7 @@ pl::bounds bounds_of(const svt::flat_case& c, bool qk) {
 template <class T>
 pipeline_out emulate(cpu_exec& ex, const svt::flat_case& c, bool qk, host_workspace& ws,
                      const pl::bounds& bd) {
-  const std::vector<T> e = as<T>(c.embeds), h = as<T>(c.hidden);
+  const std::vector<T> e = svt::converted<T>(c.embeds), h = svt::converted<T>(c.hidden);
   pl::step_args<T, T> a;
   a.embeds = kn::rows2<T>{e.data(), c.de, 1};
   a.embed_dim = c.de;
@@ -125,7 +113,7 @@ pipeline_out emulate(cpu_exec& ex, const svt::flat_case& c, bool qk, host_worksp
   a.n_visual = c.N;
   a.decide = decide_of(c.options);
   if (qk) {
-    const std::vector<T> q = as<T>(c.q), k = as<T>(c.k);
+    const std::vector<T> q = svt::converted<T>(c.q), k = svt::converted<T>(c.k);
     pl::qk_args<T, T> g;
     g.q = kn::rows3<T>{q.data(), c.L * c.dh, c.dh, 1};
     g.k = kn::rows3<T>{k.data(), c.L * c.dh, c.dh, 1};
@@ -138,7 +126,7 @@ pipeline_out emulate(cpu_exec& ex, const svt::flat_case& c, bool qk, host_worksp
     g.scale = 1.0f / std::sqrt(static_cast<float>(c.dh));
     pl::run_step(ex, a, g, bd, ws.buf);
   } else {
-    const std::vector<T> at = as<T>(c.attn);
+    const std::vector<T> at = svt::converted<T>(c.attn);
     pl::run_step(ex, a, kn::rows3<T>{at.data(), c.L * c.L, c.L, 1}, c.H, bd, ws.buf);
   }
   return read_back(ws.buf, c.N, c.d);
@@ -150,13 +138,13 @@ void check_same(const pipeline_out& g, const sparsevlm::step_result& r) {
   for (int f = 0; f < kn::flag_count; ++f) CHECK(g.counts.flags[f] == 0);
   CHECK(g.raters == r.raters);
   CHECK(g.scores.size() == r.scores.size());
-  CHECK(same_bits(g.scores.data(), r.scores.data(), std::min(g.scores.size(), r.scores.size())));
+  CHECK(svt::same_bits(g.scores.data(), r.scores.data(), std::min(g.scores.size(), r.scores.size())));
   CHECK(g.counts.rank == r.rank);
   CHECK(g.counts.keep == r.keep_count);
   CHECK(g.keep == r.keep);
   CHECK(g.clusters == r.recycled.clusters);
   CHECK(g.merged.size() == r.recycled.merged.size());
-  CHECK(same_bits(g.merged.data(), r.recycled.merged.data(),
+  CHECK(svt::same_bits(g.merged.data(), r.recycled.merged.data(),
                   std::min(g.merged.size(), r.recycled.merged.size())));
   CHECK(g.sequence == r.sequence);
 }
@@ -412,7 +400,7 @@ TEST_CASE("step kernels: the plan gathers hidden states, position ids and K/V ro
     const index_t n = static_cast<index_t>(want.sequence.size());
     const index_t ncl = static_cast<index_t>(want.recycled.clusters.size());
     // Hidden states in bfloat16: recycled rows come from the float32 means.
-    const auto hb = as<sparsevlm::bfloat16>(c.hidden);
+    const auto hb = svt::converted<sparsevlm::bfloat16>(c.hidden);
     std::vector<sparsevlm::bfloat16> out(static_cast<std::size_t>(c.L * c.d), sparsevlm::bfloat16{0x7fc1});
     kn::plan_gather<sparsevlm::bfloat16> gh{hb.data(), c.d, 0, 1, out.data(), c.d, 0, 1,
                                             c.L, 1, c.d, kn::recycled_rows::merged,
@@ -424,7 +412,7 @@ TEST_CASE("step kernels: the plan gathers hidden states, position ids and K/V ro
                           sparsevlm::matrix_view<const sparsevlm::bfloat16>(hb.data(), {c.L, c.d}),
                           sparsevlm::matrix_view<const float>(want.recycled.merged.data(), {ncl, c.d}),
                           sparsevlm::matrix_view<sparsevlm::bfloat16>(ref.data(), {n, c.d}));
-    CHECK(same_bits(out.data(), ref.data(), ref.size()));
+    CHECK(svt::same_bits(out.data(), ref.data(), ref.size()));
     if (n < c.L) CHECK(out[static_cast<std::size_t>(n * c.d)].bits == 0x7fc1);  // rows past n untouched
 
     // Position ids [2, L] (two rows, as mRoPE's), keep_original: a recycled

@@ -85,6 +85,17 @@ struct toy {
   }
 };
 
+/// A reused result (step_result or spans_result) equals a fresh one.
+template <class Result>
+void check_same_result(const Result& out, const Result& fresh) {
+  CHECK(out.keep == fresh.keep);
+  CHECK(out.recycled.clusters == fresh.recycled.clusters);
+  CHECK(out.recycled.merged == fresh.recycled.merged);
+  CHECK(out.sequence == fresh.sequence);
+  CHECK(out.scores == fresh.scores);
+  CHECK(out.raters == fresh.raters);
+}
+
 /// Each buffer's capacity, in order.
 std::vector<std::size_t> capacities(const workspace& ws) {
   std::vector<std::size_t> out;
@@ -200,12 +211,7 @@ TEST_CASE("workspace: after reserve(shape, &out), steps allocate nothing at all"
   // The reused result is the same as a fresh one.
   prune_step_into(data[0].inputs(), opts[1], ws, out);
   const step_result fresh = prune_step(data[0].inputs(), opts[1]);
-  CHECK(out.keep == fresh.keep);
-  CHECK(out.recycled.clusters == fresh.recycled.clusters);
-  CHECK(out.recycled.merged == fresh.recycled.merged);
-  CHECK(out.sequence == fresh.sequence);
-  CHECK(out.scores == fresh.scores);
-  CHECK(out.raters == fresh.raters);
+  check_same_result(out, fresh);
 }
 
 TEST_CASE("workspace: without reserve, a warmed-up fixed-shape loop stops allocating") {
@@ -271,12 +277,7 @@ TEST_CASE("workspace: a warmed-up multi-span loop (prune_step_spans_into) stops 
     CHECK(g_allocations.load() == 0);
     // The reused result is the same as a fresh one.
     const spans_result fresh = prune_step_spans(a.inputs_qk(), spans, o);
-    CHECK(out.keep == fresh.keep);
-    CHECK(out.recycled.clusters == fresh.recycled.clusters);
-    CHECK(out.recycled.merged == fresh.recycled.merged);
-    CHECK(out.sequence == fresh.sequence);
-    CHECK(out.scores == fresh.scores);
-    CHECK(out.raters == fresh.raters);
+    check_same_result(out, fresh);
     REQUIRE(out.spans.size() == fresh.spans.size());
     for (std::size_t i = 0; i < out.spans.size(); ++i) {
       CHECK(out.spans[i].keep == fresh.spans[i].keep);
