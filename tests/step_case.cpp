@@ -25,23 +25,16 @@ std::vector<float> widen(const sparsevlm::io::npy_array& a) {
 }
 
 template <class T>
-std::vector<T> as(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = sparsevlm::from_float<T>(v[i]);
-  return out;
-}
-
-template <class T>
 sparsevlm::step_result run(const flat_case& c, bool qk) {
   using namespace sparsevlm;
-  const std::vector<T> e = as<T>(c.embeds), h = as<T>(c.hidden);
+  const std::vector<T> e = svt::converted<T>(c.embeds), h = svt::converted<T>(c.hidden);
   const matrix_view<const T> ev(e.data(), {c.L, c.de}, "embeds");
   const matrix_view<const T> hv(h.data(), {c.L, c.d}, "hidden");
   std::optional<std::span<const index_t>> raters;
   if (c.raters) raters = std::span<const index_t>(*c.raters);
   const visual_span vis{c.S, c.N};
   if (qk) {
-    const std::vector<T> q = as<T>(c.q), k = as<T>(c.k);
+    const std::vector<T> q = svt::converted<T>(c.q), k = svt::converted<T>(c.k);
     step_inputs_qk<T, T, T, T> in{
         ev,
         qk_view<T, T>{tensor3_view<const T>(q.data(), {c.H, c.L, c.dh}, "q"),
@@ -49,7 +42,7 @@ sparsevlm::step_result run(const flat_case& c, bool qk) {
         hv, vis, raters};
     return prune_step(in, c.options);
   }
-  const std::vector<T> a = as<T>(c.attn);
+  const std::vector<T> a = svt::converted<T>(c.attn);
   step_inputs<T, T, T> in{ev, tensor3_view<const T>(a.data(), {c.H, c.L, c.L}, "attn"), hv, vis,
                           raters};
   return prune_step(in, c.options);

@@ -8,12 +8,22 @@
 #include <string>
 #include <vector>
 
+#include <sparsevlm/dtype.hpp>
 #include <sparsevlm/types.hpp>
 #include <sparsevlm/view.hpp>
 
 namespace svt {
 
 using sparsevlm::index_t;
+
+/// `v` converted to T (float, half or bfloat16), element by element (inline and
+/// doctest-free, so the nvcc-compiled tests share it).
+template <class T>
+std::vector<T> converted(const std::vector<float>& v) {
+  std::vector<T> out(v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) out[i] = sparsevlm::from_float<T>(v[i]);
+  return out;
+}
 
 /// One case, every array as float32 values (float16 files are widened exactly).
 struct flat_case {

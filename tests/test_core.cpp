@@ -14,6 +14,7 @@
 #include <sparsevlm/cpu/dispatch.hpp>
 
 #include "cpu_grid.hpp"
+#include "step_case.hpp"
 #include "test_util.hpp"
 
 namespace core = sparsevlm::core;

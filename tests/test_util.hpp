@@ -102,14 +102,6 @@ inline index_t rand_int(std::mt19937& g, index_t lo, index_t hi) {
   return std::uniform_int_distribution<index_t>(lo, hi)(g);
 }
 
-/// `v` converted to T (float, half or bfloat16), element by element.
-template <class T>
-std::vector<T> converted(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = sparsevlm::from_float<T>(v[i]);
-  return out;
-}
-
 /// Whether n elements at a and b have the same bits (n = 0: true, a and b unread).
 template <class T>
 bool same_bits(const T* a, const T* b, std::size_t n) {

@@ -87,13 +87,6 @@ struct dev {
 };
 
 template <class T>
-std::vector<T> as(const std::vector<float>& v) {
-  std::vector<T> out(v.size());
-  for (std::size_t i = 0; i < v.size(); ++i) out[i] = sparsevlm::from_float<T>(v[i]);
-  return out;
-}
-
-template <class T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
@@ -127,8 +120,12 @@ struct device_case {
   dev<T> embeds, attn, hidden, q, k;
   dev<index_t> raters;
   explicit device_case(const svt::flat_case& c)
-      : embeds(as<T>(c.embeds)), attn(as<T>(c.attn)), hidden(as<T>(c.hidden)),
-        q(as<T>(c.q)), k(as<T>(c.k)), raters(c.raters ? *c.raters : std::vector<index_t>{}) {}
+      : embeds(svt::converted<T>(c.embeds)),
+        attn(svt::converted<T>(c.attn)),
+        hidden(svt::converted<T>(c.hidden)),
+        q(svt::converted<T>(c.q)),
+        k(svt::converted<T>(c.k)),
+        raters(c.raters ? *c.raters : std::vector<index_t>{}) {}
 
   sparsevlm::step_inputs<T, T, T> inputs(const svt::flat_case& c) const {
     using namespace sparsevlm;
@@ -298,7 +295,7 @@ void run_plan(const svt::flat_case& c, cudaStream_t stream) {
   const index_t n = static_cast<index_t>(want.sequence.size());
   const index_t ncl = static_cast<index_t>(want.recycled.clusters.size());
 
-  const auto hb = as<bfloat16>(c.hidden);
+  const auto hb = svt::converted<bfloat16>(c.hidden);
   const dev<bfloat16> hin(hb);
   dev<bfloat16> hout(hb.size());
   CUDA_OK(cu::apply_plan_async(step, matrix_view<const bfloat16>(hin.p, {c.L, c.d}),
@@ -383,7 +380,7 @@ void run_paged(const svt::flat_case& c, cudaStream_t stream) {
   dev<unsigned char> ws(cu::compact_paged_kv_workspace_bytes<float>(n, heads, hd));
   cu::compact_status st;
   {  // bfloat16 NHD, int32 table, recycled rows
-    const auto hb = as<bfloat16>(base);
+    const auto hb = svt::converted<bfloat16>(base);
     std::vector<bfloat16> ref = hb;
     compact_paged_kv(std::span<const index_t>(want.sequence),
                      strided_view<bfloat16, 4>(ref.data(), {blocks, bs, heads, hd}),
