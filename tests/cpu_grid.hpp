@@ -17,7 +17,7 @@
 namespace svt {
 
 using sparsevlm::index_t;
-namespace core = sparsevlm::core;
+namespace core = sparsevlm::detail::core;
 
 /// A CUDA block on CPU threads.
 struct cpu_block {

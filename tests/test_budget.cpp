@@ -171,8 +171,8 @@ TEST_CASE("budget: the rank bounds hold for every rank the forward can find") {
           const int pick = static_cast<int>(svt::rand_int(g, 0, 3));
           const index_t rank = pick == 0 ? 0 : pick == 1 ? hi : svt::rand_int(g, 0, hi);
           const index_t keep = sparsevlm::keep_count(p.schedule[i].policy, rank, v, text);
-          const index_t rec = keep < v ? sparsevlm::core::cluster_count(
-                                             sparsevlm::core::recycle_count(v - keep, 0.3), 10.0)
+          const index_t rec = keep < v ? sparsevlm::detail::core::cluster_count(
+                                             sparsevlm::detail::core::recycle_count(v - keep, 0.3), 10.0)
                                        : 0;
           CAPTURE(name);
           CAPTURE(text);

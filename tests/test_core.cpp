@@ -17,7 +17,7 @@
 #include "step_case.hpp"
 #include "test_util.hpp"
 
-namespace core = sparsevlm::core;
+namespace core = sparsevlm::detail::core;
 using sparsevlm::index_t;
 
 using svt::cpu_block;
@@ -48,11 +48,11 @@ TEST_CASE("core: canonical dot products with loaders equal the kernel tables") {
     const auto b = svt::random_floats(g, static_cast<std::size_t>(d), -2.0f, 2.0f);
     float t32 = 0.0f;
     double t64 = 0.0;
-    sparsevlm::cpu::kernels().dot_rows(a.data(), d, 1, b.data(), d, 1, d, &t32, 1);
+    sparsevlm::cpu::detail::kernels().dot_rows(a.data(), d, 1, b.data(), d, 1, d, &t32, 1);
     std::vector<double> gm(4);
     std::vector<float> two(a);
     two.insert(two.end(), b.begin(), b.end());
-    sparsevlm::cpu::kernels().gram_f64(two.data(), d, 2, d, gm.data());
+    sparsevlm::cpu::detail::kernels().gram_f64(two.data(), d, 2, d, gm.data());
     t64 = gm[1];
     const float c32 = core::dot32(a.data(), b.data(), d);
     const double c64 = core::dot64(a.data(), b.data(), d);

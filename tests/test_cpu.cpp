@@ -54,20 +54,20 @@ TEST_CASE("cpu: selection, availability and forcing") {
   {
     cpu::scoped_isa s(cpu::isa::scalar);
     CHECK(cpu::active_isa() == cpu::isa::scalar);
-    CHECK(cpu::kernels().id == cpu::isa::scalar);
+    CHECK(cpu::detail::kernels().id == cpu::isa::scalar);
   }
   CHECK(cpu::active_isa() == best);
   for (cpu::isa i : simd_paths()) {
     cpu::scoped_isa s(i);
-    CHECK(cpu::kernels().id == i);
+    CHECK(cpu::detail::kernels().id == i);
   }
 }
 
 TEST_CASE("cpu: the compiled tables record how their units were built") {
-  CHECK(cpu::compiled_kernels(static_cast<cpu::isa>(7)) == nullptr);
-  CHECK(cpu::compiled_kernels(static_cast<cpu::isa>(-1)) == nullptr);
-  REQUIRE(cpu::compiled_kernels(cpu::isa::scalar) != nullptr);
-  CHECK_FALSE(cpu::compiled_kernels(cpu::isa::scalar)->build.known);
+  CHECK(cpu::detail::compiled_kernels(static_cast<cpu::isa>(7)) == nullptr);
+  CHECK(cpu::detail::compiled_kernels(static_cast<cpu::isa>(-1)) == nullptr);
+  REQUIRE(cpu::detail::compiled_kernels(cpu::isa::scalar) != nullptr);
+  CHECK_FALSE(cpu::detail::compiled_kernels(cpu::isa::scalar)->build.known);
   constexpr cpu::unit_build here = SPARSEVLM_THIS_UNIT_BUILD;
   CHECK(here.known);
   CHECK_FALSE(here.optimize_size);
@@ -75,7 +75,7 @@ TEST_CASE("cpu: the compiled tables record how their units were built") {
   // The test binary compiles both sets in (sparsevlm_add_isa_kernels), with the
   // flags of this unit's build type: never for size.
   for (cpu::isa i : {cpu::isa::avx2, cpu::isa::avx512}) {
-    const cpu::kernel_table* t = cpu::compiled_kernels(i);
+    const cpu::detail::kernel_table* t = cpu::detail::compiled_kernels(i);
     REQUIRE(t != nullptr);
     CHECK(t->id == i);
     CHECK(t->build.known);
@@ -87,7 +87,7 @@ TEST_CASE("cpu: the compiled tables record how their units were built") {
 
 TEST_CASE("cpu: dot_rows gives the scalar bits on every path, and is a dot product") {
   std::mt19937 g(11);
-  const cpu::kernel_table& ref = cpu::scalar::table;
+  const cpu::detail::kernel_table& ref = cpu::detail::scalar::table;
   for (index_t d : {1, 2, 7, 8, 15, 16, 17, 31, 32, 33, 100, 257, 4096}) {
     for (index_t na : {1, 3, 4, 9}) {
       for (index_t nb : {1, 2, 5, 8}) {
@@ -112,7 +112,7 @@ TEST_CASE("cpu: dot_rows gives the scalar bits on every path, and is a dot produ
         for (cpu::isa p : simd_paths()) {
           cpu::scoped_isa s(p);
           std::vector<float> got(want.size(), 123.0f);
-          cpu::kernels().dot_rows(a.data(), lda, na, b.data(), ldb, nb, d, got.data(), nb);
+          cpu::detail::kernels().dot_rows(a.data(), lda, na, b.data(), ldb, nb, d, got.data(), nb);
           CHECK_MESSAGE(same_bits(got, want), std::string(cpu::isa_name(p)));
         }
       }
@@ -130,7 +130,7 @@ TEST_CASE("cpu: dot_rows gives the scalar bits on every path, and is a dot produ
     for (cpu::isa p : simd_paths()) {
       cpu::scoped_isa s(p);
       std::vector<float> got(want.size(), -1.0f);
-      cpu::kernels().dot_rows(a.data(), d, na, b.data(), d, nb, d, got.data(), ldo);
+      cpu::detail::kernels().dot_rows(a.data(), d, na, b.data(), d, nb, d, got.data(), ldo);
       CHECK_MESSAGE(same_bits(got, want), std::string(cpu::isa_name(p)));
     }
   }
@@ -145,7 +145,7 @@ TEST_CASE("cpu: gram_f64 gives the scalar bits, is symmetric, and duplicates giv
       if (n >= 3)  // row 2 duplicates row 0
         std::copy(x.begin(), x.begin() + d, x.begin() + 2 * d);
       std::vector<double> want(static_cast<std::size_t>(n * n));
-      cpu::scalar::table.gram_f64(x.data(), d, n, d, want.data());
+      cpu::detail::scalar::table.gram_f64(x.data(), d, n, d, want.data());
       for (index_t i = 0; i < n; ++i)
         for (index_t j = 0; j < n; ++j)
           CHECK(want[static_cast<std::size_t>(i * n + j)] == want[static_cast<std::size_t>(j * n + i)]);
@@ -155,7 +155,7 @@ TEST_CASE("cpu: gram_f64 gives the scalar bits, is symmetric, and duplicates giv
       for (cpu::isa p : simd_paths()) {
         cpu::scoped_isa s(p);
         std::vector<double> got(want.size(), 7.0);
-        cpu::kernels().gram_f64(x.data(), d, n, d, got.data());
+        cpu::detail::kernels().gram_f64(x.data(), d, n, d, got.data());
         CHECK_MESSAGE(same_bits(got, want), std::string(cpu::isa_name(p)));
       }
     }
@@ -171,7 +171,7 @@ TEST_CASE("cpu: conversions and row sums are exact for every 16-bit pattern") {
   for (float& x : base) x = std::uniform_real_distribution<float>(-2.0f, 2.0f)(g);
   for (cpu::isa p : simd_paths()) {
     cpu::scoped_isa s(p);
-    const cpu::kernel_table& k = cpu::kernels();
+    const cpu::detail::kernel_table& k = cpu::detail::kernels();
     std::vector<float> h(bits.size()), b(bits.size());
     k.cvt_f16(h.data(), bits.data(), n);
     k.cvt_bf16(b.data(), bits.data(), n);
@@ -318,7 +318,7 @@ TEST_CASE("cpu: exp_f64 gives the scalar bits on every path and is within 2 ulp 
     x.push_back(v);
   x.push_back(0.5);  // a ragged tail for every register width
   std::vector<double> want = x;
-  cpu::scalar::table.exp_f64(want.data(), static_cast<index_t>(want.size()));
+  cpu::detail::scalar::table.exp_f64(want.data(), static_cast<index_t>(want.size()));
   int far = 0;
   for (std::size_t i = 0; i < x.size(); ++i) {
     const double e = std::exp(x[i]);
@@ -336,7 +336,7 @@ TEST_CASE("cpu: exp_f64 gives the scalar bits on every path and is within 2 ulp 
   for (cpu::isa p : simd_paths()) {
     cpu::scoped_isa s(p);
     std::vector<double> got = x;
-    cpu::kernels().exp_f64(got.data(), static_cast<index_t>(got.size()));
+    cpu::detail::kernels().exp_f64(got.data(), static_cast<index_t>(got.size()));
     std::size_t bad = 0;
     for (std::size_t i = 0; i < x.size(); ++i)
       if (!(std::isnan(got[i]) && std::isnan(want[i])) && std::memcmp(&got[i], &want[i], 8) != 0) {

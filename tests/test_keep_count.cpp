@@ -98,8 +98,8 @@ TEST_CASE("keep_count: property, 0 <= keep <= N and the spec formula") {
 }
 
 TEST_CASE("core: recycle_count and cluster_count") {
-  using sparsevlm::core::cluster_count;
-  using sparsevlm::core::recycle_count;
+  using sparsevlm::detail::core::cluster_count;
+  using sparsevlm::detail::core::recycle_count;
   // s = min(n, floor(f n) + 1)
   CHECK(recycle_count(10, 0.5) == 6);    // floor(5) + 1
   CHECK(recycle_count(10, 0.25) == 3);   // floor(2.5) + 1
@@ -114,15 +114,15 @@ TEST_CASE("core: recycle_count and cluster_count") {
   CHECK(cluster_count(2, 1.5) == 2);     // floor(1.33) + 1
   CHECK(cluster_count(1, 1.01) == 1);
   CHECK(cluster_count(8, 4.0) == 3);
-  CHECK(sparsevlm::core::rank_keep(3, 2.0, 1.0, 10) == 7);
-  CHECK(sparsevlm::core::rank_keep(3, 2.0, 1.0, 5) == 4);
-  CHECK(sparsevlm::core::rank_keep(3, -2.0, 1.0, 5) == 0);
-  CHECK(sparsevlm::core::rank_keep(3, std::numeric_limits<double>::quiet_NaN(), 0.0, 5) == 0);
+  CHECK(sparsevlm::detail::core::rank_keep(3, 2.0, 1.0, 10) == 7);
+  CHECK(sparsevlm::detail::core::rank_keep(3, 2.0, 1.0, 5) == 4);
+  CHECK(sparsevlm::detail::core::rank_keep(3, -2.0, 1.0, 5) == 0);
+  CHECK(sparsevlm::detail::core::rank_keep(3, std::numeric_limits<double>::quiet_NaN(), 0.0, 5) == 0);
 }
 
 TEST_CASE("keep_count: floor(rank*scale + bias) rounds like the Python reference") {
   // 6 · 0.3 = 1.7999999999999998 in double, + 0.2 = 1.9999999999999998: floor 1,
   // whatever the compiler's multiply-add contraction (a fused FMA would give 2).
-  CHECK(sparsevlm::core::rank_keep(6, 0.3, 0.2, 100) == 1);
+  CHECK(sparsevlm::detail::core::rank_keep(6, 0.3, 0.2, 100) == 1);
   CHECK(sparsevlm::keep_count(sparsevlm::keep_policy::rank(0.3, 0.2), 6, 100, 10) == 1);
 }

@@ -211,7 +211,7 @@ TEST_CASE("rank: the symmetric eigen-solver on its own") {
       a[i * 3 + j] = v;
     }
   double d[3], e[3];
-  REQUIRE(sparsevlm::core::symmetric_eigenvalues(a, 3, d, e));
+  REQUIRE(sparsevlm::detail::core::symmetric_eigenvalues(a, 3, d, e));
   std::sort(d, d + 3);
   CHECK(d[0] == doctest::Approx(1.0).epsilon(1e-14));
   CHECK(d[1] == doctest::Approx(2.0).epsilon(1e-14));
@@ -225,7 +225,7 @@ TEST_CASE("rank: the symmetric eigen-solver on its own") {
         ee(static_cast<std::size_t>(n));
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < n; ++j) buf[static_cast<std::size_t>(i * n + j)] = M(i, j);
-    REQUIRE(sparsevlm::core::symmetric_eigenvalues(buf.data(), n, dd.data(), ee.data()));
+    REQUIRE(sparsevlm::detail::core::symmetric_eigenvalues(buf.data(), n, dd.data(), ee.data()));
     std::sort(dd.begin(), dd.end());
     Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> ref(M, Eigen::EigenvaluesOnly);
     const double scale = ref.eigenvalues().cwiseAbs().maxCoeff();

@@ -180,9 +180,9 @@ void check_structure(const layout& lay, const spans_result& r, const span_option
 
     const index_t pruned = v.len - part.keep_count;
     const index_t s = o.recycle.enabled && pruned > 0
-                          ? sparsevlm::core::recycle_count(pruned, o.recycle.fraction)
+                          ? sparsevlm::detail::core::recycle_count(pruned, o.recycle.fraction)
                           : 0;
-    const index_t c = s > 0 ? sparsevlm::core::cluster_count(s, o.recycle.cluster_divisor) : 0;
+    const index_t c = s > 0 ? sparsevlm::detail::core::cluster_count(s, o.recycle.cluster_divisor) : 0;
     CHECK(part.first_cluster == next_cluster);
     CHECK(part.clusters == c);
     seq_t members;
@@ -357,7 +357,7 @@ TEST_CASE("spans: a global budget keeps the top k over the union") {
       if (o.policy.kind == keep_policy::kind_t::fixed) {
         want_keep = std::min(o.policy.keep, n - 1);
       } else if (r.rank < n) {
-        want_keep = sparsevlm::core::rank_keep(r.rank, o.policy.scale, o.policy.bias, n);
+        want_keep = sparsevlm::detail::core::rank_keep(r.rank, o.policy.scale, o.policy.bias, n);
       }
     }
     CHECK(r.keep_count == want_keep);
@@ -500,8 +500,8 @@ TEST_CASE("spans: recycling never mixes spans, and the plan applies") {
   index_t recycled = 0;
   for (std::size_t i = 0; i < spans.size(); ++i) {
     const index_t pruned = spans[i].len - r.spans[i].keep_count;
-    const index_t s = sparsevlm::core::recycle_count(pruned, 0.5);
-    CHECK(r.spans[i].clusters == sparsevlm::core::cluster_count(s, 2.0));
+    const index_t s = sparsevlm::detail::core::recycle_count(pruned, 0.5);
+    CHECK(r.spans[i].clusters == sparsevlm::detail::core::cluster_count(s, 2.0));
     recycled += r.spans[i].clusters;
   }
   check_structure(lay, r, o);

@@ -27,7 +27,7 @@
 #include "step_case.hpp"
 #include "test_util.hpp"
 
-namespace core = sparsevlm::core;
+namespace core = sparsevlm::detail::core;
 namespace kn = sparsevlm::cuda::detail;
 namespace pl = sparsevlm::cuda::detail::pipeline;
 using sparsevlm::index_t;

@@ -157,7 +157,7 @@ template <class TE>
 void select_raters_spans(matrix_view<const TE> embeds, std::span<const visual_span> spans,
                          workspace& ws, std::vector<index_t>& raters) {
   if (spans.size() == 1) {
-    select_raters(embeds, spans[0], ws, raters);
+    select_raters_trusted(embeds, spans[0], ws, raters);
     return;
   }
   const index_t L = embeds.extent(0), d = embeds.extent(1);
@@ -344,8 +344,8 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
   std::vector<index_t>& order = ws.step.ranked;
   if (!several) {
     const visual_span v = spans[0];
-    const core::recycle_counts rc =
-        core::recycled_counts(v.len - res.keep_count, opt.recycle.enabled, opt.recycle.fraction,
+    const detail::core::recycle_counts rc =
+        detail::core::recycled_counts(v.len - res.keep_count, opt.recycle.enabled, opt.recycle.fraction,
                               opt.recycle.cluster_divisor);
     select_keep_trusted(res.scores, v.start, res.keep_count, rc.rows, res.keep, order, ws);
     done("keep");
@@ -378,8 +378,8 @@ void run_step(matrix_view<const TE> embeds, matrix_view<const TH> hidden,
   for (std::size_t i = 0; i < K; ++i) {
     const visual_span v = spans[i];
     span_part& part = (*parts)[i];
-    const core::recycle_counts rc =
-        core::recycled_counts(v.len - part.keep_count, opt.recycle.enabled, opt.recycle.fraction,
+    const detail::core::recycle_counts rc =
+        detail::core::recycled_counts(v.len - part.keep_count, opt.recycle.enabled, opt.recycle.fraction,
                               opt.recycle.cluster_divisor);
     select_keep_trusted(std::span<const float>(res.scores).subspan(
                             static_cast<std::size_t>(off), static_cast<std::size_t>(v.len)),

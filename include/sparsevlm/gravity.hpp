@@ -39,30 +39,13 @@ inline void check_gravity(const rope_gravity& g, index_t length) {
                     "a position id within ±2^48", g.positions[u]);
 }
 
-/// The guarded bias probabilities ĝ[r][j] for every rater row and visual column.
-///
-/// For rater row t = raters[r] (position p_t) and key u <= t (position p_u):
-///
-///   b(u) = scale · 2 · Σ_{i < rd/2} cos((p_t − p_u) · θ_i),  θ_i = base^(−2i/rd)
-///
-/// is the logit that all-ones q and k get under (Hugging Face-layout) RoPE —
-/// q_rot·k_rot = Σ_i 2·cos(Δθ_i) plus a constant for unrotated dims, which the
-/// softmax cancels — and g = softmax over u = 0..t of b. The output is
-/// ĝ[r][j] = max(g(S + j), min_ratio / (t + 1)); divide attention by it.
-///
-/// - `raters`, `visual`: as for the scorers (checked); `out`: R·N floats,
-///   row-major (size checked). Positions within ±2^48. Cost: O(R·L) plus O(D·rd) cosines for a table
-///   over the distances D met (or O(R·L·rd) when positions span more than 4L).
-/// - Errors: as check_gravity.
-inline void gravity_table(const rope_gravity& g, std::span<const index_t> raters,
-                          visual_span visual, index_t length, std::span<float> out,
-                          workspace& ws) {
-  check_gravity(g, length);
-  detail::check_span(visual, length, "length");
-  check_raters(raters, visual, length);
-  SPARSEVLM_CHECK(out.size() == raters.size() * static_cast<std::size_t>(visual.len),
-                  errc::shape_mismatch, "out.size()",
-                  detail::concat(raters.size(), " x ", visual.len), out.size());
+namespace detail {
+
+/// gravity_table after its checks (options, span, raters, out's size): the scorers'
+/// form inside a step, whose boundary checked them.
+inline void gravity_table_trusted(const rope_gravity& g, std::span<const index_t> raters,
+                                  visual_span visual, index_t length, std::span<float> out,
+                                  workspace& ws) {
   const index_t rd = g.rotary_dim == 0 ? g.head_dim : g.rotary_dim;
   const double scale = g.scale > 0.0 ? g.scale : 1.0 / std::sqrt(static_cast<double>(g.head_dim));
   const auto pos = [&](index_t u) {
@@ -105,6 +88,35 @@ inline void gravity_table(const rope_gravity& g, std::span<const index_t> raters
       out[static_cast<index_t>(r) * visual.len + j] = static_cast<float>(std::max(p, floor));
     }
   }
+}
+
+}  // namespace detail
+
+/// The guarded bias probabilities ĝ[r][j] for every rater row and visual column.
+///
+/// For rater row t = raters[r] (position p_t) and key u <= t (position p_u):
+///
+///   b(u) = scale · 2 · Σ_{i < rd/2} cos((p_t − p_u) · θ_i),  θ_i = base^(−2i/rd)
+///
+/// is the logit that all-ones q and k get under (Hugging Face-layout) RoPE —
+/// q_rot·k_rot = Σ_i 2·cos(Δθ_i) plus a constant for unrotated dims, which the
+/// softmax cancels — and g = softmax over u = 0..t of b. The output is
+/// ĝ[r][j] = max(g(S + j), min_ratio / (t + 1)); divide attention by it.
+///
+/// - `raters`, `visual`: as for the scorers (checked); `out`: R·N floats,
+///   row-major (size checked). Positions within ±2^48. Cost: O(R·L) plus O(D·rd) cosines for a table
+///   over the distances D met (or O(R·L·rd) when positions span more than 4L).
+/// - Errors: as check_gravity.
+inline void gravity_table(const rope_gravity& g, std::span<const index_t> raters,
+                          visual_span visual, index_t length, std::span<float> out,
+                          workspace& ws) {
+  check_gravity(g, length);
+  detail::check_span(visual, length, "length");
+  check_raters(raters, visual, length);
+  SPARSEVLM_CHECK(out.size() == raters.size() * static_cast<std::size_t>(visual.len),
+                  errc::shape_mismatch, "out.size()",
+                  detail::concat(raters.size(), " x ", visual.len), out.size());
+  detail::gravity_table_trusted(g, raters, visual, length, out, ws);
 }
 
 }  // namespace sparsevlm

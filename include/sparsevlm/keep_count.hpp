@@ -38,7 +38,7 @@ inline index_t keep_count(const keep_policy& policy, index_t rank, index_t n_vis
                   detail::concat("in [0, ", n_visual, "]"), rank);
   SPARSEVLM_CHECK(n_raters >= 0, errc::invalid_argument, "n_raters", ">= 0", n_raters);
   check_policy(policy);
-  return core::decide_keep(n_visual, n_raters, rank, policy.kind == keep_policy::kind_t::fixed,
+  return detail::core::decide_keep(n_visual, n_raters, rank, policy.kind == keep_policy::kind_t::fixed,
                            policy.keep, policy.scale, policy.bias);
 }
 

@@ -34,7 +34,7 @@ inline void select_keep_trusted(std::span<const float> scores, index_t visual_st
   index_t* order = workspace::take(ws.keep_set.order, static_cast<std::size_t>(N));
   std::iota(order, order + N, index_t{0});
   const auto better = [&](index_t a, index_t b) {
-    return core::ranks_before(scores[static_cast<std::size_t>(a)], a,
+    return detail::core::ranks_before(scores[static_cast<std::size_t>(a)], a,
                               scores[static_cast<std::size_t>(b)], b);
   };
   if (keep > 0 && keep < N) std::nth_element(order, order + keep, order + N, better);
@@ -55,7 +55,7 @@ inline void select_keep_trusted(std::span<const float> scores, index_t visual_st
 /// Keep set (spec step 6) and the order of the pruned tokens.
 ///
 /// Partitions the visual tokens 0..N-1 (relative indices) by the total order
-/// `core::ranks_before` (higher score first, equal scores to the lower index):
+/// `detail::core::ranks_before` (higher score first, equal scores to the lower index):
 ///
 /// - `keep_out` receives the `keep` best, as absolute positions S + j, ascending;
 /// - `pruned_out` receives the other N − keep tokens' relative indices, the first

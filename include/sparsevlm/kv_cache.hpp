@@ -45,18 +45,25 @@ tensor3_view<T> token_major(tensor3_view<T> v, kv_layout layout) {
 
 /// Checks that a side array (recycled rows in, cluster means out) has the
 /// cache's heads and head_dim, `tokens` rows, and the same layout.
+/// From its extents alone (the Python package checks a device tensor's this way).
+inline void check_side_shape(const index_t (&extent)[3], index_t tokens, index_t heads,
+                             index_t head_dim, kv_layout layout, const char* name) {
+  const std::size_t t = token_axis(layout), h = 1 - t;
+  SPARSEVLM_CHECK(extent[t] == tokens, errc::shape_mismatch,
+                  concat(name, ".extent[", t, "] (tokens)"), tokens, extent[t]);
+  SPARSEVLM_CHECK(extent[h] == heads, errc::shape_mismatch,
+                  concat(name, ".extent[", h, "] (heads)"), concat(heads, ", as the cache"),
+                  extent[h]);
+  SPARSEVLM_CHECK(extent[2] == head_dim, errc::shape_mismatch,
+                  concat(name, ".extent[2] (head_dim)"), concat(head_dim, ", as the cache"),
+                  extent[2]);
+}
+
 template <class T>
 void check_side_kv(tensor3_view<T> side, index_t tokens, index_t heads, index_t head_dim,
                    kv_layout layout, const char* name) {
-  const std::size_t t = token_axis(layout), h = 1 - t;
-  SPARSEVLM_CHECK(side.extent(t) == tokens, errc::shape_mismatch,
-                  concat(name, ".extent[", t, "] (tokens)"), tokens, side.extent(t));
-  SPARSEVLM_CHECK(side.extent(h) == heads, errc::shape_mismatch,
-                  concat(name, ".extent[", h, "] (heads)"), concat(heads, ", as the cache"),
-                  side.extent(h));
-  SPARSEVLM_CHECK(side.extent(2) == head_dim, errc::shape_mismatch,
-                  concat(name, ".extent[2] (head_dim)"), concat(head_dim, ", as the cache"),
-                  side.extent(2));
+  const index_t extent[3] = {side.extent(0), side.extent(1), side.extent(2)};
+  check_side_shape(extent, tokens, heads, head_dim, layout, name);
 }
 
 /// Copies token `src`'s [heads, head_dim] block over token `dst` (src != dst, so

@@ -23,7 +23,7 @@ inline void write_sequence(index_t length, visual_span visual, std::span<const i
   seq.resize(static_cast<std::size_t>(n));  // keeps its capacity
   for (index_t i = 0; i < n; ++i)
     seq[static_cast<std::size_t>(i)] =
-        core::sequence_entry(i, visual.start, visual.len, keep.data(), k, recycled);
+        detail::core::sequence_entry(i, visual.start, visual.len, keep.data(), k, recycled);
 }
 
 }  // namespace detail
@@ -76,18 +76,26 @@ SPARSEVLM_HD To convert_element(From v) {
   }
 }
 
-template <class T, class U>
-void check_plan_args(std::span<const index_t> sequence, index_t in_rows, index_t cols,
-                     matrix_view<const U> recycled) {
-  const index_t c = recycled.extent(0);
+/// apply_plan's rules for a sequence over `in_rows` source rows of `cols` columns
+/// and c recycled rows of `recycled_cols` columns, from the shapes alone: the one
+/// home of these checks (apply_plan, apply_plan_inplace, and the Python package
+/// before it gathers device tensors itself). Cost O(sequence.size()).
+inline void check_plan_shape(std::span<const index_t> sequence, index_t in_rows, index_t cols,
+                             index_t c, index_t recycled_cols) {
   if (c > 0)
-    SPARSEVLM_CHECK(recycled.extent(1) == cols, errc::shape_mismatch, "recycled.extent[1]", cols,
-            recycled.extent(1));
+    SPARSEVLM_CHECK(recycled_cols == cols, errc::shape_mismatch, "recycled.extent[1]", cols,
+                    recycled_cols);
   for (std::size_t i = 0; i < sequence.size(); ++i) {
     const index_t p = sequence[i];
     SPARSEVLM_CHECK(p < in_rows && p >= -c, errc::invalid_argument, concat("sequence[", i, "]"),
             concat("a source row in [0, ", in_rows, ") or a recycled index in [-", c, ", -1]"), p);
   }
+}
+
+template <class T, class U>
+void check_plan_args(std::span<const index_t> sequence, index_t in_rows, index_t cols,
+                     matrix_view<const U> recycled) {
+  check_plan_shape(sequence, in_rows, cols, recycled.extent(0), recycled.extent(1));
 }
 
 template <class T>

@@ -191,14 +191,14 @@ struct layer_counts {
 
 /// The clusters recycling adds back for `pruned` pruned tokens.
 inline index_t recycled_for(const recycle_options& r, index_t pruned) {
-  return core::recycled_counts(pruned, r.enabled, r.fraction, r.cluster_divisor).clusters;
+  return detail::core::recycled_counts(pruned, r.enabled, r.fraction, r.cluster_divisor).clusters;
 }
 
 /// One step on v >= 1 visual tokens that keeps `keep` of them (clamped to v − 1,
 /// as the spec clamps a fixed keep): keep, the clusters recycling adds, and the
 /// visual tokens that leave (keep + clusters). The one token-count rule of the
 /// preset checks, plan_budget and the prefill session's schedule check; the
-/// step itself decides through core::decide_keep and core::recycled_counts, the
+/// step itself decides through detail::core::decide_keep and detail::core::recycled_counts, the
 /// same rules.
 inline layer_counts tokens_after_step(index_t keep, index_t v, const recycle_options& r) {
   const index_t k = std::min(keep, v - 1);

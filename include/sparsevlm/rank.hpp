@@ -39,16 +39,16 @@ inline index_t numerical_rank_trusted(matrix_view<const float> P, workspace& ws)
     ld = depth;
   }
   double* G = workspace::take(ws.rank.gram, static_cast<std::size_t>(m * m));
-  cpu::kernels().gram_f64(rows, ld, m, depth, G);
+  cpu::detail::kernels().gram_f64(rows, ld, m, depth, G);
   double* lambda = workspace::take(ws.rank.eigen, static_cast<std::size_t>(2 * m));
-  if (!core::symmetric_eigenvalues(G, m, lambda, lambda + m)) {
+  if (!detail::core::symmetric_eigenvalues(G, m, lambda, lambda + m)) {
     detail::fail(errc::non_finite, "P", "a matrix whose eigenvalues converge",
                  "no convergence of the symmetric QL iteration");
   }
   double lambda_max = 0.0;
   for (index_t i = 0; i < m; ++i) lambda_max = std::max(lambda_max, lambda[i]);
   if (!(lambda_max > 0.0)) return 0;
-  const double threshold = core::rank_threshold_sq(lambda_max, depth);
+  const double threshold = detail::core::rank_threshold_sq(lambda_max, depth);
   index_t rank = 0;
   for (index_t i = 0; i < m; ++i)
     if (lambda[i] > threshold) ++rank;
@@ -62,7 +62,7 @@ inline index_t numerical_rank_trusted(matrix_view<const float> P, workspace& ws)
 ///
 /// Method: the singular values of P are the square roots of the eigenvalues of
 /// the Gram matrix G = P·Pᵀ (R×R when R <= N, else Pᵀ·P, N×N). G is formed in
-/// double from exact products of the float32 entries (cpu::kernel_table's
+/// double from exact products of the float32 entries (cpu::detail::kernel_table's
 /// gram_f64: the same bits on every instruction set) and its eigenvalues come
 /// from a Householder + implicit-QL solver (core/eigen.hpp) that works in the
 /// workspace, so the stage allocates nothing. The count is

@@ -31,7 +31,7 @@ const float* rows_as_f32(matrix_view<const T> m, index_t r0, index_t n, scratch_
   }
   float* out = workspace::take(buf, static_cast<std::size_t>(n * d));
   ld = d;
-  const cpu::kernel_table& k = cpu::kernels();
+  const cpu::detail::kernel_table& k = cpu::detail::kernels();
   for (index_t r = 0; r < n; ++r) {
     float* o = out + r * d;
     if (m.stride(1) == 1 && !std::is_same_v<T, float>) {
@@ -55,7 +55,7 @@ void raters_from_rows(const float* vrows, index_t ldv, index_t N, const float* t
                       index_t ldt, index_t Tn, index_t d, index_t first_text, workspace& ws,
                       std::vector<index_t>& raters, BadLogit&& bad_logit) {
   float* logits = workspace::take(ws.raters.logits, static_cast<std::size_t>(N * Tn));
-  const cpu::kernel_table& kt = cpu::kernels();
+  const cpu::detail::kernel_table& kt = cpu::detail::kernels();
   kt.dot_rows(vrows, ldv, N, trows, ldt, Tn, d, logits, Tn);
   // Every visual row meets every text row, so a NaN/Inf anywhere in the rows
   // makes some logit non-finite: one check of the N·T logits replaces a scan of
@@ -81,7 +81,40 @@ void raters_from_rows(const float* vrows, index_t ldv, index_t N, const float* t
   // Sized to the text and cut to the pick: within the reserved capacity (R <= T),
   // so no allocation once sized.
   raters.resize(static_cast<std::size_t>(Tn));
-  raters.resize(static_cast<std::size_t>(core::pick_raters(m, Tn, first_text, raters.data())));
+  raters.resize(static_cast<std::size_t>(detail::core::pick_raters(m, Tn, first_text, raters.data())));
+}
+
+}  // namespace detail
+
+namespace detail {
+
+/// select_raters after its argument checks (the span inside `embeds`, d >= 1), for
+/// the composition, whose boundary checked them; the data checks (non-finite rows,
+/// overflowing logits) stay.
+template <class T>
+void select_raters_trusted(matrix_view<const T> embeds, visual_span visual, workspace& ws,
+                           std::vector<index_t>& raters) {
+  const index_t L = embeds.extent(0);
+  const index_t d = embeds.extent(1);
+  const index_t N = visual.len;
+  const index_t Tn = L - visual.end();
+  if (Tn == 0) {
+    raters.clear();
+    return;
+  }
+
+  index_t ldv = 0, ldt = 0;
+  const float* vrows = detail::rows_as_f32(embeds, visual.start, N, ws.raters.visual, ldv);
+  const float* trows = detail::rows_as_f32(embeds, visual.end(), Tn, ws.raters.text, ldt);
+  detail::raters_from_rows(vrows, ldv, N, trows, ldt, Tn, d, visual.end(), ws, raters,
+                           [&](index_t i) {
+                             detail::check_finite_rows(embeds, visual.start, L, "embeds");
+                             detail::fail(errc::non_finite,
+                                          detail::concat("embeds rows ", visual.start + i / Tn,
+                                                         " and ", visual.end() + i % Tn),
+                                          "a dot product that fits in float32",
+                                          "an overflow to Inf");
+                           });
 }
 
 }  // namespace detail
@@ -108,30 +141,10 @@ void raters_from_rows(const float* vrows, index_t ldv, index_t N, const float* t
 template <class T>
 void select_raters(matrix_view<const T> embeds, visual_span visual, workspace& ws,
                    std::vector<index_t>& raters) {
-  const index_t L = embeds.extent(0);
-  const index_t d = embeds.extent(1);
-  detail::check_span(visual, L, "embeds.extent[0]");
-  SPARSEVLM_CHECK(d >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1", d);
-
-  const index_t N = visual.len;
-  const index_t Tn = L - visual.end();
-  if (Tn == 0) {
-    raters.clear();
-    return;
-  }
-
-  index_t ldv = 0, ldt = 0;
-  const float* vrows = detail::rows_as_f32(embeds, visual.start, N, ws.raters.visual, ldv);
-  const float* trows = detail::rows_as_f32(embeds, visual.end(), Tn, ws.raters.text, ldt);
-  detail::raters_from_rows(vrows, ldv, N, trows, ldt, Tn, d, visual.end(), ws, raters,
-                           [&](index_t i) {
-                             detail::check_finite_rows(embeds, visual.start, L, "embeds");
-                             detail::fail(errc::non_finite,
-                                          detail::concat("embeds rows ", visual.start + i / Tn,
-                                                         " and ", visual.end() + i % Tn),
-                                          "a dot product that fits in float32",
-                                          "an overflow to Inf");
-                           });
+  detail::check_span(visual, embeds.extent(0), "embeds.extent[0]");
+  SPARSEVLM_CHECK(embeds.extent(1) >= 1, errc::shape_mismatch, "embeds.extent[1]", ">= 1",
+                  embeds.extent(1));
+  detail::select_raters_trusted(embeds, visual, ws, raters);
 }
 
 /// As above, returning the raters in a new vector.

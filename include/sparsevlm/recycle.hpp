@@ -36,7 +36,7 @@ inline void check_recycle_options(const recycle_options& o) {
 ///
 /// Rules, all exact comparisons through core/math.hpp: ρ_i = exp(−mean of the k
 /// smallest D[i][·]²), summed in ascending order so equal multisets give equal ρ;
-/// j denser than i by core::denser; δ_i = min D[i][j] over denser j, or max(D) for
+/// j denser than i by detail::core::denser; δ_i = min D[i][j] over denser j, or max(D) for
 /// the densest; a non-centre joins its nearest centre, ties to the earlier centre.
 /// Cost: O(s²) plus O(s·k log k). Scratch: s + 2s doubles.
 inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector<index_t>& centres,
@@ -56,19 +56,19 @@ inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector
     std::copy(D.begin() + i * s, D.begin() + (i + 1) * s, tmp);
     std::nth_element(tmp, tmp + (k - 1), tmp + s);
     std::sort(tmp, tmp + k);
-    rho[i] = core::density(tmp, k);
+    rho[i] = detail::core::density(tmp, k);
   }
   for (index_t i = 0; i < s; ++i) {
     double delta = dmax;
     for (index_t j = 0; j < s; ++j)
-      if (core::denser(rho[j], j, rho[i], i))
-        delta = core::nearer(delta, D[static_cast<std::size_t>(i * s + j)]);
+      if (detail::core::denser(rho[j], j, rho[i], i))
+        delta = detail::core::nearer(delta, D[static_cast<std::size_t>(i * s + j)]);
     gamma[i] = rho[i] * delta;
   }
   centres.resize(static_cast<std::size_t>(s));
   std::iota(centres.begin(), centres.end(), index_t{0});
   const auto better = [&](index_t a, index_t b) {
-    return core::ranks_before(gamma[a], a, gamma[b], b);
+    return detail::core::ranks_before(gamma[a], a, gamma[b], b);
   };
   std::partial_sort(centres.begin(), centres.begin() + c, centres.end(), better);
   centres.resize(static_cast<std::size_t>(c));
@@ -78,7 +78,7 @@ inline void dpc_knn(std::span<const double> D, index_t s, index_t c, std::vector
   for (index_t i = 0; i < s; ++i) {
     if (label[static_cast<std::size_t>(i)] >= 0) continue;
     label[static_cast<std::size_t>(i)] =
-        core::nearest_centre(D.data() + i * s, centres.data(), c);
+        detail::core::nearest_centre(D.data() + i * s, centres.data(), c);
   }
 }
 
@@ -104,7 +104,7 @@ void recycle_trusted(matrix_view<const T> hidden, visual_span visual,
 
   // The selected rows as float32, contiguous: the Gram kernel and the means read them.
   float* x = workspace::take(ws.recycle.rows, static_cast<std::size_t>(s * d));
-  const cpu::kernel_table& k = cpu::kernels();
+  const cpu::detail::kernel_table& k = cpu::detail::kernels();
   for (index_t i = 0; i < s; ++i) {
     const index_t row = visual.start + selected[static_cast<std::size_t>(i)];
     float* xi = x + i * d;
@@ -133,7 +133,7 @@ void recycle_trusted(matrix_view<const T> hidden, visual_span visual,
   for (index_t i = 0; i < s; ++i) {
     D[i * s + i] = 0.0;
     for (index_t j = i + 1; j < s; ++j) {
-      const double dist = core::gram_distance(G[i * s + i], G[j * s + j], G[i * s + j], sqrt_d);
+      const double dist = detail::core::gram_distance(G[i * s + i], G[j * s + j], G[i * s + j], sqrt_d);
       D[i * s + j] = dist;
       D[j * s + i] = dist;
     }
@@ -196,12 +196,12 @@ void recycle_trusted(matrix_view<const T> hidden, visual_span visual,
 /// - `visual`: the visual span; `selected`: s >= 1 relative visual indices in
 ///   ranked order (descending score, ties to the lower index), as select_keep
 ///   returns them first in `pruned_out`; distinct.
-/// - `clusters`: c, 1 <= c <= s (core::cluster_count gives the spec's value).
+/// - `clusters`: c, 1 <= c <= s (detail::core::cluster_count gives the spec's value).
 /// - `out`: clusters (absolute positions, ascending within a cluster) and merged
 ///   rows [c, d] float32, the plain mean of each cluster's hidden rows.
 ///
 /// D[i][j] = ‖x_i − x_j‖₂ / sqrt(d) is computed in double from the Gram matrix
-/// (cpu::kernel_table::gram_f64, identical on every instruction set), once per
+/// (cpu::detail::kernel_table::gram_f64, identical on every instruction set), once per
 /// pair, so it is exactly symmetric and exactly 0 for duplicate rows.
 /// Cost: O(s²·d/2) multiply-adds for D, O(s·d) for the means. Scratch: s·d
 /// floats, 2s² + 3s + d doubles, N + 2s indices.

@@ -19,7 +19,7 @@ namespace sparsevlm {
 namespace detail {
 
 /// Turns per-rater head sums in P into the head mean, then the scores: P /= H,
-/// score[j] = (Σ_r P[r][j]) / R, raters in order, by core::column_score (the
+/// score[j] = (Σ_r P[r][j]) / R, raters in order, by detail::core::column_score (the
 /// device kernels' rule too). Shared by both scoring paths and the
 /// tensor-parallel finish, so that they round identically.
 inline void finish_scores(matrix_view<float> P, std::span<float> scores, index_t heads) {
@@ -27,14 +27,14 @@ inline void finish_scores(matrix_view<float> P, std::span<float> scores, index_t
   const float hf = static_cast<float>(heads);
   for (index_t j = 0; j < N; ++j)
     scores[static_cast<std::size_t>(j)] =
-        core::column_score(R, hf, P.data() + j * P.stride(1), P.stride(0));
+        detail::core::column_score(R, hf, P.data() + j * P.stride(1), P.stride(0));
 }
 
 /// dst[j·dst_stride] += float(src[j·stride]) for j < n, with the kernel table's
 /// add kernels when both strides are 1: the additions of relevance_scores (and of
 /// partial_relevance, which must round identically).
 template <class T>
-void add_widened(const cpu::kernel_table& k, float* dst, index_t dst_stride, const T* src,
+void add_widened(const cpu::detail::kernel_table& k, float* dst, index_t dst_stride, const T* src,
                  index_t n, index_t stride) {
   if (stride == 1 && dst_stride == 1) {
     if constexpr (std::is_same_v<T, float>) {
@@ -67,8 +67,8 @@ void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span v
   const float* gt = nullptr;
   if (o.gravity.enabled) {
     float* g = workspace::take(ws.scoring.gravity, static_cast<std::size_t>(R * N));
-    gravity_table(o.gravity, raters, visual, length,
-                  std::span<float>(g, static_cast<std::size_t>(R * N)), ws);
+    gravity_table_trusted(o.gravity, raters, visual, length,
+                          std::span<float>(g, static_cast<std::size_t>(R * N)), ws);
     gt = g;
   }
   float* buf = workspace::take(ws.scoring.row, static_cast<std::size_t>(N));
@@ -98,7 +98,7 @@ void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span v
     order.resize(static_cast<std::size_t>(H));
     for (index_t h = 0; h < H; ++h) order[static_cast<std::size_t>(h)] = h;
     std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), [&](index_t a, index_t b) {
-      return core::ranks_before(total[a], a, total[b], b);
+      return detail::core::ranks_before(total[a], a, total[b], b);
     });
     for (index_t i = 0; i < k; ++i) chosen[static_cast<std::size_t>(order[static_cast<std::size_t>(i)])] = 1;
   }
@@ -116,6 +116,58 @@ void accumulate_scores(index_t H, std::span<const index_t> raters, visual_span v
     }
   }
   finish_scores(P, scores, k);
+}
+
+/// The outputs' sizes: P [R, N] and N scores (both scorers).
+inline void check_score_outputs(matrix_view<float> P, std::span<float> scores, index_t R,
+                                index_t N) {
+  SPARSEVLM_CHECK(P.extent(0) == R && P.extent(1) == N, errc::shape_mismatch, "P",
+                  concat("[", R, ", ", N, "]"), concat("[", P.extent(0), ", ", P.extent(1), "]"));
+  SPARSEVLM_CHECK(static_cast<index_t>(scores.size()) == N, errc::shape_mismatch, "scores.size()",
+                  N, scores.size());
+}
+
+/// relevance_scores after its argument checks (extents, span, raters, gravity
+/// options, P and scores sizes): the composition's form; the data checks stay.
+template <class T>
+void relevance_scores_trusted(tensor3_view<const T> attn, std::span<const index_t> raters,
+                              visual_span visual, matrix_view<float> P, std::span<float> scores,
+                              const score_options& opt, workspace& ws) {
+  const index_t H = attn.extent(0);
+  const index_t L = attn.extent(1);
+  const index_t R = static_cast<index_t>(raters.size());
+  const index_t N = visual.len;
+  const index_t as = attn.stride(2);
+  const cpu::detail::kernel_table& k = cpu::detail::kernels();
+  const auto rater_row = [&](index_t h, index_t r) {
+    return &attn(h, raters[static_cast<std::size_t>(r)], visual.start);
+  };
+  detail::accumulate_scores(
+      H, raters, visual, L, opt, P, scores, ws,
+      [&](index_t h, index_t r, float* out) {
+        const T* arow = rater_row(h, r);
+        for (index_t j = 0; j < N; ++j) out[j] = to_float(arow[j * as]);
+      },
+      [&](index_t h, index_t r, float* dst) {
+        detail::add_widened(k, dst, P.stride(1), rater_row(h, r), N, as);
+      });
+  for (index_t j = 0; j < N; ++j) {
+    if (!std::isfinite(scores[static_cast<std::size_t>(j)])) {
+      // Locate the culprit so the message names an element, not a column sum.
+      for (index_t h = 0; h < H; ++h)
+        for (index_t r = 0; r < R; ++r) {
+          const index_t q = raters[static_cast<std::size_t>(r)];
+          const float v = to_float(attn(h, q, visual.start + j));
+          if (!std::isfinite(v)) {
+            detail::fail(errc::non_finite,
+                         detail::concat("attn[", h, ", ", q, ", ", visual.start + j, "]"),
+                         "a finite value", v);
+          }
+        }
+      detail::fail(errc::non_finite, detail::concat("scores[", j, "]"),
+                   "a finite sum of attention values", "an overflow to Inf");
+    }
+  }
 }
 
 }  // namespace detail
@@ -149,52 +201,16 @@ template <class T>
 void relevance_scores(tensor3_view<const T> attn, std::span<const index_t> raters,
                       visual_span visual, matrix_view<float> P, std::span<float> scores,
                       const score_options& opt, workspace& ws) {
-  const index_t H = attn.extent(0);
   const index_t L = attn.extent(1);
-  const index_t R = static_cast<index_t>(raters.size());
-  const index_t N = visual.len;
-  SPARSEVLM_CHECK(H >= 1, errc::shape_mismatch, "attn.extent[0] (heads)", ">= 1", H);
+  SPARSEVLM_CHECK(attn.extent(0) >= 1, errc::shape_mismatch, "attn.extent[0] (heads)", ">= 1",
+                  attn.extent(0));
   SPARSEVLM_CHECK(attn.extent(2) == L, errc::shape_mismatch, "attn.extent[2]",
                   detail::concat(L, " (= attn.extent[1], square attention)"), attn.extent(2));
   detail::check_span(visual, L, "attn.extent[1]");
   check_raters(raters, visual, L);
-  SPARSEVLM_CHECK(P.extent(0) == R && P.extent(1) == N, errc::shape_mismatch, "P",
-                  detail::concat("[", R, ", ", N, "]"),
-                  detail::concat("[", P.extent(0), ", ", P.extent(1), "]"));
-  SPARSEVLM_CHECK(static_cast<index_t>(scores.size()) == N, errc::shape_mismatch, "scores.size()",
-                  N, scores.size());
-
-  const index_t as = attn.stride(2);
-  const cpu::kernel_table& k = cpu::kernels();
-  const auto rater_row = [&](index_t h, index_t r) {
-    return &attn(h, raters[static_cast<std::size_t>(r)], visual.start);
-  };
-  detail::accumulate_scores(
-      H, raters, visual, L, opt, P, scores, ws,
-      [&](index_t h, index_t r, float* out) {
-        const T* arow = rater_row(h, r);
-        for (index_t j = 0; j < N; ++j) out[j] = to_float(arow[j * as]);
-      },
-      [&](index_t h, index_t r, float* dst) {
-        detail::add_widened(k, dst, P.stride(1), rater_row(h, r), N, as);
-      });
-  for (index_t j = 0; j < N; ++j) {
-    if (!std::isfinite(scores[static_cast<std::size_t>(j)])) {
-      // Locate the culprit so the message names an element, not a column sum.
-      for (index_t h = 0; h < H; ++h)
-        for (index_t r = 0; r < R; ++r) {
-          const index_t q = raters[static_cast<std::size_t>(r)];
-          const float v = to_float(attn(h, q, visual.start + j));
-          if (!std::isfinite(v)) {
-            detail::fail(errc::non_finite,
-                         detail::concat("attn[", h, ", ", q, ", ", visual.start + j, "]"),
-                         "a finite value", v);
-          }
-        }
-      detail::fail(errc::non_finite, detail::concat("scores[", j, "]"),
-                   "a finite sum of attention values", "an overflow to Inf");
-    }
-  }
+  check_gravity(opt.gravity, L);
+  detail::check_score_outputs(P, scores, static_cast<index_t>(raters.size()), visual.len);
+  detail::relevance_scores_trusted(attn, raters, visual, P, scores, opt, ws);
 }
 
 /// The spec's plain head mean (default score_options), with a temporary

@@ -713,7 +713,7 @@ inline layer_plan session_adopt(const prefill_session& s, index_t layer, step_re
   SPARSEVLM_CHECK(static_cast<index_t>(step.keep.size()) == keep, errc::invalid_argument,
                   "step.keep", concat(keep, " positions (step.keep_count)"), step.keep.size());
   const index_t pruned = v.len - keep;
-  const core::recycle_counts rc = core::recycled_counts(
+  const detail::core::recycle_counts rc = detail::core::recycled_counts(
       pruned, opt.recycle.enabled, opt.recycle.fraction, opt.recycle.cluster_divisor);
   const index_t members = rc.rows, want_c = rc.clusters;
   SPARSEVLM_CHECK(static_cast<index_t>(step.recycled.clusters.size()) == want_c,

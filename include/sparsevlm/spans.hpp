@@ -56,6 +56,7 @@ void check_spans_common(matrix_view<const TE> embeds, matrix_view<const TH> hidd
     }
   }
   if (opt.recycle.enabled) check_recycle_options(opt.recycle);
+  check_gravity(opt.scoring.gravity, L);
 }
 
 }  // namespace detail
@@ -127,7 +128,7 @@ void prune_step_spans_into(const step_inputs<TE, TA, TH>& in, std::span<const vi
       &ws.spans_out.spans,
       [&](std::span<const index_t> raters, visual_span v, matrix_view<float> P,
           std::span<float> scores) {
-        relevance_scores(in.attn, raters, v, P, scores, opt.scoring, ws);
+        detail::relevance_scores_trusted(in.attn, raters, v, P, scores, opt.scoring, ws);
       },
       std::forward<Done>(done));
   std::swap(out, ws.spans_out);
@@ -147,7 +148,8 @@ void prune_step_spans_into(const step_inputs_qk<TE, TQ, TK, TH>& in,
       opt.scoring.top_heads == 0, ws.spans_out, &ws.spans_out.spans,
       [&](std::span<const index_t> raters, visual_span v, matrix_view<float> P,
           std::span<float> scores) {
-        relevance_scores_qk(in.qk, raters, v, P, scores, opt.scoring, ws);
+        detail::check_qk_args(in.qk, static_cast<index_t>(raters.size()));
+        detail::relevance_scores_qk_trusted(in.qk, raters, v, P, scores, opt.scoring, ws);
       },
       std::forward<Done>(done));
   std::swap(out, ws.spans_out);

@@ -60,6 +60,7 @@ void check_step_common(matrix_view<const TE> embeds, matrix_view<const TH> hidde
   }
   check_policy(opt.policy);
   if (opt.recycle.enabled) check_recycle_options(opt.recycle);
+  check_gravity(opt.scoring.gravity, L);
   // `hidden` is read only in the rows recycling merges, which recycle() checks:
   // a full scan would cost as much as compacting the hidden states.
 }
@@ -131,7 +132,7 @@ void prune_step_into(const step_inputs<TE, TA, TH>& in, const step_options& opt,
                      ws.result,
                      [&](std::span<const index_t> raters, visual_span v, matrix_view<float> P,
                          std::span<float> scores) {
-                       relevance_scores(in.attn, raters, v, P, scores, opt.scoring, ws);
+                       detail::relevance_scores_trusted(in.attn, raters, v, P, scores, opt.scoring, ws);
                      },
                      done);
   std::swap(out, ws.result);
@@ -148,7 +149,9 @@ void prune_step_into(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_option
                      ws.result,
                      [&](std::span<const index_t> raters, visual_span v, matrix_view<float> P,
                          std::span<float> scores) {
-                       relevance_scores_qk(in.qk, raters, v, P, scores, opt.scoring, ws);
+                       detail::check_qk_args(in.qk, static_cast<index_t>(raters.size()));
+                       detail::relevance_scores_qk_trusted(in.qk, raters, v, P, scores, opt.scoring,
+                                                           ws);
                      },
                      done);
   std::swap(out, ws.result);

@@ -107,7 +107,7 @@ void partial_relevance(tensor3_view<const T> attn_local, std::span<const index_t
   // Summed in scratch, so that P_part is untouched when a NaN turns up.
   float* acc = workspace::take(ws.partial.sums, static_cast<std::size_t>(R * N));
   std::fill(acc, acc + R * N, 0.0f);
-  const cpu::kernel_table& k = cpu::kernels();
+  const cpu::detail::kernel_table& k = cpu::detail::kernels();
   const index_t as = attn_local.stride(2);
   for (index_t h = 0; h < H; ++h)
     for (index_t r = 0; r < R; ++r)

@@ -278,13 +278,9 @@ def _apply_plan_device(s: np.ndarray, hidden: Array, m: Optional[Array]) -> Arra
         raise Error(f"hidden: expected a 2-D [L, d] array, got {hidden.ndim} dims")
     L, d = int(hidden.shape[0]), int(hidden.shape[1])
     c = 0 if m is None or int(m.shape[0]) == 0 else int(m.shape[0])
-    if c > 0 and (m.ndim != 2 or int(m.shape[1]) != d):
-        raise Error(f"merged.extent[1]: expected {d}, got {tuple(m.shape)}")
-    bad = np.flatnonzero((s >= L) | (s < -c))
-    if bad.size:
-        i = int(bad[0])
-        raise Error(f"sequence[{i}]: expected a source row in [0, {L}) or a recycled index in "
-                    f"[-{c}, -1], got {int(s[i])}")
+    if c > 0 and m.ndim != 2:
+        raise Error(f"merged: expected a 2-D [c, {d}] array, got {m.ndim} dims")
+    _ext.check_apply_plan(s, L, d, c, int(m.shape[1]) if c > 0 else d)  # plan.hpp's rules
     idx = np.where(s >= 0, s, L - 1 - s)  # -(i+1) -> row L+i of [hidden; merged]
     src = hidden.detach()
     if c > 0:
@@ -368,26 +364,12 @@ def _compact_paged_device(cache, table: np.ndarray, s: np.ndarray, layout: str,
 
     kv = cache if layout == "NHD" else cache.transpose(1, 2)  # [blocks, bs, heads, dim]
     blocks, bs, heads, dim = (int(x) for x in kv.shape)
-    c = 0 if recycled is None else int(recycled.shape[0])
-    if c and (recycled.ndim != 3 or tuple(int(x) for x in recycled.shape[1:]) != (heads, dim)):
-        raise Error(f"recycled: expected [c, {heads}, {dim}] (the cache's heads, head_dim), got "
-                    f"{tuple(recycled.shape)}")
+    rshape = [] if recycled is None else [int(x) for x in recycled.shape]
+    # kv_cache.hpp's rules (the recycled rows' shape, each entry, the table's coverage
+    # and page ids), checked by the C++ code itself before torch moves anything.
+    _ext.check_compact_paged(s, table, blocks, bs, heads, dim, rshape)
+    c = rshape[0] if rshape else 0
     n = int(s.size)
-    idx = np.arange(n)
-    bad = np.flatnonzero((s < -c) | ((s >= 0) & (s < idx)))
-    if bad.size:
-        i = int(bad[0])
-        raise Error(f"sequence[{i}]: expected a recycled index in [-{c}, -1] or a token >= {i} "
-                    f"(an in-place compaction), got {int(s[i])}")
-    needed = max(n, int(s.max()) + 1 if n else 0)
-    if needed > table.size * bs:
-        raise Error(f"block_table.size(): expected >= {-(-needed // bs)} pages of {bs} tokens "
-                    f"({needed} tokens are read or written), got {table.size}")
-    pages = table[: -(-needed // bs)]
-    if pages.size and (pages.min() < 0 or pages.max() >= blocks):
-        j = int(np.flatnonzero((pages < 0) | (pages >= blocks))[0])
-        raise Error(f"block_table[{j}]: expected a page id in [0, {blocks}) (cache.extent[0]), "
-                    f"got {int(pages[j])}")
     if n == 0:
         return 0
     dev = cache.device

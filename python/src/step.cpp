@@ -218,6 +218,38 @@ index_t compact_paged_kv_py(const array_in& sequence, const array_out& cache, bo
   });
 }
 
+// The rules apply_plan and compact_paged_kv check, from shapes alone: the Python
+// package runs these before it moves a device tensor's rows itself (when the
+// module has no CUDA kernels for that device), so the rules stay in plan.hpp and
+// kv_cache.hpp.
+void check_apply_plan_py(const array_in& sequence, index_t rows, index_t cols, index_t recycled,
+                         index_t recycled_cols) {
+  const DLTensor st = dl_of(sequence);
+  sv::detail::check_plan_shape(sv::span_of<const index_t>(st, "sequence"), rows, cols, recycled,
+                               recycled_cols);
+}
+
+void check_compact_paged_py(const array_in& sequence, const array_in& block_table, index_t blocks,
+                            index_t block_size, index_t heads, index_t head_dim,
+                            const std::vector<index_t>& recycled_shape) {
+  const DLTensor st = dl_of(sequence), bt = dl_of(block_table);
+  const std::span<const index_t> seq = sv::span_of<const index_t>(st, "sequence");
+  const std::span<const index_t> table = sv::span_of<const index_t>(bt, "block_table");
+  SPARSEVLM_CHECK(block_size > 0, sv::errc::shape_mismatch, "cache block_size", "> 0", block_size);
+  SPARSEVLM_CHECK(recycled_shape.empty() || recycled_shape.size() == 3, sv::errc::shape_mismatch,
+                  "recycled", "a 3-D [c, heads, head_dim] array",
+                  sv::detail::concat(recycled_shape.size(), " dims"));
+  const index_t c = recycled_shape.empty() ? 0 : recycled_shape[0];
+  if (c > 0) {
+    const index_t extent[3] = {recycled_shape[0], recycled_shape[1], recycled_shape[2]};
+    sv::detail::check_side_shape(extent, c, heads, head_dim, sv::kv_layout::tokens_heads_dim,
+                                 "recycled");
+  }
+  sv::detail::throw_paged_fault(sv::detail::find_paged_fault(
+      seq.data(), static_cast<index_t>(seq.size()), c, table.data(),
+      static_cast<index_t>(table.size()), block_size, blocks));
+}
+
 }  // namespace
 
 void bind_step(nb::module_& m) {
@@ -250,6 +282,10 @@ void bind_step(nb::module_& m) {
   m.def("compact_paged_kv", &compact_paged_kv_py, "sequence"_a, "cache"_a, "hnd"_a, "block_table"_a,
         "recycled"_a.none(), "stream"_a = 0);
   m.def("apply_plan", &apply_plan_py, "sequence"_a, "hidden"_a, "merged"_a.none(), "out"_a);
+  m.def("check_apply_plan", &check_apply_plan_py, "sequence"_a, "rows"_a, "cols"_a, "recycled"_a,
+        "recycled_cols"_a);
+  m.def("check_compact_paged", &check_compact_paged_py, "sequence"_a, "block_table"_a, "blocks"_a,
+        "block_size"_a, "heads"_a, "head_dim"_a, "recycled_shape"_a);
   m.def("partial_relevance", &partial_py, "source"_a, "raters"_a, "visual"_a);
   m.def("prune_step_from_head_sums", &from_head_sums_py, "P_sum"_a, "heads"_a, "hidden"_a,
         "visual"_a, "raters"_a, "options"_a = sv::step_options{});

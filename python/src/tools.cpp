@@ -127,7 +127,7 @@ nb::dict build_info_py() {
   std::vector<std::string> compiled, supported;
   for (int i = 0; i < sv::cpu::isa_count; ++i) {
     const auto id = static_cast<sv::cpu::isa>(i);
-    const sv::cpu::kernel_table* t = sv::cpu::compiled_kernels(id);
+    const sv::cpu::detail::kernel_table* t = sv::cpu::detail::compiled_kernels(id);
     if (t == nullptr) continue;
     compiled.emplace_back(sv::cpu::isa_name(id));
     if (sv::cpu::isa_supported(id)) supported.emplace_back(sv::cpu::isa_name(id));

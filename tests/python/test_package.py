@@ -170,6 +170,27 @@ def test_dtypes_and_torch_outputs():
     assert r.keep.tolist() == base.keep.tolist()
 
 
+def test_apply_plan_device_path_equals_cpu_path():
+    """The torch path device tensors take (run here on CPU tensors) gathers what
+    plan.hpp gathers, and refuses what it refuses with the same message: its checks
+    are plan.hpp's own (check_apply_plan)."""
+    torch = pytest.importorskip("torch")
+    hidden = np.arange(12, dtype=np.float32).reshape(6, 2)
+    merged = np.array([[100, 101], [200, 201]], np.float32)
+    seq = np.array([0, 2, -2, -1, 5], dtype=np.int64)
+    got = sv._apply_plan_device(seq, torch.from_numpy(hidden), torch.from_numpy(merged))
+    assert got.tolist() == sv.apply_plan(seq, hidden, merged).tolist()
+    bad = [(np.array([0, -2]), merged[:1]), (np.array([0, 6]), None),
+           (np.array([0, -1]), np.zeros((1, 3), np.float32)), (np.array([-1]), None)]
+    for s, m in bad:
+        with pytest.raises(sv.Error) as cpu:
+            sv.apply_plan(s, hidden, m)
+        with pytest.raises(sv.Error) as dev:
+            sv._apply_plan_device(s.astype(np.int64), torch.from_numpy(hidden),
+                                  None if m is None else torch.from_numpy(m))
+        assert str(dev.value) == str(cpu.value)
+
+
 def test_apply_plan_numpy():
     hidden = np.arange(12, dtype=np.float32).reshape(6, 2)
     merged = np.array([[100, 101], [200, 201]], np.float32)

@@ -24,7 +24,7 @@
 #include <atomic>
 #endif
 
-namespace sparsevlm::core {
+namespace sparsevlm::detail::core {
 
 /// One thread, one block: algorithms written for a block run serially.
 struct serial_block {
@@ -60,4 +60,4 @@ SPARSEVLM_HD constexpr std::int64_t ceil_div(std::int64_t a, std::int64_t b) noe
   return (a + b - 1) / b;
 }
 
-}  // namespace sparsevlm::core
+}  // namespace sparsevlm::detail::core

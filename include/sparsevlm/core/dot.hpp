@@ -8,7 +8,7 @@
 
 #include "../config.hpp"
 
-namespace sparsevlm::core {
+namespace sparsevlm::detail::core {
 
 /// Partial sums of a float32 dot product (lane l accumulates elements l, l + 16, ...).
 inline constexpr int dot32_lanes = 16;
@@ -89,4 +89,4 @@ SPARSEVLM_HD inline double dot64(const float* a, const float* b, std::int64_t d)
   return dot64_by([a](std::int64_t k) { return a[k]; }, [b](std::int64_t k) { return b[k]; }, d);
 }
 
-}  // namespace sparsevlm::core
+}  // namespace sparsevlm::detail::core

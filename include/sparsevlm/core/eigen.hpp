@@ -9,7 +9,7 @@
 #include "../config.hpp"
 #include "block.hpp"
 
-namespace sparsevlm::core {
+namespace sparsevlm::detail::core {
 
 /// Eigenvalues of the symmetric n×n matrix `a` (row-major; only the lower
 /// triangle is read; destroyed), computed by the threads of block `b`
@@ -162,4 +162,4 @@ SPARSEVLM_HD inline bool symmetric_eigenvalues(double* a, std::int64_t n, double
   return symmetric_eigenvalues(serial_block{}, a, n, d, e, bc);
 }
 
-}  // namespace sparsevlm::core
+}  // namespace sparsevlm::detail::core

@@ -10,14 +10,14 @@
 #include "../cpu/kernel_table.hpp"
 #include "dot.hpp"
 
-namespace sparsevlm::core {
+namespace sparsevlm::detail::core {
 
 /// exp(x): k = nearbyint(x·log2 e), r = x − k·ln2 (two fused steps), a degree-13
 /// Taylor polynomial by fused Horner steps, then p·2^k (ldexp, exact or
 /// correctly rounded). NaN stays NaN; x is clamped to [−746, 710] first (0 and
 /// +Inf beyond). Within 2 ulp of the true value.
 SPARSEVLM_HD inline double exp64(double x) noexcept {
-  using K = cpu::exp_constants;
+  using K = cpu::detail::exp_constants;
   // Local copies: constant expressions, so device code needs no global array.
   constexpr double c[14] = {K::c[0], K::c[1], K::c[2],  K::c[3],  K::c[4],  K::c[5],  K::c[6],
                             K::c[7], K::c[8], K::c[9], K::c[10], K::c[11], K::c[12], K::c[13]};
@@ -35,4 +35,4 @@ SPARSEVLM_HD inline double exp64(double x) noexcept {
   return ldexp(p, static_cast<int>(k));
 }
 
-}  // namespace sparsevlm::core
+}  // namespace sparsevlm::detail::core

@@ -8,7 +8,7 @@
 #include "../config.hpp"
 #include "exp.hpp"
 
-namespace sparsevlm::core {
+namespace sparsevlm::detail::core {
 
 /// float32 machine epsilon, 2^-23: the spec's rank tolerance factor.
 inline constexpr double rank_epsilon = 1.0 / 8388608.0;
@@ -190,4 +190,4 @@ SPARSEVLM_HD inline double nearer(double delta, double dist) noexcept {
   return dist < delta ? dist : delta;
 }
 
-}  // namespace sparsevlm::core
+}  // namespace sparsevlm::detail::core

@@ -57,15 +57,6 @@ inline bool isa_available(isa i) noexcept {
          isa_supported(i);
 }
 
-/// The table compiled into the program for `i` (scalar: always), whether or not
-/// this CPU runs it; null when it was not compiled in or `i` is out of range.
-/// For build checks: table->build tells how its unit was compiled.
-inline const kernel_table* compiled_kernels(isa i) noexcept {
-  if (static_cast<int>(i) < 0 || static_cast<int>(i) >= isa_count) return nullptr;
-  if (i == isa::scalar) return &scalar::table;
-  return detail::registry[static_cast<int>(i)].load(std::memory_order_acquire);
-}
-
 /// The best available instruction set.
 inline isa best_isa() noexcept {
   for (int i = isa_count - 1; i > 0; --i)
@@ -73,17 +64,30 @@ inline isa best_isa() noexcept {
   return isa::scalar;
 }
 
+namespace detail {
+
+/// The table compiled into the program for `i` (scalar: always), whether or not
+/// this CPU runs it; null when it was not compiled in or `i` is out of range.
+/// For build checks: table->build tells how its unit was compiled.
+inline const kernel_table* compiled_kernels(isa i) noexcept {
+  if (static_cast<int>(i) < 0 || static_cast<int>(i) >= isa_count) return nullptr;
+  if (i == isa::scalar) return &scalar::table;
+  return registry[static_cast<int>(i)].load(std::memory_order_acquire);
+}
+
 /// The kernels a step uses now: the forced ones (force_isa), else the best
 /// available. Cost: two atomic loads and a cached CPUID test.
 inline const kernel_table& kernels() noexcept {
-  const int f = detail::forced.load(std::memory_order_relaxed);
+  const int f = forced.load(std::memory_order_relaxed);
   const isa i = f >= 0 ? static_cast<isa>(f) : best_isa();
   if (i == isa::scalar) return scalar::table;
-  return *detail::registry[static_cast<int>(i)].load(std::memory_order_acquire);
+  return *registry[static_cast<int>(i)].load(std::memory_order_acquire);
 }
 
-/// The instruction set kernels() uses now.
-inline isa active_isa() noexcept { return kernels().id; }
+}  // namespace detail
+
+/// The instruction set the stages use now.
+inline isa active_isa() noexcept { return detail::kernels().id; }
 
 /// Makes every later step in the process use `i` (tests and benchmarks compare
 /// the paths this way). Errors: invalid_argument when `i` is not available.

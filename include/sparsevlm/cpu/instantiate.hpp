@@ -24,8 +24,8 @@
 #endif
 
 namespace {
-constexpr ::sparsevlm::cpu::kernel_table sparsevlm_isa_table =
-    ::sparsevlm::cpu::simd::make_table<SPARSEVLM_ISA_ARCH>(SPARSEVLM_ISA_ID,
+constexpr ::sparsevlm::cpu::detail::kernel_table sparsevlm_isa_table =
+    ::sparsevlm::cpu::detail::simd::make_table<SPARSEVLM_ISA_ARCH>(SPARSEVLM_ISA_ID,
                                                            SPARSEVLM_THIS_UNIT_BUILD);
 // Registered during static initialisation (the registry is constant-initialised).
 [[maybe_unused]] const bool sparsevlm_isa_registered =

@@ -35,7 +35,10 @@ struct unit_build {
   bool optimize_size = false;  ///< __OPTIMIZE_SIZE__: -Os or -Oz
 };
 
-/// One instruction set's kernels. Every path computes bit-identical results
+namespace detail {
+
+/// One instruction set's kernels (internal: the stages call them through
+/// detail::kernels(); a program chooses among them with force_isa). Every path computes bit-identical results
 /// (the "canonical arithmetic" below), so which one runs never changes a
 /// decision:
 ///
@@ -87,6 +90,8 @@ struct exp_constants {
                                    1.0 / 24.0,         1.0 / 6.0,         0.5,
                                    1.0,                1.0};
 };
+
+}  // namespace detail
 
 // The macros of the unit being compiled (a macro, not an inline variable, since
 // its value differs between units: an inline variable would break the ODR).

@@ -11,16 +11,16 @@
 #include "../dtype.hpp"
 #include "kernel_table.hpp"
 
-namespace sparsevlm::cpu::scalar {
+namespace sparsevlm::cpu::detail::scalar {
 
 using i64 = std::int64_t;
 
 /// dot32 of kernel_table.hpp: 16 fused partial sums, zero-padded last chunk
 /// (core/dot.hpp, which the CUDA kernels share).
-inline float dot32(const float* a, const float* b, i64 d) noexcept { return core::dot32(a, b, d); }
+inline float dot32(const float* a, const float* b, i64 d) noexcept { return ::sparsevlm::detail::core::dot32(a, b, d); }
 
 /// dot64 of kernel_table.hpp: float32 rows widened, 8 fused partial sums.
-inline double dot64(const float* a, const float* b, i64 d) noexcept { return core::dot64(a, b, d); }
+inline double dot64(const float* a, const float* b, i64 d) noexcept { return ::sparsevlm::detail::core::dot64(a, b, d); }
 
 inline void dot_rows(const float* a, i64 lda, i64 na, const float* b, i64 ldb, i64 nb, i64 d,
                      float* out, i64 ldo) noexcept {
@@ -51,7 +51,7 @@ inline void cvt_bf16(float* dst, const std::uint16_t* src, i64 n) noexcept {
 
 /// exp of kernel_table.hpp (the reference for the SIMD paths; core/exp.hpp,
 /// which the CUDA kernels share).
-inline double exp64(double x) noexcept { return core::exp64(x); }
+inline double exp64(double x) noexcept { return ::sparsevlm::detail::core::exp64(x); }
 
 inline void exp_f64(double* x, i64 n) noexcept {
   for (i64 j = 0; j < n; ++j) x[j] = exp64(x[j]);
@@ -61,4 +61,4 @@ inline constexpr kernel_table table{isa::scalar, &dot_rows, &gram_f64, &add_f32,
                                     &add_bf16,   &cvt_f16,  &cvt_bf16, &exp_f64,
                                     unit_build{}};
 
-}  // namespace sparsevlm::cpu::scalar
+}  // namespace sparsevlm::cpu::detail::scalar

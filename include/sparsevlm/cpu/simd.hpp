@@ -14,7 +14,7 @@
 
 #include "kernel_table.hpp"
 
-namespace sparsevlm::cpu::simd {
+namespace sparsevlm::cpu::detail::simd {
 
 using i64 = std::int64_t;
 
@@ -392,4 +392,4 @@ constexpr kernel_table make_table(isa id, unit_build build = {}) noexcept {
                       build};
 }
 
-}  // namespace sparsevlm::cpu::simd
+}  // namespace sparsevlm::cpu::detail::simd

@@ -116,7 +116,7 @@ struct device_exec {
   [[nodiscard]] int threads() const noexcept { return block_threads; }
   [[nodiscard]] std::int64_t grid(std::int64_t n) const noexcept {
     if (n <= 0) return 0;
-    const std::int64_t g = core::ceil_div(n, block_threads);
+    const std::int64_t g = detail::core::ceil_div(n, block_threads);
     return g < max_grid ? g : max_grid;
   }
   [[nodiscard]] std::size_t max_shared() const noexcept { return smem_limit; }

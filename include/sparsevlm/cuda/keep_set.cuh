@@ -25,8 +25,8 @@ inline cudaError_t keep_count_async(const device_step& step, const step_options&
   if (a.recycle) {
     check_recycle_options(opt.recycle);
     const index_t N = step.visual.len;
-    const index_t s = core::recycle_count(N, opt.recycle.fraction);
-    const index_t c = core::cluster_count(s, opt.recycle.cluster_divisor);
+    const index_t s = detail::core::recycle_count(N, opt.recycle.fraction);
+    const index_t c = detail::core::cluster_count(s, opt.recycle.cluster_divisor);
     SPARSEVLM_CHECK(s <= step.bounds.s_max && c <= step.bounds.c_max, errc::invalid_argument,
                     "recycle options",
                     sparsevlm::detail::concat("at most ", step.bounds.s_max, " rows in ",
@@ -42,7 +42,7 @@ inline cudaError_t keep_count_async(const device_step& step, const step_options&
   return ex.status;
 }
 
-/// The keep set: the `keep` tokens first in the order core::ranks_before (higher
+/// The keep set: the `keep` tokens first in the order detail::core::ranks_before (higher
 /// score, ties to the lower position), listed ascending; the pruned tokens in
 /// that order feed recycling. Each token's place is the count of tokens ranking
 /// before it (O(N²) comparisons from shared memory, ~85 M at N = 9216: cheaper

@@ -7,10 +7,10 @@ namespace sparsevlm::cuda {
 
 /// Clusters the s recycled tokens (the best-scored pruned ones) and merges
 /// them, with recycle()'s rules: the Gram matrix of their hidden rows by
-/// canonical float64 dot products (32×32 tiles), D = core::gram_distance over
+/// canonical float64 dot products (32×32 tiles), D = detail::core::gram_distance over
 /// it in place, ρ from each row's c smallest entries (the row sorted in shared
-/// memory), δ and γ = ρ·δ by core::denser / core::nearer, the c best γ by
-/// core::ranks_before as centres, every other token to its nearest centre
+/// memory), δ and γ = ρ·δ by detail::core::denser / detail::core::nearer, the c best γ by
+/// detail::core::ranks_before as centres, every other token to its nearest centre
 /// (ties to the earlier), members listed ascending, and each merged row the
 /// double-precision sum of its members' rows in ascending position order.
 ///

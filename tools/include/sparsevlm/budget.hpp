@@ -70,7 +70,7 @@ inline layer_counts rank_bounds(const keep_policy& p, const recycle_options& r, 
   const index_t r_max = std::min(text, v - 1);
   index_t keep = 0, recycled = 0, out = 0;
   for (index_t rank : {index_t{0}, r_max}) {
-    const index_t k = core::rank_keep(rank, p.scale, p.bias, v);
+    const index_t k = detail::core::rank_keep(rank, p.scale, p.bias, v);
     keep = std::max(keep, k);
     recycled = std::max(recycled, recycled_for(r, v - k));
     out = std::max(out, k + recycled_for(r, v - k));

@@ -33,6 +33,9 @@
 
 namespace sparsevlm::cuda::detail {
 
+/// The shared rules (core/), under their short name for the kernel bodies.
+namespace core = ::sparsevlm::detail::core;
+
 using i64 = std::int64_t;
 
 /// What went wrong in a step, as flags on the device (the CPU path throws the
