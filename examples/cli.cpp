@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 #include <sparsevlm/budget.hpp>
+#include <sparsevlm/cuda/launch_plan.hpp>
 #include <sparsevlm/io/case.hpp>
 #include <sparsevlm/io/picture.hpp>
 
@@ -205,6 +206,69 @@ int cmd_plan(const plan_request& q) {
   return 0;
 }
 
+/// What `cuda-plan` was asked for.
+struct cuda_plan_request {
+  std::string model = "llava-1.5-7b";
+  index_t text = 60;
+  std::optional<index_t> visual;
+  std::string dtype = "f32";
+  std::string scores_from = "attn";
+  std::string arch = "sm_90";
+  bool given_raters = false;
+  bool no_recycle = false;
+};
+
+/// The launches prune_step_async makes for a model's step, without a GPU
+/// (cuda/launch_plan.hpp's plan_step): one JSON document on stdout.
+int cmd_cuda_plan(const cuda_plan_request& q) {
+  const model_shape& m = find_model(q.model);
+  SPARSEVLM_CHECK(q.text >= 0, errc::invalid_argument, "--text", ">= 0", q.text);
+  const index_t N = q.visual ? *q.visual : m.visual;
+  SPARSEVLM_CHECK(N >= 1, errc::invalid_argument, "--visual", ">= 1", N);
+  const cuda::device_limits lim = q.arch == "sm_80" ? cuda::device_limits::sm80()
+                                                    : cuda::device_limits::sm90();
+  step_options opt;
+  opt.recycle.enabled = !q.no_recycle;
+  step_shape shape;
+  shape.length = m.prefix + N + q.text;
+  shape.visual = N;
+  shape.heads = m.heads;
+  shape.embed_dim = q.given_raters ? 0 : m.hidden;
+  shape.hidden_dim = m.hidden;
+  shape.head_dim = q.scores_from == "qk" ? m.hidden / m.heads : 0;
+  shape.recycle_fraction = opt.recycle.enabled ? opt.recycle.fraction : 0.0;
+  shape.cluster_divisor = opt.recycle.cluster_divisor;
+  cuda::step_form form;
+  form.given_raters = q.given_raters;
+  form.qk = q.scores_from == "qk";
+  const cuda::launch_plan plan =
+      cuda::plan_step(shape, shape.length, visual_span{m.prefix, N}, opt, form,
+                      lim.max_shared_optin);
+  nlohmann::ordered_json j;
+  j["model"] = m.name;
+  j["length"] = shape.length;
+  j["visual"] = {{"start", m.prefix}, {"len", N}};
+  j["dtype"] = q.dtype;  // the kernels' grids do not depend on it
+  j["scores_from"] = q.scores_from;
+  j["raters"] = q.given_raters ? "given" : "embeds";
+  j["recycle"] = opt.recycle.enabled;
+  j["arch"] = lim.name;
+  j["kernels"] = nlohmann::ordered_json::array();
+  for (const cuda::kernel_launch& k : plan.kernels)
+    j["kernels"].push_back({{"name", k.name},
+                            {"grid", k.grid},
+                            {"block", k.block},
+                            {"smem_bytes", k.smem_bytes}});
+  j["host_syncs"] = plan.host_syncs;
+  j["copies"] = plan.copies;
+  j["workspace_bytes"] = plan.workspace_bytes;
+  const std::string bad = plan.violation(lim);
+  j["within_limits"] = bad.empty();
+  if (!bad.empty()) j["violation"] = bad;
+  std::cout << j.dump() << "\n";
+  return bad.empty() ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -256,6 +320,22 @@ int main(int argc, char** argv) {
       plan->add_option("--mlp", shape_flags[5], "MLP intermediate size m (overrides)")};
   plan->add_flag("--derive", pq.derive,
                  "carry the schedule over from the preset's own model (docs/presets.md)");
+  cuda_plan_request cq;
+  auto* cplan = app.add_subcommand(
+      "cuda-plan", "the kernels a CUDA step launches for a model (grids, shared memory), JSON; "
+                   "no GPU needed");
+  cplan->add_option("--model", cq.model, "built-in model (llava-1.5-7b, llava-next-7b, ...)");
+  cplan->add_option("--text", cq.text, "text tokens after the image (default 60)")
+      ->check(CLI::Range(index_t{0}, index_t{1} << 40));
+  cplan->add_option("--visual", cq.visual, "visual tokens N (overrides the model's)");
+  cplan->add_option("--dtype", cq.dtype, "element type of the inputs")
+      ->check(CLI::IsMember({"f32", "f16", "bf16"}));
+  cplan->add_option("--scores-from", cq.scores_from, "attn: attention probabilities; qk: q/k")
+      ->check(CLI::IsMember({"attn", "qk"}));
+  cplan->add_option("--arch", cq.arch, "device limits to check against")
+      ->check(CLI::IsMember({"sm_80", "sm_90"}));
+  cplan->add_flag("--given-raters", cq.given_raters, "the caller gives the raters");
+  cplan->add_flag("--no-recycle", cq.no_recycle, "without recycling");
 
   try {
     app.parse(argc, argv);
@@ -274,6 +354,7 @@ int main(int argc, char** argv) {
         if (shape_opts[i]->count() > 0) *fields[i] = shape_flags[i];
       return cmd_plan(pq);
     }
+    if (*cplan) return cmd_cuda_plan(cq);
     if (*run) return cmd_run(case_dir, out_dir, from);
     if (*check) return cmd_check(case_dir, from);
     if (*show) return cmd_show(case_dir, grid, out_png, cell, from);

@@ -13,14 +13,18 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <span>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
 #include "../check.hpp"
 #include "detail/pipeline.hpp"
+#include "launch_plan.hpp"
 #include "results.hpp"
 #include "../error.hpp"
 #include "../types.hpp"
@@ -92,50 +96,79 @@ __global__ void run_body(Body body) {
   body(cuda_block{}, static_cast<void*>(shared_mem));
 }
 
-/// Block size of the element-wise and per-token kernels.
-inline constexpr int block_threads = 256;
-/// Blocks of a grid-stride loop at most (enough to fill any current GPU).
-inline constexpr std::int64_t max_grid = 8192;
+/// The opt-in shared memory per block of `device`, read once per device (a step
+/// would otherwise pay two runtime calls for it).
+inline cudaError_t shared_optin(int device, std::size_t& bytes) {
+  constexpr int cached = 64;
+  static std::atomic<std::int64_t> known[cached] = {};  // 0: not read yet
+  if (device >= 0 && device < cached) {
+    const std::int64_t v = known[device].load(std::memory_order_relaxed);
+    if (v > 0) {
+      bytes = static_cast<std::size_t>(v);
+      return cudaSuccess;
+    }
+  }
+  int optin = 0;
+  const cudaError_t e =
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return e;
+  bytes = optin > 0 ? static_cast<std::size_t>(optin) : launch_policy::default_shared;
+  if (device >= 0 && device < cached)
+    known[device].store(static_cast<std::int64_t>(bytes), std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+/// Lets run_body<Body> use up to `bytes` (the device's opt-in maximum) of dynamic
+/// shared memory. Set once per device and kernel, always to the same value, so
+/// that host threads launching different shapes never race on the attribute (a
+/// per-launch exact size would: one thread's smaller value could land between
+/// another's set and launch).
+template <class Body>
+cudaError_t allow_shared(int device, std::size_t bytes) {
+  static std::atomic<std::uint64_t> done{0};  // one bit per device below 64
+  const std::uint64_t bit = device >= 0 && device < 64 ? std::uint64_t{1} << device : 0;
+  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  const cudaError_t e = cudaFuncSetAttribute(run_body<Body>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(bytes));
+  if (e == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
+  return e;
+}
 
 /// detail/pipeline.hpp's executor: enqueues on `stream`, keeps the first error
-/// and enqueues nothing after it.
-struct device_exec {
-  static constexpr int tile = 32;  // 32×32 dot tiles: 256 threads
+/// and enqueues nothing after it. Block sizes, grids and the shared-memory rule
+/// are launch_policy's, the launch plan's (launch_plan.hpp).
+struct device_exec : launch_policy {
   cudaStream_t stream = nullptr;
   cudaError_t status = cudaSuccess;
-  std::size_t smem_limit = 48 * 1024;
+  int device = 0;
+  std::size_t smem_limit = default_shared;
 
   explicit device_exec(cudaStream_t s) : stream(s) {
-    int dev = 0, optin = 0;
-    status = cudaGetDevice(&dev);
-    if (status == cudaSuccess)
-      status = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (status == cudaSuccess && optin > 0) smem_limit = static_cast<std::size_t>(optin);
+    status = cudaGetDevice(&device);
+    if (status == cudaSuccess) status = shared_optin(device, smem_limit);
   }
 
-  [[nodiscard]] int threads() const noexcept { return block_threads; }
-  [[nodiscard]] std::int64_t grid(std::int64_t n) const noexcept {
-    if (n <= 0) return 0;
-    const std::int64_t g = detail::core::ceil_div(n, block_threads);
-    return g < max_grid ? g : max_grid;
-  }
   [[nodiscard]] std::size_t max_shared() const noexcept { return smem_limit; }
 
   template <class Body>
   void launch(const Body& body, std::int64_t gx, std::int64_t gy, int nthreads, std::size_t smem) {
     if (status != cudaSuccess || gx <= 0 || gy <= 0) return;
-    if (gx > 0x7fffffff || gy > 65535 || nthreads > 1024 || smem > smem_limit) {
+    if (!fits(gx, gy, nthreads, smem, smem_limit)) {
       status = cudaErrorInvalidConfiguration;
       return;
     }
-    if (smem > 48 * 1024) {
-      status = cudaFuncSetAttribute(run_body<Body>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem));
+    if (smem > default_shared) {
+      status = allow_shared<Body>(device, smem_limit);
       if (status != cudaSuccess) return;
     }
-    run_body<Body><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
-                     static_cast<unsigned>(nthreads), smem, stream>>>(body);
-    status = cudaGetLastError();
+    // cudaLaunchKernel returns this launch's own error: cudaGetLastError after a
+    // <<<>>> launch would also return (and clear) an error the caller's earlier
+    // work left behind.
+    Body arg = body;
+    void* args[] = {&arg};
+    status = cudaLaunchKernel(reinterpret_cast<const void*>(&run_body<Body>),
+                              dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
+                              dim3(static_cast<unsigned>(nthreads)), args, smem, stream);
   }
 };
 
@@ -170,42 +203,43 @@ rows3<T> rows_of(tensor3_view<const T> m) {
 
 namespace detail {
 
-inline detail::pipeline::bounds bounds_of(const step_shape& s) {
-  SPARSEVLM_CHECK(s.length >= 0 && s.visual >= 1 && s.visual <= s.length, errc::shape_mismatch,
-                  "shape.visual", sparsevlm::detail::concat("in [1, ", s.length, "] (shape.length)"),
-                  s.visual);
-  SPARSEVLM_CHECK(s.heads >= 0 && s.embed_dim >= 0 && s.hidden_dim >= 1 && s.head_dim >= 0,
-                  errc::shape_mismatch, "shape", "heads, embed_dim, head_dim >= 0 and hidden_dim >= 1",
-                  sparsevlm::detail::concat("heads ", s.heads, ", embed_dim ", s.embed_dim,
-                                            ", hidden_dim ", s.hidden_dim, ", head_dim ", s.head_dim));
-  SPARSEVLM_CHECK(!s.gravity, errc::invalid_argument, "shape.gravity",
-                  "false (the CUDA backend has no RoPE gravity correction)", "true");
-  return detail::pipeline::make_bounds(s.length, s.visual, s.heads, s.embed_dim, s.hidden_dim,
-                                     s.head_dim > 0, s.recycle_fraction, s.cluster_divisor);
+/// begin_step's host checks: the shape, the workspace, the step's length and
+/// span. Returns the step with its bounds and, when `workspace` is given, its
+/// buffers laid out (nothing is enqueued). Errors: sparsevlm::error.
+inline device_step check_begin(const step_shape& shape, index_t length, visual_span visual,
+                               void* workspace, std::size_t bytes) {
+  using sparsevlm::detail::concat;
+  const pipeline::bounds b = bounds_of(shape);
+  pipeline::buffers buf;
+  const std::size_t need = pipeline::layout(b, nullptr, buf);
+  SPARSEVLM_CHECK(bytes >= need, errc::invalid_argument, "workspace bytes",
+                  concat(">= ", need, " (step_workspace_bytes)"), bytes);
+  SPARSEVLM_CHECK(reinterpret_cast<std::uintptr_t>(workspace) % 256 == 0, errc::invalid_argument,
+                  "workspace", "a 256-byte aligned device pointer (as cudaMalloc returns)",
+                  "an unaligned one");
+  SPARSEVLM_CHECK(length >= 1 && length <= shape.length, errc::shape_mismatch, "length",
+                  concat("in [1, ", shape.length, "] (shape.length)"), length);
+  sparsevlm::detail::check_span(visual, length, "length");
+  SPARSEVLM_CHECK(visual.len <= shape.visual && length - visual.len <= b.text, errc::shape_mismatch,
+                  "visual.len",
+                  concat("<= ", shape.visual, " (shape.visual), with length − len <= ", b.text),
+                  visual.len);
+  if (workspace != nullptr) pipeline::layout(b, workspace, buf);
+  return device_step{buf, b, length, visual, shape.hidden_dim};
 }
 
-/// Checks the limits of the one-block kernels against this device (docs/cuda.md).
-inline void check_limits(const detail::pipeline::bounds& b, std::size_t smem_limit) {
-  SPARSEVLM_CHECK(detail::pipeline::density_shared_bytes(b.s_max) <= smem_limit,
-                  errc::invalid_argument, "recycled rows (s_max)",
-                  sparsevlm::detail::concat("at most ", smem_limit / sizeof(double),
-                                            " after rounding up to a power of two (one row of D in "
-                                            "shared memory)"),
-                  b.s_max);
+/// Refuses arguments a kernel cannot dereference (check_device_pointer for each
+/// {pointer, name}); returns the first failing query.
+inline cudaError_t check_device_pointers(
+    std::initializer_list<std::pair<const void*, const char*>> args) {
+  for (const auto& [p, name] : args) {
+    const cudaError_t e = check_device_pointer(p, name);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace detail
-
-/// Bytes of device workspace a step of at most `shape` needs: the size query
-/// of the two-phase protocol (the same routine lays the buffers out, so the
-/// two cannot disagree). A workspace of this size serves any step whose
-/// extents and options stay within `shape`. shape.head_dim > 0 reserves the
-/// q/k path's buffers (H·T·L floats of logits, T = L − N).
-/// Errors: sparsevlm::error for a shape the backend cannot run.
-inline std::size_t step_workspace_bytes(const step_shape& shape) {
-  detail::pipeline::buffers unused;
-  return detail::pipeline::layout(detail::bounds_of(shape), nullptr, unused);
-}
 
 /// Starts a step in `workspace` (two-phase, as CUB: with workspace == nullptr
 /// only sets `bytes` to what `shape` needs and enqueues nothing). Lays out the
@@ -217,39 +251,24 @@ inline std::size_t step_workspace_bytes(const step_shape& shape) {
 inline cudaError_t begin_step(const step_shape& shape, index_t length, visual_span visual,
                               void* workspace, std::size_t& bytes, device_step& step,
                               cudaStream_t stream) {
-  const detail::pipeline::bounds b = detail::bounds_of(shape);
-  detail::pipeline::buffers buf;
-  const std::size_t need = detail::pipeline::layout(b, nullptr, buf);
   if (workspace == nullptr) {
-    bytes = need;
+    bytes = step_workspace_bytes(shape);
     return cudaSuccess;
   }
-  SPARSEVLM_CHECK(bytes >= need, errc::invalid_argument, "workspace bytes",
-                  sparsevlm::detail::concat(">= ", need, " (step_workspace_bytes)"), bytes);
-  SPARSEVLM_CHECK(reinterpret_cast<std::uintptr_t>(workspace) % 256 == 0, errc::invalid_argument,
-                  "workspace", "a 256-byte aligned device pointer (as cudaMalloc returns)",
-                  "an unaligned one");
-  SPARSEVLM_CHECK(length >= 1 && length <= shape.length, errc::shape_mismatch, "length",
-                  sparsevlm::detail::concat("in [1, ", shape.length, "] (shape.length)"), length);
-  sparsevlm::detail::check_span(visual, length, "length");
-  SPARSEVLM_CHECK(visual.len <= shape.visual && length - visual.len <= b.text, errc::shape_mismatch,
-                  "visual.len", sparsevlm::detail::concat("<= ", shape.visual,
-                                                          " (shape.visual), with length − len <= ",
-                                                          b.text),
-                  visual.len);
+  const device_step st = detail::check_begin(shape, length, visual, workspace, bytes);
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  detail::check_limits(b, ex.max_shared());
-  detail::pipeline::layout(b, workspace, buf);
-  step = device_step{buf, b, length, visual, shape.hidden_dim};
-  detail::pipeline::reset(ex, buf);
+  detail::check_limits(st.bounds, ex.max_shared());
+  step = st;
+  detail::pipeline::reset(ex, st.buf);
   return ex.status;
 }
 
 /// Reads a finished step back into a host result (synchronous: waits for
 /// `stream`; for tests, tools and debugging, not the hot path). `status`
 /// receives the device flags. After a flagged error, `out` holds the raters and
-/// counts read so far and empty lists.
+/// counts read so far and empty lists (scores included: the kernel that would
+/// have written them may not have run).
 inline cudaError_t download(const device_step& step, step_result& out, step_status& status,
                             cudaStream_t stream) {
   detail::step_counts c{};
@@ -269,9 +288,9 @@ inline cudaError_t download(const device_step& step, step_result& out, step_stat
                           cudaMemcpyDeviceToHost, stream);
   };
   get(out.raters, step.buf.raters, c.raters);
-  get(out.scores, step.buf.scores, N);
   std::vector<index_t> offsets, members;
-  if (c.length >= 0) {
+  if (c.length >= 0) {  // after a flag, later stages may not have run: nothing of theirs
+    get(out.scores, step.buf.scores, N);
     get(out.keep, step.buf.keep, c.keep);
     get(out.sequence, step.buf.sequence, c.length);
     get(offsets, step.buf.offsets, c.clusters > 0 ? c.clusters + 1 : 0);

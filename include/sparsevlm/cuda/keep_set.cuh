@@ -15,27 +15,7 @@ namespace sparsevlm::cuda {
 /// recycling fraction / divisor beyond the workspace's shape.
 inline cudaError_t keep_count_async(const device_step& step, const step_options& opt,
                                     cudaStream_t stream) {
-  check_policy(opt.policy);
-  detail::pipeline::decide_args a;
-  a.fixed = opt.policy.kind == keep_policy::kind_t::fixed;
-  a.scale = opt.policy.scale;
-  a.bias = opt.policy.bias;
-  a.fixed_keep = opt.policy.keep;
-  a.recycle = opt.recycle.enabled;
-  if (a.recycle) {
-    check_recycle_options(opt.recycle);
-    const index_t N = step.visual.len;
-    const index_t s = detail::core::recycle_count(N, opt.recycle.fraction);
-    const index_t c = detail::core::cluster_count(s, opt.recycle.cluster_divisor);
-    SPARSEVLM_CHECK(s <= step.bounds.s_max && c <= step.bounds.c_max, errc::invalid_argument,
-                    "recycle options",
-                    sparsevlm::detail::concat("at most ", step.bounds.s_max, " rows in ",
-                                              step.bounds.c_max,
-                                              " clusters (the workspace's shape)"),
-                    sparsevlm::detail::concat(s, " rows in ", c, " clusters"));
-    a.fraction = opt.recycle.fraction;
-    a.divisor = opt.recycle.cluster_divisor;
-  }
+  const detail::pipeline::decide_args a = detail::decide_args_of(opt, step.bounds, step.visual.len);
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
   detail::pipeline::keep_count(ex, step.visual.len, a, step.buf);

@@ -22,7 +22,7 @@ inline cudaError_t make_sequence_async(const device_step& step, index_t* pinned_
   detail::pipeline::sequence(ex, step.length, step.visual.start, step.visual.len, step.buf);
   if (ex.status == cudaSuccess && pinned_length != nullptr)
     ex.status = cudaMemcpyAsync(pinned_length, step.length_slot(), sizeof(index_t),
-                                cudaMemcpyDeviceToHost, stream);
+                                cudaMemcpyDefault, stream);  // pinned host or device memory
   return ex.status;
 }
 

@@ -22,7 +22,11 @@ namespace sparsevlm::cuda {
 inline cudaError_t numerical_rank_async(const device_step& step, cudaStream_t stream) {
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  detail::pipeline::rank(ex, step.visual.len, step.bounds.m_max(), step.buf);
+  detail::pipeline::rank(
+      ex, step.visual.len,
+      std::min(detail::pipeline::raters_bound(step.length, step.visual.start, step.visual.len),
+               step.visual.len),
+      step.buf);
   return ex.status;
 }
 

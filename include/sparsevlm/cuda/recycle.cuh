@@ -21,14 +21,26 @@ namespace sparsevlm::cuda {
 ///   densities, so the spec's exact ties (and every other decision) are kept.
 /// - Errors: sparsevlm::error for extents beyond the step or the workspace's
 ///   shape; NaN/Inf in a merged row raises non_finite_hidden.
+namespace detail {
+
+/// recycle_async's host checks.
 template <class TH>
-cudaError_t recycle_async(const device_step& step, matrix_view<const TH> hidden,
-                          cudaStream_t stream) {
+void check_recycle_hidden(const device_step& step, matrix_view<const TH> hidden) {
   SPARSEVLM_CHECK(hidden.extent(0) == step.length, errc::shape_mismatch, "hidden.extent[0]",
                   sparsevlm::detail::concat(step.length, " (the step's length)"), hidden.extent(0));
   SPARSEVLM_CHECK(hidden.extent(1) == step.hidden_dim, errc::shape_mismatch, "hidden.extent[1]",
                   sparsevlm::detail::concat(step.hidden_dim, " (shape.hidden_dim)"),
                   hidden.extent(1));
+}
+
+}  // namespace detail
+
+template <class TH>
+cudaError_t recycle_async(const device_step& step, matrix_view<const TH> hidden,
+                          cudaStream_t stream) {
+  detail::check_recycle_hidden(step, hidden);
+  if (const cudaError_t e = detail::check_device_pointer(hidden.data(), "hidden"); e != cudaSuccess)
+    return e;
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
   detail::pipeline::recycle(ex, detail::rows_of(hidden), step.visual.start, hidden.extent(1),

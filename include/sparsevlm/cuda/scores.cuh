@@ -16,6 +16,75 @@ inline void check_scoring(const score_options& o) {
   SPARSEVLM_CHECK(!o.gravity.enabled, errc::invalid_argument, "scoring.gravity.enabled",
                   "false (the CUDA backend has no RoPE gravity correction)", "true");
 }
+
+/// relevance_scores_async's host checks.
+template <class TA>
+void check_attn(const device_step& step, tensor3_view<const TA> attn, const score_options& opt) {
+  check_scoring(opt);
+  SPARSEVLM_CHECK(attn.extent(0) >= 1, errc::shape_mismatch, "attn.extent[0] (heads)", ">= 1",
+                  attn.extent(0));
+  SPARSEVLM_CHECK(attn.extent(1) == step.length && attn.extent(2) == step.length,
+                  errc::shape_mismatch, "attn",
+                  sparsevlm::detail::concat("[H, ", step.length, ", ", step.length, "]"),
+                  sparsevlm::detail::concat("[", attn.extent(0), ", ", attn.extent(1), ", ",
+                                            attn.extent(2), "]"));
+}
+
+/// relevance_scores_qk_async's host checks, and the q/k arguments of its kernels.
+template <class TQ, class TK>
+pipeline::qk_args<TQ, TK> qk_args_of(const device_step& step, const qk_view<TQ, TK>& qk,
+                                     const score_options& opt) {
+  check_scoring(opt);
+  const index_t H = qk.q.extent(0), Lq = qk.q.extent(1), dh = qk.q.extent(2);
+  const index_t Hkv = qk.k.extent(0), L = qk.k.extent(1);
+  SPARSEVLM_CHECK(step.bounds.qk && H <= step.bounds.heads, errc::invalid_argument,
+                  "q.extent[0] (heads)",
+                  sparsevlm::detail::concat("<= ", step.bounds.heads,
+                                            " with shape.head_dim > 0 (the workspace's q/k buffers)"),
+                  H);
+  sparsevlm::detail::check_qk_heads(qk);  // scores_qk.hpp's rules
+  SPARSEVLM_CHECK(L == step.length, errc::shape_mismatch, "k.extent[1]",
+                  sparsevlm::detail::concat(step.length, " (the step's length)"), L);
+  // q may hold only the rater rows; their count R is on the device, so only
+  // the all-rows form is checked exactly (R <= T is all the host knows).
+  const index_t T = step.length - step.visual.end();
+  SPARSEVLM_CHECK(Lq == L || Lq <= T, errc::shape_mismatch, "q.extent[1]",
+                  sparsevlm::detail::concat(L, " (all queries) or R <= ", T, " (the rater rows)"), Lq);
+  SPARSEVLM_CHECK(std::isfinite(qk.scale) && qk.scale >= 0.0, errc::invalid_argument, "scale",
+                  "a finite number >= 0 (0: 1/sqrt(dh))", qk.scale);
+  if (qk.lse) {
+    SPARSEVLM_CHECK(qk.lse->extent(0) == H && qk.lse->extent(1) == Lq, errc::shape_mismatch, "lse",
+                    sparsevlm::detail::concat("[", H, ", ", Lq, "]"),
+                    sparsevlm::detail::concat("[", qk.lse->extent(0), ", ", qk.lse->extent(1), "]"));
+  }
+  pipeline::qk_args<TQ, TK> a;
+  a.q = rows_of(qk.q);
+  a.k = rows_of(qk.k);
+  a.heads = H;
+  a.kv_heads = Hkv;
+  a.head_dim = dh;
+  a.length = L;
+  a.all_queries = Lq == L;
+  a.q_rows = Lq;
+  // As relevance_scores_qk rounds it.
+  a.scale = qk.scale > 0.0 ? static_cast<float>(qk.scale)
+                           : 1.0f / std::sqrt(static_cast<float>(dh));
+  if (qk.lse) {
+    a.lse = qk.lse->data();
+    a.lse_s0 = qk.lse->stride(0);
+    a.lse_s1 = qk.lse->stride(1);
+  }
+  return a;
+}
+
+/// The q, k and lse pointers a kernel will read.
+template <class TQ, class TK>
+cudaError_t check_qk_pointers(const qk_view<TQ, TK>& qk) {
+  return check_device_pointers({{qk.q.data(), "q"},
+                                {qk.k.data(), "k"},
+                                {qk.lse ? static_cast<const void*>(qk.lse->data()) : nullptr, "lse"}});
+}
+
 }  // namespace detail
 
 /// P[r][j] = (Σ_h attn[h][raters[r]][S+j]) / H and score[j] = (Σ_r P[r][j]) / R,
@@ -30,14 +99,9 @@ inline void check_scoring(const score_options& o) {
 template <class TA>
 cudaError_t relevance_scores_async(const device_step& step, tensor3_view<const TA> attn,
                                    const score_options& opt, cudaStream_t stream) {
-  detail::check_scoring(opt);
-  SPARSEVLM_CHECK(attn.extent(0) >= 1, errc::shape_mismatch, "attn.extent[0] (heads)", ">= 1",
-                  attn.extent(0));
-  SPARSEVLM_CHECK(attn.extent(1) == step.length && attn.extent(2) == step.length,
-                  errc::shape_mismatch, "attn",
-                  sparsevlm::detail::concat("[H, ", step.length, ", ", step.length, "]"),
-                  sparsevlm::detail::concat("[", attn.extent(0), ", ", attn.extent(1), ", ",
-                                            attn.extent(2), "]"));
+  detail::check_attn(step, attn, opt);
+  if (const cudaError_t e = detail::check_device_pointer(attn.data(), "attn"); e != cudaSuccess)
+    return e;
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
   detail::pipeline::scores_attention(ex, detail::rows_of(attn), attn.extent(0), step.visual.start,
@@ -60,53 +124,13 @@ cudaError_t relevance_scores_async(const device_step& step, tensor3_view<const T
 template <class TQ, class TK>
 cudaError_t relevance_scores_qk_async(const device_step& step, const qk_view<TQ, TK>& qk,
                                       const score_options& opt, cudaStream_t stream) {
-  detail::check_scoring(opt);
-  const index_t H = qk.q.extent(0), Lq = qk.q.extent(1), dh = qk.q.extent(2);
-  const index_t Hkv = qk.k.extent(0), L = qk.k.extent(1);
-  SPARSEVLM_CHECK(step.bounds.qk && H <= step.bounds.heads, errc::invalid_argument,
-                  "q.extent[0] (heads)",
-                  sparsevlm::detail::concat("<= ", step.bounds.heads,
-                                            " with shape.head_dim > 0 (the workspace's q/k buffers)"),
-                  H);
-  SPARSEVLM_CHECK(H >= 1, errc::shape_mismatch, "q.extent[0] (heads)", ">= 1", H);
-  SPARSEVLM_CHECK(Hkv >= 1 && H % Hkv == 0, errc::shape_mismatch, "k.extent[0] (kv heads)",
-                  sparsevlm::detail::concat("a divisor of the ", H, " query heads"), Hkv);
-  SPARSEVLM_CHECK(dh >= 1 && qk.k.extent(2) == dh, errc::shape_mismatch, "k.extent[2] (head dim)",
-                  sparsevlm::detail::concat(dh, " (= q.extent[2], >= 1)"), qk.k.extent(2));
-  SPARSEVLM_CHECK(L == step.length, errc::shape_mismatch, "k.extent[1]",
-                  sparsevlm::detail::concat(step.length, " (the step's length)"), L);
-  // q may hold only the rater rows; their count R is on the device, so only
-  // the all-rows form is checked exactly (R <= T is all the host knows).
-  const index_t T = step.length - step.visual.end();
-  SPARSEVLM_CHECK(Lq == L || Lq <= T, errc::shape_mismatch, "q.extent[1]",
-                  sparsevlm::detail::concat(L, " (all queries) or R <= ", T, " (the rater rows)"), Lq);
-  SPARSEVLM_CHECK(std::isfinite(qk.scale) && qk.scale >= 0.0, errc::invalid_argument, "scale",
-                  "a finite number >= 0 (0: 1/sqrt(dh))", qk.scale);
-  if (qk.lse) {
-    SPARSEVLM_CHECK(qk.lse->extent(0) == H && qk.lse->extent(1) == Lq, errc::shape_mismatch, "lse",
-                    sparsevlm::detail::concat("[", H, ", ", Lq, "]"),
-                    sparsevlm::detail::concat("[", qk.lse->extent(0), ", ", qk.lse->extent(1), "]"));
-  }
-  detail::pipeline::qk_args<TQ, TK> a;
-  a.q = detail::rows_of(qk.q);
-  a.k = detail::rows_of(qk.k);
-  a.heads = H;
-  a.kv_heads = Hkv;
-  a.head_dim = dh;
-  a.length = L;
-  a.all_queries = Lq == L;
-  a.q_rows = Lq;
-  // As relevance_scores_qk rounds it.
-  a.scale = qk.scale > 0.0 ? static_cast<float>(qk.scale)
-                           : 1.0f / std::sqrt(static_cast<float>(dh));
-  if (qk.lse) {
-    a.lse = qk.lse->data();
-    a.lse_s0 = qk.lse->stride(0);
-    a.lse_s1 = qk.lse->stride(1);
-  }
+  const detail::pipeline::qk_args<TQ, TK> a = detail::qk_args_of(step, qk, opt);
+  if (const cudaError_t e = detail::check_qk_pointers(qk); e != cudaSuccess) return e;
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
-  detail::pipeline::scores_qk(ex, a, step.visual.start, step.visual.len, step.bounds.text, step.buf);
+  detail::pipeline::scores_qk(
+      ex, a, step.visual.start, step.visual.len,
+      detail::pipeline::raters_bound(step.length, step.visual.start, step.visual.len), step.buf);
   return ex.status;
 }
 

@@ -43,13 +43,19 @@ step_shape shape_of(matrix_view<const TE> embeds, matrix_view<const TH> hidden, 
   return s;
 }
 
-/// Everything after the scores, and the stage 1 before them.
-template <class TE, class TH, class Score>
+/// A whole step: every host check first (the shapes, the options, each stage's
+/// arguments, and that every pointer a kernel reads is device memory), so a
+/// refused step has enqueued nothing; then pipeline::run_step's launches on one
+/// executor (the sequence plan_step records), and the pinned length's copy.
+/// `check_scores(pre)` checks the scoring source against the step and returns
+/// the cudaError_t of its pointer queries; `enqueue(ex, args, bounds, buffers)`
+/// runs pipeline::run_step with that source.
+template <class TE, class TH, class CheckScores, class Enqueue>
 cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, index_t length,
                 visual_span visual, const std::optional<std::span<const index_t>>& raters,
                 const step_shape& shape, const step_options& opt, void* workspace,
                 std::size_t& bytes, device_step& out, index_t* pinned_length,
-                cudaStream_t stream, Score&& score) {
+                cudaStream_t stream, CheckScores&& check_scores, Enqueue&& enqueue) {
   check_policy(opt.policy);
   if (opt.recycle.enabled) check_recycle_options(opt.recycle);
   SPARSEVLM_CHECK(hidden.extent(0) == length, errc::shape_mismatch, "hidden.extent[0]", length,
@@ -58,26 +64,43 @@ cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, inde
                   hidden.extent(1));
   sparsevlm::detail::check_span(visual, length, "length");
   if (workspace == nullptr) return begin_step(shape, length, visual, nullptr, bytes, out, stream);
-  if (!raters) {
-    SPARSEVLM_CHECK(embeds.extent(0) == length && embeds.extent(1) >= 1, errc::shape_mismatch,
-                    "embeds", sparsevlm::detail::concat("[", length, ", >= 1]"),
-                    sparsevlm::detail::concat("[", embeds.extent(0), ", ", embeds.extent(1), "]"));
+  device_step st = check_begin(shape, length, visual, workspace, bytes);
+  if (raters) {
+    check_set_raters(st, *raters);
+  } else {
+    check_select_raters(st, embeds);
   }
-  // Every host-side check of the stages below happens before anything is
-  // enqueued: begin_step and the stage checks only throw on shapes, and the
-  // shapes were derived from these very inputs.
-  device_step st;
-  cudaError_t e = begin_step(shape, length, visual, workspace, bytes, st, stream);
+  const pipeline::decide_args decide = decide_args_of(opt, st.bounds, visual.len);
+  if (opt.recycle.enabled) check_recycle_hidden(st, hidden);
+  cudaError_t e = check_scores(st);
   if (e == cudaSuccess)
-    e = raters ? set_raters_async(st, *raters, stream) : select_raters_async(st, embeds, stream);
-  if (e == cudaSuccess) e = score(st);
-  if (e == cudaSuccess) e = numerical_rank_async(st, stream);
-  if (e == cudaSuccess) e = keep_count_async(st, opt, stream);
-  if (e == cudaSuccess) e = select_keep_async(st, stream);
-  if (e == cudaSuccess && opt.recycle.enabled) e = recycle_async(st, hidden, stream);
-  if (e == cudaSuccess) e = make_sequence_async(st, pinned_length, stream);
+    e = check_device_pointers({{raters ? static_cast<const void*>(raters->data()) : embeds.data(),
+                                raters ? "raters" : "embeds"},
+                               {hidden.data(), "hidden"}});
+  if (e != cudaSuccess) return e;
+  device_exec ex(stream);
+  if (ex.status != cudaSuccess) return ex.status;
+  check_limits(st.bounds, ex.max_shared());
+
+  pipeline::step_args<TE, TH> a;
+  a.embeds = rows_of(embeds);
+  a.embed_dim = raters ? 0 : embeds.extent(1);
+  a.given = raters.has_value();
+  a.raters = raters ? raters->data() : nullptr;
+  a.n_raters = raters ? static_cast<index_t>(raters->size()) : 0;
+  a.hidden = rows_of(hidden);
+  a.hidden_dim = hidden.extent(1);
+  a.length = length;
+  a.first_visual = visual.start;
+  a.n_visual = visual.len;
+  a.decide = decide;
+  enqueue(ex, a, st.bounds, st.buf);
+  // cudaMemcpyDefault: the slot may be pinned host memory or device memory.
+  if (ex.status == cudaSuccess && pinned_length != nullptr)
+    ex.status = cudaMemcpyAsync(pinned_length, st.length_slot(), sizeof(index_t),
+                                cudaMemcpyDefault, stream);
   out = st;
-  return e;
+  return ex.status;
 }
 
 }  // namespace detail
@@ -107,16 +130,17 @@ cudaError_t prune_step_async(const step_inputs<TE, TA, TH>& in, const step_optio
   const index_t L = in.attn.extent(1);
   const step_shape shape = detail::shape_of(in.embeds, in.hidden, L, in.visual,
                                             in.raters.has_value(), in.attn.extent(0), 0, opt);
-  if (workspace != nullptr) {
-    SPARSEVLM_CHECK(in.attn.extent(0) >= 1 && in.attn.extent(2) == L, errc::shape_mismatch, "attn",
-                    sparsevlm::detail::concat("[H >= 1, ", L, ", ", L, "]"),
-                    sparsevlm::detail::concat("[", in.attn.extent(0), ", ", L, ", ",
-                                              in.attn.extent(2), "]"));
-  }
-  return detail::run(in.embeds, in.hidden, L, in.visual, in.raters, shape, opt, workspace, bytes,
-                     out, pinned_length, stream, [&](const device_step& st) {
-                       return relevance_scores_async(st, in.attn, opt.scoring, stream);
-                     });
+  return detail::run(
+      in.embeds, in.hidden, L, in.visual, in.raters, shape, opt, workspace, bytes, out,
+      pinned_length, stream,
+      [&](const device_step& st) {
+        detail::check_attn(st, in.attn, opt.scoring);
+        return detail::check_device_pointer(in.attn.data(), "attn");
+      },
+      [&](detail::device_exec& ex, const auto& a, const detail::pipeline::bounds& b,
+          const detail::pipeline::buffers& buf) {
+        detail::pipeline::run_step(ex, a, detail::rows_of(in.attn), in.attn.extent(0), b, buf);
+      });
 }
 
 /// The same step scoring from queries and keys (step_inputs_qk; L from k).
@@ -129,10 +153,16 @@ cudaError_t prune_step_async(const step_inputs_qk<TE, TQ, TK, TH>& in, const ste
   const step_shape shape =
       detail::shape_of(in.embeds, in.hidden, L, in.visual, in.raters.has_value(),
                        in.qk.q.extent(0), in.qk.q.extent(2) > 0 ? in.qk.q.extent(2) : 1, opt);
-  return detail::run(in.embeds, in.hidden, L, in.visual, in.raters, shape, opt, workspace, bytes,
-                     out, pinned_length, stream, [&](const device_step& st) {
-                       return relevance_scores_qk_async(st, in.qk, opt.scoring, stream);
-                     });
+  detail::pipeline::qk_args<TQ, TK> q;
+  return detail::run(
+      in.embeds, in.hidden, L, in.visual, in.raters, shape, opt, workspace, bytes, out,
+      pinned_length, stream,
+      [&](const device_step& st) {
+        q = detail::qk_args_of(st, in.qk, opt.scoring);
+        return detail::check_qk_pointers(in.qk);
+      },
+      [&](detail::device_exec& ex, const auto& a, const detail::pipeline::bounds& b,
+          const detail::pipeline::buffers& buf) { detail::pipeline::run_step(ex, a, q, b, buf); });
 }
 
 /// The synchronous convenience form: prune_step_async, then waits for `stream`

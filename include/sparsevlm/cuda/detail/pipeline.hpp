@@ -49,6 +49,15 @@ struct bounds {
   [[nodiscard]] i64 m_max() const { return std::min(text, visual); }
 };
 
+/// The raters of a step are text tokens after its span, so R <= length − (S + N), and
+/// the rank's Gram matrix is at most min(R, N) square: the bound the rank and q/k
+/// kernels are launched for (bounds::text, which includes the prefix, sizes the
+/// workspace for any span; at LLaVA-1.5's 35 + 576 + 60 tokens it is 95 against 60,
+/// and G would not fit the 48 KB without opt-in).
+inline i64 raters_bound(i64 length, i64 first_visual, i64 n_visual) {
+  return std::max<i64>(length - first_visual - n_visual, 0);
+}
+
 /// s_max = min(N, floor(fraction·N) + 1) and c_max = floor(s_max / divisor) + 1
 /// (at most s_max): the largest s and c any keep count can give, since both
 /// grow with the pruned count n <= N.
@@ -263,7 +272,7 @@ void scores_qk(Exec& ex, const qk_args<TQ, TK>& a, i64 first_visual, i64 n_visua
     ex.launch(qk_logits<TQ, TK, tile>{a.q, a.k, a.heads / a.kv_heads, a.all_queries, a.q_rows,
                                        a.head_dim, r_tiles, r_max, k_max, buf.raters, buf.z,
                                        buf.counts},
-              core::ceil_div(k_max, tile), a.heads * r_tiles, tile_threads<tile>,
+              a.heads * r_tiles, core::ceil_div(k_max, tile), tile_threads<tile>,
               static_cast<std::size_t>(tile_smem<tile>));
     ex.launch(qk_row_stats{buf.z, r_max, k_max, a.scale, a.lse, a.lse_s0, a.lse_s1,
                            a.all_queries, buf.raters, buf.z_offset, buf.z_sum, buf.counts},
@@ -364,7 +373,7 @@ void sequence(Exec& ex, i64 length, i64 first_visual, i64 n_visual, const buffer
 template <class Exec, class TH>
 void finish(Exec& ex, rows2<TH> hidden, i64 length, i64 first_visual, i64 n_visual,
             i64 hidden_dim, const decide_args& decide, const bounds& bd, const buffers& buf) {
-  rank(ex, n_visual, std::min(bd.text, n_visual), buf);
+  rank(ex, n_visual, std::min(raters_bound(length, first_visual, n_visual), n_visual), buf);
   keep_count(ex, n_visual, decide, buf);
   keep_set(ex, first_visual, n_visual, buf);
   recycle(ex, hidden, first_visual, hidden_dim, decide.recycle ? bd.s_max : 0, bd.c_max, buf);
@@ -416,7 +425,8 @@ template <class Exec, class TE, class TH, class TQ, class TK>
 void run_step(Exec& ex, const step_args<TE, TH>& a, const qk_args<TQ, TK>& qk, const bounds& bd,
               const buffers& buf) {
   begin_step(ex, a, buf);
-  scores_qk(ex, qk, a.first_visual, a.n_visual, bd.text, buf);
+  scores_qk(ex, qk, a.first_visual, a.n_visual,
+            raters_bound(a.length, a.first_visual, a.n_visual), buf);
   finish(ex, a.hidden, a.length, a.first_visual, a.n_visual, a.hidden_dim, a.decide, bd, buf);
 }
 

@@ -67,7 +67,8 @@ struct qk_logits {
       return;
     }
     const i64 keys = raters[R - 1] + 1;
-    const i64 h = b.by() / r_tiles, r0 = (b.by() % r_tiles) * Tile, u0 = b.bx() * Tile;
+    // (head, rater tile) on x, key tiles on y: heads·r_tiles may exceed y's 65,535.
+    const i64 h = b.bx() / r_tiles, r0 = (b.bx() % r_tiles) * Tile, u0 = b.by() * Tile;
     if (r0 >= R || u0 >= keys) return;  // the whole block leaves together
     const i64 na = R - r0 < Tile ? R - r0 : Tile;
     const i64 nb = keys - u0 < Tile ? keys - u0 : Tile;

@@ -1,0 +1,151 @@
+// cuda/launch_plan.hpp: the kernels a device step launches, checked against the
+// device limits of sm_80 and sm_90 on the model shapes the CUDA backend serves,
+// without a GPU.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include <sparsevlm/cuda/launch_plan.hpp>
+
+namespace {
+
+using namespace sparsevlm;
+namespace pl = sparsevlm::cuda::detail::pipeline;
+
+struct plan_shape {
+  const char* name;
+  index_t prefix, visual, text, heads, hidden;
+};
+
+// LLaVA-1.5-7B/13B (576 visual tokens), LLaVA-NeXT (AnyRes: 2880), video at
+// 8 × 576 and 16 × 576 frames; a 35-token system prompt and a 60-token question.
+const std::vector<plan_shape> shapes = {
+    {"llava-1.5-7b", 35, 576, 60, 32, 4096},   {"llava-1.5-13b", 35, 576, 60, 40, 5120},
+    {"llava-next-7b", 35, 2880, 60, 32, 4096}, {"video-4608", 35, 4608, 60, 32, 4096},
+    {"video-9216", 35, 9216, 60, 32, 4096},
+};
+
+step_shape shape_of(const plan_shape& p, bool given, bool qk, bool recycle) {
+  step_shape s;
+  s.length = p.prefix + p.visual + p.text;
+  s.visual = p.visual;
+  s.heads = p.heads;
+  s.embed_dim = given ? 0 : p.hidden;
+  s.hidden_dim = p.hidden;
+  s.head_dim = qk ? p.hidden / p.heads : 0;
+  s.recycle_fraction = recycle ? 0.3 : 0.0;
+  return s;
+}
+
+cuda::launch_plan plan_of(const plan_shape& p, bool given, bool qk, bool recycle,
+                          std::size_t max_shared = cuda::device_limits::sm90().max_shared_optin) {
+  step_options opt;
+  opt.recycle.enabled = recycle;
+  const step_shape s = shape_of(p, given, qk, recycle);
+  return cuda::plan_step(s, s.length, visual_span{p.prefix, p.visual}, opt,
+                         cuda::step_form{given, qk, true}, max_shared);
+}
+
+const cuda::kernel_launch* find(const cuda::launch_plan& plan, const std::string& name) {
+  const auto it = std::find_if(plan.kernels.begin(), plan.kernels.end(),
+                               [&](const cuda::kernel_launch& k) { return k.name == name; });
+  return it == plan.kernels.end() ? nullptr : &*it;
+}
+
+}  // namespace
+
+TEST_CASE("launch plan: every launch fits sm_80 and sm_90 at the served shapes") {
+  int plans = 0;
+  for (const plan_shape& p : shapes)
+    for (int form = 0; form < 8; ++form) {
+      const bool given = form & 1, qk = form & 2, recycle = form & 4;
+      INFO(p.name, " given ", given, " qk ", qk, " recycle ", recycle);
+      for (const cuda::device_limits lim :
+           {cuda::device_limits::sm80(), cuda::device_limits::sm90()}) {
+        const cuda::launch_plan plan = plan_of(p, given, qk, recycle, lim.max_shared_optin);
+        CHECK(plan.violation(lim).empty());
+        CHECK(plan.host_syncs == 0);
+        CHECK(plan.copies == 1);
+        CHECK(plan.workspace_bytes == cuda::step_workspace_bytes(shape_of(p, given, qk, recycle)));
+        REQUIRE(plan.kernels.size() >= 8);
+        CHECK(plan.kernels.front().name == "counts_reset");
+        CHECK(plan.kernels.back().name == "plan_sequence");
+        for (const cuda::kernel_launch& k : plan.kernels) {
+          CHECK(k.name != "kernel");
+          CHECK(k.grid[0] >= 1);
+          CHECK(k.grid[1] >= 1);
+          CHECK(k.block[0] >= 1);
+        }
+        // Recycling's kernels run exactly when it is on; raters come from the
+        // embeddings exactly when they are not given.
+        CHECK((find(plan, "recycle_gram") != nullptr) == recycle);
+        CHECK((find(plan, "rater_logits") != nullptr) == !given);
+        CHECK((find(plan, "rater_copy") != nullptr) == given);
+        CHECK((find(plan, "qk_logits") != nullptr) == qk);
+        CHECK((find(plan, "scores_from_attention") != nullptr) == !qk);
+        ++plans;
+      }
+    }
+  CHECK(plans == static_cast<int>(shapes.size()) * 16);
+}
+
+TEST_CASE("launch plan: the rank kernel is bounded by the text after the span, not the prefix") {
+  // At LLaVA-1.5 the raters are among the 60 question tokens: G is at most 60 × 60
+  // doubles (29 KB) and fits without the opt-in attribute. Bounding it by L − N
+  // (95, prefix included) asked for 73,752 bytes.
+  const cuda::launch_plan plan = plan_of(shapes[0], false, false, true);
+  const cuda::kernel_launch* solve = find(plan, "rank_solve");
+  REQUIRE(solve != nullptr);
+  CHECK(solve->smem_bytes == pl::rank_shared_bytes(60));
+  CHECK(solve->smem_bytes <= cuda::detail::launch_policy::default_shared);
+  CHECK(pl::rank_shared_bytes(95) > cuda::detail::launch_policy::default_shared);
+  // With no room for G in shared memory the kernel takes the global-memory path.
+  const cuda::launch_plan small = plan_of(shapes[0], false, false, true, 16 * 1024);
+  const cuda::kernel_launch* fallback = find(small, "rank_solve");
+  REQUIRE(fallback != nullptr);
+  CHECK(fallback->smem_bytes == 4 * sizeof(double));
+}
+
+TEST_CASE("launch plan: the q/k logits grid keeps its large extent on x") {
+  // 64 heads and 40,000 question tokens: 64 · 1250 rater tiles would exceed y's 65,535.
+  const plan_shape big{"long", 35, 576, 40000, 64, 8192};
+  const cuda::launch_plan plan = plan_of(big, true, true, false);
+  const cuda::kernel_launch* logits = find(plan, "qk_logits");
+  REQUIRE(logits != nullptr);
+  CHECK(logits->grid[0] == 64 * ((40000 + 31) / 32));
+  CHECK(logits->grid[1] == (35 + 576 + 40000 + 31) / 32);
+  CHECK(plan.violation(cuda::device_limits::sm90()).empty());
+}
+
+TEST_CASE("launch plan: violation names the launch and the limit") {
+  cuda::launch_plan plan;
+  plan.kernels.push_back({"k", {1, 70000, 1}, {256, 1, 1}, 0});
+  CHECK(plan.violation(cuda::device_limits::sm90()) == "k: grid y 70000 > 65535 (sm_90)");
+  plan.kernels[0] = {"k", {1, 1, 1}, {2048, 1, 1}, 0};
+  CHECK(plan.violation(cuda::device_limits::sm80()) == "k: threads 2048 > 1024 (sm_80)");
+  plan.kernels[0] = {"k", {1, 1, 1}, {256, 1, 1}, 200000};
+  CHECK(plan.violation(cuda::device_limits::sm80()) == "k: shared bytes 200000 > 166912 (sm_80)");
+  CHECK(plan.violation(cuda::device_limits::sm90()).empty());
+}
+
+TEST_CASE("launch plan: refuses what prune_step_async refuses") {
+  const step_shape s = shape_of(shapes[0], false, false, true);
+  step_options opt;
+  CHECK_THROWS_WITH_AS(cuda::plan_step(s, s.length + 1, visual_span{35, 576}, opt),
+                       doctest::Contains("length"), error);
+  CHECK_THROWS_WITH_AS(cuda::plan_step(s, s.length, visual_span{35, 700}, opt),
+                       doctest::Contains("visual"), error);
+  step_shape g = s;
+  g.gravity = true;
+  CHECK_THROWS_WITH_AS(cuda::plan_step(g, g.length, visual_span{35, 576}, opt),
+                       doctest::Contains("shape.gravity"), error);
+  step_options big = opt;
+  big.recycle.fraction = 0.9;  // more rows than the shape's 0.3 reserved
+  CHECK_THROWS_WITH_AS(cuda::plan_step(s, s.length, visual_span{35, 576}, big),
+                       doctest::Contains("recycle options"), error);
+  CHECK_THROWS_WITH_AS(
+      cuda::plan_step(s, s.length, visual_span{35, 576}, opt, cuda::step_form{false, true, true}),
+      doctest::Contains("shape.head_dim"), error);
+}
