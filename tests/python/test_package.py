@@ -36,6 +36,26 @@ def test_there_are_cases():
     assert case_dirs, f"no spec cases under {CASES}"
 
 
+def test_cli_cuda_plan_and_the_performance_model():
+    # `sparsevlm cuda-plan` needs no GPU: one JSON document, every launch within the
+    # limits; bench/cuda_model.py prices each of those launches.
+    if not CLI.exists():
+        pytest.skip(f"no CLI at {CLI} (set SPARSEVLM_CLI)")
+    out = subprocess.run([str(CLI), "cuda-plan", "--model", "llava-1.5-7b", "--scores-from", "qk"],
+                         check=True, capture_output=True, text=True)
+    plan = json.loads(out.stdout)
+    names = [k["name"] for k in plan["kernels"]]
+    assert plan["host_syncs"] == 0 and plan["within_limits"] and plan["length"] == 671
+    assert names[0] == "counts_reset" and "qk_logits" in names and names[-1] == "plan_sequence"
+    model = subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_model.py"), "--cli",
+                            str(CLI), "--model", "llava-1.5-7b", "--scores-from", "qk", "--json"],
+                           check=True, capture_output=True, text=True)
+    m = json.loads(model.stdout)
+    assert [k["name"] for k in m["kernels"]] == names
+    assert m["total_us"] == pytest.approx(m["compute_us"] + m["launch_gaps_us"])
+    assert all(k["us"] >= 0 for k in m["kernels"]) and m["compute_us"] > 0
+
+
 @pytest.mark.parametrize("case", case_dirs, ids=lambda p: p.name)
 def test_run_case_agrees_with_expected(case):
     got = sv.run_case(case)
