@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "../config.hpp"
+#include "rn.hpp"
 
 namespace sparsevlm::detail::core {
 
@@ -36,18 +37,18 @@ SPARSEVLM_HD inline double fma64(double a, double b, double c) noexcept {
 /// The 16 partial sums combined pairwise: l + 8, then + 4, + 2, + 1.
 SPARSEVLM_HD inline float reduce16(const float* s) noexcept {
   float h[8];
-  for (int l = 0; l < 8; ++l) h[l] = s[l] + s[l + 8];
-  for (int l = 0; l < 4; ++l) h[l] = h[l] + h[l + 4];
-  for (int l = 0; l < 2; ++l) h[l] = h[l] + h[l + 2];
-  return h[0] + h[1];
+  for (int l = 0; l < 8; ++l) h[l] = add_rn(s[l], s[l + 8]);
+  for (int l = 0; l < 4; ++l) h[l] = add_rn(h[l], h[l + 4]);
+  for (int l = 0; l < 2; ++l) h[l] = add_rn(h[l], h[l + 2]);
+  return add_rn(h[0], h[1]);
 }
 
 /// The 8 partial sums combined pairwise: l + 4, then + 2, + 1.
 SPARSEVLM_HD inline double reduce8(const double* s) noexcept {
   double h[4];
-  for (int l = 0; l < 4; ++l) h[l] = s[l] + s[l + 4];
-  for (int l = 0; l < 2; ++l) h[l] = h[l] + h[l + 2];
-  return h[0] + h[1];
+  for (int l = 0; l < 4; ++l) h[l] = add_rn(s[l], s[l + 4]);
+  for (int l = 0; l < 2; ++l) h[l] = add_rn(h[l], h[l + 2]);
+  return add_rn(h[0], h[1]);
 }
 
 /// float32 dot product of `d` elements, `a(k)` and `b(k)` returning the k-th

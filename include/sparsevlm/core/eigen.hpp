@@ -8,6 +8,7 @@
 
 #include "../config.hpp"
 #include "block.hpp"
+#include "rn.hpp"
 
 namespace sparsevlm::detail::core {
 
@@ -31,11 +32,12 @@ namespace sparsevlm::detail::core {
 ///   60 sweeps per eigenvalue (never seen for symmetric input; the caller falls
 ///   back or reports it).
 /// - Cost: 4n³/3 + O(n²) flops; O(n²) barrier steps.
+/// - Every operation is one rounding (core/rn.hpp), so nvcc's flags cannot fuse or
+///   approximate any of it.
 template <class Block>
 SPARSEVLM_HD bool symmetric_eigenvalues(const Block& b, double* a, std::int64_t n, double* d,
                                         double* e, double* bc) noexcept {
   using std::fabs;
-  using std::sqrt;
   if (n <= 0) return true;
   const std::int64_t t0 = b.rank(), nt = b.size();
   const bool lead = t0 == 0;
@@ -44,7 +46,7 @@ SPARSEVLM_HD bool symmetric_eigenvalues(const Block& b, double* a, std::int64_t 
   for (std::int64_t k = 0; k + 2 < n; ++k) {
     if (lead) {
       double scale = 0.0;
-      for (std::int64_t i = k + 1; i < n; ++i) scale += fabs(a[i * n + k]);
+      for (std::int64_t i = k + 1; i < n; ++i) scale = add_rn(scale, fabs(a[i * n + k]));
       bc[0] = scale;
     }
     b.sync();
@@ -57,16 +59,16 @@ SPARSEVLM_HD bool symmetric_eigenvalues(const Block& b, double* a, std::int64_t 
       b.sync();  // bc[0] is rewritten by the next column
       continue;
     }
-    for (std::int64_t i = k + 1 + t0; i < n; i += nt) a[i * n + k] /= scale;  // scaled v
+    for (std::int64_t i = k + 1 + t0; i < n; i += nt) a[i * n + k] = div_rn(a[i * n + k], scale);  // scaled v
     b.sync();
     if (lead) {
       double h = 0.0;
-      for (std::int64_t i = k + 1; i < n; ++i) h += a[i * n + k] * a[i * n + k];
+      for (std::int64_t i = k + 1; i < n; ++i) h = add_rn(h, mul_rn(a[i * n + k], a[i * n + k]));
       const double f = a[(k + 1) * n + k];
-      const double g = f >= 0.0 ? -sqrt(h) : sqrt(h);
-      e[k] = scale * g;
-      h -= f * g;  // = ‖v‖² / 2 with v = x − g·e1
-      a[(k + 1) * n + k] = f - g;
+      const double g = f >= 0.0 ? -sqrt_rn(h) : sqrt_rn(h);
+      e[k] = mul_rn(scale, g);
+      h = sub_rn(h, mul_rn(f, g));  // = ‖v‖² / 2 with v = x − g·e1
+      a[(k + 1) * n + k] = sub_rn(f, g);
       bc[1] = h;
     }
     b.sync();
@@ -74,23 +76,24 @@ SPARSEVLM_HD bool symmetric_eigenvalues(const Block& b, double* a, std::int64_t 
     // p = A·v / h over the trailing block (lower triangle), into d[k+1..] as scratch.
     for (std::int64_t i = k + 1 + t0; i < n; i += nt) {
       double s = 0.0;
-      for (std::int64_t j = k + 1; j <= i; ++j) s += a[i * n + j] * a[j * n + k];
-      for (std::int64_t j = i + 1; j < n; ++j) s += a[j * n + i] * a[j * n + k];
-      d[i] = s / h;
+      for (std::int64_t j = k + 1; j <= i; ++j) s = add_rn(s, mul_rn(a[i * n + j], a[j * n + k]));
+      for (std::int64_t j = i + 1; j < n; ++j) s = add_rn(s, mul_rn(a[j * n + i], a[j * n + k]));
+      d[i] = div_rn(s, h);
     }
     b.sync();
     if (lead) {
       double vp = 0.0;
-      for (std::int64_t i = k + 1; i < n; ++i) vp += d[i] * a[i * n + k];
-      bc[2] = vp / (h + h);
+      for (std::int64_t i = k + 1; i < n; ++i) vp = add_rn(vp, mul_rn(d[i], a[i * n + k]));
+      bc[2] = div_rn(vp, add_rn(h, h));
     }
     b.sync();
     const double kk = bc[2];
-    for (std::int64_t i = k + 1 + t0; i < n; i += nt) d[i] -= kk * a[i * n + k];  // w
+    for (std::int64_t i = k + 1 + t0; i < n; i += nt) d[i] = sub_rn(d[i], mul_rn(kk, a[i * n + k]));  // w
     b.sync();
     for (std::int64_t i = k + 1 + t0; i < n; i += nt)
       for (std::int64_t j = k + 1; j <= i; ++j)
-        a[i * n + j] -= a[i * n + k] * d[j] + d[i] * a[j * n + k];
+        a[i * n + j] = sub_rn(a[i * n + j],
+                              add_rn(mul_rn(a[i * n + k], d[j]), mul_rn(d[i], a[j * n + k])));
     b.sync();
     if (lead) d[k] = a[k * n + k];
   }
@@ -109,41 +112,41 @@ SPARSEVLM_HD bool symmetric_eigenvalues(const Block& b, double* a, std::int64_t 
       std::int64_t m;
       do {
         for (m = l; m + 1 < n; ++m) {
-          const double dd = fabs(d[m]) + fabs(d[m + 1]);
-          if (fabs(e[m]) <= 0x1p-53 * dd) break;
+          const double dd = add_rn(fabs(d[m]), fabs(d[m + 1]));
+          if (fabs(e[m]) <= mul_rn(0x1p-53, dd)) break;
         }
         if (m != l) {
           if (++iter > 60) {
             ok = false;
             break;
           }
-          double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
-          double r = sqrt(g * g + 1.0);
-          g = d[m] - d[l] + e[l] / (g + (g >= 0.0 ? fabs(r) : -fabs(r)));
+          double g = div_rn(sub_rn(d[l + 1], d[l]), mul_rn(2.0, e[l]));
+          double r = sqrt_rn(add_rn(mul_rn(g, g), 1.0));
+          g = add_rn(sub_rn(d[m], d[l]), div_rn(e[l], add_rn(g, g >= 0.0 ? fabs(r) : -fabs(r))));
           double s = 1.0, c = 1.0, p = 0.0;
           std::int64_t i = m - 1;
           bool early = false;
           for (; i >= l; --i) {
-            double f = s * e[i];
-            const double bb = c * e[i];
-            r = sqrt(f * f + g * g);
+            double f = mul_rn(s, e[i]);
+            const double bb = mul_rn(c, e[i]);
+            r = sqrt_rn(add_rn(mul_rn(f, f), mul_rn(g, g)));
             e[i + 1] = r;
             if (r == 0.0) {  // underflow: deflate and restart
-              d[i + 1] -= p;
+              d[i + 1] = sub_rn(d[i + 1], p);
               e[m] = 0.0;
               early = true;
               break;
             }
-            s = f / r;
-            c = g / r;
-            g = d[i + 1] - p;
-            r = (d[i] - g) * s + 2.0 * c * bb;
-            p = s * r;
-            d[i + 1] = g + p;
-            g = c * r - bb;
+            s = div_rn(f, r);
+            c = div_rn(g, r);
+            g = sub_rn(d[i + 1], p);
+            r = add_rn(mul_rn(sub_rn(d[i], g), s), mul_rn(mul_rn(2.0, c), bb));
+            p = mul_rn(s, r);
+            d[i + 1] = add_rn(g, p);
+            g = sub_rn(mul_rn(c, r), bb);
           }
           if (early) continue;
-          d[l] -= p;
+          d[l] = sub_rn(d[l], p);
           e[l] = g;
           e[m] = 0.0;
         }

@@ -27,7 +27,7 @@ SPARSEVLM_HD inline double exp64(double x) noexcept {
   x = x < lo ? lo : (x > hi ? hi : x);
   using std::ldexp;
   using std::nearbyint;
-  const double k = nearbyint(x * log2e);
+  const double k = nearbyint(mul_rn(x, log2e));
   double r = fma64(-k, ln2_hi, x);
   r = fma64(-k, ln2_lo, r);
   double p = c[0];

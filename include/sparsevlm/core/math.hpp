@@ -23,11 +23,11 @@ SPARSEVLM_HD inline float column_score(std::int64_t raters, float heads, float* 
                                        std::int64_t stride) noexcept {
   float score = 0.0f;
   for (std::int64_t r = 0; r < raters; ++r) {
-    const float v = p[r * stride] / heads;
+    const float v = div_rn(p[r * stride], heads);
     p[r * stride] = v;
-    score += v;
+    score = add_rn(score, v);
   }
-  return raters > 0 ? score / static_cast<float>(raters) : score;
+  return raters > 0 ? div_rn(score, static_cast<float>(raters)) : score;
 }
 
 /// Strict total order "a ranks before b" on (score, position): higher score first,
@@ -48,8 +48,8 @@ SPARSEVLM_HD constexpr bool denser(double rho_j, I j, double rho_i, I i) noexcep
 /// Square of the rank threshold: singular value s counts when s^2 > this, with
 /// `lambda_max` = sigma_max^2 and m = max(R, N).
 SPARSEVLM_HD inline double rank_threshold_sq(double lambda_max, std::int64_t m) noexcept {
-  const double t = static_cast<double>(m) * rank_epsilon;
-  return lambda_max * t * t;
+  const double t = mul_rn(static_cast<double>(m), rank_epsilon);
+  return mul_rn(mul_rn(lambda_max, t), t);
 }
 
 /// Spec step 5, rank policy (without the rank == N and no-rater cases, which
@@ -61,8 +61,12 @@ SPARSEVLM_HD inline std::int64_t rank_keep(std::int64_t rank, double scale, doub
   // keeps a compiler that fuses multiply-adds (-ffp-contract=fast with FMA, the
   // default on aarch64 and with -march=native) from changing floor's answer when
   // the exact value is an integer (6 · 0.3 + 0.2 gives 1 here, 2 fused).
+#if defined(__CUDA_ARCH__)
+  const double product = mul_rn(static_cast<double>(rank), scale);  // never fused (core/rn.hpp)
+#else
   volatile double product = static_cast<double>(rank) * scale;
-  const double v = std::floor(product + bias);
+#endif
+  const double v = std::floor(add_rn(product, bias));
   const double hi = static_cast<double>(n - 1);
   if (!(v > 0.0)) return 0;
   if (v >= hi) return n - 1;
@@ -71,13 +75,13 @@ SPARSEVLM_HD inline std::int64_t rank_keep(std::int64_t rank, double scale, doub
 
 /// Spec step 7: s = min(n, floor(fraction * n) + 1) tokens are recycled.
 SPARSEVLM_HD inline std::int64_t recycle_count(std::int64_t n_pruned, double fraction) noexcept {
-  const double v = std::floor(fraction * static_cast<double>(n_pruned)) + 1.0;
+  const double v = add_rn(std::floor(mul_rn(fraction, static_cast<double>(n_pruned))), 1.0);
   return v >= static_cast<double>(n_pruned) ? n_pruned : static_cast<std::int64_t>(v);
 }
 
 /// Spec step 7: c = floor(s / cluster_divisor) + 1 clusters (never more than s).
 SPARSEVLM_HD inline std::int64_t cluster_count(std::int64_t s, double cluster_divisor) noexcept {
-  const double v = std::floor(static_cast<double>(s) / cluster_divisor) + 1.0;
+  const double v = add_rn(std::floor(div_rn(static_cast<double>(s), cluster_divisor)), 1.0);
   return v >= static_cast<double>(s) ? s : static_cast<std::int64_t>(v);
 }
 
@@ -127,8 +131,8 @@ SPARSEVLM_HD inline std::int64_t pick_raters(const double* m, std::int64_t n_tex
   while (first_unequal < n_text && m[first_unequal] == m[0]) ++first_unequal;
   if (first_unequal == n_text) return 0;  // every m[t] equal
   double mean = 0.0;
-  for (std::int64_t t = 0; t < n_text; ++t) mean += m[t];
-  mean /= static_cast<double>(n_text);
+  for (std::int64_t t = 0; t < n_text; ++t) mean = add_rn(mean, m[t]);
+  mean = div_rn(mean, static_cast<double>(n_text));
   std::int64_t r = 0;
   for (std::int64_t t = 0; t < n_text; ++t)
     if (m[t] > mean) out[r++] = first_text + t;
@@ -171,8 +175,8 @@ SPARSEVLM_HD inline recycle_counts recycled_counts(std::int64_t pruned, bool ena
 /// Duplicate rows give three identical Gram entries, hence exactly 0.
 SPARSEVLM_HD inline double gram_distance(double g_ii, double g_jj, double g_ij,
                                          double sqrt_d) noexcept {
-  const double sq = (g_ii + g_jj) - 2.0 * g_ij;
-  return std::sqrt(sq < 0.0 ? 0.0 : sq) / sqrt_d;  // std::max(sq, 0.0), bit for bit
+  const double sq = sub_rn(add_rn(g_ii, g_jj), mul_rn(2.0, g_ij));
+  return div_rn(sqrt_rn(sq < 0.0 ? 0.0 : sq), sqrt_d);  // std::max(sq, 0.0), bit for bit
 }
 
 /// Spec step 7: ρ = exp(−mean of the squares of the k smallest distances of a
@@ -181,8 +185,8 @@ SPARSEVLM_HD inline double gram_distance(double g_ii, double g_jj, double g_ij,
 /// (core/exp.hpp), so the CPU and the GPU compute the same densities.
 SPARSEVLM_HD inline double density(const double* smallest, std::int64_t k) noexcept {
   double sum = 0.0;
-  for (std::int64_t t = 0; t < k; ++t) sum += smallest[t] * smallest[t];
-  return exp64(-(sum / static_cast<double>(k)));
+  for (std::int64_t t = 0; t < k; ++t) sum = add_rn(sum, mul_rn(smallest[t], smallest[t]));
+  return exp64(-div_rn(sum, static_cast<double>(k)));
 }
 
 /// Spec step 7, δ: min(delta, dist) as std::min computes it.

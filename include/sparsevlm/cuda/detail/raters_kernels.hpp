@@ -55,7 +55,8 @@ struct rater_row_stats {
         mx = mx < v ? v : mx;  // std::max(mx, v)
       }
       double sum = 0.0;
-      for (i64 t = 0; t < n_text; ++t) sum += core::exp64(static_cast<double>(li[t]) - mx);
+      for (i64 t = 0; t < n_text; ++t)
+        sum = core::add_rn(sum, core::exp64(core::sub_rn(static_cast<double>(li[t]), mx)));
       row_max[i] = mx;
       row_sum[i] = sum;
     }
@@ -77,8 +78,11 @@ struct rater_column_means {
     for (i64 t = thread_id(b); t < n_text; t += thread_count(b)) {
       double acc = 0.0;
       for (i64 i = 0; i < n_visual; ++i)
-        acc += core::exp64(static_cast<double>(logits[i * n_text + t]) - row_max[i]) / row_sum[i];
-      m[t] = acc / static_cast<double>(n_visual);
+        acc = core::add_rn(
+            acc, core::div_rn(core::exp64(core::sub_rn(static_cast<double>(logits[i * n_text + t]),
+                                                       row_max[i])),
+                              row_sum[i]));
+      m[t] = core::div_rn(acc, static_cast<double>(n_visual));
     }
   }
 };

@@ -151,7 +151,7 @@ struct recycle_gamma {
       double delta = *dmax;
       for (i64 j = 0; j < s; ++j)
         if (core::denser(rho[j], j, rho[i], i)) delta = core::nearer(delta, D[i * ld + j]);
-      gamma[i] = rho[i] * delta;
+      gamma[i] = core::mul_rn(rho[i], delta);
     }
   }
 };
@@ -267,9 +267,9 @@ struct recycle_merge {
       const i64 q = e / dim, col = e % dim;
       double acc = 0.0;
       for (i64 m = offsets[q]; m < offsets[q + 1]; ++m)
-        acc += static_cast<double>(hidden.at(members[m], col));
+        acc = core::add_rn(acc, static_cast<double>(hidden.at(members[m], col)));
       merged[q * dim + col] =
-          static_cast<float>(acc / static_cast<double>(offsets[q + 1] - offsets[q]));
+          static_cast<float>(core::div_rn(acc, static_cast<double>(offsets[q + 1] - offsets[q])));
     }
   }
 };

@@ -33,7 +33,7 @@ struct scores_from_attention {
       for (i64 r = 0; r < R; ++r) {
         const i64 q = raters[r];
         float p = 0.0f;
-        for (i64 h = 0; h < heads; ++h) p += attn.at(h, q, first_visual + j);
+        for (i64 h = 0; h < heads; ++h) p = core::add_rn(p, attn.at(h, q, first_visual + j));
         P[r * n_visual + j] = p;
       }
       const float score = core::column_score(R, hf, P + j, n_visual);
@@ -115,7 +115,7 @@ struct qk_row_stats {
     double mx = -INFINITY;
     bool finite = true;
     for (i64 u = tid; u <= t; u += nt) {
-      const double v = static_cast<double>(scale * zr[u]);
+      const double v = static_cast<double>(core::mul_rn(scale, zr[u]));
       finite = finite && std::isfinite(v);
       mx = mx < v ? v : mx;
     }
@@ -144,11 +144,13 @@ struct qk_row_stats {
     double s = 0.0;  // thread 0's running sum, keys in order
     for (i64 base = 0; base <= t; base += nt) {
       const i64 u = base + tid;
-      buf[tid] = u <= t ? core::exp64(static_cast<double>(scale * zr[u]) - row_max) : 0.0;
+      buf[tid] = u <= t ? core::exp64(core::sub_rn(static_cast<double>(core::mul_rn(scale, zr[u])),
+                                                   row_max))
+                        : 0.0;
       b.sync();
       if (tid == 0) {
         const i64 n = t + 1 - base < nt ? t + 1 - base : nt;
-        for (i64 i = 0; i < n; ++i) s += buf[i];
+        for (i64 i = 0; i < n; ++i) s = core::add_rn(s, buf[i]);
       }
       b.sync();
     }
@@ -183,8 +185,10 @@ struct scores_from_qk {
         float p = 0.0f;
         for (i64 h = 0; h < heads; ++h) {
           const i64 idx = h * r_max + r;
-          const double zz = static_cast<double>(scale * z[idx * k_max + first_visual + j]);
-          p += static_cast<float>(core::exp64(zz - offset[idx]) / sum[idx]);
+          const double zz =
+              static_cast<double>(core::mul_rn(scale, z[idx * k_max + first_visual + j]));
+          p = core::add_rn(
+              p, static_cast<float>(core::div_rn(core::exp64(core::sub_rn(zz, offset[idx])), sum[idx])));
         }
         P[r * n_visual + j] = p;
       }
