@@ -207,6 +207,24 @@ std::vector<flat_case> synthetic_cases() {
   return out;
 }
 
+std::vector<flat_case> model_shape_cases() {
+  using kp = sparsevlm::keep_policy;
+  // The token counts of LLaVA-1.5 (35 + 576 + 60) and LLaVA-NeXT (35 + 2880 + 60),
+  // with few heads and small embeddings so the CPU-thread emulation stays quick:
+  // the grids, tiles, shared-memory bounds and recycled counts are those shapes'.
+  const synthetic_shape shapes[] = {
+      // L     S   N     H Hkv dh de  d   policy              recycle frac div  raters
+      {671, 35, 576, 2, 2, 8, 16, 16, kp::rank(0.8, 0.0), true, 0.3, 10.0, false},
+      {671, 35, 576, 2, 1, 8, 16, 16, kp::fixed(192), true, 0.3, 10.0, true},
+      {2975, 35, 2880, 2, 2, 8, 16, 16, kp::rank(9.0, 6.0), true, 0.3, 10.0, false},
+  };
+  std::vector<flat_case> out;
+  std::mt19937 g(576);
+  int index = 100;
+  for (const synthetic_shape& s : shapes) out.push_back(draw(s, g, index++));
+  return out;
+}
+
 sparsevlm::step_result cpu_step(const flat_case& c, elem e, bool qk) {
   switch (e) {
     case elem::f16: return run<sparsevlm::half>(c, qk);

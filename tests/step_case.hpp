@@ -53,6 +53,9 @@ std::vector<flat_case> load_flat_cases(const std::string& dir);
 /// DPC-KNN margins are not checked (the tests compare bits, which no margin
 /// changes).
 std::vector<flat_case> synthetic_cases();
+/// Seeded steps at LLaVA-1.5's and LLaVA-NeXT's token counts (small H and d), for the
+/// CPU-thread runs of the device kernels at those grids.
+std::vector<flat_case> model_shape_cases();
 
 /// prune_step on the CPU with embeds, attention (or q/k) and hidden converted
 /// to `e` (round to nearest even), scoring from q/k when `qk`.

@@ -213,6 +213,31 @@ TEST_CASE("step kernels: the device pipeline, emulated on CPU threads, decides a
   CHECK(compared > 0);
 }
 
+TEST_CASE("step kernels: at LLaVA-1.5's and LLaVA-NeXT's token counts the emulation decides as prune_step") {
+  // N 576 and 2880 behind a 35-token prefix, 60 question tokens: the rank kernel's
+  // text bound, the recycled rows (173 and 865), the density rows' power-of-two
+  // sort and the grid-stride loops at the sizes the GPU sees.
+  int compared = 0;
+  for (const auto& c : svt::model_shape_cases()) {
+    for (bool qk : {false, true}) {
+      INFO("case ", c.name, " N ", c.N, qk ? " (q/k)" : " (attn)");
+      const sparsevlm::step_result want = svt::cpu_step(c, svt::elem::f32, qk);
+      const pl::bounds bd = bounds_of(c, qk);
+      host_workspace ws(bd);
+      cpu_exec ex;
+      ex.block = 32;
+      ex.max_blocks = 16;
+      const pipeline_out got = emulate<float>(ex, c, qk, ws, bd);
+      check_same(got, want);
+      CHECK(want.keep_count > 0);
+      CHECK(want.keep_count < c.N);
+      CHECK(!want.recycled.clusters.empty());
+      ++compared;
+    }
+  }
+  CHECK(compared == 6);
+}
+
 TEST_CASE("step kernels: the emulated pipeline with caller raters (and bad ones, flagged)") {
   const auto all = cases();
   int flagged = 0;

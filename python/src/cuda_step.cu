@@ -1,6 +1,7 @@
 // See cuda_step.hpp.
 #include "cuda_step.hpp"
 
+#include <bit>
 #include <optional>
 #include <span>
 #include <stdexcept>
@@ -46,11 +47,14 @@ class scratch {
     for (auto& e : entries_) {
       if (e.device != device || e.slot != slot) continue;
       if (e.bytes >= bytes) return e.p;
+      // Grown to the next power of two: a run of growing shapes reallocates (and
+      // synchronises the device in cudaFree) O(log) times, not once per step.
+      const std::size_t grown = std::bit_ceil(bytes);
       cuda_check(cudaFree(e.p), "cudaFree");
       e.p = nullptr;
       e.bytes = 0;
-      cuda_check(cudaMalloc(&e.p, bytes), "cudaMalloc");
-      e.bytes = bytes;
+      cuda_check(cudaMalloc(&e.p, grown), "cudaMalloc");
+      e.bytes = grown;
       return e.p;
     }
     void* p = nullptr;
@@ -115,8 +119,9 @@ sv::step_result run(const Inputs& in, const sv::step_options& opt, cudaStream_t 
   int device = 0;
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");
   void* ws = scratch::get(device, workspace_slot, bytes);
-  index_t length = -1;
-  cuda_check(sv::cuda::prune_step_sync(in, opt, ws, bytes, step, length, stream), "prune_step_sync");
+  // No synchronisation until download's one: the step and the copies are stream-ordered.
+  cuda_check(sv::cuda::prune_step_async(in, opt, ws, bytes, step, nullptr, stream),
+             "prune_step_async");
   sv::step_result r;
   sv::cuda::step_status status;
   cuda_check(sv::cuda::download(step, r, status, stream), "download");

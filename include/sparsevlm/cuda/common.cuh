@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -264,42 +265,56 @@ inline cudaError_t begin_step(const step_shape& shape, index_t length, visual_sp
   return ex.status;
 }
 
-/// Reads a finished step back into a host result (synchronous: waits for
-/// `stream`; for tests, tools and debugging, not the hot path). `status`
-/// receives the device flags. After a flagged error, `out` holds the raters and
-/// counts read so far and empty lists (scores included: the kernel that would
-/// have written them may not have run).
+/// Reads a finished step back into a host result (synchronous: one
+/// cudaStreamSynchronize on `stream`; for tests, tools and bindings, not the hot
+/// path). Every output is copied at its bound (the counts are on the device, and
+/// waiting for them first would be a second synchronisation), then trimmed to the
+/// counts. `status` receives the device flags. After a flagged error, `out` holds
+/// the raters and counts read so far and empty lists (scores included: the kernel
+/// that would have written them may not have run).
 inline cudaError_t download(const device_step& step, step_result& out, step_status& status,
                             cudaStream_t stream) {
+  const index_t N = step.visual.len, d = step.hidden_dim;
+  const index_t T = detail::pipeline::raters_bound(step.length, step.visual.start, N);
+  const index_t s_max = step.bounds.s_max, c_max = step.bounds.c_max;
   detail::step_counts c{};
+  std::vector<index_t> raters(static_cast<std::size_t>(T)), keep(static_cast<std::size_t>(N)),
+      sequence(static_cast<std::size_t>(step.length)),
+      offsets(static_cast<std::size_t>(c_max + 1)), members(static_cast<std::size_t>(s_max));
+  std::vector<float> scores(static_cast<std::size_t>(N)),
+      merged(static_cast<std::size_t>(c_max * d));
   cudaError_t e = cudaMemcpyAsync(&c, step.buf.counts, sizeof c, cudaMemcpyDeviceToHost, stream);
+  const auto get = [&](auto& vec, const auto* src) {
+    if (e == cudaSuccess && !vec.empty())
+      e = cudaMemcpyAsync(vec.data(), src, vec.size() * sizeof(vec[0]), cudaMemcpyDeviceToHost,
+                          stream);
+  };
+  get(raters, step.buf.raters);
+  get(scores, step.buf.scores);
+  get(keep, step.buf.keep);
+  get(sequence, step.buf.sequence);
+  get(offsets, step.buf.offsets);
+  get(members, step.buf.members);
+  get(merged, step.buf.merged);
   if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
   if (e != cudaSuccess) return e;
   status = detail::status_of(c);
-  const index_t N = step.visual.len, d = step.hidden_dim;
   out = step_result{};
   out.rank = c.rank;
   out.keep_count = c.keep;
   out.recycled.dim = d;
-  const auto get = [&](auto& vec, const auto* src, index_t n) {
-    vec.resize(static_cast<std::size_t>(n > 0 ? n : 0));
-    if (n > 0 && e == cudaSuccess)
-      e = cudaMemcpyAsync(vec.data(), src, static_cast<std::size_t>(n) * sizeof(vec[0]),
-                          cudaMemcpyDeviceToHost, stream);
+  const auto first = [](const auto& vec, index_t n) {
+    using V = std::decay_t<decltype(vec)>;
+    const std::size_t k = std::min(vec.size(), static_cast<std::size_t>(n > 0 ? n : 0));
+    return V(vec.begin(), vec.begin() + static_cast<std::ptrdiff_t>(k));
   };
-  get(out.raters, step.buf.raters, c.raters);
-  std::vector<index_t> offsets, members;
-  if (c.length >= 0) {  // after a flag, later stages may not have run: nothing of theirs
-    get(out.scores, step.buf.scores, N);
-    get(out.keep, step.buf.keep, c.keep);
-    get(out.sequence, step.buf.sequence, c.length);
-    get(offsets, step.buf.offsets, c.clusters > 0 ? c.clusters + 1 : 0);
-    get(members, step.buf.members, c.recycled);
-    get(out.recycled.merged, step.buf.merged, c.clusters * d);
-  }
-  if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
-  if (e != cudaSuccess) return e;
-  for (index_t q = 0; q < c.clusters && c.length >= 0; ++q)
+  out.raters = first(raters, c.raters);
+  if (c.length < 0) return cudaSuccess;  // after a flag, later stages may not have run
+  out.scores = std::move(scores);
+  out.keep = first(keep, c.keep);
+  out.sequence = first(sequence, c.length);
+  out.recycled.merged = first(merged, c.clusters * d);
+  for (index_t q = 0; q < c.clusters; ++q)
     out.recycled.clusters.emplace_back(members.begin() + offsets[static_cast<std::size_t>(q)],
                                        members.begin() + offsets[static_cast<std::size_t>(q) + 1]);
   return cudaSuccess;
