@@ -11,7 +11,9 @@
 // scores and merged rows bit for bit (the arithmetic is shared: core/), and
 // within the spec's tolerance as a fallback report. Then the plan's gathers
 // against plan.hpp / positions.hpp / kv_cache.hpp (dense and paged), the pinned length slot, and
-// the NaN flags.
+// the NaN flags. Everything runs on a non-blocking stream; then one workspace poisoned
+// with 0xFF and reused across every shape, two host threads at once, the step captured
+// in a CUDA graph and replayed, and a host pointer refused before anything is enqueued.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -24,6 +26,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <sparsevlm/cuda/kv_cache.cuh>
@@ -471,6 +474,130 @@ void run_flags(const svt::flat_case& c0, cudaStream_t stream) {
   EXPECT(st.non_finite_scores == cpu_throws);
 }
 
+/// One workspace, sized for the largest case and filled with 0xFF bytes (NaN and
+/// -1 everywhere), serves every case in turn: nothing a step reads may come from an
+/// earlier step or from memory no kernel of this step wrote.
+void run_poisoned_reuse(const std::vector<svt::flat_case>& all, cudaStream_t stream) {
+  std::size_t bytes = 0;
+  for (const auto& c : all) {
+    std::size_t n = 0;
+    cu::device_step unused;
+    const device_case<float> d(c);
+    CUDA_OK(cu::prune_step_async(d.inputs(c), c.options, nullptr, n, unused, nullptr, stream));
+    bytes = std::max(bytes, n);
+  }
+  dev<unsigned char> ws(bytes);
+  CUDA_OK(cudaMemsetAsync(ws.p, 0xff, bytes, stream));
+  for (int round = 0; round < 2; ++round)
+    for (const auto& c : all) {
+      context = c.name + " poisoned workspace, reused, round " + std::to_string(round);
+      const device_case<float> d(c);
+      std::size_t n = bytes;
+      cu::device_step step;
+      CUDA_OK(cu::prune_step_async(d.inputs(c), c.options, ws.p, n, step, nullptr, stream));
+      sparsevlm::step_result r;
+      cu::step_status st;
+      CUDA_OK(cu::download(step, r, st, stream));
+      compare(r, st, svt::cpu_step(c, svt::elem::f32, false));
+    }
+}
+
+/// Two host threads on one device, each with its own non-blocking stream and
+/// workspace, running different shapes at once (the shared-memory attribute and
+/// the cached device limits are process-wide): the results of each must be the CPU's.
+void run_two_threads(const std::vector<svt::flat_case>& all) {
+  if (all.size() < 2) return;
+  std::vector<sparsevlm::step_result> got[2];
+  std::vector<cu::step_status> status[2];
+  std::string error[2];
+  const auto work = [&](int t) {
+    try {
+      cudaStream_t s = nullptr;
+      if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess) throw std::runtime_error("stream");
+      for (int round = 0; round < 3; ++round)
+        for (std::size_t i = static_cast<std::size_t>(t); i < all.size(); i += 2) {
+          const auto& c = all[i];
+          const device_case<float> d(c);
+          cu::step_status st;
+          got[t].push_back(gpu_step(d.inputs(c), c.options, st, s, nullptr));
+          status[t].push_back(st);
+        }
+      cudaStreamDestroy(s);
+    } catch (const std::exception& e) {
+      error[t] = e.what();
+    }
+  };
+  std::thread a(work, 0), b(work, 1);
+  a.join();
+  b.join();
+  for (int t = 0; t < 2; ++t) {
+    context = "thread " + std::to_string(t);
+    EXPECT(error[t].empty());
+    std::size_t k = 0;
+    for (int round = 0; round < 3; ++round)
+      for (std::size_t i = static_cast<std::size_t>(t); i < all.size() && k < got[t].size(); i += 2, ++k) {
+        context = "thread " + std::to_string(t) + " " + all[i].name;
+        compare(got[t][k], status[t][k], svt::cpu_step(all[i], svt::elem::f32, false));
+      }
+  }
+}
+
+/// prune_step_async captured into a CUDA graph (docs/cuda.md: no host
+/// synchronisation, no allocation, so the whole step is capturable), replayed twice.
+void run_graph(const svt::flat_case& c, cudaStream_t stream, index_t* pinned) {
+  context = c.name + " CUDA graph";
+  const device_case<float> d(c);
+  std::size_t bytes = 0;
+  cu::device_step step;
+  CUDA_OK(cu::prune_step_async(d.inputs(c), c.options, nullptr, bytes, step, nullptr, stream));
+  dev<unsigned char> ws(bytes);
+  cudaGraph_t graph = nullptr;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+  const cudaError_t launched = cu::prune_step_async(d.inputs(c), c.options, ws.p, bytes, step, pinned, stream);
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  CUDA_OK(launched);
+  cudaGraphExec_t exec = nullptr;
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  const auto want = svt::cpu_step(c, svt::elem::f32, false);
+  for (int replay = 0; replay < 2; ++replay) {
+    *pinned = -7;
+    CUDA_OK(cudaGraphLaunch(exec, stream));
+    sparsevlm::step_result r;
+    cu::step_status st;
+    CUDA_OK(cu::download(step, r, st, stream));
+    compare(r, st, want);
+    EXPECT(*pinned == static_cast<index_t>(want.sequence.size()));
+  }
+  CUDA_OK(cudaGraphExecDestroy(exec));
+  CUDA_OK(cudaGraphDestroy(graph));
+}
+
+/// A host pointer is refused on the host, naming the argument, before anything is
+/// enqueued, and the context stays usable (no sticky illegal-address error).
+void run_host_pointer(const svt::flat_case& c, cudaStream_t stream) {
+  context = c.name + " host pointer";
+  const device_case<float> d(c);
+  auto in = d.inputs(c);
+  const std::vector<float> host_hidden = c.hidden;
+  in.hidden = sparsevlm::matrix_view<const float>(host_hidden.data(), {c.L, c.d}, "hidden");
+  std::size_t bytes = 0;
+  cu::device_step step;
+  CUDA_OK(cu::prune_step_async(in, c.options, nullptr, bytes, step, nullptr, stream));
+  dev<unsigned char> ws(bytes);
+  bool refused = false;
+  try {
+    (void)cu::prune_step_async(in, c.options, ws.p, bytes, step, nullptr, stream);
+  } catch (const sparsevlm::error& e) {
+    refused = std::string(e.what()).find("hidden") != std::string::npos;
+  }
+  EXPECT(refused);
+  CUDA_OK(cudaStreamSynchronize(stream));
+  EXPECT(cudaGetLastError() == cudaSuccess);
+  cu::step_status st;
+  compare(gpu_step(d.inputs(c), c.options, st, stream, nullptr), st,
+          svt::cpu_step(c, svt::elem::f32, false));
+}
+
 }  // namespace
 
 int main() {
@@ -487,8 +614,12 @@ int main() {
     std::printf("no shared cases found (CMake's SPARSEVLM_CASES_DIR): the in-tree cases only\n");
   // The seeded in-tree cases too (step_case.hpp): GQA, caller raters, other shapes.
   for (auto& c : svt::synthetic_cases()) all.push_back(std::move(c));
+  // Steps at LLaVA-1.5's and LLaVA-NeXT's token counts (N 576, 2880).
+  for (auto& c : svt::model_shape_cases()) all.push_back(std::move(c));
+  // A non-blocking stream: a kernel or copy that went to the legacy default
+  // stream instead would not be ordered with the step's and would show as a mismatch.
   cudaStream_t stream = nullptr;
-  CUDA_OK(cudaStreamCreate(&stream));
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   index_t* pinned = nullptr;
   CUDA_OK(cudaMallocHost(reinterpret_cast<void**>(&pinned), 32 * sizeof(index_t)));
   for (const auto& c : all) {
@@ -501,6 +632,10 @@ int main() {
     run_flags(c, stream);
   }
   run_batch(all, stream, pinned);
+  run_poisoned_reuse(all, stream);
+  run_two_threads(all);
+  run_graph(all.back(), stream, pinned);
+  run_host_pointer(all.front(), stream);
   CUDA_OK(cudaFreeHost(pinned));
   CUDA_OK(cudaStreamDestroy(stream));
   std::printf("%d checks, %d failed, %zu cases\n", checks, failures, all.size());
