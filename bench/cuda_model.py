@@ -59,8 +59,7 @@ def kernel_cost(name, grid, sh):
         "keep_list": (N * 16, 0, 0, N // 4),
         "recycle_gram": (s * d * ELEM + s * s * 8, 0, 2 * s * s * d, 0),
         "recycle_diag": (s * 8, 0, 0, 0),
-        "recycle_distances": (2 * s * s * 8, 0, 5 * s * s, 0),
-        "recycle_dmax": (s * s * 8, 0, s * s, 0),
+        "recycle_distances": (2 * s * s * 8, 0, 6 * s * s, 0),  # D and its maximum
         "recycle_density": (s * s * 8, 0, s * p2 * max(int(math.log2(max(p2, 1))), 1) ** 2 // 2, 0),
         "recycle_gamma": (s * s * 8, 0, s * s, 0),
         "recycle_centres": (s * 16, 0, s * c, 0),

@@ -10,8 +10,10 @@
 //
 // The kernels of this library are functors `body(b, shared)` over such a
 // context (cuda/detail/*_kernels.hpp). Rules they follow, so that both backends
-// agree: no atomics (a flag that several threads may raise is written, never
-// read-modified-written: raise_flag); no warp-level intrinsics; every barrier is
+// agree: atomics only where the result is the same in any order (a flag that
+// several threads may raise is written, never read-modified-written: raise_flag;
+// the maximum of non-negative doubles is an integer maximum of their bits:
+// max_nonnegative); no warp-level intrinsics; every barrier is
 // reached by every thread of the block; and every sum whose order matters runs
 // in one thread, in the order the CPU stage uses.
 #pragma once
@@ -22,6 +24,7 @@
 
 #if !defined(__CUDA_ARCH__)
 #include <atomic>
+#include <bit>
 #endif
 
 namespace sparsevlm::detail::core {
@@ -45,6 +48,34 @@ SPARSEVLM_HD inline void raise_flag(std::int64_t* flag) noexcept {
   *reinterpret_cast<volatile std::int64_t*>(flag) = 1;
 #else
   std::atomic_ref<std::int64_t>(*flag).store(1, std::memory_order_relaxed);
+#endif
+}
+
+/// *bits = the bits of max(double(*bits), v), with v read as max(v, +0) (so -0
+/// and NaN count as 0, as a serial `m = m < v ? v : m` from m = 0 treats them).
+/// Non-negative doubles order as their bit patterns do as unsigned integers, so
+/// one integer atomic max gives the exact maximum whatever the order of the
+/// writers. `*bits` starts as 0 (the bits of +0.0).
+SPARSEVLM_HD inline void max_nonnegative(std::uint64_t* bits, double v) noexcept {
+  const double w = v > 0.0 ? v : 0.0;
+#if defined(__CUDA_ARCH__)
+  atomicMax(reinterpret_cast<unsigned long long*>(bits),
+            static_cast<unsigned long long>(__double_as_longlong(w)));
+#else
+  const std::uint64_t b = std::bit_cast<std::uint64_t>(w);
+  std::atomic_ref<std::uint64_t> a(*bits);
+  std::uint64_t cur = a.load(std::memory_order_relaxed);
+  while (cur < b && !a.compare_exchange_weak(cur, b, std::memory_order_relaxed)) {
+  }
+#endif
+}
+
+/// The double whose bits max_nonnegative keeps.
+SPARSEVLM_HD inline double double_of_bits(std::uint64_t bits) noexcept {
+#if defined(__CUDA_ARCH__)
+  return __longlong_as_double(static_cast<long long>(bits));
+#else
+  return std::bit_cast<double>(bits);
 #endif
 }
 

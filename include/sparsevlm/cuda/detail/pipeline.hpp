@@ -111,7 +111,7 @@ struct buffers {
   double* diag = nullptr;  ///< [s_max]
   double* rho = nullptr;
   double* gamma = nullptr;
-  double* dmax = nullptr;  ///< [1]
+  std::uint64_t* dmax = nullptr;  ///< [1] the bits of D's maximum (core::max_nonnegative)
   i64* gpos = nullptr;
   i64* centres = nullptr;
   i64* label = nullptr;
@@ -182,7 +182,7 @@ inline std::size_t layout(const bounds& b, void* base, buffers& out) {
     out.diag = c.take<double>(b.s_max);
     out.rho = c.take<double>(b.s_max);
     out.gamma = c.take<double>(b.s_max);
-    out.dmax = c.take<double>(1);
+    out.dmax = c.take<std::uint64_t>(1);
     out.gpos = c.take<i64>(b.s_max);
     out.centres = c.take<i64>(b.c_max);
     out.label = c.take<i64>(b.s_max);
@@ -339,16 +339,15 @@ void recycle(Exec& ex, rows2<TH> hidden, i64 first_visual, i64 hidden_dim, i64 s
                                    buf.counts},
             core::ceil_div(s_max, tile), core::ceil_div(s_max, tile), tile_threads<tile>,
             static_cast<std::size_t>(tile_smem<tile>));
-  ex.launch(recycle_diag{buf.D, ld, buf.diag, buf.counts}, ex.grid(s_max), 1, t, 0);
+  ex.launch(recycle_diag{buf.D, ld, buf.diag, buf.dmax, buf.counts}, ex.grid(s_max), 1, t, 0);
+  // D and its maximum in one pass (the maximum by one exact atomic per block).
   ex.launch(recycle_distances{buf.D, ld, buf.diag, std::sqrt(static_cast<double>(hidden_dim)),
-                              buf.counts},
-            ex.grid(s_max * s_max), 1, t, 0);
-  ex.launch(recycle_dmax{buf.D, ld, buf.dmax, buf.counts}, 1, 1, t,
-            static_cast<std::size_t>(t) * sizeof(double));
+                              buf.dmax, buf.counts},
+            ex.grid(s_max * s_max), 1, t, static_cast<std::size_t>(t) * sizeof(double));
   ex.launch(recycle_density{buf.D, ld, buf.rho, buf.counts}, s_max, 1, t,
             density_shared_bytes(s_max));
-  ex.launch(recycle_gamma{buf.D, ld, buf.rho, buf.dmax, buf.gamma, buf.counts}, ex.grid(s_max), 1,
-            t, 0);
+  ex.launch(recycle_gamma{buf.D, ld, buf.rho, buf.dmax, buf.gamma, buf.counts}, s_max, 1, t,
+            static_cast<std::size_t>(t) * sizeof(double));
   ex.launch(recycle_centres{buf.gamma, buf.gpos, buf.centres, buf.counts}, ex.grid(s_max), 1, t,
             0);
   ex.launch(recycle_assign{buf.D, ld, buf.gpos, buf.centres, buf.label, buf.counts},

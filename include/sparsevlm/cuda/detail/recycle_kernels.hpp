@@ -40,36 +40,43 @@ struct recycle_gram {
   }
 };
 
-/// diag[i] = G[i][i], saved so that D can replace G in place. Grid-stride.
+/// diag[i] = G[i][i], saved so that D can replace G in place; D's maximum
+/// (recycle_distances') starts at 0. Grid-stride.
 struct recycle_diag {
   const double* G;
   i64 ld;
   double* diag;
+  std::uint64_t* dmax;
   step_counts* counts;
 
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void*) const {
     if (failed(counts)) return;
     const i64 s = counts->recycled;
+    if (thread_id(b) == 0) *dmax = 0;
     for (i64 i = thread_id(b); i < s; i += thread_count(b)) diag[i] = G[i * ld + i];
   }
 };
 
 /// D[i][j] = gram_distance(G_ii, G_jj, G_ij) for i < j, mirrored, 0 on the
 /// diagonal, written over G (`GD`, ld = s_max): the one thread of pair i < j
-/// is the only one that reads G_ij = G_ji, and it reads before it writes.
-/// Grid-stride over s².
+/// is the only one that reads G_ij = G_ji, and it reads before it writes. Also
+/// D's largest entry (>= 0: dpc_knn starts its max at 0): each block's maximum,
+/// then one exact atomic max per block into *dmax (core::max_nonnegative).
+/// Grid-stride over s²; smem: size() doubles.
 struct recycle_distances {
   double* GD;
   i64 ld;
   const double* diag;
   double sqrt_d;
+  std::uint64_t* dmax;
   step_counts* counts;
 
   template <class Block>
-  SPARSEVLM_HD void operator()(const Block& b, void*) const {
+  SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
     if (failed(counts)) return;
     const i64 s = counts->recycled;
+    double mx = 0.0;
     for (i64 e = thread_id(b); e < s * s; e += thread_count(b)) {
       const i64 i = e / s, j = e % s;
       if (i == j) {
@@ -78,35 +85,16 @@ struct recycle_distances {
         const double dist = core::gram_distance(diag[i], diag[j], GD[i * ld + j], sqrt_d);
         GD[i * ld + j] = dist;
         GD[j * ld + i] = dist;
+        mx = mx < dist ? dist : mx;
       }
     }
-  }
-};
-
-/// The largest entry of D (>= 0: dpc_knn starts its max at 0). One block;
-/// smem: size() doubles; the result in *dmax.
-struct recycle_dmax {
-  const double* D;
-  i64 ld;
-  double* dmax;
-  step_counts* counts;
-
-  template <class Block>
-  SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
-    if (failed(counts)) return;
-    const i64 s = counts->recycled;
     double* buf = static_cast<double*>(smem);
-    double mx = 0.0;
-    for (i64 e = b.rank(); e < s * s; e += b.size()) {
-      const double v = D[(e / s) * ld + e % s];
-      mx = mx < v ? v : mx;
-    }
     buf[b.rank()] = mx;
     b.sync();
     if (b.rank() == 0) {
       double m = 0.0;
-      for (i64 i = 0; i < b.size(); ++i) m = m < buf[i] ? buf[i] : m;
-      *dmax = m;
+      for (i64 t = 0; t < b.size(); ++t) m = m < buf[t] ? buf[t] : m;  // a max: any order
+      core::max_nonnegative(dmax, m);
     }
   }
 };
@@ -134,24 +122,32 @@ struct recycle_density {
 };
 
 /// δ_i = min D[i][j] over the tokens j denser than i (core::denser), D's max
-/// for the densest; γ_i = ρ_i·δ_i. One thread per token (grid-stride).
+/// for the densest; γ_i = ρ_i·δ_i. One block per token (grid s_max): its
+/// threads take the minimum over a stride of j each, then thread 0 over theirs
+/// (a minimum is the same in any order). smem: size() doubles.
 struct recycle_gamma {
   const double* D;
   i64 ld;
   const double* rho;
-  const double* dmax;
+  const std::uint64_t* dmax;
   double* gamma;
   step_counts* counts;
 
   template <class Block>
-  SPARSEVLM_HD void operator()(const Block& b, void*) const {
-    if (failed(counts)) return;
-    const i64 s = counts->recycled;
-    for (i64 i = thread_id(b); i < s; i += thread_count(b)) {
-      double delta = *dmax;
-      for (i64 j = 0; j < s; ++j)
-        if (core::denser(rho[j], j, rho[i], i)) delta = core::nearer(delta, D[i * ld + j]);
-      gamma[i] = core::mul_rn(rho[i], delta);
+  SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
+    const i64 s = counts->recycled, i = b.bx();
+    if (failed(counts) || i >= s) return;
+    const double top = core::double_of_bits(*dmax);
+    double delta = top;
+    for (i64 j = b.rank(); j < s; j += b.size())
+      if (core::denser(rho[j], j, rho[i], i)) delta = core::nearer(delta, D[i * ld + j]);
+    double* buf = static_cast<double*>(smem);
+    buf[b.rank()] = delta;
+    b.sync();
+    if (b.rank() == 0) {
+      double m = top;
+      for (i64 t = 0; t < b.size(); ++t) m = core::nearer(m, buf[t]);
+      gamma[i] = core::mul_rn(rho[i], m);
     }
   }
 };
