@@ -237,13 +237,18 @@ void given_raters(Exec& ex, const i64* raters, i64 n, i64 first_text, i64 length
             std::max<i64>(ex.grid(n), 1), 1, ex.threads(), 0);
 }
 
+/// Columns a scoring block takes: 8 (each of a 256-thread block's 32 rater lanes
+/// reads 8 adjacent floats, a 32-byte sector), at most the block's threads.
+inline i64 score_columns(int threads) { return threads < 8 ? threads : 8; }
+
 /// Stages 2-3 from the attention probabilities [H, L, L].
 template <class Exec, class TA>
 void scores_attention(Exec& ex, rows3<TA> attn, i64 heads, i64 first_visual, i64 n_visual,
                       const buffers& buf) {
-  ex.launch(scores_from_attention<TA>{attn, heads, first_visual, n_visual, buf.raters, buf.P,
-                                      buf.scores, buf.counts},
-            ex.grid(n_visual), 1, ex.threads(), 0);
+  const i64 cols = score_columns(ex.threads());
+  ex.launch(scores_from_attention<TA>{attn, heads, first_visual, n_visual, cols, buf.raters,
+                                      buf.P, buf.scores, buf.counts},
+            core::ceil_div(n_visual, cols), 1, ex.threads(), 0);
 }
 
 /// What the q/k path reads (scores_qk.hpp's qk_view on the device).
@@ -278,9 +283,10 @@ void scores_qk(Exec& ex, const qk_args<TQ, TK>& a, i64 first_visual, i64 n_visua
                            a.all_queries, buf.raters, buf.z_offset, buf.z_sum, buf.counts},
               r_max, a.heads, ex.threads(), static_cast<std::size_t>(ex.threads()) * sizeof(double));
   }
+  const i64 cols = score_columns(ex.threads());
   ex.launch(scores_from_qk{buf.z, a.heads, r_max, k_max, a.scale, buf.z_offset, buf.z_sum,
-                           first_visual, n_visual, buf.P, buf.scores, buf.counts},
-            ex.grid(n_visual), 1, ex.threads(), 0);
+                           first_visual, n_visual, cols, buf.P, buf.scores, buf.counts},
+            core::ceil_div(n_visual, cols), 1, ex.threads(), 0);
 }
 
 /// Stage 4 (rank.hpp). G in shared memory when it fits, else in global memory

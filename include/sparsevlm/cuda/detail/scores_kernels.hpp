@@ -11,14 +11,30 @@
 
 namespace sparsevlm::cuda::detail {
 
+/// The scores of a block's `cols` columns from P (core::column_score, raters in
+/// order), one thread per column, after the block's barrier; raises flag_scores on
+/// a non-finite score.
+template <class Block>
+SPARSEVLM_HD void finish_columns(const Block& b, i64 cols, i64 n_visual, i64 R, float hf,
+                                 float* P, float* scores, step_counts* counts) {
+  const i64 j = b.bx() * cols + b.rank();
+  if (b.rank() >= cols || j >= n_visual) return;
+  const float score = core::column_score(R, hf, P + j, n_visual);
+  scores[j] = score;
+  if (!std::isfinite(score)) core::raise_flag(&counts->flags[flag_scores]);
+}
+
 /// P[r][j] = (Σ_h attn[h][raters[r]][S + j]) / H in float32, heads in order;
 /// score[j] = (Σ_r P[r][j]) / R, raters in order: core::column_score, as the
-/// CPU's finish_scores. One thread per column j, so each column's sums run in
-/// the CPU's order. Grid-stride over N.
+/// CPU's finish_scores. A block takes `cols` adjacent columns (the grid is
+/// ceil(N / cols)): its threads are size()/cols lanes of raters × cols columns,
+/// each (r, j) summing its heads in order (adjacent threads read adjacent
+/// columns), then after the barrier one thread per column adds its raters in
+/// order. Every sum is one thread's, in the CPU's order.
 template <class TA>
 struct scores_from_attention {
   rows3<TA> attn;
-  i64 heads, first_visual, n_visual;
+  i64 heads, first_visual, n_visual, cols;
   const i64* raters;
   float* P;  ///< [R, N]
   float* scores;
@@ -28,18 +44,17 @@ struct scores_from_attention {
   SPARSEVLM_HD void operator()(const Block& b, void*) const {
     if (failed(counts, flag_scores)) return;
     const i64 R = counts->raters;
-    const float hf = static_cast<float>(heads);
-    for (i64 j = thread_id(b); j < n_visual; j += thread_count(b)) {
-      for (i64 r = 0; r < R; ++r) {
+    const i64 lanes = b.size() / cols, lane = b.rank() / cols;
+    const i64 j = b.bx() * cols + b.rank() % cols;
+    if (lane < lanes && j < n_visual)
+      for (i64 r = lane; r < R; r += lanes) {
         const i64 q = raters[r];
         float p = 0.0f;
         for (i64 h = 0; h < heads; ++h) p = core::add_rn(p, attn.at(h, q, first_visual + j));
         P[r * n_visual + j] = p;
       }
-      const float score = core::column_score(R, hf, P + j, n_visual);
-      scores[j] = score;
-      if (!std::isfinite(score)) core::raise_flag(&counts->flags[flag_scores]);
-    }
+    b.sync();
+    finish_columns(b, cols, n_visual, R, static_cast<float>(heads), P, scores, counts);
   }
 };
 
@@ -162,15 +177,15 @@ struct qk_row_stats {
 };
 
 /// Q/K path, P and the scores: a[h][r][j] = float(exp(double(scale · z) −
-/// offset) / sum), then exactly scores_from_attention's sums. One thread per
-/// column j (grid-stride).
+/// offset) / sum), then exactly scores_from_attention's sums, with its layout:
+/// `cols` columns a block, lanes of raters, then one thread per column.
 struct scores_from_qk {
   const float* z;
   i64 heads, r_max, k_max;
   float scale;
   const double* offset;
   const double* sum;
-  i64 first_visual, n_visual;
+  i64 first_visual, n_visual, cols;
   float* P;
   float* scores;
   step_counts* counts;
@@ -179,9 +194,10 @@ struct scores_from_qk {
   SPARSEVLM_HD void operator()(const Block& b, void*) const {
     if (failed(counts, flag_scores)) return;
     const i64 R = counts->raters;
-    const float hf = static_cast<float>(heads);
-    for (i64 j = thread_id(b); j < n_visual; j += thread_count(b)) {
-      for (i64 r = 0; r < R; ++r) {
+    const i64 lanes = b.size() / cols, lane = b.rank() / cols;
+    const i64 j = b.bx() * cols + b.rank() % cols;
+    if (lane < lanes && j < n_visual)
+      for (i64 r = lane; r < R; r += lanes) {
         float p = 0.0f;
         for (i64 h = 0; h < heads; ++h) {
           const i64 idx = h * r_max + r;
@@ -192,10 +208,8 @@ struct scores_from_qk {
         }
         P[r * n_visual + j] = p;
       }
-      const float score = core::column_score(R, hf, P + j, n_visual);
-      scores[j] = score;
-      if (!std::isfinite(score)) core::raise_flag(&counts->flags[flag_scores]);
-    }
+    b.sync();
+    finish_columns(b, cols, n_visual, R, static_cast<float>(heads), P, scores, counts);
   }
 };
 
