@@ -222,8 +222,8 @@ void select_raters(Exec& ex, rows2<TE> embeds, i64 length, i64 first_visual, i64
               static_cast<std::size_t>(tile_smem<tile>));
     ex.launch(rater_row_stats{buf.logits, n_visual, T, buf.row_max, buf.row_sum},
               ex.grid(n_visual), 1, ex.threads(), 0);
-    ex.launch(rater_column_means{buf.logits, n_visual, T, buf.row_max, buf.row_sum, buf.m},
-              ex.grid(T), 1, ex.threads(), 0);
+    ex.launch(rater_column_means{buf.logits, n_visual, T, buf.row_max, buf.row_sum, buf.m}, T, 1,
+              ex.threads(), static_cast<std::size_t>(ex.threads()) * sizeof(double));
   }
   ex.launch(rater_pick{buf.m, T, first_text, buf.raters, buf.counts}, 1, 1, 1, 0);
 }

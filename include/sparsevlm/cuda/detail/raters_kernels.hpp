@@ -65,7 +65,9 @@ struct rater_row_stats {
 
 /// Per text token t: m[t] = (Σ_i exp(logit[i][t] − max_i) / sum_i) / N, visual
 /// rows in order (the CPU adds row i's probabilities into m row by row; each
-/// m[t] sees the same additions in the same order). One thread per text token.
+/// m[t] sees the same additions in the same order). One block per text token
+/// (grid T): its threads compute a chunk of the terms into shared memory, then
+/// thread 0 adds them in row order; smem: size() doubles.
 struct rater_column_means {
   const float* logits;
   i64 n_visual, n_text;
@@ -74,16 +76,26 @@ struct rater_column_means {
   double* m;
 
   template <class Block>
-  SPARSEVLM_HD void operator()(const Block& b, void*) const {
-    for (i64 t = thread_id(b); t < n_text; t += thread_count(b)) {
-      double acc = 0.0;
-      for (i64 i = 0; i < n_visual; ++i)
-        acc = core::add_rn(
-            acc, core::div_rn(core::exp64(core::sub_rn(static_cast<double>(logits[i * n_text + t]),
-                                                       row_max[i])),
-                              row_sum[i]));
-      m[t] = core::div_rn(acc, static_cast<double>(n_visual));
+  SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
+    const i64 t = b.bx();
+    if (t >= n_text) return;
+    double* buf = static_cast<double*>(smem);
+    const i64 tid = b.rank(), nt = b.size();
+    double acc = 0.0;  // thread 0's running sum, rows in order
+    for (i64 base = 0; base < n_visual; base += nt) {
+      const i64 i = base + tid;
+      if (i < n_visual)
+        buf[tid] = core::div_rn(
+            core::exp64(core::sub_rn(static_cast<double>(logits[i * n_text + t]), row_max[i])),
+            row_sum[i]);
+      b.sync();
+      if (tid == 0) {
+        const i64 n = n_visual - base < nt ? n_visual - base : nt;
+        for (i64 k = 0; k < n; ++k) acc = core::add_rn(acc, buf[k]);
+      }
+      b.sync();
     }
+    if (tid == 0) m[t] = core::div_rn(acc, static_cast<double>(n_visual));
   }
 };
 
