@@ -101,12 +101,10 @@ def main():
     if a.visual:
         cmd += ["--visual", str(a.visual)]
     plan = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    N, L = plan["visual"]["len"], plan["length"]
-    heads = {"llava-1.5-13b": 40}.get(a.model, 32)
-    d = {"llava-1.5-13b": 5120}.get(a.model, 4096)
-    s = min(N, math.floor(0.3 * N) + 1)
-    sh = {"N": N, "T": a.text, "L": L, "H": heads, "de": d, "d": d, "dh": d // heads, "s": s,
-          "c": min(s, math.floor(s / 10) + 1)}
+    # The shape and the recycled counts as the library computes them (the plan's own).
+    N, L, heads, d = plan["visual"]["len"], plan["length"], plan["heads"], plan["hidden"]
+    sh = {"N": N, "T": plan["text"], "L": L, "H": heads, "de": d, "d": d, "dh": d // heads,
+          "s": plan["recycled_max"], "c": plan["clusters_max"]}
     out = model(plan, sh)
     out["shape"] = sh
     if a.json:

@@ -249,6 +249,9 @@ int cmd_cuda_plan(const cuda_plan_request& q) {
   j["length"] = shape.length;
   j["visual"] = {{"start", m.prefix}, {"len", N}};
   j["dtype"] = q.dtype;  // the kernels' grids do not depend on it
+  j["text"] = q.text;
+  j["heads"] = m.heads;
+  j["hidden"] = m.hidden;
   j["scores_from"] = q.scores_from;
   j["raters"] = q.given_raters ? "given" : "embeds";
   j["recycle"] = opt.recycle.enabled;
@@ -262,6 +265,8 @@ int cmd_cuda_plan(const cuda_plan_request& q) {
   j["host_syncs"] = plan.host_syncs;
   j["copies"] = plan.copies;
   j["workspace_bytes"] = plan.workspace_bytes;
+  j["recycled_max"] = plan.recycled_max;
+  j["clusters_max"] = plan.clusters_max;
   const std::string bad = plan.violation(lim);
   j["within_limits"] = bad.empty();
   if (!bad.empty()) j["violation"] = bad;

@@ -99,6 +99,8 @@ TEST_CASE("launch plan: the rank kernel is bounded by the text after the span, n
   const cuda::kernel_launch* solve = find(plan, "rank_solve");
   REQUIRE(solve != nullptr);
   CHECK(solve->smem_bytes == pl::rank_shared_bytes(60));
+  CHECK(plan.recycled_max == 173);  // min(576, floor(0.3 · 576) + 1)
+  CHECK(plan.clusters_max == 18);   // floor(173 / 10) + 1
   CHECK(solve->smem_bytes <= cuda::detail::launch_policy::default_shared);
   CHECK(pl::rank_shared_bytes(95) > cuda::detail::launch_policy::default_shared);
   // With no room for G in shared memory the kernel takes the global-memory path.

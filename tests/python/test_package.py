@@ -52,6 +52,8 @@ def test_cli_cuda_plan_and_the_performance_model():
                            check=True, capture_output=True, text=True)
     m = json.loads(model.stdout)
     assert [k["name"] for k in m["kernels"]] == names
+    assert (plan["recycled_max"], plan["clusters_max"]) == (173, 18)  # 576 · 0.3, / 10
+    assert m["shape"]["s"] == 173 and m["shape"]["H"] == plan["heads"] == 32
     assert m["total_us"] == pytest.approx(m["compute_us"] + m["launch_gaps_us"])
     assert all(k["us"] >= 0 for k in m["kernels"]) and m["compute_us"] > 0
 

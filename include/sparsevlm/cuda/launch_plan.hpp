@@ -57,6 +57,8 @@ struct launch_plan {
   int host_syncs = 0;                  ///< host synchronisations inside the call
   int copies = 0;                      ///< memory copies enqueued (the pinned length)
   std::size_t workspace_bytes = 0;     ///< step_workspace_bytes of the shape
+  std::int64_t recycled_max = 0;       ///< recycled rows the kernels are launched for (s_max)
+  std::int64_t clusters_max = 0;       ///< clusters (c_max)
 
   /// The first launch outside `lim` as "name: what", or "" when all fit.
   [[nodiscard]] std::string violation(const device_limits& lim) const {
@@ -249,6 +251,8 @@ inline launch_plan plan_step(const step_shape& shape, index_t length, visual_spa
     detail::pipeline::run_step(ex, a, detail::rows3<float>{}, shape.heads, b, buf);
   }
   plan.copies = form.pinned_length ? 1 : 0;
+  plan.recycled_max = b.s_max;
+  plan.clusters_max = b.c_max;
   return plan;
 }
 
