@@ -1,5 +1,5 @@
 // core/: the arithmetic both backends share (dot orders, the DPC-KNN rules, the
-// block-parallel eigen-solver), checked against the CPU's kernel tables and
+// block-parallel rank arithmetic), checked against the CPU's kernel tables and
 // serial code. The CUDA stage kernels that use them are tested in
 // test_step_kernels.cpp.
 #include <algorithm>
@@ -85,27 +85,53 @@ TEST_CASE("core: the DPC-KNN rules") {
   CHECK(core::ranks_before(0.0f, 1, -0.0f, 2));  // -0 == +0: the lower index first
 }
 
-TEST_CASE("core: the block-parallel eigen-solver gives the serial bits on any block size") {
+TEST_CASE("core: the block-parallel rank arithmetic gives the serial bits on any block size") {
+  // The reduction's diagonal and subdiagonal, lambda_max (multisection over the
+  // block's threads) and the rank; block sizes below, at and above the 64 points.
   std::mt19937 g(11);
-  for (index_t n : {1, 2, 3, 5, 17, 40}) {
+  for (index_t n : {1, 2, 3, 5, 17, 40, 70}) {
     for (index_t rank : {index_t{1}, std::max<index_t>(n / 2, 1), n}) {
       const auto a0 = random_symmetric(g, n, rank);
       std::vector<double> a = a0, d(static_cast<std::size_t>(n)), e(static_cast<std::size_t>(n));
-      REQUIRE(core::symmetric_eigenvalues(a.data(), n, d.data(), e.data()));
-      for (int threads : {1, 3, 8}) {
+      double bc0[core::eigen_shared];
+      core::tridiagonalize(core::serial_block{}, a.data(), n, d.data(), e.data(), bc0);
+      const std::vector<double> d0 = d, e0 = e;
+      const core::top_eigenvalue top = core::largest_eigenvalue(core::serial_block{}, d.data(), e.data(), n, bc0);
+      std::vector<double> g0 = a0, dg(static_cast<std::size_t>(n)), eg(static_cast<std::size_t>(n));
+      const std::int64_t want = core::gram_rank(core::serial_block{}, g0.data(), n, 4 * n, dg.data(), eg.data(), bc0);
+      // A B·Bᵀ of rank r has r eigenvalues far above the threshold and n − r near 0.
+      CHECK(want == rank);
+      for (int threads : {1, 3, 8, 64, 100}) {
         INFO("n ", n, " rank ", rank, " threads ", threads);
         std::vector<double> b = a0, db(static_cast<std::size_t>(n)), eb(static_cast<std::size_t>(n));
-        std::vector<double> bc(4);
-        std::vector<int> ok(static_cast<std::size_t>(threads));
+        std::vector<double> bc(core::eigen_shared);
+        std::vector<double> tops(static_cast<std::size_t>(threads));
+        bool same_tridiagonal = false;
         run_grid(
             [&](const cpu_block& blk, void*) {
-              ok[static_cast<std::size_t>(blk.rank())] =
-                  core::symmetric_eigenvalues(blk, b.data(), n, db.data(), eb.data(), bc.data());
+              core::tridiagonalize(blk, b.data(), n, db.data(), eb.data(), bc.data());
+              if (blk.rank() == 0)
+                same_tridiagonal = svt::same_bits(d0.data(), db.data(), d0.size()) &&
+                                   svt::same_bits(e0.data(), eb.data(), e0.size());
+              blk.sync();
+              tops[static_cast<std::size_t>(blk.rank())] =
+                  core::largest_eigenvalue(blk, db.data(), eb.data(), n, bc.data()).lambda_max;
             },
             1, 1, threads, 0);
-        for (int t = 0; t < threads; ++t) CHECK(ok[static_cast<std::size_t>(t)] == 1);
-        CHECK(svt::same_bits(d.data(), db.data(), d.size()));
+        CHECK(same_tridiagonal);
+        for (int t = 0; t < threads; ++t)
+          CHECK(svt::same_bits(&top.lambda_max, &tops[static_cast<std::size_t>(t)], 1));
+        std::vector<double> gb = a0;
+        std::vector<std::int64_t> ranks(static_cast<std::size_t>(threads));
+        run_grid(
+            [&](const cpu_block& blk, void*) {
+              ranks[static_cast<std::size_t>(blk.rank())] =
+                  core::gram_rank(blk, gb.data(), n, 4 * n, db.data(), eb.data(), bc.data());
+            },
+            1, 1, threads, 0);
+        for (int t = 0; t < threads; ++t) CHECK(ranks[static_cast<std::size_t>(t)] == want);
       }
     }
   }
 }
+

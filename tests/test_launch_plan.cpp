@@ -107,7 +107,7 @@ TEST_CASE("launch plan: the rank kernel is bounded by the text after the span, n
   const cuda::launch_plan small = plan_of(shapes[0], false, false, true, 16 * 1024);
   const cuda::kernel_launch* fallback = find(small, "rank_solve");
   REQUIRE(fallback != nullptr);
-  CHECK(fallback->smem_bytes == 4 * sizeof(double));
+  CHECK(fallback->smem_bytes == sparsevlm::detail::core::eigen_shared * sizeof(double));
 }
 
 TEST_CASE("launch plan: the q/k logits grid keeps its large extent on x") {

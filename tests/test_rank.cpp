@@ -198,38 +198,54 @@ TEST_CASE("rank: near-rank-deficient matrices around the tolerance, and larger s
   }
 }
 
-TEST_CASE("rank: the symmetric eigen-solver on its own") {
-  // diag(3, 1, 2) rotated: eigenvalues 1, 2, 3 whatever the rotation.
-  const double c = std::cos(0.7), s = std::sin(0.7);
-  const double Q[3][3] = {{c, -s, 0}, {s, c, 0}, {0, 0, 1}};
-  const double D[3] = {3, 1, 2};
-  double a[9];
-  for (int i = 0; i < 3; ++i)
-    for (int j = 0; j < 3; ++j) {
-      double v = 0;
-      for (int q = 0; q < 3; ++q) v += Q[i][q] * D[q] * Q[j][q];
-      a[i * 3 + j] = v;
-    }
-  double d[3], e[3];
-  REQUIRE(sparsevlm::detail::core::symmetric_eigenvalues(a, 3, d, e));
-  std::sort(d, d + 3);
-  CHECK(d[0] == doctest::Approx(1.0).epsilon(1e-14));
-  CHECK(d[1] == doctest::Approx(2.0).epsilon(1e-14));
-  CHECK(d[2] == doctest::Approx(3.0).epsilon(1e-14));
-  // Random symmetric matrices against Eigen's solver.
-  std::mt19937 g(5);
-  for (int n : {1, 2, 3, 7, 30, 64}) {
+TEST_CASE("rank: the tridiagonal reduction, Sturm counts and lambda_max on their own") {
+  namespace core = sparsevlm::detail::core;
+  // Random symmetric matrices against Eigen's solver: the reduction keeps the
+  // eigenvalues, sturm_count(x) counts those below x, largest_eigenvalue finds the top.
+  for (int n : {1, 2, 3, 7, 30, 64, 100}) {
+    INFO("n ", n);
     Eigen::MatrixXd M = Eigen::MatrixXd::Random(n, n);
     M = (M + M.transpose()).eval();
-    std::vector<double> buf(static_cast<std::size_t>(n * n)), dd(static_cast<std::size_t>(n)),
-        ee(static_cast<std::size_t>(n));
+    if (n == 7) M = (M * M.transpose()).eval();  // positive semi-definite, as a Gram matrix
+    std::vector<double> buf(static_cast<std::size_t>(n * n)), d(static_cast<std::size_t>(n)),
+        e(static_cast<std::size_t>(n));
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < n; ++j) buf[static_cast<std::size_t>(i * n + j)] = M(i, j);
-    REQUIRE(sparsevlm::detail::core::symmetric_eigenvalues(buf.data(), n, dd.data(), ee.data()));
-    std::sort(dd.begin(), dd.end());
-    Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> ref(M, Eigen::EigenvaluesOnly);
-    const double scale = ref.eigenvalues().cwiseAbs().maxCoeff();
-    for (int i = 0; i < n; ++i)
-      CHECK(std::fabs(dd[static_cast<std::size_t>(i)] - ref.eigenvalues()(i)) <= 1e-12 * scale);
+    double bc[core::eigen_shared];
+    core::tridiagonalize(core::serial_block{}, buf.data(), n, d.data(), e.data(), bc);
+    CHECK(e[static_cast<std::size_t>(n - 1)] == 0.0);
+    Eigen::MatrixXd T = Eigen::MatrixXd::Zero(n, n);
+    for (int i = 0; i < n; ++i) {
+      T(i, i) = d[static_cast<std::size_t>(i)];
+      if (i + 1 < n) T(i, i + 1) = T(i + 1, i) = e[static_cast<std::size_t>(i)];
+    }
+    const Eigen::VectorXd want = Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd>(M, Eigen::EigenvaluesOnly).eigenvalues();
+    const Eigen::VectorXd got = Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd>(T, Eigen::EigenvaluesOnly).eigenvalues();
+    const double scale = want.cwiseAbs().maxCoeff();
+    for (int i = 0; i < n; ++i) CHECK(std::fabs(got(i) - want(i)) <= 1e-12 * scale);
+
+    const core::top_eigenvalue top = core::largest_eigenvalue(core::serial_block{}, d.data(), e.data(), n, bc);
+    if (want(n - 1) > 0.0) {
+      CHECK(top.lambda_max == doctest::Approx(want(n - 1)).epsilon(1e-13));
+    } else {
+      CHECK(top.lambda_max == 0.0);  // no positive Gershgorin bound
+    }
+    // e now holds the squares: counts between the eigenvalues are exact.
+    for (int i = 0; i + 1 < n; ++i) {
+      if (want(i + 1) - want(i) < 1e-9 * scale) continue;
+      const double x = 0.5 * (want(i) + want(i + 1));
+      CHECK(core::sturm_count(d.data(), e.data(), n, x, top.pivmin) == i + 1);
+    }
+    CHECK(core::sturm_count(d.data(), e.data(), n, want(0) - 1.0, top.pivmin) == 0);
+    CHECK(core::sturm_count(d.data(), e.data(), n, want(n - 1) + 1.0, top.pivmin) == n);
   }
+  // A diagonal matrix: λ_max is its largest entry, met by no Gershgorin margin.
+  double a[9] = {3, 0, 0, 0, 1, 0, 0, 0, 2}, d[3], e[3], bc[core::eigen_shared];
+  core::tridiagonalize(core::serial_block{}, a, 3, d, e, bc);
+  CHECK(core::largest_eigenvalue(core::serial_block{}, d, e, 3, bc).lambda_max == doctest::Approx(3.0).epsilon(1e-15));
+  // The zero matrix has rank 0; so has m = 0.
+  double z[4] = {0, 0, 0, 0};
+  CHECK(core::gram_rank(core::serial_block{}, z, 2, 10, d, e, bc) == 0);
+  CHECK(core::gram_rank(core::serial_block{}, z, 0, 10, d, e, bc) == 0);
 }
+

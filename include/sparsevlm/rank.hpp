@@ -5,7 +5,6 @@
 
 #include "check.hpp"
 #include "core/eigen.hpp"
-#include "core/math.hpp"
 #include "cpu/dispatch.hpp"
 #include "workspace.hpp"
 
@@ -40,19 +39,9 @@ inline index_t numerical_rank_trusted(matrix_view<const float> P, workspace& ws)
   }
   double* G = workspace::take(ws.rank.gram, static_cast<std::size_t>(m * m));
   cpu::detail::kernels().gram_f64(rows, ld, m, depth, G);
-  double* lambda = workspace::take(ws.rank.eigen, static_cast<std::size_t>(2 * m));
-  if (!detail::core::symmetric_eigenvalues(G, m, lambda, lambda + m)) {
-    detail::fail(errc::non_finite, "P", "a matrix whose eigenvalues converge",
-                 "no convergence of the symmetric QL iteration");
-  }
-  double lambda_max = 0.0;
-  for (index_t i = 0; i < m; ++i) lambda_max = std::max(lambda_max, lambda[i]);
-  if (!(lambda_max > 0.0)) return 0;
-  const double threshold = detail::core::rank_threshold_sq(lambda_max, depth);
-  index_t rank = 0;
-  for (index_t i = 0; i < m; ++i)
-    if (lambda[i] > threshold) ++rank;
-  return rank;
+  double* de = workspace::take(ws.rank.eigen, static_cast<std::size_t>(2 * m));
+  double bc[detail::core::eigen_shared];
+  return detail::core::gram_rank(detail::core::serial_block{}, G, m, depth, de, de + m, bc);
 }
 
 }  // namespace detail
@@ -63,14 +52,15 @@ inline index_t numerical_rank_trusted(matrix_view<const float> P, workspace& ws)
 /// Method: the singular values of P are the square roots of the eigenvalues of
 /// the Gram matrix G = P·Pᵀ (R×R when R <= N, else Pᵀ·P, N×N). G is formed in
 /// double from exact products of the float32 entries (cpu::detail::kernel_table's
-/// gram_f64: the same bits on every instruction set) and its eigenvalues come
-/// from a Householder + implicit-QL solver (core/eigen.hpp) that works in the
-/// workspace, so the stage allocates nothing. The count is
-/// λ > λ_max · (max(R, N) · 2^-23)².
+/// gram_f64: the same bits on every instruction set), reduced to a tridiagonal
+/// matrix by Householder reflectors, and Sturm counts on that give λ_max (by
+/// multisection) and the number of eigenvalues λ > λ_max · (max(R, N) · 2^-23)²
+/// (core/eigen.hpp's gram_rank). It works in the workspace, so the stage
+/// allocates nothing.
 ///
 /// Why this is exact at the spec's tolerance: forming G in double perturbs it by
-/// about max(R,N)·2^-53·λ_max and the solver is backward stable, adding about
-/// m·2^-52·λ_max (m = min(R, N)), while the threshold is at least
+/// about max(R,N)·2^-53·λ_max and the reduction and the Sturm counts are backward
+/// stable, adding about m·2^-52·λ_max (m = min(R, N)), while the threshold is at least
 /// λ_max·(max(R,N)·2^-23)². Near the threshold σ is therefore known to a relative
 /// (R+N)·2^-52 / (2·max(R,N)²·2^-46) < 2% / max(R, N) of the tolerance — far
 /// tighter than a float32 SVD of P itself, whose singular values carry an error
@@ -80,8 +70,8 @@ inline index_t numerical_rank_trusted(matrix_view<const float> P, workspace& ws)
 ///
 /// - `P`: [R, N] float32, any strides. R = 0 or N = 0 gives 0; P = 0 gives 0.
 /// - Cost: m²·max(R,N)/2 double multiply-adds for G (at 64×2880 about 6 M) plus
-///   4m³/3 for the eigenvalues. Scratch: R·N floats (unless P is row-major with
-///   R <= N), m² + 2m doubles.
+///   4m³/3 for the reduction and about 600 Sturm counts of m steps (at most 1,025).
+///   Scratch: R·N floats (unless P is row-major with R <= N), m² + 2m doubles.
 /// - Errors: non_finite when P holds NaN/Inf.
 inline index_t numerical_rank(matrix_view<const float> P, workspace& ws) {
   const index_t R = P.extent(0);

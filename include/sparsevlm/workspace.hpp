@@ -141,7 +141,7 @@ struct gravity_scratch {
 struct rank_scratch {
   scratch_vector<float> P;       ///< P copied (transposed when R > N) [R·N]
   scratch_vector<double> gram;   ///< the Gram matrix [m, m], m = min(R, N)
-  scratch_vector<double> eigen;  ///< eigenvalues and the solver's scratch [2m]
+  scratch_vector<double> eigen;  ///< the tridiagonal's diagonal and subdiagonal [2m]
   template <class Self, class Fn>
   static void needs(Self& b, const scratch_sizes& s, Fn&& fn) {
     fn(b.P, s.R * s.N), fn(b.gram, s.m * s.m), fn(b.eigen, 2 * s.m);

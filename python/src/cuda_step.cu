@@ -107,7 +107,6 @@ void throw_flags(const sv::cuda::step_status& s) {
   if (s.non_finite_embeds) fail(sv::errc::non_finite, "embeds", "finite rater logits", "NaN/Inf (flagged on the GPU)");
   if (s.non_finite_scores) fail(sv::errc::non_finite, "attn/q/k/lse", "finite scores", "NaN/Inf (flagged on the GPU)");
   if (s.non_finite_hidden) fail(sv::errc::non_finite, "hidden", "finite recycled rows", "NaN/Inf (flagged on the GPU)");
-  if (s.no_convergence) fail(sv::errc::non_finite, "rank", "a converged eigen-solver", "no convergence (on the GPU)");
 }
 
 template <class Inputs>

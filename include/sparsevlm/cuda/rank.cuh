@@ -6,19 +6,22 @@
 namespace sparsevlm::cuda {
 
 /// rank = #{λ of G > λ_max·(max(R, N)·2^-23)²} with G = P·Pᵀ (R <= N) or Pᵀ·P,
-/// m = min(R, N): G by canonical float64 dot products in 32×32 tiles, its
-/// eigenvalues by the CPU's own Householder + QL solver (core/eigen.hpp) run by
-/// ONE thread block: the reduction's per-row loops are split over the block,
-/// every cross-row sum and the QL phase run in thread 0 in the serial order,
-/// so the eigenvalues, hence the rank, have the CPU's bits.
+/// m = min(R, N): G by canonical float64 dot products in 32×32 tiles, then the
+/// CPU's own rank arithmetic (core/eigen.hpp's gram_rank) on ONE thread block:
+/// the Householder reduction's per-row loops are split over the block (every
+/// cross-row sum in thread 0 in the serial order), and the Sturm counts that
+/// find λ_max (64 points per multisection round, about 9 rounds) and count the
+/// eigenvalues above the threshold are spread over the threads. Same bits as
+/// the CPU, hence the same rank.
 ///
-/// Limit and fallback: G lives in shared memory while (m² + 2m + 4)·8 bytes fit
-/// the device's opt-in limit (227 KB on H100: m <= 166; 163 KB on A100: m <= 141;
+/// Limit and fallback: G lives in shared memory while (m² + 2m + 72)·8 bytes fit
+/// the device's opt-in limit (227 KB on H100: m <= 169; 163 KB on A100: m <= 143;
 /// m <= 128 fits both); a larger m runs the same code on G in global memory
 /// (same bits; the O(m²) serial steps then pay global-memory latency). m is
 /// bounded by the workspace's shape (min(T, N)).
-/// Cost: m²·max(R,N)/2 multiply-adds for G; 4m³/3 for the reduction in O(m²)
-/// block-wide steps, then O(m²) serial QL work.
+/// Cost: m²·max(R,N)/2 multiply-adds for G; 4m³/3 for the reduction in O(m)
+/// block-wide steps per column with O(m²) serial sums in all; then about 9
+/// rounds of one Sturm count (m steps) per thread.
 inline cudaError_t numerical_rank_async(const device_step& step, cudaStream_t stream) {
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;

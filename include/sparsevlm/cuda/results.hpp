@@ -17,11 +17,9 @@ struct step_status {
   bool non_finite_embeds = false;     ///< a rater logit was NaN/Inf
   bool non_finite_scores = false;     ///< attention, q/k or LSE gave a NaN/Inf score
   bool non_finite_hidden = false;     ///< a recycled hidden row held NaN/Inf
-  bool no_convergence = false;        ///< the rank's eigen-solver did not converge
   bool bad_raters = false;            ///< caller raters not ascending text positions
   [[nodiscard]] bool ok() const noexcept {
-    return !(non_finite_embeds || non_finite_scores || non_finite_hidden || no_convergence ||
-             bad_raters);
+    return !(non_finite_embeds || non_finite_scores || non_finite_hidden || bad_raters);
   }
 };
 
@@ -29,8 +27,7 @@ namespace detail {
 /// The flags of read-back counts as a step_status (download's decoding).
 inline step_status status_of(const step_counts& c) noexcept {
   return step_status{c.flags[flag_embeds] != 0, c.flags[flag_scores] != 0,
-                     c.flags[flag_hidden] != 0, c.flags[flag_eigen] != 0,
-                     c.flags[flag_raters] != 0};
+                     c.flags[flag_hidden] != 0, c.flags[flag_raters] != 0};
 }
 }  // namespace detail
 

@@ -190,9 +190,11 @@ inline std::size_t layout(const bounds& b, void* base, buffers& out) {
   return (end + alignment - 1) / alignment * alignment;
 }
 
-/// Shared memory the rank kernel needs to hold G (m_max² + 2·m_max + 4 doubles).
+/// Shared memory the rank kernel needs to hold G (m_max² + 2·m_max doubles, and
+/// the block's core::eigen_shared).
 inline std::size_t rank_shared_bytes(i64 m_max) {
-  return static_cast<std::size_t>(m_max * m_max + 2 * m_max + 4) * sizeof(double);
+  return static_cast<std::size_t>(m_max * m_max + 2 * m_max + core::eigen_shared) *
+         sizeof(double);
 }
 
 /// Shared memory the density kernel needs: one row of D, padded to a power of two.
@@ -301,7 +303,7 @@ void rank(Exec& ex, i64 n_visual, i64 m_max, const buffers& buf) {
   }
   const bool in_shared = rank_shared_bytes(m_max) <= ex.max_shared();
   ex.launch(rank_solve{buf.G, buf.eig, n_visual, in_shared, buf.counts}, 1, 1, ex.threads(),
-            in_shared ? rank_shared_bytes(m_max) : 4 * sizeof(double));
+            in_shared ? rank_shared_bytes(m_max) : core::eigen_shared * sizeof(double));
 }
 
 /// Keep-count and recycling options as plain values.

@@ -1,5 +1,5 @@
 // Stage 4 on the device: the numerical rank of P (rank.hpp), with the CPU's own
-// eigen-solver (core/eigen.hpp). Launched by pipeline.hpp's rank, enqueued by
+// rank arithmetic (core/eigen.hpp). Launched by pipeline.hpp's rank, enqueued by
 // cuda/rank.cuh. Conventions: step_kernels.hpp.
 #pragma once
 
@@ -34,11 +34,13 @@ struct rank_gram {
   }
 };
 
-/// The rank from G: eigenvalues by the block-parallel symmetric solver
-/// (core/eigen.hpp, the CPU's own code), then the count of λ > λ_max·(max(R,N)·
-/// 2^-23)². One block. With `in_shared`, G is copied into shared memory first
-/// (smem: m_max² + 2·m_max + 4 doubles); else the solver works on G in place
-/// in global memory, with `scratch` (2·m_max doubles) for the eigenvalues.
+/// The rank from G by the CPU's own code (core/eigen.hpp's gram_rank:
+/// Householder reduction, then Sturm counts for λ_max and for the count of
+/// λ > λ_max·(max(R,N)·2^-23)²), all on one block. With `in_shared`, G is
+/// copied into shared memory first (smem: rank_shared_bytes(m_max)); else the
+/// reduction works on G in place in global memory, with `scratch` (2·m_max
+/// doubles) for the tridiagonal, and smem holds only the block's scratch
+/// (core::eigen_shared doubles).
 struct rank_solve {
   double* G;
   double* scratch;
@@ -56,30 +58,16 @@ struct rank_solve {
     const i64 m = R < N ? R : N, depth = R < N ? N : R;
     double* sh = static_cast<double*>(smem);
     double* a = G;
-    double* lambda = scratch;
+    double* de = scratch;
     double* bc = sh;
     if (in_shared) {
-      a = sh + 4;
-      lambda = a + m * m;
+      a = sh + core::eigen_shared;
+      de = a + m * m;
       for (i64 i = b.rank(); i < m * m; i += b.size()) a[i] = G[i];
       b.sync();
     }
-    const bool ok = core::symmetric_eigenvalues(b, a, m, lambda, lambda + m, bc);
-    if (b.rank() != 0) return;
-    if (!ok) {
-      core::raise_flag(&counts->flags[flag_eigen]);
-      counts->rank = 0;
-      return;
-    }
-    double lambda_max = 0.0;
-    for (i64 i = 0; i < m; ++i) lambda_max = lambda_max < lambda[i] ? lambda[i] : lambda_max;
-    i64 rank = 0;
-    if (lambda_max > 0.0) {
-      const double threshold = core::rank_threshold_sq(lambda_max, depth);
-      for (i64 i = 0; i < m; ++i)
-        if (lambda[i] > threshold) ++rank;
-    }
-    counts->rank = rank;
+    const i64 rank = core::gram_rank(b, a, m, depth, de, de + m, bc);
+    if (b.rank() == 0) counts->rank = rank;
   }
 };
 

@@ -44,9 +44,8 @@ enum step_flag : int {
   flag_embeds = 0,     ///< a rater logit is NaN/Inf (non-finite embeds, or an overflow)
   flag_scores = 1,     ///< a score is NaN/Inf (non-finite attention or q/k/lse)
   flag_hidden = 2,     ///< a hidden row that recycling merges holds NaN/Inf
-  flag_eigen = 3,      ///< the rank's eigen-solver did not converge
-  flag_raters = 4,     ///< caller raters not ascending or not text positions
-  flag_count = 5
+  flag_raters = 3,     ///< caller raters not ascending or not text positions
+  flag_count = 4
 };
 
 /// The device-resident state of one step: the counts the data decide, and the
