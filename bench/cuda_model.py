@@ -80,6 +80,9 @@ def model(plan, sh):
     rows, total = [], 0.0
     for k in plan["kernels"]:
         blocks = k["grid"][0] * k["grid"][1] * k["grid"][2]
+        if k["name"] in ("rank_gram", "recycle_gram"):
+            # Symmetric: the blocks below the diagonal return at once.
+            blocks = k["grid"][0] * (k["grid"][0] + 1) // 2
         share = min(1.0, blocks / SMS)
         b, f32, f64, serial = kernel_cost(k["name"], k["grid"], sh)
         t = max(b / (BW * share), f32 / (FP32 * share), f64 / (FP64 * share)) + serial * SERIAL

@@ -56,13 +56,16 @@ void run_grid(const Body& body, index_t gx, index_t gy, int threads, std::size_t
 /// The pipeline's executor on the CPU: small blocks and grids, so that every
 /// grid-stride loop, tile edge and scan carry is exercised on the small cases.
 struct cpu_exec {
-  static constexpr int tile = 4;  // 4×4 dot tiles: tile_threads<4> = 4 threads
+  static constexpr int tile = 4;        // 4×4 dot tiles: tile_threads<4> = 4 threads
+  static constexpr int small_tile = 2;  // 2×2 dot tiles: one thread, four pairs
   int block = 8;
   index_t max_blocks = 3;
   std::size_t shared = std::size_t{1} << 20;
   int launches = 0;
 
+  index_t wide = 4;  // fewer 4×4 tiles than this take 2×2 ones (both occur in the cases)
   int threads() const { return block; }
+  index_t wide_grid() const { return wide; }
   index_t grid(index_t n) const {
     return n <= 0 ? 0 : std::min<index_t>(core::ceil_div(n, block), max_blocks);
   }

@@ -110,6 +110,30 @@ TEST_CASE("launch plan: the rank kernel is bounded by the text after the span, n
   CHECK(fallback->smem_bytes == sparsevlm::detail::core::eigen_shared * sizeof(double));
 }
 
+TEST_CASE("launch plan: dot tiles shrink to 16x16 where 32x32 would leave most SMs idle") {
+  // LLaVA-1.5: 173 recycled rows give 6 x 6 tiles of 32 (36 blocks), so 11 x 11 of 16;
+  // LLaVA-NeXT: 865 rows give 28 x 28 of 32, enough blocks as they are.
+  const cuda::launch_plan llava = plan_of(shapes[0], false, false, true);
+  const cuda::kernel_launch* gram = find(llava, "recycle_gram");
+  REQUIRE(gram != nullptr);
+  CHECK(gram->grid[0] == 11);
+  CHECK(gram->block[0] == 64);
+  CHECK(gram->smem_bytes == static_cast<std::size_t>(cuda::detail::tile_smem<16>));
+  const cuda::kernel_launch* logits = find(llava, "rater_logits");
+  REQUIRE(logits != nullptr);
+  CHECK(logits->grid[0] == 36);  // 576 / 16
+  CHECK(logits->grid[1] == 4);   // 60 text tokens
+  const plan_shape* next = nullptr;
+  for (const auto& s : shapes)
+    if (s.visual == 2880) next = &s;
+  REQUIRE(next != nullptr);
+  const cuda::launch_plan big = plan_of(*next, false, false, true);
+  const cuda::kernel_launch* gram2 = find(big, "recycle_gram");
+  REQUIRE(gram2 != nullptr);
+  CHECK(gram2->block[0] == 256);
+  CHECK(gram2->grid[0] == 28);
+}
+
 TEST_CASE("launch plan: the q/k logits grid keeps its large extent on x") {
   // 64 heads and 40,000 question tokens: 64 · 1250 rater tiles would exceed y's 65,535.
   const plan_shape big{"long", 35, 576, 40000, 64, 8192};

@@ -358,15 +358,21 @@ TEST_CASE("step kernels: the emulated q/k path with only the rater rows of q, an
   CHECK(compared > 0);
 }
 
-TEST_CASE("step kernels: the rank's global-memory fallback and other block shapes decide the same") {
+TEST_CASE("step kernels: the rank's global-memory fallback, other block shapes and either tile edge decide the same") {
   const auto all = cases();
   int fallback = 0;
   for (const auto& c : all) {
     INFO("case ", c.name);
     const auto want = svt::cpu_step(c, svt::elem::f32, false);
     const pl::bounds bd = bounds_of(c, false);
-    for (int variant = 0; variant < 2; ++variant) {
+    for (int variant = 0; variant < 4; ++variant) {
       cpu_exec ex;
+      if (variant >= 2) {  // every dot-tile kernel on the large tiles, or on the small ones
+        ex.wide = variant == 2 ? 1 : std::int64_t{1} << 40;
+        host_workspace ws(bd);
+        check_same(emulate<float>(ex, c, false, ws, bd), want);
+        continue;
+      }
       // The rank kernel is launched for min(text after the span, N) rows.
       const pl::i64 m = std::min(pl::raters_bound(c.L, c.S, c.N), c.N);
       if (variant == 0) {

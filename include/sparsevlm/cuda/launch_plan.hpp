@@ -85,11 +85,15 @@ namespace detail {
 /// The device executor's launch rules, shared with the recording executor.
 struct launch_policy {
   static constexpr int tile = 32;                   ///< 32×32 dot tiles: 256 threads
+  static constexpr int small_tile = 16;             ///< 16×16 dot tiles: 64 threads
+  /// Fewer 32×32 tiles than this (about an H100's 132 SMs) take 16×16 ones.
+  static constexpr std::int64_t wide_blocks = 128;
   static constexpr int block_threads = 256;         ///< element-wise and per-token kernels
   static constexpr std::int64_t max_grid = 8192;    ///< grid-stride loops: enough blocks for any GPU
   static constexpr std::size_t default_shared = 48 * 1024;  ///< without the opt-in attribute
 
   [[nodiscard]] int threads() const noexcept { return block_threads; }
+  [[nodiscard]] std::int64_t wide_grid() const noexcept { return wide_blocks; }
   [[nodiscard]] std::int64_t grid(std::int64_t n) const noexcept {
     if (n <= 0) return 0;
     const std::int64_t g = core::ceil_div(n, block_threads);

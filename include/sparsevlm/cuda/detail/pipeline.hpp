@@ -8,6 +8,8 @@
 // An executor `ex` provides:
 //   Exec::tile                      edge of the dot-product tiles (threads:
 //                                   tile_threads<Exec::tile>)
+//   Exec::small_tile                the edge used instead when Exec::tile gives
+//                                   fewer than ex.wide_grid() blocks (dot_tiles)
 //   ex.threads()                    threads of the other kernels' blocks
 //   ex.grid(n)                      blocks for a grid-stride loop over n items
 //   ex.max_shared()                 dynamic shared memory a block may use, bytes
@@ -19,6 +21,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "keep_set_kernels.hpp"
 #include "plan_kernels.hpp"
@@ -202,6 +205,29 @@ inline std::size_t density_shared_bytes(i64 s_max) {
   return static_cast<std::size_t>(s_max > 0 ? core::pow2_at_least(s_max) : 0) * sizeof(double);
 }
 
+/// Launches a dot-tile kernel over a rows × cols grid of pairs: make(tile)
+/// builds its body for a tile edge (std::integral_constant<int, edge>), and the
+/// grid is (⌈rows/edge⌉, ⌈cols/edge⌉). The edge is Exec::tile, or Exec::small_tile
+/// when the large tiles would give fewer than ex.wide_grid() blocks (at LLaVA
+/// sizes the recycled rows' Gram takes 36 blocks of 32×32: a quarter of an H100),
+/// so that 4× the blocks share the work. A thread owns tile_pairs pairs either
+/// way, and each pair's dot product runs in one thread in the canonical order,
+/// so the edge changes which block computes a pair, never its bits.
+template <class Exec, class Make>
+void dot_tiles(Exec& ex, i64 rows, i64 cols, Make&& make) {
+  constexpr int big = Exec::tile, small = Exec::small_tile;
+  const auto go = [&](auto edge) {
+    constexpr int t = decltype(edge)::value;
+    ex.launch(make(edge), core::ceil_div(rows, t), core::ceil_div(cols, t), tile_threads<t>,
+              static_cast<std::size_t>(tile_smem<t>));
+  };
+  if (core::ceil_div(rows, big) * core::ceil_div(cols, big) < ex.wide_grid()) {
+    go(std::integral_constant<int, small>{});
+  } else {
+    go(std::integral_constant<int, big>{});
+  }
+}
+
 // ---- the stages ---------------------------------------------------------------
 
 /// Zeroes the counts and flags (first kernel of a step).
@@ -215,13 +241,12 @@ void reset(Exec& ex, const buffers& buf) {
 template <class Exec, class TE>
 void select_raters(Exec& ex, rows2<TE> embeds, i64 length, i64 first_visual, i64 n_visual,
                    i64 embed_dim, const buffers& buf) {
-  constexpr int tile = Exec::tile;
   const i64 first_text = first_visual + n_visual, T = length - first_text;
   if (T > 0) {
-    ex.launch(rater_logits<TE, tile>{embeds, first_visual, n_visual, first_text, T, embed_dim,
-                                     buf.logits, buf.counts},
-              core::ceil_div(n_visual, tile), core::ceil_div(T, tile), tile_threads<tile>,
-              static_cast<std::size_t>(tile_smem<tile>));
+    dot_tiles(ex, n_visual, T, [&](auto edge) {
+      return rater_logits<TE, decltype(edge)::value>{embeds,    first_visual, n_visual,  first_text,
+                                                     T,         embed_dim,    buf.logits, buf.counts};
+    });
     ex.launch(rater_row_stats{buf.logits, n_visual, T, buf.row_max, buf.row_sum},
               ex.grid(n_visual), 1, ex.threads(), 0);
     ex.launch(rater_column_means{buf.logits, n_visual, T, buf.row_max, buf.row_sum, buf.m}, T, 1,
@@ -295,11 +320,10 @@ void scores_qk(Exec& ex, const qk_args<TQ, TK>& a, i64 first_visual, i64 n_visua
 /// (the same code and bits, slower).
 template <class Exec>
 void rank(Exec& ex, i64 n_visual, i64 m_max, const buffers& buf) {
-  constexpr int tile = Exec::tile;
   if (m_max > 0) {
-    ex.launch(rank_gram<tile>{buf.P, n_visual, buf.G, buf.counts}, core::ceil_div(m_max, tile),
-              core::ceil_div(m_max, tile), tile_threads<tile>,
-              static_cast<std::size_t>(tile_smem<tile>));
+    dot_tiles(ex, m_max, m_max, [&](auto edge) {
+      return rank_gram<decltype(edge)::value>{buf.P, n_visual, buf.G, buf.counts};
+    });
   }
   const bool in_shared = rank_shared_bytes(m_max) <= ex.max_shared();
   ex.launch(rank_solve{buf.G, buf.eig, n_visual, in_shared, buf.counts}, 1, 1, ex.threads(),
@@ -340,13 +364,12 @@ template <class Exec, class TH>
 void recycle(Exec& ex, rows2<TH> hidden, i64 first_visual, i64 hidden_dim, i64 s_max, i64 c_max,
              const buffers& buf) {
   if (s_max == 0) return;
-  constexpr int tile = Exec::tile;
   const int t = ex.threads();
   const i64 ld = s_max;
-  ex.launch(recycle_gram<TH, tile>{hidden, first_visual, hidden_dim, ld, buf.order, buf.D,
-                                   buf.counts},
-            core::ceil_div(s_max, tile), core::ceil_div(s_max, tile), tile_threads<tile>,
-            static_cast<std::size_t>(tile_smem<tile>));
+  dot_tiles(ex, s_max, s_max, [&](auto edge) {
+    return recycle_gram<TH, decltype(edge)::value>{hidden, first_visual, hidden_dim, ld,
+                                                   buf.order, buf.D, buf.counts};
+  });
   ex.launch(recycle_diag{buf.D, ld, buf.diag, buf.dmax, buf.counts}, ex.grid(s_max), 1, t, 0);
   // D and its maximum in one pass (the maximum by one exact atomic per block).
   ex.launch(recycle_distances{buf.D, ld, buf.diag, std::sqrt(static_cast<double>(hidden_dim)),
