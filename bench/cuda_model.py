@@ -80,14 +80,20 @@ def model(plan, sh):
     rows, total = [], 0.0
     for k in plan["kernels"]:
         blocks = k["grid"][0] * k["grid"][1] * k["grid"][2]
-        if k["name"] in ("rank_gram", "recycle_gram"):
+        first = k["name"].split("+")[0]
+        if first in ("rank_gram", "recycle_gram"):
             # Symmetric: the blocks below the diagonal return at once.
             blocks = k["grid"][0] * (k["grid"][0] + 1) // 2
-        share = min(1.0, blocks / SMS)
-        b, f32, f64, serial = kernel_cost(k["name"], k["grid"], sh)
-        t = max(b / (BW * share), f32 / (FP32 * share), f64 / (FP64 * share)) + serial * SERIAL
-        rows.append({"name": k["name"], "blocks": blocks, "bytes": b, "fp32_flops": f32,
-                     "fp64_flops": f64, "serial_ops": serial, "us": t * 1e6})
+        # A fused launch ("a+b"): body a over the grid, then b on the one block
+        # that finishes last (with_tail) or on the same block (in_order).
+        t, tb, t32, t64, tserial = 0.0, 0, 0, 0, 0
+        for i, part in enumerate(k["name"].split("+")):
+            share = min(1.0, (blocks if i == 0 else 1) / SMS)
+            b, f32, f64, serial = kernel_cost(part, k["grid"], sh)
+            t += max(b / (BW * share), f32 / (FP32 * share), f64 / (FP64 * share)) + serial * SERIAL
+            tb, t32, t64, tserial = tb + b, t32 + f32, t64 + f64, tserial + serial
+        rows.append({"name": k["name"], "blocks": blocks, "bytes": tb, "fp32_flops": t32,
+                     "fp64_flops": t64, "serial_ops": tserial, "us": t * 1e6})
         total += t
     gaps = GAP * len(plan["kernels"])
     return {"kernels": rows, "compute_us": total * 1e6, "launch_gaps_us": gaps * 1e6,

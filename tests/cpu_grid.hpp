@@ -33,17 +33,22 @@ struct cpu_block {
 };
 
 /// Runs `body` over a grid: the blocks one after another, each on `threads`
-/// threads. Shared memory is filled with 0xff bytes (NaN) before every block,
-/// so a kernel that reads it before writing it computes garbage.
+/// threads, in index order or (`reversed`) from the last block to the first, so
+/// that a kernel that assumes an order of its blocks (the block that finishes
+/// last being the last index, say) is caught. Shared memory is filled with 0xff
+/// bytes (NaN) before every block, so a kernel that reads it before writing it
+/// computes garbage.
 template <class Body>
-void run_grid(const Body& body, index_t gx, index_t gy, int threads, std::size_t smem) {
+void run_grid(const Body& body, index_t gx, index_t gy, int threads, std::size_t smem,
+              bool reversed = false) {
   std::vector<double> shared(smem / sizeof(double) + 1);
   std::barrier<> bar(threads);
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t)
     pool.emplace_back([&, t] {
-      for (index_t y = 0; y < gy; ++y)
-        for (index_t x = 0; x < gx; ++x) {
+      for (index_t yy = 0; yy < gy; ++yy)
+        for (index_t xx = 0; xx < gx; ++xx) {
+          const index_t y = reversed ? gy - 1 - yy : yy, x = reversed ? gx - 1 - xx : xx;
           if (t == 0) std::memset(shared.data(), 0xff, shared.size() * sizeof(double));
           bar.arrive_and_wait();
           body(cpu_block{t, threads, x, y, gx, gy, &bar}, static_cast<void*>(shared.data()));
@@ -64,6 +69,7 @@ struct cpu_exec {
   int launches = 0;
 
   index_t wide = 4;  // fewer 4×4 tiles than this take 2×2 ones (both occur in the cases)
+  bool reversed = false;  // run each grid's blocks last to first
   int threads() const { return block; }
   index_t wide_grid() const { return wide; }
   index_t grid(index_t n) const {
@@ -75,7 +81,7 @@ struct cpu_exec {
     REQUIRE(smem <= shared);
     if (gx <= 0 || gy <= 0) return;
     ++launches;
-    run_grid(body, gx, gy, threads, smem);
+    run_grid(body, gx, gy, threads, smem, reversed);
   }
 };
 

@@ -358,17 +358,22 @@ TEST_CASE("step kernels: the emulated q/k path with only the rater rows of q, an
   CHECK(compared > 0);
 }
 
-TEST_CASE("step kernels: the rank's global-memory fallback, other block shapes and either tile edge decide the same") {
+TEST_CASE("step kernels: the rank's global-memory fallback, other block shapes, either tile edge and blocks in reverse decide the same") {
   const auto all = cases();
   int fallback = 0;
   for (const auto& c : all) {
     INFO("case ", c.name);
     const auto want = svt::cpu_step(c, svt::elem::f32, false);
     const pl::bounds bd = bounds_of(c, false);
-    for (int variant = 0; variant < 4; ++variant) {
+    for (int variant = 0; variant < 5; ++variant) {
       cpu_exec ex;
-      if (variant >= 2) {  // every dot-tile kernel on the large tiles, or on the small ones
-        ex.wide = variant == 2 ? 1 : std::int64_t{1} << 40;
+      if (variant >= 2) {
+        // Every dot-tile kernel on the large tiles, or on the small ones; or the
+        // blocks of every grid last to first (a fused tail runs in whichever
+        // block finishes last).
+        if (variant == 2) ex.wide = 1;
+        if (variant == 3) ex.wide = std::int64_t{1} << 40;
+        if (variant == 4) ex.reversed = true;
         host_workspace ws(bd);
         check_same(emulate<float>(ex, c, false, ws, bd), want);
         continue;

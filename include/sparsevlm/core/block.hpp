@@ -79,6 +79,57 @@ SPARSEVLM_HD inline double double_of_bits(std::uint64_t bits) noexcept {
 #endif
 }
 
+/// A block context seen as the one block of a one-block grid: the same threads
+/// and barrier, block (0, 0) of (1, 1). What a kernel fused as a tail
+/// (last_block_to_arrive) runs its one-block body with.
+template <class Block>
+struct lone_block {
+  Block b;
+  SPARSEVLM_HD std::int64_t rank() const noexcept { return b.rank(); }
+  SPARSEVLM_HD std::int64_t size() const noexcept { return b.size(); }
+  SPARSEVLM_HD std::int64_t bx() const noexcept { return 0; }
+  SPARSEVLM_HD std::int64_t by() const noexcept { return 0; }
+  SPARSEVLM_HD std::int64_t gx() const noexcept { return 1; }
+  SPARSEVLM_HD std::int64_t gy() const noexcept { return 1; }
+  SPARSEVLM_HD void sync() const { b.sync(); }
+};
+
+/// Whether this block is the last of its grid to get here: every thread of every
+/// block calls it once, and it answers the same on all threads of a block, true in
+/// exactly one block, which then sees every other block's writes (as after a
+/// kernel boundary). `*arrivals` counts the blocks; it is 0 before the launch and
+/// the last block puts it back to 0, so a graph replays it. `flag` is one word of
+/// the block's shared memory.
+///
+/// On the device this is cooperative groups' grid barrier without the wait: a
+/// barrier, then thread 0 fences (making the block's writes visible device-wide,
+/// fences being cumulative over the barrier) and adds one; the last block fences
+/// again before its barrier, so its threads read what the others wrote. On the
+/// host (the tests' CPU threads) an acquire-release add does the same.
+template <class Block>
+SPARSEVLM_HD bool last_block_to_arrive(const Block& b, std::uint32_t* arrivals,
+                                       std::uint32_t* flag) noexcept {
+  b.sync();
+  if (b.rank() == 0) {
+    const auto blocks = static_cast<std::uint32_t>(b.gx() * b.gy());
+#if defined(__CUDA_ARCH__)
+    __threadfence();
+    const bool last = atomicAdd(arrivals, 1u) + 1u == blocks;
+    if (last) {
+      __threadfence();
+      *reinterpret_cast<volatile std::uint32_t*>(arrivals) = 0;
+    }
+#else
+    std::atomic_ref<std::uint32_t> a(*arrivals);
+    const bool last = a.fetch_add(1, std::memory_order_acq_rel) + 1 == blocks;
+    if (last) a.store(0, std::memory_order_relaxed);
+#endif
+    *flag = last ? 1u : 0u;
+  }
+  b.sync();
+  return *flag != 0;
+}
+
 /// Smallest power of two >= n (n >= 1).
 SPARSEVLM_HD constexpr std::int64_t pow2_at_least(std::int64_t n) noexcept {
   std::int64_t p = 1;

@@ -109,8 +109,16 @@ struct launch_policy {
 
 /// The kernel body's name without namespaces or template arguments, from the
 /// compiler's function signature ("rank_solve", "recycle_gram").
+/// A fused launch (in_order, with_tail) is named by its bodies, "keep_ranks+keep_list".
 template <class Body>
 std::string kernel_name() {
+  if constexpr (requires {
+                  typename Body::first_type;
+                  typename Body::then_type;
+                }) {
+    return kernel_name<typename Body::first_type>() + "+" +
+           kernel_name<typename Body::then_type>();
+  }
 #if defined(__GNUC__) || defined(__clang__)
   const std::string_view f = __PRETTY_FUNCTION__;  // "... [with Body = ns::name<T, 32>; ...]"
   const std::size_t at = f.find("Body = ");

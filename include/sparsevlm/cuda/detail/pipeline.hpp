@@ -213,13 +213,24 @@ inline std::size_t density_shared_bytes(i64 s_max) {
 /// so that 4× the blocks share the work. A thread owns tile_pairs pairs either
 /// way, and each pair's dot product runs in one thread in the canonical order,
 /// so the edge changes which block computes a pair, never its bits.
-template <class Exec, class Make>
-void dot_tiles(Exec& ex, i64 rows, i64 cols, Make&& make) {
+///
+/// With `tail` (a one-block body needing `tail_smem` bytes), the launch is a
+/// with_tail: the tail runs in the last tile block to finish.
+template <class Exec, class Make, class Tail = std::nullptr_t>
+void dot_tiles(Exec& ex, i64 rows, i64 cols, Make&& make, const Tail& tail = nullptr,
+               step_counts* counts = nullptr, int slot = 0, std::size_t tail_smem = 0) {
   constexpr int big = Exec::tile, small = Exec::small_tile;
   const auto go = [&](auto edge) {
     constexpr int t = decltype(edge)::value;
-    ex.launch(make(edge), core::ceil_div(rows, t), core::ceil_div(cols, t), tile_threads<t>,
-              static_cast<std::size_t>(tile_smem<t>));
+    const i64 gx = core::ceil_div(rows, t), gy = core::ceil_div(cols, t);
+    const auto smem = static_cast<std::size_t>(tile_smem<t>);
+    if constexpr (std::is_same_v<Tail, std::nullptr_t>) {
+      ex.launch(make(edge), gx, gy, tile_threads<t>, smem);
+    } else {
+      const std::size_t both = with_tail_smem(smem, tail_smem);
+      ex.launch(with_tail<decltype(make(edge)), Tail>{make(edge), tail, counts, slot, both - 8}, gx, gy,
+                tile_threads<t>, both);
+    }
   };
   if (core::ceil_div(rows, big) * core::ceil_div(cols, big) < ex.wide_grid()) {
     go(std::integral_constant<int, small>{});
@@ -249,10 +260,16 @@ void select_raters(Exec& ex, rows2<TE> embeds, i64 length, i64 first_visual, i64
     });
     ex.launch(rater_row_stats{buf.logits, n_visual, T, buf.row_max, buf.row_sum},
               ex.grid(n_visual), 1, ex.threads(), 0);
-    ex.launch(rater_column_means{buf.logits, n_visual, T, buf.row_max, buf.row_sum, buf.m}, T, 1,
-              ex.threads(), static_cast<std::size_t>(ex.threads()) * sizeof(double));
+    // The choice runs in the last block of the column means.
+    const std::size_t smem = with_tail_smem(static_cast<std::size_t>(ex.threads()) * sizeof(double), 0);
+    ex.launch(with_tail<rater_column_means, rater_pick>{
+                  rater_column_means{buf.logits, n_visual, T, buf.row_max, buf.row_sum, buf.m},
+                  rater_pick{buf.m, T, first_text, buf.raters, buf.counts},
+                  buf.counts, arrive_raters, smem - 8},
+              T, 1, ex.threads(), smem);
+  } else {
+    ex.launch(rater_pick{buf.m, T, first_text, buf.raters, buf.counts}, 1, 1, 1, 0);
   }
-  ex.launch(rater_pick{buf.m, T, first_text, buf.raters, buf.counts}, 1, 1, 1, 0);
 }
 
 /// Stage 1 with the caller's raters (device array of n absolute positions,
@@ -318,16 +335,24 @@ void scores_qk(Exec& ex, const qk_args<TQ, TK>& a, i64 first_visual, i64 n_visua
 
 /// Stage 4 (rank.hpp). G in shared memory when it fits, else in global memory
 /// (the same code and bits, slower).
-template <class Exec>
-void rank(Exec& ex, i64 n_visual, i64 m_max, const buffers& buf) {
+///
+/// With `then` (finish: keep_decide), that one-block body runs after the rank
+/// in the rank's block, in the same launch.
+template <class Exec, class Then = std::nullptr_t>
+void rank(Exec& ex, i64 n_visual, i64 m_max, const buffers& buf, const Then& then = nullptr) {
   if (m_max > 0) {
     dot_tiles(ex, m_max, m_max, [&](auto edge) {
       return rank_gram<decltype(edge)::value>{buf.P, n_visual, buf.G, buf.counts};
     });
   }
   const bool in_shared = rank_shared_bytes(m_max) <= ex.max_shared();
-  ex.launch(rank_solve{buf.G, buf.eig, n_visual, in_shared, buf.counts}, 1, 1, ex.threads(),
-            in_shared ? rank_shared_bytes(m_max) : core::eigen_shared * sizeof(double));
+  const rank_solve solve{buf.G, buf.eig, n_visual, in_shared, buf.counts};
+  const std::size_t smem = in_shared ? rank_shared_bytes(m_max) : core::eigen_shared * sizeof(double);
+  if constexpr (std::is_same_v<Then, std::nullptr_t>) {
+    ex.launch(solve, 1, 1, ex.threads(), smem);
+  } else {
+    ex.launch(in_order<rank_solve, Then>{solve, then}, 1, 1, ex.threads(), smem);
+  }
 }
 
 /// Keep-count and recycling options as plain values.
@@ -340,11 +365,13 @@ struct decide_args {
 };
 
 /// Stage 5 (keep_count.hpp), with s and c.
+inline keep_decide keep_decide_of(i64 n_visual, const decide_args& a, const buffers& buf) {
+  return keep_decide{n_visual, a.fixed,    a.scale,   a.bias,    a.fixed_keep,
+                     a.recycle, a.fraction, a.divisor, buf.counts};
+}
 template <class Exec>
 void keep_count(Exec& ex, i64 n_visual, const decide_args& a, const buffers& buf) {
-  ex.launch(keep_decide{n_visual, a.fixed, a.scale, a.bias, a.fixed_keep, a.recycle, a.fraction,
-                        a.divisor, buf.counts},
-            1, 1, 1, 0);
+  ex.launch(keep_decide_of(n_visual, a, buf), 1, 1, 1, 0);
 }
 
 /// Stage 6 (keep_set.hpp): every token's place in the score order, then the
@@ -352,10 +379,14 @@ void keep_count(Exec& ex, i64 n_visual, const decide_args& a, const buffers& buf
 template <class Exec>
 void keep_set(Exec& ex, i64 first_visual, i64 n_visual, const buffers& buf) {
   const int t = ex.threads();
-  ex.launch(keep_ranks{buf.scores, n_visual, buf.pos, buf.order, buf.counts},
-            core::ceil_div(n_visual, t), 1, t, static_cast<std::size_t>(t) * sizeof(float));
-  ex.launch(keep_list{buf.pos, first_visual, n_visual, buf.keep, buf.counts}, 1, 1, t,
-            static_cast<std::size_t>(t) * sizeof(i64));
+  // The list is made by the last block of the ranks.
+  const std::size_t smem = with_tail_smem(static_cast<std::size_t>(t) * sizeof(float),
+                                          static_cast<std::size_t>(t) * sizeof(i64));
+  ex.launch(with_tail<keep_ranks, keep_list>{
+                keep_ranks{buf.scores, n_visual, buf.pos, buf.order, buf.counts},
+                keep_list{buf.pos, first_visual, n_visual, buf.keep, buf.counts},
+                buf.counts, arrive_keep, smem - 8},
+            core::ceil_div(n_visual, t), 1, t, smem);
 }
 
 /// Stage 7 (recycle.hpp): Gram matrix of the recycled rows, D over it, DPC-KNN,
@@ -366,11 +397,14 @@ void recycle(Exec& ex, rows2<TH> hidden, i64 first_visual, i64 hidden_dim, i64 s
   if (s_max == 0) return;
   const int t = ex.threads();
   const i64 ld = s_max;
-  dot_tiles(ex, s_max, s_max, [&](auto edge) {
-    return recycle_gram<TH, decltype(edge)::value>{hidden, first_visual, hidden_dim, ld,
-                                                   buf.order, buf.D, buf.counts};
-  });
-  ex.launch(recycle_diag{buf.D, ld, buf.diag, buf.dmax, buf.counts}, ex.grid(s_max), 1, t, 0);
+  // G's diagonal is copied by the last tile block to finish.
+  dot_tiles(
+      ex, s_max, s_max,
+      [&](auto edge) {
+        return recycle_gram<TH, decltype(edge)::value>{hidden, first_visual, hidden_dim, ld,
+                                                       buf.order, buf.D, buf.counts};
+      },
+      recycle_diag{buf.D, ld, buf.diag, buf.dmax, buf.counts}, buf.counts, arrive_gram);
   // D and its maximum in one pass (the maximum by one exact atomic per block).
   ex.launch(recycle_distances{buf.D, ld, buf.diag, std::sqrt(static_cast<double>(hidden_dim)),
                               buf.dmax, buf.counts},
@@ -381,9 +415,12 @@ void recycle(Exec& ex, rows2<TH> hidden, i64 first_visual, i64 hidden_dim, i64 s
             static_cast<std::size_t>(t) * sizeof(double));
   ex.launch(recycle_centres{buf.gamma, buf.gpos, buf.centres, buf.counts}, ex.grid(s_max), 1, t,
             0);
-  ex.launch(recycle_assign{buf.D, ld, buf.gpos, buf.centres, buf.label, buf.counts},
-            ex.grid(s_max), 1, t, 0);
-  ex.launch(recycle_offsets{buf.label, buf.offsets, buf.counts}, 1, 1, t, 0);
+  // The clusters' offsets are counted by the last block of the assignment.
+  ex.launch(with_tail<recycle_assign, recycle_offsets>{
+                recycle_assign{buf.D, ld, buf.gpos, buf.centres, buf.label, buf.counts},
+                recycle_offsets{buf.label, buf.offsets, buf.counts},
+                buf.counts, arrive_assign, with_tail_smem(0, 0) - 8},
+            ex.grid(s_max), 1, t, with_tail_smem(0, 0));
   ex.launch(recycle_members{buf.order, buf.label, buf.offsets, first_visual, buf.members,
                             buf.counts},
             ex.grid(s_max), 1, t, 0);
@@ -403,8 +440,9 @@ void sequence(Exec& ex, i64 length, i64 first_visual, i64 n_visual, const buffer
 template <class Exec, class TH>
 void finish(Exec& ex, rows2<TH> hidden, i64 length, i64 first_visual, i64 n_visual,
             i64 hidden_dim, const decide_args& decide, const bounds& bd, const buffers& buf) {
-  rank(ex, n_visual, std::min(raters_bound(length, first_visual, n_visual), n_visual), buf);
-  keep_count(ex, n_visual, decide, buf);
+  // The keep count runs in the rank's block, after it.
+  rank(ex, n_visual, std::min(raters_bound(length, first_visual, n_visual), n_visual), buf,
+       keep_decide_of(n_visual, decide, buf));
   keep_set(ex, first_visual, n_visual, buf);
   recycle(ex, hidden, first_visual, hidden_dim, decide.recycle ? bd.s_max : 0, bd.c_max, buf);
   sequence(ex, length, first_visual, n_visual, buf);

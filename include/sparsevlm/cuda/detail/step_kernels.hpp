@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 
 #include "../../core/block.hpp"
@@ -59,7 +60,12 @@ struct step_counts {
   i64 clusters = 0;  ///< c
   i64 length = 0;    ///< the new sequence length, -1 on error
   i64 flags[flag_count] = {};
+  /// Block arrivals of the kernels fused with a tail (with_tail), one word each.
+  std::uint32_t arrivals[4] = {};
 };
+
+/// The arrival words of step_counts: one per with_tail launch of a step.
+enum arrival_slot : int { arrive_raters = 0, arrive_keep = 1, arrive_gram = 2, arrive_assign = 3 };
 
 /// Whether a flag other than `own` is raised. A kernel that raises flag `own`
 /// itself passes it, so that all threads of a block take the same branch (one
@@ -219,7 +225,57 @@ struct counts_reset {
     counts->raters = counts->rank = counts->keep = counts->recycled = counts->clusters = 0;
     counts->length = 0;
     for (int f = 0; f < flag_count; ++f) counts->flags[f] = 0;
+    for (std::uint32_t& a : counts->arrivals) a = 0;
   }
 };
+
+/// Two one-block bodies in one launch: `first`, a barrier, then `then`, on the
+/// same block (the rank's block goes on to the keep count). smem: the larger.
+template <class First, class Then>
+struct in_order {
+  using first_type = First;
+  using then_type = Then;
+  First first;
+  Then then;
+  template <class Block>
+  SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
+    first(b, smem);
+    b.sync();
+    then(b, smem);
+  }
+};
+
+/// A kernel and the one-block kernel after it in one launch: `first` over the
+/// launch's grid, then `then` in the block that finishes last
+/// (core::last_block_to_arrive), as the only block of a one-block grid
+/// (core::lone_block), seeing every block's writes as it would after a kernel
+/// boundary. One launch gap less; the same work and bits. The blocks are counted
+/// in `counts->arrivals[slot]` (arrival_slot); the block's flag sits at byte
+/// `flag_at` of its shared memory, past what either body uses (with_tail_smem).
+template <class First, class Then>
+struct with_tail {
+  using first_type = First;
+  using then_type = Then;
+  First first;
+  Then then;
+  step_counts* counts;
+  int slot;
+  std::size_t flag_at;
+  template <class Block>
+  SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
+    first(b, smem);
+    auto* flag = reinterpret_cast<std::uint32_t*>(static_cast<char*>(smem) + flag_at);
+    if (core::last_block_to_arrive(b, &counts->arrivals[slot], flag))
+      then(core::lone_block<Block>{b}, smem);
+  }
+};
+
+/// Shared memory of a with_tail launch whose bodies need `first` and `then`
+/// bytes: the larger, rounded up to 8, and 8 for the flag (at the returned
+/// size minus 8).
+inline std::size_t with_tail_smem(std::size_t first, std::size_t then) {
+  const std::size_t m = first > then ? first : then;
+  return (m + 7) / 8 * 8 + 8;
+}
 
 }  // namespace sparsevlm::cuda::detail
