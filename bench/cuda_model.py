@@ -51,13 +51,14 @@ def kernel_cost(name, grid, sh):
         "qk_row_stats": (H * R * L * 4, 0, H * R * L * EXP_FLOPS, 0),
         "scores_from_qk": (H * R * N * 4 + (R + 1) * N * 4, H * R * N, H * R * N * EXP_FLOPS, 0),
         "rank_gram": (m * N * 4 + m * m * 8, 0, 2 * m * m * N, 0),
-        # Householder over the block (4/3 m^3): thread 0's three cross-row sums
-        # and each thread's row sum, about 2 m^2 dependent operations, and 7
-        # barriers per column (priced as 10 operations each); then about 9
-        # multisection rounds, each a Sturm count (3 dependent operations per
-        # step) per thread, a scan of the 64 counts and 2 barriers; then one count.
+        # Householder over the block (4/3 m^3): the three cross-row sums (every
+        # thread takes them) and each thread's row sum, about 2 m^2 dependent
+        # operations, and 3 barriers per column (priced as 10 operations each);
+        # then about 9 multisection rounds, each a Sturm count (3 dependent
+        # operations per step) per thread, a scan of the 64 counts and 2
+        # barriers; then one count.
         "rank_solve": (m * m * 8, 0, 4 * m ** 3 // 3,
-                       2 * m * m + 70 * m + 9 * (3 * m + 64 + 20) + 3 * m),
+                       2 * m * m + 30 * m + 9 * (3 * m + 64 + 20) + 3 * m),
         "keep_decide": (0, 0, 0, 16),
         "keep_ranks": (N * 12, N * N, 0, 0),
         "keep_list": (N * 16, 0, 0, N // 4),

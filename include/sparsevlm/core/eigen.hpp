@@ -27,8 +27,8 @@ namespace sparsevlm::detail::core {
 inline constexpr std::int64_t multisection_points = 64;
 static_assert(multisection_points % 8 == 0, "the one-thread path takes 8 points at a time");
 
-/// Doubles of block-shared scratch (`bc`) that tridiagonalize, largest_eigenvalue
-/// and gram_rank need.
+/// Doubles of block-shared scratch (`bc`) that largest_eigenvalue and gram_rank
+/// need.
 inline constexpr std::int64_t eigen_shared = 8 + multisection_points;
 
 /// Reduces the symmetric n×n matrix `a` (row-major; only the lower triangle is
@@ -38,78 +38,72 @@ inline constexpr std::int64_t eigen_shared = 8 + multisection_points;
 ///
 /// The arithmetic does not depend on the number of threads: the O(n²)
 /// per-column loops are split across the block by row (each row's sum still
-/// runs in one thread, in column order), while every sum across rows runs in
-/// thread 0 in the serial order. One thread (serial_block, the CPU) and a CUDA
-/// block of any size give the same bits.
+/// runs in one thread, in column order), while each sum across rows (the
+/// column's scale, ‖v‖², v·p) is taken by every thread in the serial order, so
+/// that no thread waits for another's. One thread (serial_block, the CPU) and a
+/// CUDA block of any size give the same bits.
 ///
 /// - `d` (n): receives the diagonal; `e` (n): the subdiagonal, e[i] coupling i
-///   and i + 1, e[n − 1] = 0; `bc` (eigen_shared): scratch the block shares
-///   (shared memory on the device). All of them, and `a`, must be visible to
-///   every thread of the block. On return (after a barrier) every thread may read
-///   d and e.
-/// - Cost: 4n³/3 + O(n²) flops; O(n) barrier steps per column.
+///   and i + 1, e[n − 1] = 0 (and the reflectors while it runs). Both, and `a`,
+///   must be visible to every thread of the block. On return (after a barrier)
+///   every thread may read d and e.
+/// - Cost: 4n³/3 + O(n²) flops; three barriers per column.
 /// - Every operation is one rounding (core/rn.hpp), so nvcc's flags cannot fuse or
 ///   approximate any of it.
 template <class Block>
-SPARSEVLM_HD void tridiagonalize(const Block& b, double* a, std::int64_t n, double* d, double* e,
-                                 double* bc) noexcept {
+SPARSEVLM_HD void tridiagonalize(const Block& b, double* a, std::int64_t n, double* d,
+                                 double* e) noexcept {
   using std::fabs;
   if (n <= 0) return;
   const std::int64_t t0 = b.rank(), nt = b.size();
   const bool lead = t0 == 0;
   // Householder: for column k, zero a[k+2.., k] with a reflector from the left
-  // and right, updating the trailing lower triangle.
+  // and right, updating the trailing lower triangle. The reflector v lives in
+  // e[k+1..] (free until the columns after k write their e), so that column k
+  // of `a` stays as it was and every thread can take the sums over it itself:
+  // three barriers per column.
   for (std::int64_t k = 0; k + 2 < n; ++k) {
-    if (lead) {
-      double scale = 0.0;
-      for (std::int64_t i = k + 1; i < n; ++i) scale = add_rn(scale, fabs(a[i * n + k]));
-      bc[0] = scale;
-    }
-    b.sync();
-    const double scale = bc[0];
+    // Every thread, the same sums in the same order: scale, then h over v = x/scale.
+    double scale = 0.0;
+    for (std::int64_t i = k + 1; i < n; ++i) scale = add_rn(scale, fabs(a[i * n + k]));
     if (scale == 0.0) {  // already reduced in this column
       if (lead) {
         d[k] = a[k * n + k];
         e[k] = 0.0;
       }
-      b.sync();  // bc[0] is rewritten by the next column
       continue;
     }
-    for (std::int64_t i = k + 1 + t0; i < n; i += nt) a[i * n + k] = div_rn(a[i * n + k], scale);  // scaled v
-    b.sync();
-    if (lead) {
-      double h = 0.0;
-      for (std::int64_t i = k + 1; i < n; ++i) h = add_rn(h, mul_rn(a[i * n + k], a[i * n + k]));
-      const double f = a[(k + 1) * n + k];
-      const double g = f >= 0.0 ? -sqrt_rn(h) : sqrt_rn(h);
-      e[k] = mul_rn(scale, g);
-      h = sub_rn(h, mul_rn(f, g));  // = ‖v‖² / 2 with v = x − g·e1
-      a[(k + 1) * n + k] = sub_rn(f, g);
-      bc[1] = h;
+    double h = 0.0;
+    for (std::int64_t i = k + 1; i < n; ++i) {
+      const double v = div_rn(a[i * n + k], scale);
+      h = add_rn(h, mul_rn(v, v));
     }
+    const double f = div_rn(a[(k + 1) * n + k], scale);
+    const double g = f >= 0.0 ? -sqrt_rn(h) : sqrt_rn(h);
+    h = sub_rn(h, mul_rn(f, g));  // = ‖v‖² / 2 with v = x − g·e1
+    for (std::int64_t i = k + 1 + t0; i < n; i += nt)
+      e[i] = i == k + 1 ? sub_rn(f, g) : div_rn(a[i * n + k], scale);  // v
+    if (lead) e[k] = mul_rn(scale, g);
     b.sync();
-    const double h = bc[1];
     // p = A·v / h over the trailing block (lower triangle), into d[k+1..] as scratch.
     for (std::int64_t i = k + 1 + t0; i < n; i += nt) {
       double s = 0.0;
-      for (std::int64_t j = k + 1; j <= i; ++j) s = add_rn(s, mul_rn(a[i * n + j], a[j * n + k]));
-      for (std::int64_t j = i + 1; j < n; ++j) s = add_rn(s, mul_rn(a[j * n + i], a[j * n + k]));
+      for (std::int64_t j = k + 1; j <= i; ++j) s = add_rn(s, mul_rn(a[i * n + j], e[j]));
+      for (std::int64_t j = i + 1; j < n; ++j) s = add_rn(s, mul_rn(a[j * n + i], e[j]));
       d[i] = div_rn(s, h);
     }
     b.sync();
-    if (lead) {
-      double vp = 0.0;
-      for (std::int64_t i = k + 1; i < n; ++i) vp = add_rn(vp, mul_rn(d[i], a[i * n + k]));
-      bc[2] = div_rn(vp, add_rn(h, h));
+    double vp = 0.0;  // every thread
+    for (std::int64_t i = k + 1; i < n; ++i) vp = add_rn(vp, mul_rn(d[i], e[i]));
+    const double kk = div_rn(vp, add_rn(h, h));
+    // A −= v·wᵀ + w·vᵀ with w = p − kk·v (each w taken where it is used).
+    for (std::int64_t i = k + 1 + t0; i < n; i += nt) {
+      const double wi = sub_rn(d[i], mul_rn(kk, e[i]));
+      for (std::int64_t j = k + 1; j <= i; ++j) {
+        const double wj = sub_rn(d[j], mul_rn(kk, e[j]));
+        a[i * n + j] = sub_rn(a[i * n + j], add_rn(mul_rn(e[i], wj), mul_rn(wi, e[j])));
+      }
     }
-    b.sync();
-    const double kk = bc[2];
-    for (std::int64_t i = k + 1 + t0; i < n; i += nt) d[i] = sub_rn(d[i], mul_rn(kk, a[i * n + k]));  // w
-    b.sync();
-    for (std::int64_t i = k + 1 + t0; i < n; i += nt)
-      for (std::int64_t j = k + 1; j <= i; ++j)
-        a[i * n + j] = sub_rn(a[i * n + j],
-                              add_rn(mul_rn(a[i * n + k], d[j]), mul_rn(d[i], a[j * n + k])));
     b.sync();
     if (lead) d[k] = a[k * n + k];
   }
@@ -186,8 +180,8 @@ struct top_eigenvalue {
 /// finds it.
 ///
 /// - `e` is replaced by its squares (what sturm_count reads afterwards).
-/// - `bc` (eigen_shared doubles) as in tridiagonalize. The result is the same
-///   on every thread; a barrier ends the call.
+/// - `bc`: eigen_shared doubles the block shares (shared memory on the device).
+///   The result is the same on every thread; a barrier ends the call.
 /// - A matrix with no positive Gershgorin bound (T = 0 for a Gram matrix) gives
 ///   λ_max = 0 at once.
 /// - Cost: at most 16 · multisection_points Sturm counts of n steps, spread over
@@ -263,14 +257,15 @@ SPARSEVLM_HD top_eigenvalue largest_eigenvalue(const Block& b, const double* d, 
 /// = max(R, N). 0 when m = 0 or G = 0. By the threads of `b`, the same count on
 /// every one of them and for every block size.
 ///
-/// - `d`, `e` (m each) and `bc` (eigen_shared) as in tridiagonalize.
+/// - `d`, `e` (m each) as in tridiagonalize, `bc` (eigen_shared) as in
+///   largest_eigenvalue.
 /// - Cost: 4m³/3 flops for the reduction, at most 16·64 + 1 Sturm counts of m
 ///   steps.
 template <class Block>
 SPARSEVLM_HD std::int64_t gram_rank(const Block& b, double* G, std::int64_t m, std::int64_t depth,
                                     double* d, double* e, double* bc) noexcept {
   if (m <= 0) return 0;
-  tridiagonalize(b, G, m, d, e, bc);
+  tridiagonalize(b, G, m, d, e);
   const top_eigenvalue top = largest_eigenvalue(b, d, e, m, bc);
   if (!(top.lambda_max > 0.0)) return 0;
   // Eigenvalues at or below the threshold count as below it.
