@@ -99,16 +99,6 @@ int common_device(const device_step_arrays& a) {
   return ordinal;
 }
 
-void throw_flags(const sv::cuda::step_status& s) {
-  const auto fail = [](sv::errc c, const char* arg, const char* expected, const char* got) {
-    throw sv::error(c, sv::detail::concat(arg, ": expected ", expected, ", got ", got));
-  };
-  if (s.bad_raters) fail(sv::errc::invalid_argument, "raters", "ascending text positions", "others (flagged on the GPU)");
-  if (s.non_finite_embeds) fail(sv::errc::non_finite, "embeds", "finite rater logits", "NaN/Inf (flagged on the GPU)");
-  if (s.non_finite_scores) fail(sv::errc::non_finite, "attn/q/k/lse", "finite scores", "NaN/Inf (flagged on the GPU)");
-  if (s.non_finite_hidden) fail(sv::errc::non_finite, "hidden", "finite recycled rows", "NaN/Inf (flagged on the GPU)");
-}
-
 template <class Inputs>
 sv::step_result run(const Inputs& in, const sv::step_options& opt, cudaStream_t stream) {
   std::size_t bytes = 0;
@@ -124,7 +114,7 @@ sv::step_result run(const Inputs& in, const sv::step_options& opt, cudaStream_t 
   sv::step_result r;
   sv::cuda::step_status status;
   cuda_check(sv::cuda::download(step, r, status, stream), "download");
-  throw_flags(status);
+  status.raise();
   return r;
 }
 

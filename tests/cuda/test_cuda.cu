@@ -11,7 +11,7 @@
 // scores and merged rows bit for bit (the arithmetic is shared: core/), and
 // within the spec's tolerance as a fallback report. Then the plan's gathers
 // against plan.hpp / positions.hpp / kv_cache.hpp (dense and paged), the pinned length slot, and
-// the NaN flags. Everything runs on a non-blocking stream; then one workspace poisoned
+// the NaN flags, and a prefill session on device tensors (cuda::prune_layer). Everything runs on a non-blocking stream; then one workspace poisoned
 // with 0xFF and reused across every shape, two host threads at once, the step captured
 // in a CUDA graph and replayed, and a host pointer refused before anything is enqueued.
 #include <cuda_runtime.h>
@@ -30,10 +30,13 @@
 #include <vector>
 
 #include <sparsevlm/cuda/kv_cache.cuh>
+#include <sparsevlm/cuda/session.cuh>
 #include <sparsevlm/cuda/step.cuh>
 #include <sparsevlm/kv_cache.hpp>
 #include <sparsevlm/plan.hpp>
 #include <sparsevlm/positions.hpp>
+#include <sparsevlm/session.hpp>
+#include <sparsevlm/workspace.hpp>
 
 #include "../../examples/cuda_device.hpp"
 #include "../step_case.hpp"
@@ -600,6 +603,69 @@ void run_host_pointer(const svt::flat_case& c, cudaStream_t stream) {
 
 }  // namespace
 
+/// A prefill session on device tensors (cuda::prune_layer) against the same
+/// session on the host (prefill_session::prune): one pruning layer with the
+/// case's options and raters, the same plan (sequence, kv_sequence, spans,
+/// positions, step decisions), the step's scores and merged rows bit for bit
+/// from the device step, and the session moved on in the same way.
+void run_session(const svt::flat_case& c, cudaStream_t stream) {
+  using namespace sparsevlm;
+  context = c.name + " session on device tensors";
+  step_result want_step;
+  try {
+    want_step = svt::cpu_step(c, svt::elem::f32, false);
+  } catch (const sparsevlm::error&) {
+    return;  // a flagged step: run_flags covers it
+  }
+  session_config cfg;
+  cfg.layers = 3;
+  cfg.schedule = {{0, c.options}};
+  const prefill_layout layout = prefill_layout::from_counts(c.S, c.N, c.L - c.S - c.N);
+  prefill_session host(layout, std::span<const index_t>(want_step.raters), cfg);
+  prefill_session on_gpu(layout, std::span<const index_t>(want_step.raters), cfg);
+  workspace ws;
+  const layer_plan want =
+      host.prune(0, tensor3_view<const float>(c.attn.data(), {c.H, c.L, c.L}, "attn"),
+                 matrix_view<const float>(c.hidden.data(), {c.L, c.d}, "hidden"), ws);
+  const device_case<float> d(c);
+  const tensor3_view<const float> attn(d.attn.p, {c.H, c.L, c.L}, "attn");
+  const matrix_view<const float> hidden(d.hidden.p, {c.L, c.d}, "hidden");
+  std::size_t bytes = 0;
+  cu::device_step step;
+  layer_plan got;
+  CUDA_OK(cu::prune_layer(on_gpu, 0, attn, hidden, nullptr, bytes, step, got, stream));
+  EXPECT(on_gpu.steps_done() == 0);  // the size query changes nothing
+  dev<unsigned char> w(bytes);
+  CUDA_OK(cudaMemsetAsync(w.p, 0xff, bytes, stream));
+  CUDA_OK(cu::prune_layer(on_gpu, 0, attn, hidden, w.p, bytes, step, got, stream));
+  EXPECT(got.step.raters == want.step.raters);
+  EXPECT(got.step.rank == want.step.rank);
+  EXPECT(got.step.keep == want.step.keep);
+  EXPECT(got.step.recycled.clusters == want.step.recycled.clusters);
+  EXPECT(got.step.sequence == want.step.sequence);
+  EXPECT(got.step.scores.empty() && got.step.recycled.merged.empty());  // left on the device
+  EXPECT(got.kv_sequence == want.kv_sequence);
+  EXPECT(got.length == want.length);
+  EXPECT(got.positions == want.positions);
+  EXPECT(got.visual.start == want.visual.start && got.visual.len == want.visual.len);
+  EXPECT(on_gpu.length() == host.length() && on_gpu.steps_done() == 1);
+  EXPECT(std::vector<index_t>(on_gpu.raters().begin(), on_gpu.raters().end()) ==
+         std::vector<index_t>(host.raters().begin(), host.raters().end()));
+  step_result full;
+  cu::step_status st;
+  CUDA_OK(cu::download(step, full, st, stream));
+  EXPECT(same_bits(full.scores, want.step.scores));
+  EXPECT(same_bits(full.recycled.merged, want.step.recycled.merged));
+  // The layer done, the session refuses it again, and stays as it is.
+  bool refused = false;
+  try {
+    (void)cu::prune_layer(on_gpu, 0, attn, hidden, w.p, bytes, step, got, stream);
+  } catch (const sparsevlm::error&) {
+    refused = true;
+  }
+  EXPECT(refused && on_gpu.steps_done() == 1);
+}
+
 int main() {
   if (const int status = sparsevlm::examples::cuda_device_status(); status != 0) return status;
   cudaDeviceProp prop{};
@@ -630,6 +696,7 @@ int main() {
     run_plan(c, stream);
     run_paged(c, stream);
     run_flags(c, stream);
+    run_session(c, stream);
   }
   run_batch(all, stream, pinned);
   run_poisoned_reuse(all, stream);

@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include <sparsevlm/cuda/session.cuh>
 #include <sparsevlm/cuda/step.cuh>
 
 namespace {
@@ -120,6 +121,65 @@ int main() {
   expect_refused("plan: a span outside the step", "visual", [&] {
     (void)cu::plan_step(shape, L, sv::visual_span{S, L}, opt);
   });
+
+  // cuda::prune_layer (a session on device tensors): the layer, the spans and the
+  // extents are refused before any CUDA call, and the size query is the step's
+  // plus the raters' slot, computed without a device.
+  {
+    sv::session_config cfg;
+    cfg.layers = 4;
+    cfg.schedule = {{1, opt}, {2, opt}};
+    const std::vector<index_t> raters{S + N + 3, S + N + 10, L - 1};
+    const sv::tensor3_view<const float> at(fake<float>(6), {H, L, L}, "attn");
+    sv::prefill_session s(sv::prefill_layout::from_counts(S, N, L - S - N), raters, cfg);
+    cu::device_step st;
+    sv::layer_plan plan;
+    std::size_t bytes = 0;
+    ++checks;
+    if (cu::prune_layer(s, 1, at, hidden, nullptr, bytes, st, plan, nullptr) != cudaSuccess) {
+      std::printf("FAIL [session size query]: not cudaSuccess\n");
+      ++failures;
+    }
+    std::size_t step_bytes = 0;
+    const sv::step_inputs<float, float, float> in{
+        sv::matrix_view<const float>(), at, hidden, sv::visual_span{S, N},
+        std::span<const index_t>(fake<index_t>(7), raters.size())};
+    (void)cu::prune_step_async(in, opt, nullptr, step_bytes, st, nullptr, nullptr);
+    ++checks;
+    if (bytes != step_bytes + 256) {
+      std::printf("FAIL [session size query]: %zu bytes, expected the step's %zu + 256\n", bytes,
+                  step_bytes);
+      ++failures;
+    }
+    expect_refused("session: not the next pruning layer", "layer", [&] {
+      (void)cu::prune_layer(s, 2, at, hidden, nullptr, bytes, st, plan, nullptr);
+    });
+    expect_refused("session: hidden of another length", "hidden.extent[0]", [&] {
+      (void)cu::prune_layer(s, 1, at,
+                            sv::matrix_view<const float>(fake<float>(2), {L - 1, d}, "hidden"),
+                            nullptr, bytes, st, plan, nullptr);
+    });
+    expect_refused("session: attention of another length", "attn", [&] {
+      (void)cu::prune_layer(s, 1,
+                            sv::tensor3_view<const float>(fake<float>(6), {H, L - 1, L - 1}, "attn"),
+                            hidden, nullptr, bytes, st, plan, nullptr);
+    });
+    expect_refused("session: a workspace smaller than the query", "workspace bytes", [&] {
+      std::size_t small = bytes - 256;
+      (void)cu::prune_layer(s, 1, at, hidden, ws, small, st, plan, nullptr);
+    });
+    ++checks;
+    if (s.length() != L || s.steps_done() != 0) {
+      std::printf("FAIL [session]: a refused layer changed the session\n");
+      ++failures;
+    }
+    // Two images: the GPU step takes one span.
+    const sv::prefill_layout two = sv::prefill_layout::from_counts(S, std::vector<index_t>{288, 288}, L - S - N);
+    sv::prefill_session s2(two, raters, cfg);
+    expect_refused("session: two spans", "spans", [&] {
+      (void)cu::prune_layer(s2, 1, at, hidden, nullptr, bytes, st, plan, nullptr);
+    });
+  }
 
   std::printf("%d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;

@@ -265,24 +265,21 @@ inline cudaError_t begin_step(const step_shape& shape, index_t length, visual_sp
   return ex.status;
 }
 
-/// Reads a finished step back into a host result (synchronous: one
-/// cudaStreamSynchronize on `stream`; for tests, tools and bindings, not the hot
-/// path). Every output is copied at its bound (the counts are on the device, and
-/// waiting for them first would be a second synchronisation), then trimmed to the
-/// counts. `status` receives the device flags. After a flagged error, `out` holds
-/// the raters and counts read so far and empty lists (scores included: the kernel
-/// that would have written them may not have run).
-inline cudaError_t download(const device_step& step, step_result& out, step_status& status,
-                            cudaStream_t stream) {
+namespace detail {
+
+/// download's body; `values` false skips the scores and the merged rows (the
+/// float outputs), leaving them empty in `out`.
+inline cudaError_t download_step(const device_step& step, step_result& out, step_status& status,
+                                 bool values, cudaStream_t stream) {
   const index_t N = step.visual.len, d = step.hidden_dim;
-  const index_t T = detail::pipeline::raters_bound(step.length, step.visual.start, N);
+  const index_t T = pipeline::raters_bound(step.length, step.visual.start, N);
   const index_t s_max = step.bounds.s_max, c_max = step.bounds.c_max;
-  detail::step_counts c{};
+  const auto n_values = [&](index_t n) { return values ? static_cast<std::size_t>(n) : 0; };
+  step_counts c{};
   std::vector<index_t> raters(static_cast<std::size_t>(T)), keep(static_cast<std::size_t>(N)),
       sequence(static_cast<std::size_t>(step.length)),
       offsets(static_cast<std::size_t>(c_max + 1)), members(static_cast<std::size_t>(s_max));
-  std::vector<float> scores(static_cast<std::size_t>(N)),
-      merged(static_cast<std::size_t>(c_max * d));
+  std::vector<float> scores(n_values(N)), merged(n_values(c_max * d));
   cudaError_t e = cudaMemcpyAsync(&c, step.buf.counts, sizeof c, cudaMemcpyDeviceToHost, stream);
   const auto get = [&](auto& vec, const auto* src) {
     if (e == cudaSuccess && !vec.empty())
@@ -298,7 +295,7 @@ inline cudaError_t download(const device_step& step, step_result& out, step_stat
   get(merged, step.buf.merged);
   if (e == cudaSuccess) e = cudaStreamSynchronize(stream);
   if (e != cudaSuccess) return e;
-  status = detail::status_of(c);
+  status = status_of(c);
   out = step_result{};
   out.rank = c.rank;
   out.keep_count = c.keep;
@@ -318,6 +315,30 @@ inline cudaError_t download(const device_step& step, step_result& out, step_stat
     out.recycled.clusters.emplace_back(members.begin() + offsets[static_cast<std::size_t>(q)],
                                        members.begin() + offsets[static_cast<std::size_t>(q) + 1]);
   return cudaSuccess;
+}
+
+}  // namespace detail
+
+/// Reads a finished step back into a host result (synchronous: one
+/// cudaStreamSynchronize on `stream`; for tests, tools and bindings, not the hot
+/// path). Every output is copied at its bound (the counts are on the device, and
+/// waiting for them first would be a second synchronisation), then trimmed to the
+/// counts. `status` receives the device flags (status.raise() throws them).
+/// After a flagged error, `out` holds the raters and counts read so far and
+/// empty lists (scores included: the kernel that would have written them may
+/// not have run).
+inline cudaError_t download(const device_step& step, step_result& out, step_status& status,
+                            cudaStream_t stream) {
+  return detail::download_step(step, out, status, true, stream);
+}
+
+/// download without the float outputs: raters, rank, keep set, clusters and
+/// sequence (O(n) integers), with `out.scores` and `out.recycled.merged` left
+/// empty; what the host needs to lay out the next layer (cuda::prune_layer).
+/// One cudaStreamSynchronize on `stream`.
+inline cudaError_t download_decisions(const device_step& step, step_result& out,
+                                      step_status& status, cudaStream_t stream) {
+  return detail::download_step(step, out, status, false, stream);
 }
 
 }  // namespace sparsevlm::cuda

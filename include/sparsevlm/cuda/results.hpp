@@ -6,6 +6,7 @@
 // fill them are the .cuh files beside this one.
 #pragma once
 
+#include "../error.hpp"
 #include "../kv_cache.hpp"
 #include "../types.hpp"
 #include "detail/pipeline.hpp"
@@ -20,6 +21,20 @@ struct step_status {
   bool bad_raters = false;            ///< caller raters not ascending text positions
   [[nodiscard]] bool ok() const noexcept {
     return !(non_finite_embeds || non_finite_scores || non_finite_hidden || bad_raters);
+  }
+  /// Throws the sparsevlm::error of the first flag (in the order the stages
+  /// run: raters, rater logits, scores, recycled rows), as the CPU step throws
+  /// for the same data; a no-op when ok().
+  void raise() const {
+    const auto fail = [](errc code, const char* argument, const char* expected) {
+      sparsevlm::detail::fail(code, argument, expected, "NaN/Inf (flagged on the GPU)");
+    };
+    if (bad_raters)
+      sparsevlm::detail::fail(errc::invalid_argument, "raters", "ascending text positions",
+                              "others (flagged on the GPU)");
+    if (non_finite_embeds) fail(errc::non_finite, "embeds", "finite rater logits");
+    if (non_finite_scores) fail(errc::non_finite, "attn/q/k/lse", "finite scores");
+    if (non_finite_hidden) fail(errc::non_finite, "hidden", "finite recycled rows");
   }
 };
 

@@ -76,7 +76,8 @@ cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, inde
   if (e == cudaSuccess)
     e = check_device_pointers({{raters ? static_cast<const void*>(raters->data()) : embeds.data(),
                                 raters ? "raters" : "embeds"},
-                               {hidden.data(), "hidden"}});
+                               {hidden.data(), "hidden"},
+                               {workspace, "workspace"}});
   if (e != cudaSuccess) return e;
   device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
