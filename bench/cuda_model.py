@@ -14,7 +14,9 @@ in docs/cuda.md) or JSON.
 Assumptions (H100 SXM; an H200 has the same SMs and 4.8 TB/s): 3.35 TB/s HBM,
 67 TFLOP/s FP32 and 34 TFLOP/s FP64 without tensor cores, 132 SMs, 2 ns per
 dependent double operation on one thread, 1.5 us between back-to-back launches
-on a stream (about 0.7 us inside a CUDA graph). The raters are taken as all T
+on a stream (about 0.7 us inside a CUDA graph), 1 us between two phases of a
+chained launch (the blocks of the next phase are already resident and poll a
+counter in L2). The raters are taken as all T
 text tokens (the worst case, R <= T); elements are 2 bytes (bf16) for the
 engine's tensors. A model, not a measurement: it says where the time goes.
 """
@@ -30,6 +32,8 @@ FP64 = 34e12
 SMS = 132
 SERIAL = 2e-9  # s per dependent double op on one thread
 GAP = 1.5e-6  # s between launches on a stream
+HANDOFF = 1.0e-6  # s between two phases of a chained launch (the last block's fence and
+                  # count, seen by a polling block of the next phase: an L2 round trip or two)
 ELEM = 2  # bytes per element of the engine's tensors (bf16)
 EXP_FLOPS = 30  # double flops of the library's exp (range reduction, degree-13 Horner)
 
@@ -78,27 +82,34 @@ def kernel_cost(name, grid, sh):
 
 
 def model(plan, sh):
-    rows, total = [], 0.0
+    """Per phase of each launch (a launch without phases is one), its time; the
+    launch gaps; the handoffs between the phases of a chained launch."""
+    rows, total, handoffs = [], 0.0, 0
     for k in plan["kernels"]:
-        blocks = k["grid"][0] * k["grid"][1] * k["grid"][2]
-        first = k["name"].split("+")[0]
-        if first in ("rank_gram", "recycle_gram"):
-            # Symmetric: the blocks below the diagonal return at once.
-            blocks = k["grid"][0] * (k["grid"][0] + 1) // 2
-        # A fused launch ("a+b"): body a over the grid, then b on the one block
-        # that finishes last (with_tail) or on the same block (in_order).
-        t, tb, t32, t64, tserial = 0.0, 0, 0, 0, 0
-        for i, part in enumerate(k["name"].split("+")):
-            share = min(1.0, (blocks if i == 0 else 1) / SMS)
-            b, f32, f64, serial = kernel_cost(part, k["grid"], sh)
-            t += max(b / (BW * share), f32 / (FP32 * share), f64 / (FP64 * share)) + serial * SERIAL
-            tb, t32, t64, tserial = tb + b, t32 + f32, t64 + f64, tserial + serial
-        rows.append({"name": k["name"], "blocks": blocks, "bytes": tb, "fp32_flops": t32,
-                     "fp64_flops": t64, "serial_ops": tserial, "us": t * 1e6})
-        total += t
+        phases = k.get("phases") or [{"name": k["name"], "grid": k["grid"]}]
+        handoffs += len(phases) - 1
+        for ph in phases:
+            blocks = ph["grid"][0] * ph["grid"][1] * ph["grid"][2]
+            first = ph["name"].split("+")[0]
+            if first in ("rank_gram", "recycle_gram"):
+                # Symmetric: the blocks below the diagonal return at once.
+                blocks = ph["grid"][0] * (ph["grid"][0] + 1) // 2
+            # A fused body ("a+b"): body a over the grid, then b on the one block
+            # that finishes last (with_tail) or on the same block (in_order).
+            t, tb, t32, t64, tserial = 0.0, 0, 0, 0, 0
+            for i, part in enumerate(ph["name"].split("+")):
+                share = min(1.0, (blocks if i == 0 else 1) / SMS)
+                b, f32, f64, serial = kernel_cost(part, ph["grid"], sh)
+                t += max(b / (BW * share), f32 / (FP32 * share), f64 / (FP64 * share)) + serial * SERIAL
+                tb, t32, t64, tserial = tb + b, t32 + f32, t64 + f64, tserial + serial
+            rows.append({"name": ph["name"], "blocks": blocks, "bytes": tb, "fp32_flops": t32,
+                         "fp64_flops": t64, "serial_ops": tserial, "us": t * 1e6})
+            total += t
     gaps = GAP * len(plan["kernels"])
-    return {"kernels": rows, "compute_us": total * 1e6, "launch_gaps_us": gaps * 1e6,
-            "total_us": (total + gaps) * 1e6}
+    hand = HANDOFF * handoffs
+    return {"kernels": rows, "launches": len(plan["kernels"]), "handoffs": handoffs,
+            "compute_us": total * 1e6, "launch_gaps_us": gaps * 1e6, "handoffs_us": hand * 1e6,
+            "total_us": (total + gaps + hand) * 1e6}
 
 
 def main():
@@ -126,7 +137,7 @@ def main():
         print()
         return
     print(f"{a.model}, N {N}, T {a.text}, L {L}, scores from {a.scores_from}: "
-          f"{len(out['kernels'])} kernels")
+          f"{out['launches']} launches, {len(out['kernels'])} kernels")
     print()
     print("| kernel | blocks | MB moved | GFLOP fp32 | GFLOP fp64 | serial ops | model µs |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -135,8 +146,10 @@ def main():
               f"{r['fp32_flops'] / 1e9:.3f} | {r['fp64_flops'] / 1e9:.3f} | {r['serial_ops']} | "
               f"{r['us']:.1f} |")
     print(f"| kernels | | | | | | {out['compute_us']:.0f} |")
-    print(f"| launch gaps ({len(out['kernels'])} × {GAP * 1e6:.1f} µs) | | | | | | "
+    print(f"| launch gaps ({out['launches']} × {GAP * 1e6:.1f} µs) | | | | | | "
           f"{out['launch_gaps_us']:.0f} |")
+    print(f"| phase handoffs ({out['handoffs']} × {HANDOFF * 1e6:.1f} µs) | | | | | | "
+          f"{out['handoffs_us']:.0f} |")
     print(f"| **step** | | | | | | **{out['total_us']:.0f}** |")
 
 

@@ -257,11 +257,20 @@ int cmd_cuda_plan(const cuda_plan_request& q) {
   j["recycle"] = opt.recycle.enabled;
   j["arch"] = lim.name;
   j["kernels"] = nlohmann::ordered_json::array();
-  for (const cuda::kernel_launch& k : plan.kernels)
-    j["kernels"].push_back({{"name", k.name},
-                            {"grid", k.grid},
-                            {"block", k.block},
-                            {"smem_bytes", k.smem_bytes}});
+  for (const cuda::kernel_launch& k : plan.kernels) {
+    nlohmann::ordered_json one = {{"name", k.name},
+                                  {"grid", k.grid},
+                                  {"block", k.block},
+                                  {"smem_bytes", k.smem_bytes}};
+    // A chained launch: its kernels in order, each with the grid it runs over.
+    if (!k.phases.empty()) {
+      one["phases"] = nlohmann::ordered_json::array();
+      for (const cuda::kernel_phase& ph : k.phases)
+        one["phases"].push_back(
+            {{"name", ph.name}, {"grid", ph.grid}, {"smem_bytes", ph.smem_bytes}});
+    }
+    j["kernels"].push_back(std::move(one));
+  }
   j["host_syncs"] = plan.host_syncs;
   j["copies"] = plan.copies;
   j["workspace_bytes"] = plan.workspace_bytes;

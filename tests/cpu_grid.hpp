@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <barrier>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -58,6 +59,31 @@ void run_grid(const Body& body, index_t gx, index_t gy, int threads, std::size_t
   for (auto& th : pool) th.join();
 }
 
+/// Runs `body` over a grid with every block at once, each on `threads` threads
+/// of its own (its own barrier and shared memory, filled with 0xff bytes): the
+/// blocks of a chained launch then really wait for each other's phases and race
+/// on the counters, tails and atomic maxima, as on a device.
+template <class Body>
+void run_grid_concurrent(const Body& body, index_t gx, index_t gy, int threads, std::size_t smem) {
+  const index_t blocks = gx * gy;
+  std::vector<std::vector<double>> shared(static_cast<std::size_t>(blocks),
+                                          std::vector<double>(smem / sizeof(double) + 1));
+  std::vector<std::unique_ptr<std::barrier<>>> bars;
+  for (index_t i = 0; i < blocks; ++i) {
+    std::memset(shared[static_cast<std::size_t>(i)].data(), 0xff,
+                shared[static_cast<std::size_t>(i)].size() * sizeof(double));
+    bars.push_back(std::make_unique<std::barrier<>>(threads));
+  }
+  std::vector<std::thread> pool;
+  for (index_t i = 0; i < blocks; ++i)
+    for (int t = 0; t < threads; ++t)
+      pool.emplace_back([&, i, t] {
+        body(cpu_block{t, threads, i % gx, i / gx, gx, gy, bars[static_cast<std::size_t>(i)].get()},
+             static_cast<void*>(shared[static_cast<std::size_t>(i)].data()));
+      });
+  for (auto& th : pool) th.join();
+}
+
 /// The pipeline's executor on the CPU: small blocks and grids, so that every
 /// grid-stride loop, tile edge and scan carry is exercised on the small cases.
 struct cpu_exec {
@@ -70,6 +96,7 @@ struct cpu_exec {
 
   index_t wide = 4;  // fewer 4×4 tiles than this take 2×2 ones (both occur in the cases)
   bool reversed = false;  // run each grid's blocks last to first
+  bool concurrent = false;  // run every block of a grid at once (run_grid_concurrent)
   int threads() const { return block; }
   index_t wide_grid() const { return wide; }
   index_t grid(index_t n) const {
@@ -81,7 +108,11 @@ struct cpu_exec {
     REQUIRE(smem <= shared);
     if (gx <= 0 || gy <= 0) return;
     ++launches;
-    run_grid(body, gx, gy, threads, smem, reversed);
+    if (concurrent) {
+      run_grid_concurrent(body, gx, gy, threads, smem);
+    } else {
+      run_grid(body, gx, gy, threads, smem, reversed);
+    }
   }
 };
 

@@ -48,13 +48,23 @@ cuda::launch_plan plan_of(const plan_shape& p, bool given, bool qk, bool recycle
                          cuda::step_form{given, qk, true}, max_shared);
 }
 
-// The launch that runs body `name`, alone or fused ("keep_ranks+keep_list").
-const cuda::kernel_launch* find(const cuda::launch_plan& plan, const std::string& name) {
-  const auto it = std::find_if(plan.kernels.begin(), plan.kernels.end(), [&](const cuda::kernel_launch& k) {
-    const std::string parts = "+" + k.name + "+";
-    return parts.find("+" + name + "+") != std::string::npos;
-  });
-  return it == plan.kernels.end() ? nullptr : &*it;
+// The phase that runs body `name`, alone or fused with a tail ("keep_ranks+keep_list"),
+// and the launch that holds it.
+const cuda::kernel_phase* find(const cuda::launch_plan& plan, const std::string& name,
+                               const cuda::kernel_launch** in = nullptr) {
+  for (const cuda::kernel_launch& k : plan.kernels)
+    for (const cuda::kernel_phase& p : k.phases)
+      if (("+" + p.name + "+").find("+" + name + "+") != std::string::npos) {
+        if (in != nullptr) *in = &k;
+        return &p;
+      }
+  return nullptr;
+}
+
+std::vector<std::string> phase_names(const cuda::kernel_launch& k) {
+  std::vector<std::string> out;
+  for (const auto& p : k.phases) out.push_back(p.name);
+  return out;
 }
 
 }  // namespace
@@ -72,14 +82,29 @@ TEST_CASE("launch plan: every launch fits sm_80 and sm_90 at the served shapes")
         CHECK(plan.host_syncs == 0);
         CHECK(plan.copies == 1);
         CHECK(plan.workspace_bytes == cuda::step_workspace_bytes(shape_of(p, given, qk, recycle)));
-        REQUIRE(plan.kernels.size() >= 6);
+        // The counts reset, the raters and scores, the rest: three launches.
+        REQUIRE(plan.kernels.size() == 3);
         CHECK(plan.kernels.front().name == "counts_reset");
-        CHECK(plan.kernels.back().name == "plan_sequence");
-        for (const cuda::kernel_launch& k : plan.kernels) {
-          CHECK(k.name != "kernel");
-          CHECK(k.grid[0] >= 1);
-          CHECK(k.grid[1] >= 1);
-          CHECK(k.block[0] >= 1);
+        CHECK(plan.kernels.front().phases.empty());
+        REQUIRE(!plan.kernels.back().phases.empty());
+        CHECK(plan.kernels.back().phases.back().name == "plan_sequence");
+        for (std::size_t i = 1; i < plan.kernels.size(); ++i) {
+          const cuda::kernel_launch& k = plan.kernels[i];
+          CHECK(k.block[0] == 256);
+          std::int64_t blocks = 0;
+          std::size_t most = 0;
+          for (const cuda::kernel_phase& ph : k.phases) {
+            CHECK(ph.name != "kernel");
+            CHECK(ph.grid[0] >= 1);
+            CHECK(ph.grid[1] >= 1);
+            blocks += ph.grid[0] * ph.grid[1];
+            most = std::max(most, ph.smem_bytes);
+          }
+          // A chain's blocks are its phases', its shared memory the largest
+          // phase's and the ticket word.
+          CHECK(k.grid[0] == blocks);
+          CHECK(k.smem_bytes == (most + 7) / 8 * 8 + 8);
+          CHECK(k.phases.size() <= static_cast<std::size_t>(cuda::detail::max_phases));
         }
         // Recycling's kernels run exactly when it is on; raters come from the
         // embeddings exactly when they are not given.
@@ -94,25 +119,43 @@ TEST_CASE("launch plan: every launch fits sm_80 and sm_90 at the served shapes")
   CHECK(plans == static_cast<int>(shapes.size()) * 16);
 }
 
-TEST_CASE("launch plan: the one-block kernels ride in the launch before them") {
-  // LLaVA-1.5-7B from the attention: 17 launches (22 before the fusion).
+TEST_CASE("launch plan: a step is three launches, its kernels chained in order") {
+  // LLaVA-1.5-7B from the attention: 22 launches, then 17 (tails), now 3.
   const cuda::launch_plan plan = plan_of(shapes[0], false, false, true);
-  CHECK(plan.kernels.size() == 17);
-  std::vector<std::string> names;
-  for (const auto& k : plan.kernels) names.push_back(k.name);
-  for (const char* fused : {"rater_column_means+rater_pick", "rank_solve+keep_decide",
-                            "keep_ranks+keep_list", "recycle_gram+recycle_diag",
-                            "recycle_assign+recycle_offsets"})
-    CHECK(std::find(names.begin(), names.end(), fused) != names.end());
+  REQUIRE(plan.kernels.size() == 3);
+  CHECK(phase_names(plan.kernels[1]) ==
+        std::vector<std::string>{"rater_logits", "rater_row_stats", "rater_column_means+rater_pick",
+                                 "scores_from_attention"});
+  CHECK(plan.kernels[1].name ==
+        "rater_logits|rater_row_stats|rater_column_means+rater_pick|scores_from_attention");
+  CHECK(phase_names(plan.kernels[2]) ==
+        std::vector<std::string>{"rank_gram", "rank_solve+keep_decide", "keep_ranks+keep_list",
+                                 "recycle_gram+recycle_diag", "recycle_distances",
+                                 "recycle_density", "recycle_gamma", "recycle_centres",
+                                 "recycle_assign+recycle_offsets", "recycle_members",
+                                 "recycle_merge", "plan_sequence"});
   // A tail's flag word sits past what either body uses.
-  const cuda::kernel_launch* keep = find(plan, "keep_list");
+  const cuda::kernel_phase* keep = find(plan, "keep_list");
   REQUIRE(keep != nullptr);
   CHECK(keep->smem_bytes == cuda::detail::with_tail_smem(256 * sizeof(float), 256 * sizeof(std::int64_t)));
   CHECK(keep->smem_bytes == 256 * 8 + 8);
-  // Caller raters: no choice to fuse; the other four stay.
-  CHECK(plan_of(shapes[0], true, false, true).kernels.size() == 15);
-  // Q/K: two more launches than the attention (logits and row statistics before the scores).
-  CHECK(plan_of(shapes[0], false, true, true).kernels.size() == 19);
+  // Caller raters: the copy, then the scores.
+  const cuda::launch_plan given = plan_of(shapes[0], true, false, true);
+  REQUIRE(given.kernels.size() == 3);
+  CHECK(phase_names(given.kernels[1]) ==
+        std::vector<std::string>{"rater_copy", "scores_from_attention"});
+  // Q/K: the logits and their row statistics before the scores, in the same launch.
+  const cuda::launch_plan qk = plan_of(shapes[0], false, true, true);
+  REQUIRE(qk.kernels.size() == 3);
+  CHECK(phase_names(qk.kernels[1]) ==
+        std::vector<std::string>{"rater_logits", "rater_row_stats", "rater_column_means+rater_pick",
+                                 "qk_logits", "qk_row_stats", "scores_from_qk"});
+  // Without recycling its phases have no blocks and are not listed.
+  const cuda::launch_plan plain = plan_of(shapes[0], false, false, false);
+  REQUIRE(plain.kernels.size() == 3);
+  CHECK(phase_names(plain.kernels[2]) ==
+        std::vector<std::string>{"rank_gram", "rank_solve+keep_decide", "keep_ranks+keep_list",
+                                 "plan_sequence"});
 }
 
 TEST_CASE("launch plan: the rank kernel is bounded by the text after the span, not the prefix") {
@@ -120,7 +163,7 @@ TEST_CASE("launch plan: the rank kernel is bounded by the text after the span, n
   // doubles (29 KB) and fits without the opt-in attribute. Bounding it by L − N
   // (95, prefix included) asked for 73,752 bytes.
   const cuda::launch_plan plan = plan_of(shapes[0], false, false, true);
-  const cuda::kernel_launch* solve = find(plan, "rank_solve");
+  const cuda::kernel_phase* solve = find(plan, "rank_solve");
   REQUIRE(solve != nullptr);
   CHECK(solve->smem_bytes == pl::rank_shared_bytes(60));
   CHECK(plan.recycled_max == 173);  // min(576, floor(0.3 · 576) + 1)
@@ -129,7 +172,7 @@ TEST_CASE("launch plan: the rank kernel is bounded by the text after the span, n
   CHECK(pl::rank_shared_bytes(95) > cuda::detail::launch_policy::default_shared);
   // With no room for G in shared memory the kernel takes the global-memory path.
   const cuda::launch_plan small = plan_of(shapes[0], false, false, true, 16 * 1024);
-  const cuda::kernel_launch* fallback = find(small, "rank_solve");
+  const cuda::kernel_phase* fallback = find(small, "rank_solve");
   REQUIRE(fallback != nullptr);
   CHECK(fallback->smem_bytes == sparsevlm::detail::core::eigen_shared * sizeof(double));
 }
@@ -138,12 +181,13 @@ TEST_CASE("launch plan: dot tiles shrink to 16x16 where 32x32 would leave most S
   // LLaVA-1.5: 173 recycled rows give 6 x 6 tiles of 32 (36 blocks), so 11 x 11 of 16;
   // LLaVA-NeXT: 865 rows give 28 x 28 of 32, enough blocks as they are.
   const cuda::launch_plan llava = plan_of(shapes[0], false, false, true);
-  const cuda::kernel_launch* gram = find(llava, "recycle_gram");
+  const cuda::kernel_launch* in = nullptr;
+  const cuda::kernel_phase* gram = find(llava, "recycle_gram", &in);
   REQUIRE(gram != nullptr);
   CHECK(gram->grid[0] == 11);
-  CHECK(gram->block[0] == 64);
+  CHECK(in->block[0] == 256);  // 16x16 tiles take the chain's 256 threads: a pair each
   CHECK(gram->smem_bytes == cuda::detail::with_tail_smem(cuda::detail::tile_smem<16>, 0));  // + the diagonal's tail
-  const cuda::kernel_launch* logits = find(llava, "rater_logits");
+  const cuda::kernel_phase* logits = find(llava, "rater_logits");
   REQUIRE(logits != nullptr);
   CHECK(logits->grid[0] == 36);  // 576 / 16
   CHECK(logits->grid[1] == 4);   // 60 text tokens
@@ -152,17 +196,17 @@ TEST_CASE("launch plan: dot tiles shrink to 16x16 where 32x32 would leave most S
     if (s.visual == 2880) next = &s;
   REQUIRE(next != nullptr);
   const cuda::launch_plan big = plan_of(*next, false, false, true);
-  const cuda::kernel_launch* gram2 = find(big, "recycle_gram");
+  const cuda::kernel_phase* gram2 = find(big, "recycle_gram");
   REQUIRE(gram2 != nullptr);
-  CHECK(gram2->block[0] == 256);
   CHECK(gram2->grid[0] == 28);
+  CHECK(gram2->smem_bytes == cuda::detail::with_tail_smem(cuda::detail::tile_smem<32>, 0));
 }
 
 TEST_CASE("launch plan: the q/k logits grid keeps its large extent on x") {
   // 64 heads and 40,000 question tokens: 64 · 1250 rater tiles would exceed y's 65,535.
   const plan_shape big{"long", 35, 576, 40000, 64, 8192};
   const cuda::launch_plan plan = plan_of(big, true, true, false);
-  const cuda::kernel_launch* logits = find(plan, "qk_logits");
+  const cuda::kernel_phase* logits = find(plan, "qk_logits");
   REQUIRE(logits != nullptr);
   CHECK(logits->grid[0] == 64 * ((40000 + 31) / 32));
   CHECK(logits->grid[1] == (35 + 576 + 40000 + 31) / 32);
@@ -171,11 +215,11 @@ TEST_CASE("launch plan: the q/k logits grid keeps its large extent on x") {
 
 TEST_CASE("launch plan: violation names the launch and the limit") {
   cuda::launch_plan plan;
-  plan.kernels.push_back({"k", {1, 70000, 1}, {256, 1, 1}, 0});
+  plan.kernels.push_back({"k", {1, 70000, 1}, {256, 1, 1}, 0, {}});
   CHECK(plan.violation(cuda::device_limits::sm90()) == "k: grid y 70000 > 65535 (sm_90)");
-  plan.kernels[0] = {"k", {1, 1, 1}, {2048, 1, 1}, 0};
+  plan.kernels[0] = {"k", {1, 1, 1}, {2048, 1, 1}, 0, {}};
   CHECK(plan.violation(cuda::device_limits::sm80()) == "k: threads 2048 > 1024 (sm_80)");
-  plan.kernels[0] = {"k", {1, 1, 1}, {256, 1, 1}, 200000};
+  plan.kernels[0] = {"k", {1, 1, 1}, {256, 1, 1}, 200000, {}};
   CHECK(plan.violation(cuda::device_limits::sm80()) == "k: shared bytes 200000 > 166912 (sm_80)");
   CHECK(plan.violation(cuda::device_limits::sm90()).empty());
 }

@@ -44,9 +44,13 @@ def test_cli_cuda_plan_and_the_performance_model():
     out = subprocess.run([str(CLI), "cuda-plan", "--model", "llava-1.5-7b", "--scores-from", "qk"],
                          check=True, capture_output=True, text=True)
     plan = json.loads(out.stdout)
-    names = [k["name"] for k in plan["kernels"]]
+    # Three launches: the counts reset, then two chains of kernels (their phases).
+    assert [k["name"] for k in plan["kernels"]][0] == "counts_reset" and len(plan["kernels"]) == 3
+    names = [ph["name"] for k in plan["kernels"] for ph in k.get("phases", [k])]
     assert plan["host_syncs"] == 0 and plan["within_limits"] and plan["length"] == 671
     assert names[0] == "counts_reset" and "qk_logits" in names and names[-1] == "plan_sequence"
+    assert all(k["grid"][0] == sum(ph["grid"][0] * ph["grid"][1] for ph in k["phases"])
+               for k in plan["kernels"][1:])
     model = subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_model.py"), "--cli",
                             str(CLI), "--model", "llava-1.5-7b", "--scores-from", "qk", "--json"],
                            check=True, capture_output=True, text=True)
@@ -54,7 +58,8 @@ def test_cli_cuda_plan_and_the_performance_model():
     assert [k["name"] for k in m["kernels"]] == names
     assert (plan["recycled_max"], plan["clusters_max"]) == (173, 18)  # 576 · 0.3, / 10
     assert m["shape"]["s"] == 173 and m["shape"]["H"] == plan["heads"] == 32
-    assert m["total_us"] == pytest.approx(m["compute_us"] + m["launch_gaps_us"])
+    assert m["launches"] == 3 and m["handoffs"] == len(names) - 3
+    assert m["total_us"] == pytest.approx(m["compute_us"] + m["launch_gaps_us"] + m["handoffs_us"])
     assert all(k["us"] >= 0 for k in m["kernels"]) and m["compute_us"] > 0
 
 

@@ -25,6 +25,7 @@
 #if !defined(__CUDA_ARCH__)
 #include <atomic>
 #include <bit>
+#include <thread>
 #endif
 
 namespace sparsevlm::detail::core {
@@ -128,6 +129,63 @@ SPARSEVLM_HD bool last_block_to_arrive(const Block& b, std::uint32_t* arrivals,
   }
   b.sync();
   return *flag != 0;
+}
+
+/// The block's place in the order blocks start in: thread 0 takes the next
+/// ticket of `*tickets` (0, 1, ...) and every thread of the block gets it. A
+/// block holding ticket t knows that every ticket below t went to a block that
+/// has already started, which is what lets a block wait for blocks with lower
+/// tickets without deadlock, however many blocks the device holds at once (the
+/// dynamic tile ids of CUB's single-pass scan rest on the same fact). `flag` is
+/// one word of the block's shared memory.
+template <class Block>
+SPARSEVLM_HD std::uint32_t block_ticket(const Block& b, std::uint32_t* tickets,
+                                        std::uint32_t* flag) noexcept {
+  if (b.rank() == 0) {
+#if defined(__CUDA_ARCH__)
+    *flag = atomicAdd(tickets, 1u);
+#else
+    *flag = std::atomic_ref<std::uint32_t>(*tickets).fetch_add(1, std::memory_order_relaxed);
+#endif
+  }
+  b.sync();
+  const std::uint32_t t = *flag;
+  b.sync();  // every thread has read it before the body may reuse the word
+  return t;
+}
+
+/// Waits until `*count` reaches `target` (blocks of an earlier phase counted by
+/// arrive()), then lets the whole block see what those blocks wrote, as after a
+/// kernel boundary: thread 0 polls, fences, and the barrier releases the block.
+template <class Block>
+SPARSEVLM_HD void wait_for(const Block& b, const std::uint32_t* count,
+                           std::uint32_t target) noexcept {
+  if (b.rank() == 0) {
+#if defined(__CUDA_ARCH__)
+    while (*reinterpret_cast<const volatile std::uint32_t*>(count) < target) __nanosleep(64);
+    __threadfence();
+#else
+    std::atomic_ref<std::uint32_t> a(*const_cast<std::uint32_t*>(count));
+    while (a.load(std::memory_order_acquire) < target) std::this_thread::yield();
+#endif
+  }
+  b.sync();
+}
+
+/// Counts this block into `*count` once every thread of it is done, making its
+/// writes visible to a block that wait_for()s the count (a barrier, then thread
+/// 0 fences and adds, as last_block_to_arrive). Returns the count after this
+/// block's add on thread 0 (0 on the others).
+template <class Block>
+SPARSEVLM_HD std::uint32_t arrive(const Block& b, std::uint32_t* count) noexcept {
+  b.sync();
+  if (b.rank() != 0) return 0;
+#if defined(__CUDA_ARCH__)
+  __threadfence();
+  return atomicAdd(count, 1u) + 1u;
+#else
+  return std::atomic_ref<std::uint32_t>(*count).fetch_add(1, std::memory_order_acq_rel) + 1;
+#endif
 }
 
 /// Smallest power of two >= n (n >= 1).

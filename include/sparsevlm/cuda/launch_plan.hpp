@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../check.hpp"
@@ -29,12 +31,24 @@
 
 namespace sparsevlm::cuda {
 
+/// One phase of a chained launch: a kernel body and the grid it runs over, as
+/// if launched alone (its blocks are that many of the launch's).
+struct kernel_phase {
+  std::string name;  ///< the kernel body (cuda/detail/*_kernels.hpp), e.g. "rank_gram"
+  std::array<std::int64_t, 3> grid{1, 1, 1};
+  std::size_t smem_bytes = 0;  ///< what the body needs (the launch takes the largest)
+};
+
 /// One kernel launch of a plan. Grids and blocks are [x, y, z].
 struct kernel_launch {
-  std::string name;  ///< the kernel body (cuda/detail/*_kernels.hpp), e.g. "rank_solve"
+  /// The kernel body (cuda/detail/*_kernels.hpp), e.g. "counts_reset"; a chained
+  /// launch is named by its phases with blocks, "rank_gram|rank_solve+keep_decide|..."
+  /// (a '+' joins a body and the one-block tail in its last block).
+  std::string name;
   std::array<std::int64_t, 3> grid{1, 1, 1};
   std::array<std::int64_t, 3> block{1, 1, 1};
   std::size_t smem_bytes = 0;  ///< dynamic shared memory
+  std::vector<kernel_phase> phases;  ///< a chained launch's phases with blocks, in order
 };
 
 /// The limits a launch must respect on a device generation.
@@ -107,18 +121,9 @@ struct launch_policy {
   }
 };
 
-/// The kernel body's name without namespaces or template arguments, from the
-/// compiler's function signature ("rank_solve", "recycle_gram").
-/// A fused launch (in_order, with_tail) is named by its bodies, "keep_ranks+keep_list".
+/// The launches' own names (kernel_name without the fused forms).
 template <class Body>
-std::string kernel_name() {
-  if constexpr (requires {
-                  typename Body::first_type;
-                  typename Body::then_type;
-                }) {
-    return kernel_name<typename Body::first_type>() + "+" +
-           kernel_name<typename Body::then_type>();
-  }
+std::string body_name() {
 #if defined(__GNUC__) || defined(__clang__)
   const std::string_view f = __PRETTY_FUNCTION__;  // "... [with Body = ns::name<T, 32>; ...]"
   const std::size_t at = f.find("Body = ");
@@ -132,15 +137,43 @@ std::string kernel_name() {
 #endif
 }
 
+/// The kernel body's name without namespaces or template arguments, from the
+/// compiler's function signature ("rank_solve", "recycle_gram").
+/// A fused launch (in_order, with_tail) is named by its bodies, "keep_ranks+keep_list".
+template <class Body>
+std::string kernel_name() {
+  if constexpr (requires { typename Body::named_type; }) {
+    return kernel_name<typename Body::named_type>();
+  } else if constexpr (requires {
+                  typename Body::first_type;
+                  typename Body::then_type;
+                }) {
+    return kernel_name<typename Body::first_type>() + "+" +
+           kernel_name<typename Body::then_type>();
+  } else {
+    return body_name<Body>();
+  }
+}
+
 /// pipeline's executor that records each launch instead of enqueueing it.
 struct plan_exec : launch_policy {
   std::vector<kernel_launch>* out = nullptr;
   std::size_t smem_limit = default_shared;
   [[nodiscard]] std::size_t max_shared() const noexcept { return smem_limit; }
   template <class Body>
-  void launch(const Body&, std::int64_t gx, std::int64_t gy, int nthreads, std::size_t smem) {
+  void launch(const Body& body, std::int64_t gx, std::int64_t gy, int nthreads, std::size_t smem) {
     if (gx <= 0 || gy <= 0) return;  // as the device executor: nothing to run
-    out->push_back(kernel_launch{kernel_name<Body>(), {gx, gy, 1}, {nthreads, 1, 1}, smem});
+    kernel_launch k{kernel_name<Body>(), {gx, gy, 1}, {nthreads, 1, 1}, smem, {}};
+    if constexpr (requires { body.list; }) {  // a chain: its phases with blocks
+      k.name.clear();
+      body.list.each([&](const auto& ph) {
+        if (ph.blocks() == 0) return;
+        using P = typename std::remove_cvref_t<decltype(ph.body)>;
+        k.phases.push_back(kernel_phase{kernel_name<P>(), {ph.gx, ph.gy, 1}, ph.smem});
+        k.name += (k.name.empty() ? "" : "|") + k.phases.back().name;
+      });
+    }
+    out->push_back(std::move(k));
   }
 };
 

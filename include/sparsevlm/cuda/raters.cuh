@@ -68,7 +68,7 @@ inline cudaError_t set_raters_async(const device_step& step, std::span<const ind
   detail::device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
   detail::pipeline::given_raters(ex, raters.data(), static_cast<index_t>(raters.size()),
-                               step.visual.end(), step.length, step.buf);
+                               step.visual.start, step.visual.len, step.length, step.buf);
   return ex.status;
 }
 

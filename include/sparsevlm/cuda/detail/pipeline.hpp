@@ -205,80 +205,103 @@ inline std::size_t density_shared_bytes(i64 s_max) {
   return static_cast<std::size_t>(s_max > 0 ? core::pow2_at_least(s_max) : 0) * sizeof(double);
 }
 
-/// Launches a dot-tile kernel over a rows × cols grid of pairs: make(tile)
+/// A dot-tile kernel over a rows × cols grid of pairs as a phase: make(tile)
 /// builds its body for a tile edge (std::integral_constant<int, edge>), and the
 /// grid is (⌈rows/edge⌉, ⌈cols/edge⌉). The edge is Exec::tile, or Exec::small_tile
 /// when the large tiles would give fewer than ex.wide_grid() blocks (at LLaVA
 /// sizes the recycled rows' Gram takes 36 blocks of 32×32: a quarter of an H100),
-/// so that 4× the blocks share the work. A thread owns tile_pairs pairs either
-/// way, and each pair's dot product runs in one thread in the canonical order,
-/// so the edge changes which block computes a pair, never its bits.
+/// so that 4× the blocks share the work. Either way the block has ex.threads()
+/// threads (at least tile_threads<Exec::tile>), each pair's dot product runs in
+/// one thread in the canonical order, and the edge changes which block computes
+/// a pair, never its bits. Both edges are in the body (tile_choice), so the
+/// choice is a value.
 ///
-/// With `tail` (a one-block body needing `tail_smem` bytes), the launch is a
-/// with_tail: the tail runs in the last tile block to finish.
+/// With `tail` (a one-block body needing `tail_smem` bytes), each edge's body is
+/// a with_tail: the tail runs in the last tile block to finish.
 template <class Exec, class Make, class Tail = std::nullptr_t>
-void dot_tiles(Exec& ex, i64 rows, i64 cols, Make&& make, const Tail& tail = nullptr,
+auto dot_tiles(Exec& ex, i64 rows, i64 cols, Make&& make, const Tail& tail = nullptr,
                step_counts* counts = nullptr, int slot = 0, std::size_t tail_smem = 0) {
   constexpr int big = Exec::tile, small = Exec::small_tile;
-  const auto go = [&](auto edge) {
-    constexpr int t = decltype(edge)::value;
-    const i64 gx = core::ceil_div(rows, t), gy = core::ceil_div(cols, t);
-    const auto smem = static_cast<std::size_t>(tile_smem<t>);
+  static_assert(tile_threads<big> <= 1024 && tile_threads<small> <= tile_threads<big>);
+  const auto body = [&](auto edge) {
     if constexpr (std::is_same_v<Tail, std::nullptr_t>) {
-      ex.launch(make(edge), gx, gy, tile_threads<t>, smem);
+      return make(edge);
     } else {
-      const std::size_t both = with_tail_smem(smem, tail_smem);
-      ex.launch(with_tail<decltype(make(edge)), Tail>{make(edge), tail, counts, slot, both - 8}, gx, gy,
-                tile_threads<t>, both);
+      constexpr int t = decltype(edge)::value;
+      const std::size_t both = with_tail_smem(static_cast<std::size_t>(tile_smem<t>), tail_smem);
+      return with_tail<decltype(make(edge)), Tail>{make(edge), tail, counts, slot, both - 8};
     }
   };
-  if (core::ceil_div(rows, big) * core::ceil_div(cols, big) < ex.wide_grid()) {
-    go(std::integral_constant<int, small>{});
-  } else {
-    go(std::integral_constant<int, big>{});
-  }
+  const auto smem_of = [&](int t) {
+    const auto own = static_cast<std::size_t>(t == big ? tile_smem<big> : tile_smem<small>);
+    return std::is_same_v<Tail, std::nullptr_t> ? own : with_tail_smem(own, tail_smem);
+  };
+  using S = decltype(body(std::integral_constant<int, small>{}));
+  using B = decltype(body(std::integral_constant<int, big>{}));
+  const bool use_big = core::ceil_div(rows, big) * core::ceil_div(cols, big) >= ex.wide_grid();
+  const int t = use_big ? big : small;
+  return phase<tile_choice<S, B>>{
+      tile_choice<S, B>{body(std::integral_constant<int, small>{}),
+                        body(std::integral_constant<int, big>{}), use_big},
+      rows > 0 && cols > 0 ? core::ceil_div(rows, t) : 0, core::ceil_div(cols, t), smem_of(t)};
 }
 
-// ---- the stages ---------------------------------------------------------------
+/// Launches `list` as one chained launch (chain) of ex.threads() threads.
+template <class Exec, class... Bodies>
+void launch_chain(Exec& ex, const phases<Bodies...>& list, step_counts* counts) {
+  chain<Bodies...> c;
+  std::size_t smem = 0;
+  const i64 total = make_chain(c, list, counts, smem);
+  ex.launch(c, total, 1, ex.threads(), smem);
+}
 
-/// Zeroes the counts and flags (first kernel of a step).
+/// A phase of `n` blocks of ex.threads() threads (n <= 0: none).
+template <class Body>
+phase<Body> phase_of(const Body& body, i64 n, std::size_t smem = 0, i64 gy = 1) {
+  return phase<Body>{body, n > 0 ? n : 0, gy, smem};
+}
+
+// ---- the stages, as phases ----------------------------------------------------
+// Each stage is a list of phases, launched as one chain by its own launcher
+// (raters.cuh ... plan.cuh) and joined with the others by run_step: a step is
+// three launches (reset, then the raters and scores, then the rest).
+
+/// Zeroes the counts and flags (first kernel of a step; the chains' counters
+/// live in the counts, so it is a launch of its own).
 template <class Exec>
 void reset(Exec& ex, const buffers& buf) {
   ex.launch(counts_reset{buf.counts}, 1, 1, 1, 0);
 }
 
-/// Stage 1 from the embeddings (raters.hpp): logits, row softmax statistics,
-/// column means, the choice.
+/// Stage 1 (raters.hpp): with `given`, the caller's n_given raters (device array of
+/// absolute positions, checked on the device: flag_raters); else from the
+/// embeddings: logits, row softmax statistics, column means and the choice (in
+/// the last block of the column means; alone when no text follows the span).
+/// The phases of the other form have no blocks.
 template <class Exec, class TE>
-void select_raters(Exec& ex, rows2<TE> embeds, i64 length, i64 first_visual, i64 n_visual,
-                   i64 embed_dim, const buffers& buf) {
+auto raters_phases(Exec& ex, bool given, const i64* raters, i64 n_given, rows2<TE> embeds,
+                   i64 length, i64 first_visual, i64 n_visual, i64 embed_dim, const buffers& buf) {
   const i64 first_text = first_visual + n_visual, T = length - first_text;
-  if (T > 0) {
-    dot_tiles(ex, n_visual, T, [&](auto edge) {
-      return rater_logits<TE, decltype(edge)::value>{embeds,    first_visual, n_visual,  first_text,
-                                                     T,         embed_dim,    buf.logits, buf.counts};
-    });
-    ex.launch(rater_row_stats{buf.logits, n_visual, T, buf.row_max, buf.row_sum},
-              ex.grid(n_visual), 1, ex.threads(), 0);
-    // The choice runs in the last block of the column means.
-    const std::size_t smem = with_tail_smem(static_cast<std::size_t>(ex.threads()) * sizeof(double), 0);
-    ex.launch(with_tail<rater_column_means, rater_pick>{
-                  rater_column_means{buf.logits, n_visual, T, buf.row_max, buf.row_sum, buf.m},
-                  rater_pick{buf.m, T, first_text, buf.raters, buf.counts},
-                  buf.counts, arrive_raters, smem - 8},
-              T, 1, ex.threads(), smem);
-  } else {
-    ex.launch(rater_pick{buf.m, T, first_text, buf.raters, buf.counts}, 1, 1, 1, 0);
-  }
-}
-
-/// Stage 1 with the caller's raters (device array of n absolute positions,
-/// checked on the device: flag_raters).
-template <class Exec>
-void given_raters(Exec& ex, const i64* raters, i64 n, i64 first_text, i64 length,
-                  const buffers& buf) {
-  ex.launch(rater_copy{raters, n, first_text, length, buf.raters, buf.counts},
-            std::max<i64>(ex.grid(n), 1), 1, ex.threads(), 0);
+  const bool pick = !given && T > 0;
+  const std::size_t means_smem =
+      with_tail_smem(static_cast<std::size_t>(ex.threads()) * sizeof(double), 0);
+  return phase_list(
+      phase_of(rater_copy{raters, n_given, first_text, length, buf.raters, buf.counts},
+               given ? std::max<i64>(ex.grid(n_given), 1) : 0),
+      dot_tiles(ex, pick ? n_visual : 0, T,
+                [&](auto edge) {
+                  return rater_logits<TE, decltype(edge)::value>{
+                      embeds, first_visual, n_visual, first_text, T, embed_dim, buf.logits,
+                      buf.counts};
+                }),
+      phase_of(rater_row_stats{buf.logits, n_visual, T, buf.row_max, buf.row_sum},
+               pick ? ex.grid(n_visual) : 0),
+      phase_of(with_tail<rater_column_means, rater_pick>{
+                   rater_column_means{buf.logits, n_visual, T, buf.row_max, buf.row_sum, buf.m},
+                   rater_pick{buf.m, T, first_text, buf.raters, buf.counts}, buf.counts,
+                   arrive_raters, means_smem - 8},
+               pick ? T : 0, means_smem),
+      phase_of(rater_pick{buf.m, T, first_text, buf.raters, buf.counts}, given || pick ? 0 : 1));
 }
 
 /// Columns a scoring block takes: 8 (each of a 256-thread block's 32 rater lanes
@@ -287,12 +310,12 @@ inline i64 score_columns(int threads) { return threads < 8 ? threads : 8; }
 
 /// Stages 2-3 from the attention probabilities [H, L, L].
 template <class Exec, class TA>
-void scores_attention(Exec& ex, rows3<TA> attn, i64 heads, i64 first_visual, i64 n_visual,
-                      const buffers& buf) {
+auto scores_attention_phases(Exec& ex, rows3<TA> attn, i64 heads, i64 first_visual, i64 n_visual,
+                             const buffers& buf) {
   const i64 cols = score_columns(ex.threads());
-  ex.launch(scores_from_attention<TA>{attn, heads, first_visual, n_visual, cols, buf.raters,
-                                      buf.P, buf.scores, buf.counts},
-            core::ceil_div(n_visual, cols), 1, ex.threads(), 0);
+  return phase_list(phase_of(scores_from_attention<TA>{attn, heads, first_visual, n_visual, cols,
+                                                        buf.raters, buf.P, buf.scores, buf.counts},
+                             core::ceil_div(n_visual, cols)));
 }
 
 /// What the q/k path reads (scores_qk.hpp's qk_view on the device).
@@ -312,47 +335,43 @@ struct qk_args {
 /// against the keys up to the last rater, per-row softmax statistics, then P
 /// and the scores.
 template <class Exec, class TQ, class TK>
-void scores_qk(Exec& ex, const qk_args<TQ, TK>& a, i64 first_visual, i64 n_visual, i64 r_max,
-               const buffers& buf) {
+auto scores_qk_phases(Exec& ex, const qk_args<TQ, TK>& a, i64 first_visual, i64 n_visual,
+                      i64 r_max, const buffers& buf) {
   constexpr int tile = Exec::tile;
   const i64 k_max = a.length;
   const i64 r_tiles = core::ceil_div(r_max, tile);
-  if (r_max > 0) {
-    ex.launch(qk_logits<TQ, TK, tile>{a.q, a.k, a.heads / a.kv_heads, a.all_queries, a.q_rows,
-                                       a.head_dim, r_tiles, r_max, k_max, buf.raters, buf.z,
-                                       buf.counts},
-              a.heads * r_tiles, core::ceil_div(k_max, tile), tile_threads<tile>,
-              static_cast<std::size_t>(tile_smem<tile>));
-    ex.launch(qk_row_stats{buf.z, r_max, k_max, a.scale, a.lse, a.lse_s0, a.lse_s1,
-                           a.all_queries, buf.raters, buf.z_offset, buf.z_sum, buf.counts},
-              r_max, a.heads, ex.threads(), static_cast<std::size_t>(ex.threads()) * sizeof(double));
-  }
   const i64 cols = score_columns(ex.threads());
-  ex.launch(scores_from_qk{buf.z, a.heads, r_max, k_max, a.scale, buf.z_offset, buf.z_sum,
-                           first_visual, n_visual, cols, buf.P, buf.scores, buf.counts},
-            core::ceil_div(n_visual, cols), 1, ex.threads(), 0);
+  return phase_list(
+      phase_of(qk_logits<TQ, TK, tile>{a.q, a.k, a.heads / a.kv_heads, a.all_queries, a.q_rows,
+                                        a.head_dim, r_tiles, r_max, k_max, buf.raters, buf.z,
+                                        buf.counts},
+               r_max > 0 ? a.heads * r_tiles : 0, static_cast<std::size_t>(tile_smem<tile>),
+               core::ceil_div(k_max, tile)),
+      phase_of(qk_row_stats{buf.z, r_max, k_max, a.scale, a.lse, a.lse_s0, a.lse_s1,
+                            a.all_queries, buf.raters, buf.z_offset, buf.z_sum, buf.counts},
+               r_max > 0 ? r_max : 0, static_cast<std::size_t>(ex.threads()) * sizeof(double),
+               a.heads),
+      phase_of(scores_from_qk{buf.z, a.heads, r_max, k_max, a.scale, buf.z_offset, buf.z_sum,
+                              first_visual, n_visual, cols, buf.P, buf.scores, buf.counts},
+               core::ceil_div(n_visual, cols)));
 }
 
-/// Stage 4 (rank.hpp). G in shared memory when it fits, else in global memory
-/// (the same code and bits, slower).
-///
-/// With `then` (finish: keep_decide), that one-block body runs after the rank
-/// in the rank's block, in the same launch.
-template <class Exec, class Then = std::nullptr_t>
-void rank(Exec& ex, i64 n_visual, i64 m_max, const buffers& buf, const Then& then = nullptr) {
-  if (m_max > 0) {
-    dot_tiles(ex, m_max, m_max, [&](auto edge) {
-      return rank_gram<decltype(edge)::value>{buf.P, n_visual, buf.G, buf.counts};
-    });
-  }
+/// Stage 4 (rank.hpp), with the keep count (stage 5) in the rank's block after
+/// it when `decide` (else the keep count is its own launcher's). G in shared
+/// memory when it fits, else in global memory (the same code and bits, slower).
+template <class Exec>
+auto rank_phases(Exec& ex, i64 n_visual, i64 m_max, const keep_decide& decide, bool with_decide,
+                 const buffers& buf) {
   const bool in_shared = rank_shared_bytes(m_max) <= ex.max_shared();
   const rank_solve solve{buf.G, buf.eig, n_visual, in_shared, buf.counts};
   const std::size_t smem = in_shared ? rank_shared_bytes(m_max) : core::eigen_shared * sizeof(double);
-  if constexpr (std::is_same_v<Then, std::nullptr_t>) {
-    ex.launch(solve, 1, 1, ex.threads(), smem);
-  } else {
-    ex.launch(in_order<rank_solve, Then>{solve, then}, 1, 1, ex.threads(), smem);
-  }
+  return phase_list(dot_tiles(ex, m_max, m_max,
+                              [&](auto edge) {
+                                return rank_gram<decltype(edge)::value>{buf.P, n_visual, buf.G,
+                                                                        buf.counts};
+                              }),
+                    phase_of(in_order<rank_solve, keep_decide>{solve, decide}, with_decide ? 1 : 0, smem),
+                    phase_of(solve, with_decide ? 0 : 1, smem));
 }
 
 /// Keep-count and recycling options as plain values.
@@ -369,83 +388,120 @@ inline keep_decide keep_decide_of(i64 n_visual, const decide_args& a, const buff
   return keep_decide{n_visual, a.fixed,    a.scale,   a.bias,    a.fixed_keep,
                      a.recycle, a.fraction, a.divisor, buf.counts};
 }
-template <class Exec>
-void keep_count(Exec& ex, i64 n_visual, const decide_args& a, const buffers& buf) {
-  ex.launch(keep_decide_of(n_visual, a, buf), 1, 1, 1, 0);
-}
 
 /// Stage 6 (keep_set.hpp): every token's place in the score order, then the
-/// kept positions ascending.
+/// kept positions ascending (in the last block of the ranks).
 template <class Exec>
-void keep_set(Exec& ex, i64 first_visual, i64 n_visual, const buffers& buf) {
+auto keep_set_phases(Exec& ex, i64 first_visual, i64 n_visual, const buffers& buf) {
   const int t = ex.threads();
-  // The list is made by the last block of the ranks.
   const std::size_t smem = with_tail_smem(static_cast<std::size_t>(t) * sizeof(float),
                                           static_cast<std::size_t>(t) * sizeof(i64));
-  ex.launch(with_tail<keep_ranks, keep_list>{
-                keep_ranks{buf.scores, n_visual, buf.pos, buf.order, buf.counts},
-                keep_list{buf.pos, first_visual, n_visual, buf.keep, buf.counts},
-                buf.counts, arrive_keep, smem - 8},
-            core::ceil_div(n_visual, t), 1, t, smem);
+  return phase_list(phase_of(with_tail<keep_ranks, keep_list>{
+                                 keep_ranks{buf.scores, n_visual, buf.pos, buf.order, buf.counts},
+                                 keep_list{buf.pos, first_visual, n_visual, buf.keep, buf.counts},
+                                 buf.counts, arrive_keep, smem - 8},
+                             core::ceil_div(n_visual, t), smem));
 }
 
-/// Stage 7 (recycle.hpp): Gram matrix of the recycled rows, D over it, DPC-KNN,
-/// cluster lists and means. Nothing runs past the counts' s (0: no recycling).
+/// Stage 7 (recycle.hpp): Gram matrix of the recycled rows (its diagonal copied
+/// by the last tile block), D over it with its maximum, DPC-KNN, cluster lists
+/// and means. Nothing runs past the counts' s; s_max == 0 (recycling off) gives
+/// phases without blocks.
 template <class Exec, class TH>
-void recycle(Exec& ex, rows2<TH> hidden, i64 first_visual, i64 hidden_dim, i64 s_max, i64 c_max,
-             const buffers& buf) {
-  if (s_max == 0) return;
+auto recycle_phases(Exec& ex, rows2<TH> hidden, i64 first_visual, i64 hidden_dim, i64 s_max,
+                    i64 c_max, const buffers& buf) {
   const int t = ex.threads();
   const i64 ld = s_max;
-  // G's diagonal is copied by the last tile block to finish.
-  dot_tiles(
-      ex, s_max, s_max,
-      [&](auto edge) {
-        return recycle_gram<TH, decltype(edge)::value>{hidden, first_visual, hidden_dim, ld,
-                                                       buf.order, buf.D, buf.counts};
-      },
-      recycle_diag{buf.D, ld, buf.diag, buf.dmax, buf.counts}, buf.counts, arrive_gram);
-  // D and its maximum in one pass (the maximum by one exact atomic per block).
-  ex.launch(recycle_distances{buf.D, ld, buf.diag, std::sqrt(static_cast<double>(hidden_dim)),
-                              buf.dmax, buf.counts},
-            ex.grid(s_max * s_max), 1, t, static_cast<std::size_t>(t) * sizeof(double));
-  ex.launch(recycle_density{buf.D, ld, buf.rho, buf.counts}, s_max, 1, t,
-            density_shared_bytes(s_max));
-  ex.launch(recycle_gamma{buf.D, ld, buf.rho, buf.dmax, buf.gamma, buf.counts}, s_max, 1, t,
-            static_cast<std::size_t>(t) * sizeof(double));
-  ex.launch(recycle_centres{buf.gamma, buf.gpos, buf.centres, buf.counts}, ex.grid(s_max), 1, t,
-            0);
-  // The clusters' offsets are counted by the last block of the assignment.
-  ex.launch(with_tail<recycle_assign, recycle_offsets>{
-                recycle_assign{buf.D, ld, buf.gpos, buf.centres, buf.label, buf.counts},
-                recycle_offsets{buf.label, buf.offsets, buf.counts},
-                buf.counts, arrive_assign, with_tail_smem(0, 0) - 8},
-            ex.grid(s_max), 1, t, with_tail_smem(0, 0));
-  ex.launch(recycle_members{buf.order, buf.label, buf.offsets, first_visual, buf.members,
-                            buf.counts},
-            ex.grid(s_max), 1, t, 0);
-  ex.launch(recycle_merge<TH>{hidden, hidden_dim, c_max, buf.offsets, buf.members, buf.merged,
-                              buf.counts},
-            ex.grid(c_max * hidden_dim), 1, t, 0);
+  const auto on = [&](i64 n) { return s_max > 0 ? n : 0; };
+  return phase_list(
+      dot_tiles(
+          ex, s_max, s_max,
+          [&](auto edge) {
+            return recycle_gram<TH, decltype(edge)::value>{hidden, first_visual, hidden_dim, ld,
+                                                           buf.order, buf.D, buf.counts};
+          },
+          recycle_diag{buf.D, ld, buf.diag, buf.dmax, buf.counts}, buf.counts, arrive_gram),
+      // D and its maximum in one pass (the maximum by one exact atomic per block).
+      phase_of(recycle_distances{buf.D, ld, buf.diag, std::sqrt(static_cast<double>(hidden_dim)),
+                                 buf.dmax, buf.counts},
+               on(ex.grid(s_max * s_max)), static_cast<std::size_t>(t) * sizeof(double)),
+      phase_of(recycle_density{buf.D, ld, buf.rho, buf.counts}, on(s_max),
+               density_shared_bytes(s_max)),
+      phase_of(recycle_gamma{buf.D, ld, buf.rho, buf.dmax, buf.gamma, buf.counts}, on(s_max),
+               static_cast<std::size_t>(t) * sizeof(double)),
+      phase_of(recycle_centres{buf.gamma, buf.gpos, buf.centres, buf.counts}, on(ex.grid(s_max))),
+      // The clusters' offsets are counted by the last block of the assignment.
+      phase_of(with_tail<recycle_assign, recycle_offsets>{
+                   recycle_assign{buf.D, ld, buf.gpos, buf.centres, buf.label, buf.counts},
+                   recycle_offsets{buf.label, buf.offsets, buf.counts}, buf.counts, arrive_assign,
+                   with_tail_smem(0, 0) - 8},
+               on(ex.grid(s_max)), with_tail_smem(0, 0)),
+      phase_of(recycle_members{buf.order, buf.label, buf.offsets, first_visual, buf.members,
+                               buf.counts},
+               on(ex.grid(s_max))),
+      phase_of(recycle_merge<TH>{hidden, hidden_dim, c_max, buf.offsets, buf.members, buf.merged,
+                                 buf.counts},
+               on(ex.grid(c_max * hidden_dim))));
 }
 
 /// Stage 8 (plan.hpp): the new sequence and its length (−1 after an error).
 template <class Exec>
-void sequence(Exec& ex, i64 length, i64 first_visual, i64 n_visual, const buffers& buf) {
-  ex.launch(plan_sequence{length, first_visual, n_visual, buf.keep, buf.sequence, buf.counts},
-            ex.grid(length), 1, ex.threads(), 0);
+auto sequence_phases(Exec& ex, i64 length, i64 first_visual, i64 n_visual, const buffers& buf) {
+  return phase_list(phase_of(
+      plan_sequence{length, first_visual, n_visual, buf.keep, buf.sequence, buf.counts},
+      ex.grid(length)));
 }
 
-/// Stages 4-8 after the scores, as prune_step runs them.
+// ---- the stage launchers' launches (one chain each) --------------------------
+
+template <class Exec, class TE>
+void select_raters(Exec& ex, rows2<TE> embeds, i64 length, i64 first_visual, i64 n_visual,
+                   i64 embed_dim, const buffers& buf) {
+  launch_chain(ex,
+               raters_phases(ex, false, nullptr, 0, embeds, length, first_visual, n_visual,
+                             embed_dim, buf),
+               buf.counts);
+}
+template <class Exec>
+void given_raters(Exec& ex, const i64* raters, i64 n, i64 first_visual, i64 n_visual, i64 length,
+                  const buffers& buf) {
+  launch_chain(ex,
+               raters_phases(ex, true, raters, n, rows2<float>{}, length, first_visual, n_visual,
+                             0, buf),
+               buf.counts);
+}
+template <class Exec, class TA>
+void scores_attention(Exec& ex, rows3<TA> attn, i64 heads, i64 first_visual, i64 n_visual,
+                      const buffers& buf) {
+  launch_chain(ex, scores_attention_phases(ex, attn, heads, first_visual, n_visual, buf),
+               buf.counts);
+}
+template <class Exec, class TQ, class TK>
+void scores_qk(Exec& ex, const qk_args<TQ, TK>& a, i64 first_visual, i64 n_visual, i64 r_max,
+               const buffers& buf) {
+  launch_chain(ex, scores_qk_phases(ex, a, first_visual, n_visual, r_max, buf), buf.counts);
+}
+template <class Exec>
+void rank(Exec& ex, i64 n_visual, i64 m_max, const buffers& buf) {
+  launch_chain(ex, rank_phases(ex, n_visual, m_max, keep_decide{}, false, buf), buf.counts);
+}
+template <class Exec>
+void keep_count(Exec& ex, i64 n_visual, const decide_args& a, const buffers& buf) {
+  ex.launch(keep_decide_of(n_visual, a, buf), 1, 1, 1, 0);
+}
+template <class Exec>
+void keep_set(Exec& ex, i64 first_visual, i64 n_visual, const buffers& buf) {
+  launch_chain(ex, keep_set_phases(ex, first_visual, n_visual, buf), buf.counts);
+}
 template <class Exec, class TH>
-void finish(Exec& ex, rows2<TH> hidden, i64 length, i64 first_visual, i64 n_visual,
-            i64 hidden_dim, const decide_args& decide, const bounds& bd, const buffers& buf) {
-  // The keep count runs in the rank's block, after it.
-  rank(ex, n_visual, std::min(raters_bound(length, first_visual, n_visual), n_visual), buf,
-       keep_decide_of(n_visual, decide, buf));
-  keep_set(ex, first_visual, n_visual, buf);
-  recycle(ex, hidden, first_visual, hidden_dim, decide.recycle ? bd.s_max : 0, bd.c_max, buf);
-  sequence(ex, length, first_visual, n_visual, buf);
+void recycle(Exec& ex, rows2<TH> hidden, i64 first_visual, i64 hidden_dim, i64 s_max, i64 c_max,
+             const buffers& buf) {
+  launch_chain(ex, recycle_phases(ex, hidden, first_visual, hidden_dim, s_max, c_max, buf),
+               buf.counts);
+}
+template <class Exec>
+void sequence(Exec& ex, i64 length, i64 first_visual, i64 n_visual, const buffers& buf) {
+  launch_chain(ex, sequence_phases(ex, length, first_visual, n_visual, buf), buf.counts);
 }
 
 /// A gather of per-token rows through the plan (plan_gather) over [tokens, A, B]
@@ -469,33 +525,53 @@ struct step_args {
   decide_args decide;
 };
 
+/// Stages 4-8 after the scores, as prune_step runs them, as one chain: the rank
+/// with the keep count in its block, the keep set, recycling, the sequence.
 template <class Exec, class TE, class TH>
-void begin_step(Exec& ex, const step_args<TE, TH>& a, const buffers& buf) {
-  reset(ex, buf);
-  if (a.given) {
-    given_raters(ex, a.raters, a.n_raters, a.first_visual + a.n_visual, a.length, buf);
-  } else {
-    select_raters(ex, a.embeds, a.length, a.first_visual, a.n_visual, a.embed_dim, buf);
-  }
+void finish(Exec& ex, const step_args<TE, TH>& a, const bounds& bd, const buffers& buf) {
+  const i64 m_max = std::min(raters_bound(a.length, a.first_visual, a.n_visual), a.n_visual);
+  launch_chain(
+      ex,
+      join(join(rank_phases(ex, a.n_visual, m_max, keep_decide_of(a.n_visual, a.decide, buf), true,
+                            buf),
+                keep_set_phases(ex, a.first_visual, a.n_visual, buf)),
+           join(recycle_phases(ex, a.hidden, a.first_visual, a.hidden_dim,
+                               a.decide.recycle ? bd.s_max : 0, bd.c_max, buf),
+                sequence_phases(ex, a.length, a.first_visual, a.n_visual, buf))),
+      buf.counts);
 }
 
-/// prune_step (step.hpp) scoring from the attention probabilities.
+/// The raters' phases of a step.
+template <class Exec, class TE, class TH>
+auto step_raters(Exec& ex, const step_args<TE, TH>& a, const buffers& buf) {
+  return raters_phases(ex, a.given, a.raters, a.n_raters, a.embeds, a.length, a.first_visual,
+                       a.n_visual, a.embed_dim, buf);
+}
+
+/// prune_step (step.hpp) scoring from the attention probabilities: three
+/// launches (the counts reset; the raters and the scores; the rest).
 template <class Exec, class TE, class TH, class TA>
 void run_step(Exec& ex, const step_args<TE, TH>& a, rows3<TA> attn, i64 heads, const bounds& bd,
               const buffers& buf) {
-  begin_step(ex, a, buf);
-  scores_attention(ex, attn, heads, a.first_visual, a.n_visual, buf);
-  finish(ex, a.hidden, a.length, a.first_visual, a.n_visual, a.hidden_dim, a.decide, bd, buf);
+  reset(ex, buf);
+  launch_chain(ex,
+               join(step_raters(ex, a, buf),
+                    scores_attention_phases(ex, attn, heads, a.first_visual, a.n_visual, buf)),
+               buf.counts);
+  finish(ex, a, bd, buf);
 }
 
-/// prune_step (step.hpp) scoring from queries and keys.
+/// prune_step (step.hpp) scoring from queries and keys: three launches.
 template <class Exec, class TE, class TH, class TQ, class TK>
 void run_step(Exec& ex, const step_args<TE, TH>& a, const qk_args<TQ, TK>& qk, const bounds& bd,
               const buffers& buf) {
-  begin_step(ex, a, buf);
-  scores_qk(ex, qk, a.first_visual, a.n_visual,
-            raters_bound(a.length, a.first_visual, a.n_visual), buf);
-  finish(ex, a.hidden, a.length, a.first_visual, a.n_visual, a.hidden_dim, a.decide, bd, buf);
+  reset(ex, buf);
+  launch_chain(ex,
+               join(step_raters(ex, a, buf),
+                    scores_qk_phases(ex, qk, a.first_visual, a.n_visual,
+                                     raters_bound(a.length, a.first_visual, a.n_visual), buf)),
+               buf.counts);
+  finish(ex, a, bd, buf);
 }
 
 }  // namespace sparsevlm::cuda::detail::pipeline

@@ -62,7 +62,15 @@ struct step_counts {
   i64 flags[flag_count] = {};
   /// Block arrivals of the kernels fused with a tail (with_tail), one word each.
   std::uint32_t arrivals[4] = {};
+  /// A chained launch's (chain) block tickets, and the blocks of each of its
+  /// phases that are done. Back to 0 when a chain ends, so the next one (the
+  /// launches of a stream run one after another) starts from 0.
+  std::uint32_t tickets = 0;
+  std::uint32_t done[16] = {};
 };
+
+/// Phases a chained launch may hold (step_counts::done).
+inline constexpr int max_phases = static_cast<int>(sizeof(step_counts::done) / sizeof(std::uint32_t));
 
 /// The arrival words of step_counts: one per with_tail launch of a step.
 enum arrival_slot : int { arrive_raters = 0, arrive_keep = 1, arrive_gram = 2, arrive_assign = 3 };
@@ -112,8 +120,11 @@ inline constexpr i64 tile_smem = 2 * Tile * (tile_depth + 1) * static_cast<i64>(
 /// i < na, j < nb (tile-local indices), with the canonical arithmetic
 /// (core/dot.hpp): Acc = float, 16 lanes with fma32; Acc = double, 8 lanes
 /// with fma64 on the widened values. la(i, k) / lb(j, k) load element k of a
-/// row as float (called only for i < na, k < depth). Needs exactly
-/// tile_threads<Tile> threads.
+/// row as float (called only for i < na, k < depth). Needs at least
+/// tile_threads<Tile> threads: thread t owns pairs t, t + nt, ... (at most
+/// tile_pairs of them), so a block of more threads (a chained launch runs
+/// every phase at the block size of its other kernels) gives each fewer pairs,
+/// and a pair's dot product still runs in one thread in the canonical order.
 ///
 /// Rows are staged tile_depth elements at a time; lane l of a pair still
 /// accumulates elements l, l + lanes, ... in order across the stages, the
@@ -140,6 +151,7 @@ SPARSEVLM_HD void dot_tile(const Block& b, float* smem, i64 na, i64 nb, i64 dept
     b.sync();
     for (int q = 0; q < tile_pairs; ++q) {
       const i64 p = t + q * nt;
+      if (p >= Tile * Tile) break;
       const float* ra = sa + (p / Tile) * ks;
       const float* rb = sb + (p % Tile) * ks;
       for (int g = 0; g < tile_depth; g += lanes) {
@@ -159,7 +171,7 @@ SPARSEVLM_HD void dot_tile(const Block& b, float* smem, i64 na, i64 nb, i64 dept
   for (int q = 0; q < tile_pairs; ++q) {
     const i64 p = t + q * nt;
     const i64 i = p / Tile, j = p % Tile;
-    if (i < na && j < nb) {
+    if (p < Tile * Tile && i < na && j < nb) {
       if constexpr (std::is_same_v<Acc, float>) {
         out(i, j, core::reduce16(acc[q]));
       } else {
@@ -226,6 +238,8 @@ struct counts_reset {
     counts->length = 0;
     for (int f = 0; f < flag_count; ++f) counts->flags[f] = 0;
     for (std::uint32_t& a : counts->arrivals) a = 0;
+    counts->tickets = 0;
+    for (std::uint32_t& d : counts->done) d = 0;
   }
 };
 
@@ -277,5 +291,187 @@ inline std::size_t with_tail_smem(std::size_t first, std::size_t then) {
   const std::size_t m = first > then ? first : then;
   return (m + 7) / 8 * 8 + 8;
 }
+
+// ---- chained launches -----------------------------------------------------------
+
+/// One phase of a chained launch: a kernel body and the grid it would have
+/// been launched with, and the dynamic shared memory it needs.
+template <class Body>
+struct phase {
+  Body body;
+  i64 gx = 0, gy = 1;
+  std::size_t smem = 0;
+  [[nodiscard]] SPARSEVLM_HD i64 blocks() const noexcept { return gx > 0 && gy > 0 ? gx * gy : 0; }
+};
+
+/// A block of a chained launch seen as block (x, y) of its phase's own grid
+/// (gx, gy): the same threads and barrier, the phase's coordinates, so a body
+/// runs in a phase exactly as in a launch of its own.
+template <class Block>
+struct phase_block {
+  Block b;
+  i64 x, y, gxv, gyv;
+  SPARSEVLM_HD std::int64_t rank() const noexcept { return b.rank(); }
+  SPARSEVLM_HD std::int64_t size() const noexcept { return b.size(); }
+  SPARSEVLM_HD std::int64_t bx() const noexcept { return x; }
+  SPARSEVLM_HD std::int64_t by() const noexcept { return y; }
+  SPARSEVLM_HD std::int64_t gx() const noexcept { return gxv; }
+  SPARSEVLM_HD std::int64_t gy() const noexcept { return gyv; }
+  SPARSEVLM_HD void sync() const { b.sync(); }
+};
+
+/// The phases of a chained launch, in order (a list: nvcc's device code has no
+/// std::tuple without relaxed constexpr).
+template <class... Bodies>
+struct phases;
+template <>
+struct phases<> {
+  static constexpr int size = 0;
+  template <class Block>
+  SPARSEVLM_HD void run(const Block&, void*, i64, int, const std::uint32_t*, step_counts*) const {}
+  template <class F>
+  void each(F&&) const {}
+};
+template <class Head, class... Rest>
+struct phases<Head, Rest...> {
+  static constexpr int size = 1 + sizeof...(Rest);
+  phase<Head> head;
+  phases<Rest...> rest;
+
+  /// Runs block v of the phases from index i on: the phase it falls in waits for
+  /// every earlier phase's blocks to be done (blocks[j] each), runs, and counts
+  /// itself done.
+  template <class Block>
+  SPARSEVLM_HD void run(const Block& b, void* smem, i64 v, int i, const std::uint32_t* blocks,
+                        step_counts* counts) const {
+    const i64 n = head.blocks();
+    if (v >= n) {
+      rest.run(b, smem, v - n, i + 1, blocks, counts);
+      return;
+    }
+    for (int j = 0; j < i; ++j) core::wait_for(b, &counts->done[j], blocks[j]);
+    head.body(phase_block<Block>{b, v % head.gx, v / head.gx, head.gx, head.gy}, smem);
+  }
+  /// f(phase) for each phase, in order (host: the launch plan, the totals).
+  template <class F>
+  void each(F&& f) const {
+    f(head);
+    rest.each(f);
+  }
+};
+
+/// Phases as a list.
+template <class... Bodies>
+void assign_phases(phases<Bodies...>&) {}
+template <class H, class... R, class... P>
+void assign_phases(phases<H, R...>& out, const phase<H>& first, const P&... more) {
+  out.head = first;
+  assign_phases(out.rest, more...);
+}
+template <class... Bodies>
+phases<Bodies...> phase_list(const phase<Bodies>&... p) {
+  phases<Bodies...> out;
+  assign_phases(out, p...);
+  return out;
+}
+
+/// Two lists as one.
+template <class... B>
+void join_into(phases<B...>& out, const phases<>&, const phases<B...>& b) {
+  out = b;
+}
+template <class H, class... R, class... A, class... B>
+void join_into(phases<H, R...>& out, const phases<H, A...>& a, const phases<B...>& b) {
+  out.head = a.head;
+  join_into(out.rest, a.rest, b);
+}
+template <class... A, class... B>
+phases<A..., B...> join(const phases<A...>& a, const phases<B...>& b) {
+  phases<A..., B...> out;
+  join_into(out, a, b);
+  return out;
+}
+
+/// Kernels that run one after another, in one launch: a chain of phases. Each
+/// block takes a ticket (core::block_ticket), which names the phase and the
+/// block of that phase's grid it runs; before its body it waits until every
+/// block of the earlier phases is done (core::wait_for), as a kernel boundary
+/// would order them, and after it counts itself done (core::arrive). Tickets
+/// are handed out in the order blocks start, so a waiting block only waits for
+/// blocks that have started: no deadlock, whatever the device's occupancy, and
+/// no cooperative launch. Each phase runs as in a launch of its own (its grid,
+/// coordinates, shared memory), so the bits are the same; what goes is the
+/// launch gaps between them. The block that finishes last puts the counters
+/// back to 0. Needs the block size of every phase to be the launch's (the dot
+/// tiles take any block of at least tile_threads<Tile> threads).
+template <class... Bodies>
+struct chain {
+  phases<Bodies...> list;
+  std::uint32_t blocks[max_phases] = {};  ///< per phase
+  int last = -1;                          ///< the last phase with blocks
+  step_counts* counts = nullptr;
+  std::size_t flag_at = 0;                ///< the ticket word's byte in shared memory
+
+  template <class Block>
+  SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
+    auto* flag = reinterpret_cast<std::uint32_t*>(static_cast<char*>(smem) + flag_at);
+    const std::uint32_t v = core::block_ticket(b, &counts->tickets, flag);
+    int p = 0;  // the phase of ticket v
+    for (std::uint32_t first = 0; p < last && v >= first + blocks[p]; ++p) first += blocks[p];
+    list.run(b, smem, v, 0, blocks, counts);
+    if (core::arrive(b, &counts->done[p]) == blocks[last] && p == last) {
+      // Every block has run: the earlier phases' before this phase began, this
+      // phase's before its count reached its blocks.
+      counts->tickets = 0;
+      for (int j = 0; j <= last; ++j) counts->done[j] = 0;
+    }
+  }
+};
+
+/// The chain of `list`: blocks per phase, the last phase with blocks, and the
+/// shared memory of the launch (the largest phase's, rounded up to 8, then 8
+/// for the ticket word). Returns the blocks in all.
+template <class... Bodies>
+i64 make_chain(chain<Bodies...>& c, const phases<Bodies...>& list, step_counts* counts,
+               std::size_t& smem) {
+  static_assert(sizeof...(Bodies) <= max_phases, "a chain holds at most max_phases phases");
+  c.list = list;
+  c.counts = counts;
+  i64 total = 0;
+  std::size_t most = 0;
+  int i = 0;
+  list.each([&](const auto& ph) {
+    const i64 n = ph.blocks();
+    c.blocks[i] = static_cast<std::uint32_t>(n);
+    if (n > 0) {
+      c.last = i;
+      most = most > ph.smem ? most : ph.smem;
+    }
+    total += n;
+    ++i;
+  });
+  c.flag_at = (most + 7) / 8 * 8;
+  smem = c.flag_at + 8;
+  return total;
+}
+
+/// One of two bodies chosen on the host: a dot-tile kernel at the small or the
+/// large tile edge (pipeline::dot_tiles' choice), so that the choice is a value
+/// and not a type, and a chain holding it is one kernel. Named as the large one.
+template <class Small, class Big>
+struct tile_choice {
+  using named_type = Big;
+  Small small;
+  Big big;
+  bool use_big = true;
+  template <class Block>
+  SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
+    if (use_big) {
+      big(b, smem);
+    } else {
+      small(b, smem);
+    }
+  }
+};
 
 }  // namespace sparsevlm::cuda::detail
