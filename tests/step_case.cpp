@@ -225,6 +225,16 @@ std::vector<flat_case> model_shape_cases() {
   return out;
 }
 
+std::vector<flat_case> video_shape_cases() {
+  using kp = sparsevlm::keep_policy;
+  // 8 frames of 576 tokens after a 35-token prompt, a 60-token question: the
+  // recycled rows' Gram matrix (1,383 rows), D and its densities at a video's size.
+  const synthetic_shape video{4703, 35, 4608, 2, 2, 8, 16, 16, kp::rank(0.6, 0.0),
+                              true, 0.3, 10.0, false};
+  std::mt19937 g(4608);
+  return {draw(video, g, 200)};
+}
+
 sparsevlm::step_result cpu_step(const flat_case& c, elem e, bool qk) {
   switch (e) {
     case elem::f16: return run<sparsevlm::half>(c, qk);

@@ -56,6 +56,9 @@ std::vector<flat_case> synthetic_cases();
 /// Seeded steps at LLaVA-1.5's and LLaVA-NeXT's token counts (small H and d), for the
 /// CPU-thread runs of the device kernels at those grids.
 std::vector<flat_case> model_shape_cases();
+/// A seeded step at a video's token count (8 × 576 visual tokens), for the GPU
+/// test (the CPU-thread emulation of its 1,383 recycled rows would take minutes).
+std::vector<flat_case> video_shape_cases();
 
 /// prune_step on the CPU with embeds, attention (or q/k) and hidden converted
 /// to `e` (round to nearest even), scoring from q/k when `qk`.

@@ -101,9 +101,9 @@ TEST_CASE("launch plan: every launch fits sm_80 and sm_90 at the served shapes")
             most = std::max(most, ph.smem_bytes);
           }
           // A chain's blocks are its phases', its shared memory the largest
-          // phase's and the ticket word.
+          // phase's (the ticket's word is reused by the body).
           CHECK(k.grid[0] == blocks);
-          CHECK(k.smem_bytes == (most + 7) / 8 * 8 + 8);
+          CHECK(k.smem_bytes == std::max<std::size_t>(most, 8));
           CHECK(k.phases.size() <= static_cast<std::size_t>(cuda::detail::max_phases));
         }
         // Recycling's kernels run exactly when it is on; raters come from the
@@ -200,6 +200,21 @@ TEST_CASE("launch plan: dot tiles shrink to 16x16 where 32x32 would leave most S
   REQUIRE(gram2 != nullptr);
   CHECK(gram2->grid[0] == 28);
   CHECK(gram2->smem_bytes == cuda::detail::with_tail_smem(cuda::detail::tile_smem<32>, 0));
+}
+
+TEST_CASE("launch plan: a chain needs no more shared memory than its largest phase") {
+  // 13,824 visual tokens recycle 4,148 rows: one row of D padded to 8,192 doubles
+  // is exactly 64 KiB, a 64 KiB device's whole opt-in; the ticket's word must not
+  // push the chain past it.
+  const plan_shape big{"video-13824", 35, 13824, 60, 32, 4096};
+  const std::size_t limit = 65536;
+  const cuda::launch_plan plan = plan_of(big, false, false, true, limit);
+  const cuda::kernel_phase* density = find(plan, "recycle_density");
+  REQUIRE(density != nullptr);
+  CHECK(density->smem_bytes == limit);
+  cuda::device_limits lim = cuda::device_limits::sm80();
+  lim.max_shared_optin = limit;
+  CHECK(plan.violation(lim).empty());
 }
 
 TEST_CASE("launch plan: the q/k logits grid keeps its large extent on x") {

@@ -5,7 +5,8 @@
 # multiply, add, divide and square root is an explicit _rn intrinsic, which no flag
 # fuses or approximates). --use_fast_math's .ftz (float32 subnormals flushed) is the
 # one difference no intrinsic prevents; it is stripped before comparing, and
-# docs/cuda.md says so.
+# docs/cuda.md says so. No load may be non-coherent (ld.global.nc): a chained
+# launch reads in one kernel what its earlier phases wrote.
 #   cmake -DNVCC=... -DSOURCE=<repo> -DWORK=<dir> -DARCH=90 -P ptx_flags.cmake
 file(MAKE_DIRECTORY "${WORK}")
 set(reference "")
@@ -24,6 +25,14 @@ foreach(flags IN ITEMS "-fmad=false" "-fmad=true" "--use_fast_math")
   string(REGEX MATCHALL "[ \t](add|sub|mul|div|fma|sqrt|rcp|rsqrt|ex2|lg2|sin|cos|tanh)\\.[a-z0-9.]*f(32|64)"
          ops "${text}")
   list(LENGTH ops n)
+  # A chained launch's phases read what its earlier phases wrote in the same
+  # kernel: a non-coherent load (__ldg, const __restrict__) could return a stale
+  # value (cuda/detail/step_kernels.hpp, chain).
+  string(REGEX MATCHALL "ld\\.global\\.nc" nc "${text}")
+  list(LENGTH nc n_nc)
+  if(n_nc GREATER 0)
+    message(FATAL_ERROR "${flags}: ${n_nc} non-coherent loads (ld.global.nc) in the kernels")
+  endif()
   string(REGEX MATCHALL "\\.approx" approx "${text}")
   list(LENGTH approx n_approx)
   if(n_approx GREATER 0)

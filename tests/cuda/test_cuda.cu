@@ -3,7 +3,8 @@
 // counts failures. Exit status 77 when there is no usable device, which CTest
 // reports as skipped (tests/CMakeLists.txt: SKIP_RETURN_CODE 77).
 //
-// Every shared case (SPARSEVLM_TEST_CASES_DIR) and seeded in-tree case runs on the CPU (prune_step)
+// Every shared case (SPARSEVLM_TEST_CASES_DIR) and seeded in-tree case (LLaVA-1.5, NeXT and
+// video token counts among them) runs on the CPU (prune_step)
 // and on the GPU (cuda::prune_step_async), in float32, float16 and bfloat16
 // copies, from the attention and from q/k (all rows, rater rows only, and with
 // an LSE), alone and as one ragged batch of 32; the results must be equal:
@@ -682,6 +683,8 @@ int main() {
   for (auto& c : svt::synthetic_cases()) all.push_back(std::move(c));
   // Steps at LLaVA-1.5's and LLaVA-NeXT's token counts (N 576, 2880).
   for (auto& c : svt::model_shape_cases()) all.push_back(std::move(c));
+  // And a video's (8 × 576 frames: N 4608, 1,383 recycled rows).
+  for (auto& c : svt::video_shape_cases()) all.push_back(std::move(c));
   // A non-blocking stream: a kernel or copy that went to the legacy default
   // stream instead would not be ordered with the step's and would show as a mismatch.
   cudaStream_t stream = nullptr;

@@ -181,6 +181,33 @@ int main() {
     });
   }
 
+  // prune_batch_async checks every step before it enqueues the first: a bad
+  // second step is refused, naming it, before any CUDA call (without a GPU the
+  // first step's pointer queries would otherwise have returned "no device").
+  {
+    const sv::tensor3_view<const float> at(fake<float>(6), {H, L, L}, "attn");
+    const std::vector<sv::step_inputs<float, float, float>> batch{
+        {embeds, at, hidden, sv::visual_span{S, N}, std::nullopt},
+        {embeds, at, hidden, sv::visual_span{S, N + 61}, std::nullopt}};
+    std::vector<cu::device_step> outs(2);
+    const std::vector<sv::step_options> opts{opt};
+    std::size_t bytes = std::size_t{1} << 30;
+    expect_refused("batch: the second step's span", "steps[1]: visual", [&] {
+      (void)cu::prune_batch_async(std::span<const sv::step_inputs<float, float, float>>(batch),
+                                  std::span<const sv::step_options>(opts), ws, bytes,
+                                  std::span<cu::device_step>(outs), nullptr, nullptr);
+    });
+    const std::vector<sv::step_inputs<float, float, float>> batch2{
+        {embeds, at, hidden, sv::visual_span{S, N}, std::nullopt},
+        {embeds, sv::tensor3_view<const float>(fake<float>(6), {H, L, L - 1}, "attn"), hidden,
+         sv::visual_span{S, N}, std::nullopt}};
+    expect_refused("batch: the second step's attention", "steps[1]: attn", [&] {
+      (void)cu::prune_batch_async(std::span<const sv::step_inputs<float, float, float>>(batch2),
+                                  std::span<const sv::step_options>(opts), ws, bytes,
+                                  std::span<cu::device_step>(outs), nullptr, nullptr);
+    });
+  }
+
   std::printf("%d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;
 }

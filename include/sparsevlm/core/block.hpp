@@ -188,6 +188,18 @@ SPARSEVLM_HD std::uint32_t arrive(const Block& b, std::uint32_t* count) noexcept
 #endif
 }
 
+/// Sets a counter that other blocks have finished updating back to 0, for the
+/// next kernel (the caller knows every update is done): a fence orders the store
+/// after the atomics this thread saw.
+SPARSEVLM_HD inline void reset_counter(std::uint32_t* count) noexcept {
+#if defined(__CUDA_ARCH__)
+  __threadfence();
+  *reinterpret_cast<volatile std::uint32_t*>(count) = 0;
+#else
+  std::atomic_ref<std::uint32_t>(*count).store(0, std::memory_order_release);
+#endif
+}
+
 /// Smallest power of two >= n (n >= 1).
 SPARSEVLM_HD constexpr std::int64_t pow2_at_least(std::int64_t n) noexcept {
   std::int64_t p = 1;

@@ -91,8 +91,18 @@ struct cuda_block {
 };
 
 /// The one kernel template: runs a body of detail/*_kernels.hpp.
+///
+/// On sm_90 the launches are programmatic (device_exec::launch): the kernel may
+/// begin while the one before it on the stream (ours or the caller's) is still
+/// finishing, so the first thing every block does is wait for that grid to
+/// complete and its memory to be visible (griddepcontrol.wait; it returns at
+/// once for a launch that is not programmatic). What overlaps is the launch's
+/// own latency, never a read of the previous kernel's results.
 template <class Body>
 __global__ void run_body(Body body) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   extern __shared__ double shared_mem[];
   body(cuda_block{}, static_cast<void*>(shared_mem));
 }
@@ -116,6 +126,26 @@ inline cudaError_t shared_optin(int device, std::size_t& bytes) {
   bytes = optin > 0 ? static_cast<std::size_t>(optin) : launch_policy::default_shared;
   if (device >= 0 && device < cached)
     known[device].store(static_cast<std::int64_t>(bytes), std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+/// Whether `device` takes programmatic dependent launches (compute capability
+/// 9.0 and later), read once per device.
+inline cudaError_t programmatic_launch(int device, bool& yes) {
+  constexpr int cached = 64;
+  static std::atomic<int> known[cached] = {};  // 0: not read yet, 1: no, 2: yes
+  if (device >= 0 && device < cached) {
+    const int v = known[device].load(std::memory_order_relaxed);
+    if (v != 0) {
+      yes = v == 2;
+      return cudaSuccess;
+    }
+  }
+  int major = 0;
+  const cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (e != cudaSuccess) return e;
+  yes = major >= 9;
+  if (device >= 0 && device < cached) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
   return cudaSuccess;
 }
 
@@ -144,9 +174,12 @@ struct device_exec : launch_policy {
   int device = 0;
   std::size_t smem_limit = default_shared;
 
+  bool programmatic = false;  ///< sm_90+: launches overlap the previous kernel's tail
+
   explicit device_exec(cudaStream_t s) : stream(s) {
     status = cudaGetDevice(&device);
     if (status == cudaSuccess) status = shared_optin(device, smem_limit);
+    if (status == cudaSuccess) status = programmatic_launch(device, programmatic);
   }
 
   [[nodiscard]] std::size_t max_shared() const noexcept { return smem_limit; }
@@ -162,14 +195,25 @@ struct device_exec : launch_policy {
       status = allow_shared<Body>(device, smem_limit);
       if (status != cudaSuccess) return;
     }
-    // cudaLaunchKernel returns this launch's own error: cudaGetLastError after a
+    // cudaLaunchKernelExC returns this launch's own error: cudaGetLastError after a
     // <<<>>> launch would also return (and clear) an error the caller's earlier
-    // work left behind.
+    // work left behind. On sm_90 the launch is programmatic (run_body waits for
+    // the previous grid before anything else), which hides part of its latency
+    // behind the previous kernel's last blocks; inside a CUDA graph the capture
+    // keeps it as a programmatic edge.
     Body arg = body;
     void* args[] = {&arg};
-    status = cudaLaunchKernel(reinterpret_cast<const void*>(&run_body<Body>),
-                              dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
-                              dim3(static_cast<unsigned>(nthreads)), args, smem, stream);
+    cudaLaunchAttribute attr[1]{};
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+    cfg.blockDim = dim3(static_cast<unsigned>(nthreads));
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = programmatic ? 1 : 0;
+    status = cudaLaunchKernelExC(&cfg, reinterpret_cast<const void*>(&run_body<Body>), args);
   }
 };
 

@@ -105,6 +105,8 @@ struct launch_policy {
   static constexpr int block_threads = 256;         ///< element-wise and per-token kernels
   static constexpr std::int64_t max_grid = 8192;    ///< grid-stride loops: enough blocks for any GPU
   static constexpr std::size_t default_shared = 48 * 1024;  ///< without the opt-in attribute
+  static_assert(tile_threads<tile> <= block_threads,
+                "a chained launch runs the dot tiles at the block size of its other phases");
 
   [[nodiscard]] int threads() const noexcept { return block_threads; }
   [[nodiscard]] std::int64_t wide_grid() const noexcept { return wide_blocks; }

@@ -27,6 +27,10 @@ namespace sparsevlm::cuda {
 
 namespace detail {
 
+/// How far a step goes: its host checks (extents, options), then also the
+/// device pointer queries, or all of it with the launches.
+enum class step_upto { host_checks, all_checks, launch };
+
 template <class TE, class TH>
 step_shape shape_of(matrix_view<const TE> embeds, matrix_view<const TH> hidden, index_t length,
                     visual_span visual, bool given, index_t heads, index_t head_dim,
@@ -47,6 +51,8 @@ step_shape shape_of(matrix_view<const TE> embeds, matrix_view<const TH> hidden, 
 /// arguments, and that every pointer a kernel reads is device memory), so a
 /// refused step has enqueued nothing; then pipeline::run_step's launches on one
 /// executor (the sequence plan_step records), and the pinned length's copy.
+/// `upto` stops it after the host checks or after all checks (prune_batch_async
+/// checks every step before it enqueues the first).
 /// `check_scores(pre)` checks the scoring source against the step and returns
 /// the cudaError_t of its pointer queries; `enqueue(ex, args, bounds, buffers)`
 /// runs pipeline::run_step with that source.
@@ -55,7 +61,8 @@ cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, inde
                 visual_span visual, const std::optional<std::span<const index_t>>& raters,
                 const step_shape& shape, const step_options& opt, void* workspace,
                 std::size_t& bytes, device_step& out, index_t* pinned_length,
-                cudaStream_t stream, CheckScores&& check_scores, Enqueue&& enqueue) {
+                cudaStream_t stream, step_upto upto, CheckScores&& check_scores,
+                Enqueue&& enqueue) {
   check_policy(opt.policy);
   if (opt.recycle.enabled) check_recycle_options(opt.recycle);
   SPARSEVLM_CHECK(hidden.extent(0) == length, errc::shape_mismatch, "hidden.extent[0]", length,
@@ -73,6 +80,7 @@ cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, inde
   const pipeline::decide_args decide = decide_args_of(opt, st.bounds, visual.len);
   if (opt.recycle.enabled) check_recycle_hidden(st, hidden);
   cudaError_t e = check_scores(st);
+  if (upto == step_upto::host_checks) return e;
   if (e == cudaSuccess)
     e = check_device_pointers({{raters ? static_cast<const void*>(raters->data()) : embeds.data(),
                                 raters ? "raters" : "embeds"},
@@ -82,6 +90,7 @@ cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, inde
   device_exec ex(stream);
   if (ex.status != cudaSuccess) return ex.status;
   check_limits(st.bounds, ex.max_shared());
+  if (upto == step_upto::all_checks) return cudaSuccess;  // nothing enqueued
 
   pipeline::step_args<TE, TH> a;
   a.embeds = rows_of(embeds);
@@ -102,6 +111,50 @@ cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, inde
                                 cudaMemcpyDefault, stream);
   out = st;
   return ex.status;
+}
+
+/// prune_step_async's body, as far as `upto` (run).
+template <class TE, class TA, class TH>
+cudaError_t step_async(const step_inputs<TE, TA, TH>& in, const step_options& opt,
+                       void* workspace, std::size_t& bytes, device_step& out,
+                       index_t* pinned_length, cudaStream_t stream, step_upto upto) {
+  detail::check_scoring(opt.scoring);
+  const index_t L = in.attn.extent(1);
+  const step_shape shape = detail::shape_of(in.embeds, in.hidden, L, in.visual,
+                                            in.raters.has_value(), in.attn.extent(0), 0, opt);
+  return detail::run(
+      in.embeds, in.hidden, L, in.visual, in.raters, shape, opt, workspace, bytes, out,
+      pinned_length, stream, upto,
+      [&](const device_step& st) {
+        detail::check_attn(st, in.attn, opt.scoring);
+        return upto == step_upto::host_checks ? cudaSuccess
+                                              : detail::check_device_pointer(in.attn.data(), "attn");
+      },
+      [&](detail::device_exec& ex, const auto& a, const detail::pipeline::bounds& b,
+          const detail::pipeline::buffers& buf) {
+        detail::pipeline::run_step(ex, a, detail::rows_of(in.attn), in.attn.extent(0), b, buf);
+      });
+}
+
+template <class TE, class TQ, class TK, class TH>
+cudaError_t step_async(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& opt,
+                       void* workspace, std::size_t& bytes, device_step& out,
+                       index_t* pinned_length, cudaStream_t stream, step_upto upto) {
+  detail::check_scoring(opt.scoring);
+  const index_t L = in.qk.k.extent(1);
+  const step_shape shape =
+      detail::shape_of(in.embeds, in.hidden, L, in.visual, in.raters.has_value(),
+                       in.qk.q.extent(0), in.qk.q.extent(2) > 0 ? in.qk.q.extent(2) : 1, opt);
+  detail::pipeline::qk_args<TQ, TK> q;
+  return detail::run(
+      in.embeds, in.hidden, L, in.visual, in.raters, shape, opt, workspace, bytes, out,
+      pinned_length, stream, upto,
+      [&](const device_step& st) {
+        q = detail::qk_args_of(st, in.qk, opt.scoring);
+        return upto == step_upto::host_checks ? cudaSuccess : detail::check_qk_pointers(in.qk);
+      },
+      [&](detail::device_exec& ex, const auto& a, const detail::pipeline::bounds& b,
+          const detail::pipeline::buffers& buf) { detail::pipeline::run_step(ex, a, q, b, buf); });
 }
 
 }  // namespace detail
@@ -127,21 +180,8 @@ template <class TE, class TA, class TH>
 cudaError_t prune_step_async(const step_inputs<TE, TA, TH>& in, const step_options& opt,
                              void* workspace, std::size_t& bytes, device_step& out,
                              index_t* pinned_length, cudaStream_t stream) {
-  detail::check_scoring(opt.scoring);
-  const index_t L = in.attn.extent(1);
-  const step_shape shape = detail::shape_of(in.embeds, in.hidden, L, in.visual,
-                                            in.raters.has_value(), in.attn.extent(0), 0, opt);
-  return detail::run(
-      in.embeds, in.hidden, L, in.visual, in.raters, shape, opt, workspace, bytes, out,
-      pinned_length, stream,
-      [&](const device_step& st) {
-        detail::check_attn(st, in.attn, opt.scoring);
-        return detail::check_device_pointer(in.attn.data(), "attn");
-      },
-      [&](detail::device_exec& ex, const auto& a, const detail::pipeline::bounds& b,
-          const detail::pipeline::buffers& buf) {
-        detail::pipeline::run_step(ex, a, detail::rows_of(in.attn), in.attn.extent(0), b, buf);
-      });
+  return detail::step_async(in, opt, workspace, bytes, out, pinned_length, stream,
+                            detail::step_upto::launch);
 }
 
 /// The same step scoring from queries and keys (step_inputs_qk; L from k).
@@ -149,21 +189,8 @@ template <class TE, class TQ, class TK, class TH>
 cudaError_t prune_step_async(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& opt,
                              void* workspace, std::size_t& bytes, device_step& out,
                              index_t* pinned_length, cudaStream_t stream) {
-  detail::check_scoring(opt.scoring);
-  const index_t L = in.qk.k.extent(1);
-  const step_shape shape =
-      detail::shape_of(in.embeds, in.hidden, L, in.visual, in.raters.has_value(),
-                       in.qk.q.extent(0), in.qk.q.extent(2) > 0 ? in.qk.q.extent(2) : 1, opt);
-  detail::pipeline::qk_args<TQ, TK> q;
-  return detail::run(
-      in.embeds, in.hidden, L, in.visual, in.raters, shape, opt, workspace, bytes, out,
-      pinned_length, stream,
-      [&](const device_step& st) {
-        q = detail::qk_args_of(st, in.qk, opt.scoring);
-        return detail::check_qk_pointers(in.qk);
-      },
-      [&](detail::device_exec& ex, const auto& a, const detail::pipeline::bounds& b,
-          const detail::pipeline::buffers& buf) { detail::pipeline::run_step(ex, a, q, b, buf); });
+  return detail::step_async(in, opt, workspace, bytes, out, pinned_length, stream,
+                            detail::step_upto::launch);
 }
 
 /// The synchronous convenience form: prune_step_async, then waits for `stream`
@@ -185,8 +212,9 @@ cudaError_t prune_step_sync(const Inputs& in, const step_options& opt, void* wor
 /// B independent steps (a ragged batch: each Inputs has its own length and
 /// span), enqueued one after another on `stream` into consecutive slices of
 /// one workspace. Two-phase like prune_step_async (workspace == nullptr: `bytes`
-/// receives the total). `options` has 1 entry (shared) or B; `out` B entries;
-/// `pinned_lengths`, when not null, B slots. The kernels of one step run
+/// receives the total). Every step is checked before the first is enqueued (a
+/// step's error names it: "steps[3]: hidden.extent[0]: ..."). `options` has 1
+/// entry (shared) or B; `out` B entries; `pinned_lengths`, when not null, B slots. The kernels of one step run
 /// back to back; steps do not overlap (a stream per slice would let them).
 template <class Inputs>
 cudaError_t prune_batch_async(std::span<const Inputs> steps, std::span<const step_options> options,
@@ -196,13 +224,21 @@ cudaError_t prune_batch_async(std::span<const Inputs> steps, std::span<const ste
   SPARSEVLM_CHECK(options.size() == 1 || options.size() == B, errc::shape_mismatch,
                   "options.size()", sparsevlm::detail::concat("1 or ", B), options.size());
   SPARSEVLM_CHECK(out.size() == B, errc::shape_mismatch, "out.size()", B, out.size());
+  // Step b's checks, with its errors naming it.
+  const auto checked = [&](std::size_t b, void* ws, std::size_t& n, detail::step_upto upto) {
+    device_step unused;
+    try {
+      return detail::step_async(steps[b], options[options.size() == 1 ? 0 : b], ws, n, unused,
+                                nullptr, stream, upto);
+    } catch (const error& err) {
+      throw error(err.code(), sparsevlm::detail::concat("steps[", b, "]: ", err.what()));
+    }
+  };
   std::vector<std::size_t> need(B);
   std::size_t total = 0;
   for (std::size_t b = 0; b < B; ++b) {
     std::size_t n = 0;
-    device_step unused;
-    const cudaError_t e = prune_step_async(steps[b], options[options.size() == 1 ? 0 : b], nullptr,
-                                           n, unused, nullptr, stream);
+    const cudaError_t e = checked(b, nullptr, n, detail::step_upto::launch);  // a size query
     if (e != cudaSuccess) return e;
     need[b] = n;
     total += n;
@@ -213,6 +249,18 @@ cudaError_t prune_batch_async(std::span<const Inputs> steps, std::span<const ste
   }
   SPARSEVLM_CHECK(bytes >= total, errc::invalid_argument, "workspace bytes",
                   sparsevlm::detail::concat(">= ", total, " (the size query)"), bytes);
+  // Every step's checks before the first enqueue, the host's first (extents,
+  // options), then the device pointer queries: a refused batch has touched
+  // nothing, whichever step is at fault.
+  for (const auto upto : {detail::step_upto::host_checks, detail::step_upto::all_checks}) {
+    auto* base = static_cast<unsigned char*>(workspace);
+    for (std::size_t b = 0; b < B; ++b) {
+      std::size_t n = need[b];
+      const cudaError_t e = checked(b, base, n, upto);
+      if (e != cudaSuccess) return e;
+      base += need[b];
+    }
+  }
   auto* base = static_cast<unsigned char*>(workspace);
   for (std::size_t b = 0; b < B; ++b) {
     std::size_t n = need[b];

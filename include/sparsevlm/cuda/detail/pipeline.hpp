@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 #include "keep_set_kernels.hpp"
@@ -223,6 +224,9 @@ auto dot_tiles(Exec& ex, i64 rows, i64 cols, Make&& make, const Tail& tail = nul
                step_counts* counts = nullptr, int slot = 0, std::size_t tail_smem = 0) {
   constexpr int big = Exec::tile, small = Exec::small_tile;
   static_assert(tile_threads<big> <= 1024 && tile_threads<small> <= tile_threads<big>);
+  // Fewer threads would leave pairs of the tile uncomputed (dot_tile).
+  if (ex.threads() < tile_threads<big>)
+    throw std::logic_error("pipeline::dot_tiles: the executor's blocks are smaller than a tile's threads");
   const auto body = [&](auto edge) {
     if constexpr (std::is_same_v<Tail, std::nullptr_t>) {
       return make(edge);

@@ -338,9 +338,8 @@ struct phases<Head, Rest...> {
   phase<Head> head;
   phases<Rest...> rest;
 
-  /// Runs block v of the phases from index i on: the phase it falls in waits for
-  /// every earlier phase's blocks to be done (blocks[j] each), runs, and counts
-  /// itself done.
+  /// Runs block v of the phases from index i on: the block waits for the earlier
+  /// phases' blocks to be done (blocks[j] each), then runs its phase's body.
   template <class Block>
   SPARSEVLM_HD void run(const Block& b, void* smem, i64 v, int i, const std::uint32_t* blocks,
                         step_counts* counts) const {
@@ -349,7 +348,11 @@ struct phases<Head, Rest...> {
       rest.run(b, smem, v - n, i + 1, blocks, counts);
       return;
     }
-    for (int j = 0; j < i; ++j) core::wait_for(b, &counts->done[j], blocks[j]);
+    // The nearest earlier phase with blocks: its blocks waited for the ones before
+    // it (fences are cumulative), so its count covers every earlier phase.
+    int j = i - 1;
+    while (j >= 0 && blocks[j] == 0) --j;
+    if (j >= 0) core::wait_for(b, &counts->done[j], blocks[j]);
     head.body(phase_block<Block>{b, v % head.gx, v / head.gx, head.gx, head.gy}, smem);
   }
   /// f(phase) for each phase, in order (host: the launch plan, the totals).
@@ -404,33 +407,40 @@ phases<A..., B...> join(const phases<A...>& a, const phases<B...>& b) {
 /// launch gaps between them. The block that finishes last puts the counters
 /// back to 0. Needs the block size of every phase to be the launch's (the dot
 /// tiles take any block of at least tile_threads<Tile> threads).
+///
+/// The ticket's shared word is the first 8 bytes of the block's shared memory,
+/// which the phase's body may then use (block_ticket's second barrier), so a
+/// chain needs no more shared memory than its largest phase.
+///
+/// Every buffer a phase writes is read by later phases of the same kernel, so
+/// none may be read through a non-coherent path (__ldg, const __restrict__):
+/// the CTest cuda.ptx_flags fails on ld.global.nc in the kernels.
 template <class... Bodies>
 struct chain {
   phases<Bodies...> list;
   std::uint32_t blocks[max_phases] = {};  ///< per phase
   int last = -1;                          ///< the last phase with blocks
   step_counts* counts = nullptr;
-  std::size_t flag_at = 0;                ///< the ticket word's byte in shared memory
 
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
-    auto* flag = reinterpret_cast<std::uint32_t*>(static_cast<char*>(smem) + flag_at);
-    const std::uint32_t v = core::block_ticket(b, &counts->tickets, flag);
+    const std::uint32_t v = core::block_ticket(b, &counts->tickets, static_cast<std::uint32_t*>(smem));
     int p = 0;  // the phase of ticket v
     for (std::uint32_t first = 0; p < last && v >= first + blocks[p]; ++p) first += blocks[p];
     list.run(b, smem, v, 0, blocks, counts);
     if (core::arrive(b, &counts->done[p]) == blocks[last] && p == last) {
       // Every block has run: the earlier phases' before this phase began, this
-      // phase's before its count reached its blocks.
-      counts->tickets = 0;
-      for (int j = 0; j <= last; ++j) counts->done[j] = 0;
+      // phase's before its count reached its blocks. Fenced after those atomics,
+      // as last_block_to_arrive's reset; the next kernel sees the zeros.
+      core::reset_counter(&counts->tickets);
+      for (int j = 0; j <= last; ++j) core::reset_counter(&counts->done[j]);
     }
   }
 };
 
 /// The chain of `list`: blocks per phase, the last phase with blocks, and the
-/// shared memory of the launch (the largest phase's, rounded up to 8, then 8
-/// for the ticket word). Returns the blocks in all.
+/// shared memory of the launch (the largest phase's, at least the ticket's 8
+/// bytes). Returns the blocks in all.
 template <class... Bodies>
 i64 make_chain(chain<Bodies...>& c, const phases<Bodies...>& list, step_counts* counts,
                std::size_t& smem) {
@@ -450,8 +460,7 @@ i64 make_chain(chain<Bodies...>& c, const phases<Bodies...>& list, step_counts* 
     total += n;
     ++i;
   });
-  c.flag_at = (most + 7) / 8 * 8;
-  smem = c.flag_at + 8;
+  smem = most > 8 ? most : 8;
   return total;
 }
 
