@@ -9,6 +9,8 @@
 //   BM_cuda_stage/<shape>/f32       the same step with an event after each stage:
 //                                   <stage>_ms counters
 //   BM_cuda_qk/<shape>/f32          scores from Q/K (random q, k; dh 128, R 30)
+//   BM_cuda_step_separate/<shape>/bf16  BM_cuda_step with one launch per kernel
+//                                   (set_chained_launches(false)): what chaining gains
 //
 // Labels: what the GPU decided (R, rank, keep, recycled rows / clusters) next to
 // what the CPU decides on the same step (they must agree). Built with
@@ -323,6 +325,15 @@ void BM_cuda_qk(benchmark::State& state, gpu::shape sh) {
   }
 }
 
+/// BM_cuda_step with one launch per kernel (cuda::set_chained_launches(false)):
+/// what chaining the kernels gains on this GPU, in the same run.
+template <class T>
+void BM_cuda_step_separate(benchmark::State& state, gpu::shape sh) {
+  cuda::set_chained_launches(false);
+  BM_cuda_step<T>(state, sh);
+  cuda::set_chained_launches(true);
+}
+
 template <class T>
 void register_step(const gpu::shape& sh) {
   benchmark::RegisterBenchmark(("BM_cuda_step/" + sh.name + "/" + tag<T>()).c_str(), BM_cuda_step<T>, sh)
@@ -346,6 +357,10 @@ int main(int argc, char** argv) {
     register_step<float>(sh);
     register_step<half>(sh);
     register_step<bfloat16>(sh);
+    benchmark::RegisterBenchmark(("BM_cuda_step_separate/" + sh.name + "/bf16").c_str(),
+                                 BM_cuda_step_separate<bfloat16>, sh)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond);
     benchmark::RegisterBenchmark(("BM_cuda_stage/" + sh.name + "/f32").c_str(), BM_cuda_stage, sh)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond);

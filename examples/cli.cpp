@@ -216,6 +216,7 @@ struct cuda_plan_request {
   std::string arch = "sm_90";
   bool given_raters = false;
   bool no_recycle = false;
+  bool separate = false;  ///< one launch per kernel (cuda::set_chained_launches(false))
 };
 
 /// The launches prune_step_async makes for a model's step, without a GPU
@@ -241,6 +242,7 @@ int cmd_cuda_plan(const cuda_plan_request& q) {
   cuda::step_form form;
   form.given_raters = q.given_raters;
   form.qk = q.scores_from == "qk";
+  cuda::set_chained_launches(!q.separate);
   const cuda::launch_plan plan =
       cuda::plan_step(shape, shape.length, visual_span{m.prefix, N}, opt, form,
                       lim.max_shared_optin);
@@ -256,6 +258,7 @@ int cmd_cuda_plan(const cuda_plan_request& q) {
   j["raters"] = q.given_raters ? "given" : "embeds";
   j["recycle"] = opt.recycle.enabled;
   j["arch"] = lim.name;
+  j["chained"] = !q.separate;
   j["kernels"] = nlohmann::ordered_json::array();
   for (const cuda::kernel_launch& k : plan.kernels) {
     nlohmann::ordered_json one = {{"name", k.name},
@@ -350,6 +353,9 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"sm_80", "sm_90"}));
   cplan->add_flag("--given-raters", cq.given_raters, "the caller gives the raters");
   cplan->add_flag("--no-recycle", cq.no_recycle, "without recycling");
+  cplan->add_flag("--separate-launches", cq.separate,
+                  "one launch per kernel instead of chained launches "
+                  "(cuda::set_chained_launches(false))");
 
   try {
     app.parse(argc, argv);

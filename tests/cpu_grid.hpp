@@ -97,6 +97,8 @@ struct cpu_exec {
   index_t wide = 4;  // fewer 4×4 tiles than this take 2×2 ones (both occur in the cases)
   bool reversed = false;  // run each grid's blocks last to first
   bool concurrent = false;  // run every block of a grid at once (run_grid_concurrent)
+  bool chain = true;  // a stage's phases in one chained launch (else one launch each)
+  bool chained() const { return chain; }
   int threads() const { return block; }
   index_t wide_grid() const { return wide; }
   index_t grid(index_t n) const {

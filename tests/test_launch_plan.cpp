@@ -202,6 +202,31 @@ TEST_CASE("launch plan: dot tiles shrink to 16x16 where 32x32 would leave most S
   CHECK(gram2->smem_bytes == cuda::detail::with_tail_smem(cuda::detail::tile_smem<32>, 0));
 }
 
+TEST_CASE("launch plan: set_chained_launches(false) gives one launch per kernel") {
+  const cuda::launch_plan chained = plan_of(shapes[0], false, false, true);
+  cuda::set_chained_launches(false);
+  const cuda::launch_plan separate = plan_of(shapes[0], false, false, true);
+  cuda::set_chained_launches(true);
+  CHECK(cuda::chained_launches());
+  // The same kernels, grids and shared memory, each launched alone.
+  std::vector<std::string> names{"counts_reset"};
+  for (std::size_t i = 1; i < chained.kernels.size(); ++i)
+    for (const auto& ph : chained.kernels[i].phases) names.push_back(ph.name);
+  REQUIRE(separate.kernels.size() == names.size());
+  CHECK(separate.kernels.size() == 17);
+  std::size_t at = 1;
+  for (std::size_t i = 1; i < chained.kernels.size(); ++i)
+    for (const auto& ph : chained.kernels[i].phases) {
+      const cuda::kernel_launch& k = separate.kernels[at++];
+      CHECK(k.name == ph.name);
+      CHECK(k.phases.empty());
+      CHECK(k.grid == ph.grid);
+      CHECK(k.smem_bytes == ph.smem_bytes);
+      CHECK(k.block[0] == 256);
+    }
+  CHECK(separate.violation(cuda::device_limits::sm80()).empty());
+}
+
 TEST_CASE("launch plan: a chain needs no more shared memory than its largest phase") {
   // 13,824 visual tokens recycle 4,148 rows: one row of D padded to 8,192 doubles
   // is exactly 64 KiB, a 64 KiB device's whole opt-in; the ticket's word must not

@@ -358,14 +358,14 @@ TEST_CASE("step kernels: the emulated q/k path with only the rater rows of q, an
   CHECK(compared > 0);
 }
 
-TEST_CASE("step kernels: the rank's global-memory fallback, other block shapes, either tile edge and blocks in reverse decide the same") {
+TEST_CASE("step kernels: the rank's global-memory fallback, other block shapes, either tile edge, blocks in reverse and one launch per kernel decide the same") {
   const auto all = cases();
   int fallback = 0;
   for (const auto& c : all) {
     INFO("case ", c.name);
     const auto want = svt::cpu_step(c, svt::elem::f32, false);
     const pl::bounds bd = bounds_of(c, false);
-    for (int variant = 0; variant < 5; ++variant) {
+    for (int variant = 0; variant < 6; ++variant) {
       cpu_exec ex;
       if (variant >= 2) {
         // Every dot-tile kernel on the large tiles, or on the small ones; or the
@@ -374,8 +374,11 @@ TEST_CASE("step kernels: the rank's global-memory fallback, other block shapes, 
         if (variant == 2) ex.wide = 1;
         if (variant == 3) ex.wide = std::int64_t{1} << 40;
         if (variant == 4) ex.reversed = true;
+        // Or each phase as a launch of its own (set_chained_launches(false)).
+        if (variant == 5) ex.chain = false;
         host_workspace ws(bd);
         check_same(emulate<float>(ex, c, false, ws, bd), want);
+        CHECK((variant == 5) == (ex.launches > 3));
         continue;
       }
       // The rank kernel is launched for min(text after the span, N) rows.

@@ -23,14 +23,16 @@ void cuda_check(cudaError_t e, const char* call) {
     throw std::runtime_error(std::string("CUDA: ") + call + " failed: " + cudaGetErrorString(e));
 }
 
-// Device scratch kept per thread and device between calls, grown when a step needs
-// more: a cudaMalloc/cudaFree per call would synchronise the device each time.
-// Reuse is safe because every call waits for its stream before returning.
+// Device scratch kept per thread, device and stream between calls, grown when a
+// step needs more: a cudaMalloc/cudaFree per call would synchronise the device
+// each time. Reuse is safe because every call waits for its stream before
+// returning; keyed by stream too, so that work a caller queues on one stream
+// never shares a buffer with another stream's.
 class scratch {
  public:
-  static void* get(int device, int slot, std::size_t bytes) {
+  static void* get(int device, cudaStream_t stream, int slot, std::size_t bytes) {
     thread_local scratch cache;
-    return cache.take(device, slot, bytes);
+    return cache.take(device, stream, slot, bytes);
   }
   ~scratch() {
     for (auto& e : entries_) cudaFree(e.p);  // may fail at process exit; nothing to do then
@@ -38,14 +40,16 @@ class scratch {
 
  private:
   struct entry {
-    int device, slot;
+    int device;
+    cudaStream_t stream;
+    int slot;
     void* p;
     std::size_t bytes;
   };
-  void* take(int device, int slot, std::size_t bytes) {
+  void* take(int device, cudaStream_t stream, int slot, std::size_t bytes) {
     if (bytes == 0) return nullptr;
     for (auto& e : entries_) {
-      if (e.device != device || e.slot != slot) continue;
+      if (e.device != device || e.stream != stream || e.slot != slot) continue;
       if (e.bytes >= bytes) return e.p;
       // Grown to the next power of two: a run of growing shapes reallocates (and
       // synchronises the device in cudaFree) O(log) times, not once per step.
@@ -59,7 +63,7 @@ class scratch {
     }
     void* p = nullptr;
     cuda_check(cudaMalloc(&p, bytes), "cudaMalloc");
-    entries_.push_back({device, slot, p, bytes});
+    entries_.push_back({device, stream, slot, p, bytes});
     return p;
   }
   std::vector<entry> entries_;
@@ -107,7 +111,7 @@ sv::step_result run(const Inputs& in, const sv::step_options& opt, cudaStream_t 
              "prune_step_async (size query)");
   int device = 0;
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  void* ws = scratch::get(device, workspace_slot, bytes);
+  void* ws = scratch::get(device, stream, workspace_slot, bytes);
   // No synchronisation until download's one: the step and the copies are stream-ordered.
   cuda_check(sv::cuda::prune_step_async(in, opt, ws, bytes, step, nullptr, stream),
              "prune_step_async");
@@ -152,7 +156,7 @@ sv::step_result cuda_prune_step(const device_step_arrays& a, sv::visual_span vis
     int device = 0;
     cuda_check(cudaGetDevice(&device), "cudaGetDevice");
     const std::size_t bytes = raters->size() * sizeof(index_t);
-    void* dev = scratch::get(device, raters_slot, bytes);
+    void* dev = scratch::get(device, stream, raters_slot, bytes);
     if (bytes > 0)
       cuda_check(cudaMemcpyAsync(dev, raters->data(), bytes, cudaMemcpyHostToDevice, stream),
                  "cudaMemcpyAsync (raters)");
@@ -181,7 +185,7 @@ index_t compact_typed(sv::strided_view<T, 4> cache, sv::page_layout layout,
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");
   const auto upload = [&](std::span<const index_t> host, int slot) -> const index_t* {
     const std::size_t bytes = host.size_bytes();
-    void* dev = scratch::get(device, slot, bytes);
+    void* dev = scratch::get(device, stream, slot, bytes);
     if (bytes > 0)
       cuda_check(cudaMemcpyAsync(dev, host.data(), bytes, cudaMemcpyHostToDevice, stream),
                  "cudaMemcpyAsync (compact_paged_kv)");
@@ -191,7 +195,7 @@ index_t compact_typed(sv::strided_view<T, 4> cache, sv::page_layout layout,
   const index_t* seq_d = upload(seq, paged_sequence_slot);
   const index_t* table_d = upload(table, paged_table_slot);
   const std::size_t bytes = sv::cuda::compact_paged_kv_workspace_bytes<T>(n, kv.extent(2), kv.extent(3));
-  void* ws = scratch::get(device, paged_workspace_slot, bytes);
+  void* ws = scratch::get(device, stream, paged_workspace_slot, bytes);
   cuda_check(sv::cuda::compact_paged_kv_async(seq_d, n, cache, layout, table_d,
                                               static_cast<index_t>(table.size()), rec, ws, bytes,
                                               stream),

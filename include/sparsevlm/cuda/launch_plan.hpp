@@ -13,6 +13,7 @@
 #pragma once
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -95,6 +96,24 @@ struct launch_plan {
 };
 
 namespace detail {
+/// chained_launches()' setting: 1 chained (the default), 0 one launch per kernel.
+inline std::atomic<int> chained_setting{1};
+}  // namespace detail
+
+/// Whether a step's kernels run as chained launches (docs/cuda.md, "Chained
+/// launches": 3 launches a step, the default) or one launch per kernel (17 from
+/// the attention), process-wide. The bits are the same either way; the second
+/// form is for measuring what chaining gains on a given GPU and as a fallback.
+/// Read when a launcher (or plan_step) runs; set it before launching, not while
+/// another thread launches.
+inline void set_chained_launches(bool on) noexcept {
+  detail::chained_setting.store(on ? 1 : 0, std::memory_order_relaxed);
+}
+[[nodiscard]] inline bool chained_launches() noexcept {
+  return detail::chained_setting.load(std::memory_order_relaxed) != 0;
+}
+
+namespace detail {
 
 /// The device executor's launch rules, shared with the recording executor.
 struct launch_policy {
@@ -109,6 +128,8 @@ struct launch_policy {
                 "a chained launch runs the dot tiles at the block size of its other phases");
 
   [[nodiscard]] int threads() const noexcept { return block_threads; }
+  /// Whether a stage's phases run as one chained launch (chained_launches()).
+  [[nodiscard]] static bool chained() noexcept { return chained_launches(); }
   [[nodiscard]] std::int64_t wide_grid() const noexcept { return wide_blocks; }
   [[nodiscard]] std::int64_t grid(std::int64_t n) const noexcept {
     if (n <= 0) return 0;

@@ -13,6 +13,7 @@
 //   ex.threads()                    threads of the other kernels' blocks
 //   ex.grid(n)                      blocks for a grid-stride loop over n items
 //   ex.max_shared()                 dynamic shared memory a block may use, bytes
+//   ex.chained()                    whether a stage's phases run as one chained launch
 //   ex.launch(body, gx, gy, threads, smem_bytes)   enqueue one kernel
 // Launches with an empty grid are skipped by the executor.
 #pragma once
@@ -250,9 +251,17 @@ auto dot_tiles(Exec& ex, i64 rows, i64 cols, Make&& make, const Tail& tail = nul
       rows > 0 && cols > 0 ? core::ceil_div(rows, t) : 0, core::ceil_div(cols, t), smem_of(t)};
 }
 
-/// Launches `list` as one chained launch (chain) of ex.threads() threads.
+/// Launches `list` as one chained launch (chain) of ex.threads() threads, or,
+/// when !ex.chained(), each phase with blocks as a launch of its own (the same
+/// bodies, grids and bits; a kernel boundary between phases).
 template <class Exec, class... Bodies>
 void launch_chain(Exec& ex, const phases<Bodies...>& list, step_counts* counts) {
+  if (!ex.chained()) {
+    list.each([&](const auto& ph) {
+      if (ph.blocks() > 0) ex.launch(ph.body, ph.gx, ph.gy, ex.threads(), ph.smem);
+    });
+    return;
+  }
   chain<Bodies...> c;
   std::size_t smem = 0;
   const i64 total = make_chain(c, list, counts, smem);
