@@ -23,16 +23,17 @@ void cuda_check(cudaError_t e, const char* call) {
     throw std::runtime_error(std::string("CUDA: ") + call + " failed: " + cudaGetErrorString(e));
 }
 
-// Device scratch kept per thread, device and stream between calls, grown when a
-// step needs more: a cudaMalloc/cudaFree per call would synchronise the device
-// each time. Reuse is safe because every call waits for its stream before
-// returning; keyed by stream too, so that work a caller queues on one stream
-// never shares a buffer with another stream's.
+// Device scratch kept per thread and device between calls, grown when a step needs
+// more: a cudaMalloc/cudaFree per call would synchronise the device each time.
+// Reused on any stream: every call waits for its stream before it returns, on
+// its error paths too (finish_or_wait), so no earlier call's work is pending on
+// a buffer; not keyed by stream, so a server that makes a stream per request
+// does not grow one buffer per stream.
 class scratch {
  public:
-  static void* get(int device, cudaStream_t stream, int slot, std::size_t bytes) {
+  static void* get(int device, int slot, std::size_t bytes) {
     thread_local scratch cache;
-    return cache.take(device, stream, slot, bytes);
+    return cache.take(device, slot, bytes);
   }
   ~scratch() {
     for (auto& e : entries_) cudaFree(e.p);  // may fail at process exit; nothing to do then
@@ -40,16 +41,14 @@ class scratch {
 
  private:
   struct entry {
-    int device;
-    cudaStream_t stream;
-    int slot;
+    int device, slot;
     void* p;
     std::size_t bytes;
   };
-  void* take(int device, cudaStream_t stream, int slot, std::size_t bytes) {
+  void* take(int device, int slot, std::size_t bytes) {
     if (bytes == 0) return nullptr;
     for (auto& e : entries_) {
-      if (e.device != device || e.stream != stream || e.slot != slot) continue;
+      if (e.device != device || e.slot != slot) continue;
       if (e.bytes >= bytes) return e.p;
       // Grown to the next power of two: a run of growing shapes reallocates (and
       // synchronises the device in cudaFree) O(log) times, not once per step.
@@ -63,7 +62,7 @@ class scratch {
     }
     void* p = nullptr;
     cuda_check(cudaMalloc(&p, bytes), "cudaMalloc");
-    entries_.push_back({device, stream, slot, p, bytes});
+    entries_.push_back({device, slot, p, bytes});
     return p;
   }
   std::vector<entry> entries_;
@@ -103,28 +102,60 @@ int common_device(const device_step_arrays& a) {
   return ordinal;
 }
 
+// Runs `work` (which enqueues on `stream`); if it throws, waits for the stream
+// before rethrowing, so that nothing it enqueued is still pending on the scratch
+// when the next call takes it.
+template <class Work>
+auto finish_or_wait(cudaStream_t stream, Work&& work) {
+  try {
+    return work();
+  } catch (...) {
+    cudaStreamSynchronize(stream);  // its own error, if any, is the one thrown below
+    throw;
+  }
+}
+
+// Caller raters on their way to the device: the host positions and the scratch
+// they are copied to (the step's raters span points there).
+struct raters_upload {
+  const std::vector<index_t>* host = nullptr;
+  void* device = nullptr;
+};
+
 template <class Inputs>
-sv::step_result run(const Inputs& in, const sv::step_options& opt, cudaStream_t stream) {
+sv::step_result run(const Inputs& in, const sv::step_options& opt, const raters_upload& up,
+                    cudaStream_t stream) {
   std::size_t bytes = 0;
   sv::cuda::device_step step;
   cuda_check(sv::cuda::prune_step_async(in, opt, nullptr, bytes, step, nullptr, stream),
              "prune_step_async (size query)");
   int device = 0;
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-  void* ws = scratch::get(device, stream, workspace_slot, bytes);
-  // No synchronisation until download's one: the step and the copies are stream-ordered.
-  cuda_check(sv::cuda::prune_step_async(in, opt, ws, bytes, step, nullptr, stream),
-             "prune_step_async");
-  sv::step_result r;
-  sv::cuda::step_status status;
-  cuda_check(sv::cuda::download(step, r, status, stream), "download");
-  status.raise();
-  return r;
+  void* ws = scratch::get(device, workspace_slot, bytes);
+  // Every check (extents, options, device pointers) before the first enqueue.
+  std::size_t checked = bytes;
+  cuda_check(sv::cuda::detail::step_async(in, opt, ws, checked, step, nullptr, stream,
+                                          sv::cuda::detail::step_upto::all_checks),
+             "prune_step_async (checks)");
+  return finish_or_wait(stream, [&] {
+    if (up.host != nullptr && !up.host->empty())
+      cuda_check(cudaMemcpyAsync(up.device, up.host->data(), up.host->size() * sizeof(index_t),
+                                 cudaMemcpyHostToDevice, stream),
+                 "cudaMemcpyAsync (raters)");
+    // No synchronisation until download's one: the step and the copies are stream-ordered.
+    cuda_check(sv::cuda::prune_step_async(in, opt, ws, bytes, step, nullptr, stream),
+               "prune_step_async");
+    sv::step_result r;
+    sv::cuda::step_status status;
+    cuda_check(sv::cuda::download(step, r, status, stream), "download");
+    status.raise();
+    return r;
+  });
 }
 
 template <class T>
 sv::step_result run_typed(const device_step_arrays& a, sv::visual_span visual,
-                          std::optional<std::span<const index_t>> raters,
+                          std::optional<std::span<const index_t>> raters, const raters_upload& up,
                           const sv::step_options& opt, cudaStream_t stream) {
   constexpr auto cuda = sv::device_kind::cuda;
   const auto hidden = sv::view_of<const T, 2>(*a.hidden, "hidden", cuda);
@@ -133,14 +164,14 @@ sv::step_result run_typed(const device_step_arrays& a, sv::visual_span visual,
   if (a.attn != nullptr) {
     const sv::step_inputs<T, T, T> in{embeds, sv::view_of<const T, 3>(*a.attn, "attn", cuda), hidden,
                                       visual, raters};
-    return run(in, opt, stream);
+    return run(in, opt, up, stream);
   }
   std::optional<sv::matrix_view<const float>> lse;
   if (a.lse != nullptr) lse = sv::view_of<const float, 2>(*a.lse, "lse", cuda);
   const sv::qk_view<T, T> qk{sv::view_of<const T, 3>(*a.q, "q", cuda),
                              sv::view_of<const T, 3>(*a.k, "k", cuda), lse, a.scale};
   const sv::step_inputs_qk<T, T, T, T> in{embeds, qk, hidden, visual, raters};
-  return run(in, opt, stream);
+  return run(in, opt, up, stream);
 }
 
 }  // namespace
@@ -150,23 +181,23 @@ sv::step_result cuda_prune_step(const device_step_arrays& a, sv::visual_span vis
                                 std::uintptr_t stream_handle) {
   const device_guard guard(common_device(a));
   const auto stream = reinterpret_cast<cudaStream_t>(stream_handle);
-  // Caller raters go to the device (the launchers read them there).
+  // Caller raters go to the device (the launchers read them there), copied once
+  // every check has passed (run).
   std::optional<std::span<const index_t>> raters_view;
+  raters_upload up;
   if (raters != nullptr) {
     int device = 0;
     cuda_check(cudaGetDevice(&device), "cudaGetDevice");
-    const std::size_t bytes = raters->size() * sizeof(index_t);
-    void* dev = scratch::get(device, stream, raters_slot, bytes);
-    if (bytes > 0)
-      cuda_check(cudaMemcpyAsync(dev, raters->data(), bytes, cudaMemcpyHostToDevice, stream),
-                 "cudaMemcpyAsync (raters)");
-    raters_view = std::span<const index_t>(static_cast<const index_t*>(dev), raters->size());
+    up.host = raters;
+    up.device = scratch::get(device, raters_slot, raters->size() * sizeof(index_t));
+    raters_view = std::span<const index_t>(static_cast<const index_t*>(up.device), raters->size());
   }
   const DLDataType dt = a.hidden->dtype;
-  if (dt.code == kDLFloat && dt.bits == 16) return run_typed<sv::half>(a, visual, raters_view, opt, stream);
+  if (dt.code == kDLFloat && dt.bits == 16)
+    return run_typed<sv::half>(a, visual, raters_view, up, opt, stream);
   if (dt.code == kDLBfloat && dt.bits == 16)
-    return run_typed<sv::bfloat16>(a, visual, raters_view, opt, stream);
-  return run_typed<float>(a, visual, raters_view, opt, stream);  // view_of refuses other dtypes
+    return run_typed<sv::bfloat16>(a, visual, raters_view, up, opt, stream);
+  return run_typed<float>(a, visual, raters_view, up, opt, stream);  // view_of refuses other dtypes
 }
 
 namespace {
@@ -185,25 +216,27 @@ index_t compact_typed(sv::strided_view<T, 4> cache, sv::page_layout layout,
   cuda_check(cudaGetDevice(&device), "cudaGetDevice");
   const auto upload = [&](std::span<const index_t> host, int slot) -> const index_t* {
     const std::size_t bytes = host.size_bytes();
-    void* dev = scratch::get(device, stream, slot, bytes);
+    void* dev = scratch::get(device, slot, bytes);
     if (bytes > 0)
       cuda_check(cudaMemcpyAsync(dev, host.data(), bytes, cudaMemcpyHostToDevice, stream),
                  "cudaMemcpyAsync (compact_paged_kv)");
     return static_cast<const index_t*>(dev);
   };
   const index_t n = static_cast<index_t>(seq.size());
-  const index_t* seq_d = upload(seq, paged_sequence_slot);
-  const index_t* table_d = upload(table, paged_table_slot);
   const std::size_t bytes = sv::cuda::compact_paged_kv_workspace_bytes<T>(n, kv.extent(2), kv.extent(3));
-  void* ws = scratch::get(device, stream, paged_workspace_slot, bytes);
-  cuda_check(sv::cuda::compact_paged_kv_async(seq_d, n, cache, layout, table_d,
-                                              static_cast<index_t>(table.size()), rec, ws, bytes,
-                                              stream),
-             "compact_paged_kv_async");
-  sv::cuda::compact_status status;
-  cuda_check(sv::cuda::download_compact_status(ws, status, stream), "download_compact_status");
-  status.raise();
-  return n;
+  void* ws = scratch::get(device, paged_workspace_slot, bytes);
+  return finish_or_wait(stream, [&] {
+    const index_t* seq_d = upload(seq, paged_sequence_slot);
+    const index_t* table_d = upload(table, paged_table_slot);
+    cuda_check(sv::cuda::compact_paged_kv_async(seq_d, n, cache, layout, table_d,
+                                                static_cast<index_t>(table.size()), rec, ws, bytes,
+                                                stream),
+               "compact_paged_kv_async");
+    sv::cuda::compact_status status;
+    cuda_check(sv::cuda::download_compact_status(ws, status, stream), "download_compact_status");
+    status.raise();
+    return n;
+  });
 }
 
 template <class T>

@@ -168,6 +168,24 @@ int main() {
       std::size_t small = bytes - 256;
       (void)cu::prune_layer(s, 1, at, hidden, ws, small, st, plan, nullptr);
     });
+    // q/k: q holds all n rows or the session's R rater rows, as prefill_session::prune
+    // checks (the step alone would accept any count up to the text tokens).
+    const auto qk_rows = [&](index_t rows) {
+      return sv::qk_view<float, float>{sv::tensor3_view<const float>(fake<float>(3), {H, rows, dh}, "q"),
+                                       sv::tensor3_view<const float>(fake<float>(4), {H, L, dh}, "k"),
+                                       std::nullopt, 0.0};
+    };
+    expect_refused("session: q of neither n nor R rows", "q.extent[1]", [&] {
+      (void)cu::prune_layer(s, 1, qk_rows(5), hidden, nullptr, bytes, st, plan, nullptr);
+    });
+    ++checks;
+    std::size_t qk_bytes = 0;
+    if (cu::prune_layer(s, 1, qk_rows(3), hidden, nullptr, qk_bytes, st, plan, nullptr) !=
+            cudaSuccess ||
+        qk_bytes == 0) {
+      std::printf("FAIL [session q/k size query]: q of the R rater rows refused\n");
+      ++failures;
+    }
     ++checks;
     if (s.length() != L || s.steps_done() != 0) {
       std::printf("FAIL [session]: a refused layer changed the session\n");

@@ -93,8 +93,8 @@ struct cuda_block {
 /// The one kernel template: runs a body of detail/*_kernels.hpp.
 ///
 /// On sm_90 the launches are programmatic (device_exec::launch): the kernel may
-/// begin while the one before it on the stream (ours or the caller's) is still
-/// finishing, so the first thing every block does is wait for that grid to
+/// be launched while the one before it on the stream (ours or the caller's) is
+/// still finishing, so the first thing every block does is wait for that grid to
 /// complete and its memory to be visible (griddepcontrol.wait; it returns at
 /// once for a launch that is not programmatic). What overlaps is the launch's
 /// own latency, never a read of the previous kernel's results.
@@ -129,9 +129,14 @@ inline cudaError_t shared_optin(int device, std::size_t& bytes) {
   return cudaSuccess;
 }
 
-/// Whether `device` takes programmatic dependent launches (compute capability
-/// 9.0 and later), read once per device.
-inline cudaError_t programmatic_launch(int device, bool& yes) {
+/// Whether run_body<Body> may be launched programmatically on `device`: the
+/// device takes programmatic dependent launches (compute capability 9.0 and
+/// later) and the code it runs was compiled from PTX of that generation, so it
+/// holds run_body's griddepcontrol.wait (an engine that builds these headers for
+/// sm_80 only and runs them on an H100 JIT-compiles compute_80 PTX, which has no
+/// wait: that kernel gets a plain launch). Read once per device and kernel.
+template <class Body>
+cudaError_t programmatic_launch(int device, bool& yes) {
   constexpr int cached = 64;
   static std::atomic<int> known[cached] = {};  // 0: not read yet, 1: no, 2: yes
   if (device >= 0 && device < cached) {
@@ -142,9 +147,12 @@ inline cudaError_t programmatic_launch(int device, bool& yes) {
     }
   }
   int major = 0;
-  const cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (e != cudaSuccess) return e;
-  yes = major >= 9;
+  cudaFuncAttributes attr{};
+  if (major >= 9) e = cudaFuncGetAttributes(&attr, run_body<Body>);
+  if (e != cudaSuccess) return e;
+  yes = major >= 9 && attr.ptxVersion >= 90;
   if (device >= 0 && device < cached) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
   return cudaSuccess;
 }
@@ -174,12 +182,9 @@ struct device_exec : launch_policy {
   int device = 0;
   std::size_t smem_limit = default_shared;
 
-  bool programmatic = false;  ///< sm_90+: launches overlap the previous kernel's tail
-
   explicit device_exec(cudaStream_t s) : stream(s) {
     status = cudaGetDevice(&device);
     if (status == cudaSuccess) status = shared_optin(device, smem_limit);
-    if (status == cudaSuccess) status = programmatic_launch(device, programmatic);
   }
 
   [[nodiscard]] std::size_t max_shared() const noexcept { return smem_limit; }
@@ -198,9 +203,13 @@ struct device_exec : launch_policy {
     // cudaLaunchKernelExC returns this launch's own error: cudaGetLastError after a
     // <<<>>> launch would also return (and clear) an error the caller's earlier
     // work left behind. On sm_90 the launch is programmatic (run_body waits for
-    // the previous grid before anything else), which hides part of its latency
-    // behind the previous kernel's last blocks; inside a CUDA graph the capture
+    // the previous grid before anything else): the previous kernel triggers no
+    // dependents early, so this one is launched as its blocks exit, which hides
+    // the launch's latency and the memory flush; inside a CUDA graph the capture
     // keeps it as a programmatic edge.
+    bool programmatic = false;
+    status = programmatic_launch<Body>(device, programmatic);
+    if (status != cudaSuccess) return;
     Body arg = body;
     void* args[] = {&arg};
     cudaLaunchAttribute attr[1]{};

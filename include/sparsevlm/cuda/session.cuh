@@ -6,8 +6,8 @@
 //   prefill_session s(layout, raters, config);        // host bookkeeping
 //   std::size_t bytes = 0;
 //   cuda::prune_layer(s, l, attn, hidden, nullptr, bytes, step, plan, stream);  // size
-//   ... allocate `bytes` of device memory (the first pruning layer's need bounds
-//       the later ones: sequences only get shorter) ...
+//   ... allocate `bytes` of device memory: the largest need over the schedule's
+//       pruning layers (a later layer may recycle a larger fraction) ...
 //   cuda::prune_layer(s, l, attn, hidden, ws, bytes, step, plan, stream);
 //   cuda::apply_plan_async(step, hidden, hidden_out, stream);   // plan.length rows
 //   ... compact the K/V caches with plan.kv_sequence, run layer l + 1 with plan.positions
@@ -48,6 +48,15 @@ inline std::size_t session_raters_bytes(const prefill_session& s) {
   return (s.raters().size() * sizeof(index_t) + a - 1) / a * a;
 }
 
+/// q/k: q holds all n rows or the R rater rows (scores_qk.hpp's rule); nothing to
+/// check for the attention.
+template <class TA>
+void check_source_rows(const tensor3_view<const TA>&, index_t) {}
+template <class TQ, class TK>
+void check_source_rows(const qk_view<TQ, TK>& qk, index_t R) {
+  sparsevlm::detail::check_qk_rows(qk, R);
+}
+
 /// prune_layer's body, for either scoring source (attention or q/k).
 template <class Source, class TH>
 cudaError_t session_layer(prefill_session& s, index_t layer, const Source& src,
@@ -57,22 +66,26 @@ cudaError_t session_layer(prefill_session& s, index_t layer, const Source& src,
   const step_options& opt = sparsevlm::detail::session_next(s, layer).options;
   const visual_span v = session_span(s);
   const index_t n = s.length();
+  const auto R = static_cast<index_t>(s.raters().size());
   SPARSEVLM_CHECK(sparsevlm::detail::source_length(src) == n, errc::shape_mismatch,
                   sparsevlm::detail::source_name(src), concat(n, " (the session's length)"),
                   sparsevlm::detail::source_length(src));
   SPARSEVLM_CHECK(hidden.extent(0) == n, errc::shape_mismatch, "hidden.extent[0]",
                   concat(n, " (the session's length)"), hidden.extent(0));
+  // q's rows as prefill_session::prune checks them (all n, or the R raters): the
+  // step alone knows only R <= the text tokens.
+  check_source_rows(src, R);
   const std::size_t head = session_raters_bytes(s);
-  const std::size_t R = s.raters().size();
   auto* base = static_cast<unsigned char*>(workspace);
-  // The step reads the raters from the workspace's head (null in the size query,
-  // where only their count matters).
-  const std::span<const index_t> raters(reinterpret_cast<const index_t*>(base), R);
-  const auto in = sparsevlm::detail::make_step_inputs(matrix_view<const TH>(), src, hidden, v,
-                                                      std::optional(raters));
+  // The step reads the raters from the workspace's head.
+  const auto in_at = [&](const index_t* raters) {
+    return sparsevlm::detail::make_step_inputs(
+        matrix_view<const TH>(), src, hidden, v,
+        std::optional(std::span<const index_t>(raters, raters ? static_cast<std::size_t>(R) : 0)));
+  };
   std::size_t need = 0;
   device_step query;
-  cudaError_t e = prune_step_async(in, opt, nullptr, need, query, nullptr, stream);
+  cudaError_t e = prune_step_async(in_at(nullptr), opt, nullptr, need, query, nullptr, stream);
   if (e != cudaSuccess) return e;
   if (workspace == nullptr) {
     bytes = head + need;
@@ -82,16 +95,17 @@ cudaError_t session_layer(prefill_session& s, index_t layer, const Source& src,
                   concat(">= ", head + need, " (the size query)"), bytes);
   e = check_device_pointer(workspace, "workspace");
   if (e != cudaSuccess) return e;
-  // A check of prune_step_async below (the source's extents, its pointers) can
-  // still refuse the layer after this copy: the raters are then in the
-  // workspace, no kernel has run, and the session is unchanged.
-  if (R > 0)
-    e = cudaMemcpyAsync(base, s.raters().data(), R * sizeof(index_t), cudaMemcpyHostToDevice,
-                        stream);
-  if (e != cudaSuccess) return e;
+  const auto in = in_at(reinterpret_cast<const index_t*>(base));
   std::size_t rest = bytes - head;
   device_step st;
-  e = prune_step_async(in, opt, base + head, rest, st, nullptr, stream);
+  // Every check (the workspace, the source's extents and pointers) before the
+  // raters' copy, the first thing enqueued: a refused layer enqueues nothing.
+  e = step_async(in, opt, base + head, rest, st, nullptr, stream, step_upto::all_checks);
+  if (e != cudaSuccess) return e;
+  if (R > 0)
+    e = cudaMemcpyAsync(base, s.raters().data(), static_cast<std::size_t>(R) * sizeof(index_t),
+                        cudaMemcpyHostToDevice, stream);
+  if (e == cudaSuccess) e = prune_step_async(in, opt, base + head, rest, st, nullptr, stream);
   if (e != cudaSuccess) return e;
   // The one synchronisation: the host needs the decisions to lay out the next layer.
   step_result r;
@@ -116,7 +130,9 @@ cudaError_t session_layer(prefill_session& s, index_t layer, const Source& src,
 /// - Workspace, two-phase: with `workspace == nullptr`, sets `bytes` and does
 ///   nothing else (after checking the layer and the span); else `workspace`
 ///   (256-byte aligned device memory, `bytes` long) holds the raters, every
-///   temporary and the outputs. Nothing is allocated.
+///   temporary and the outputs. Nothing is allocated. The need follows the
+///   layer's length and recycling options: size one workspace for the largest
+///   need over the schedule's pruning layers.
 /// - `step`: the step's device outputs (scores, keep set, clusters, merged rows,
 ///   sequence), valid until the workspace is reused: apply_plan_async(step, …)
 ///   compacts the hidden states, the K/V cache kernels take step.sequence().
@@ -133,7 +149,8 @@ cudaError_t session_layer(prefill_session& s, index_t layer, const Source& src,
 ///   ("spans: …"), for extents and options (as prune_step_async, which refuses
 ///   SparseVLM+'s top_heads and RoPE gravity), for a host `workspace`, and for
 ///   the device's flags (non_finite for NaN/Inf scores, logits or recycled
-///   rows, as the CPU session); otherwise the first cudaError_t.
+///   rows, as the CPU session); otherwise the first cudaError_t. A layer refused
+///   by a check has enqueued nothing.
 template <class TA, class TH>
 cudaError_t prune_layer(prefill_session& session, index_t layer, tensor3_view<const TA> attn,
                         matrix_view<const TH> hidden, void* workspace, std::size_t& bytes,
