@@ -11,6 +11,10 @@
 //   BM_cuda_qk/<shape>/f32          scores from Q/K (random q, k; dh 128, R 30)
 //   BM_cuda_step_separate/<shape>/bf16  BM_cuda_step with one launch per kernel
 //                                   (set_chained_launches(false)): what chaining gains
+//   BM_cuda_batch32/<shape>/bf16/<together|one_by_one>  32 steps of the shape
+//                                   (N <= 2880): prune_batch_async (launch i of
+//                                   every step as one grid) against 32
+//                                   prune_step_async calls; us_per_seq counter
 //
 // Labels: what the GPU decided (R, rank, keep, recycled rows / clusters) next to
 // what the CPU decides on the same step (they must agree). Built with
@@ -334,6 +338,58 @@ void BM_cuda_step_separate(benchmark::State& state, gpu::shape sh) {
   cuda::set_chained_launches(true);
 }
 
+/// 32 copies of the shape's step (the same inputs, a workspace slice each):
+/// prune_batch_async, or (together == false) prune_step_async 32 times.
+template <class T>
+void BM_cuda_batch32(benchmark::State& state, gpu::shape sh, bool together) {
+  try {
+    constexpr int B = 32;
+    const device_step_data<T>& data = data_for<T>(sh);
+    const std::vector<step_inputs<T, T, T>> steps(B, data.inputs());
+    const std::vector<step_options> opts(1, options());
+    std::vector<cuda::device_step> out(B);
+    cudaStream_t stream = nullptr;
+    ok(cudaStreamCreate(&stream), "cudaStreamCreate");
+    using In = step_inputs<T, T, T>;
+    std::size_t bytes = 0;
+    ok(cuda::prune_batch_async<In>(steps, opts, nullptr, bytes, out, nullptr, stream), "size query");
+    buffer<unsigned char> ws(bytes);
+    std::size_t one = 0;
+    ok(cuda::prune_step_async(steps[0], opts[0], nullptr, one, out[0], nullptr, stream), "size query");
+    const auto run = [&] {
+      if (together) {
+        ok(cuda::prune_batch_async<In>(steps, opts, ws.p, bytes, out, nullptr, stream), "prune_batch_async");
+        return;
+      }
+      for (int b = 0; b < B; ++b)
+        ok(cuda::prune_step_async(steps[b], opts[0], ws.p + static_cast<std::size_t>(b) * one, one,
+                                  out[b], nullptr, stream),
+           "prune_step_async");
+    };
+    run();  // warm-up
+    ok(cudaStreamSynchronize(stream), "sync");
+    events ev;
+    double total_ms = 0.0;
+    for (auto _ : state) {
+      ok(cudaEventRecord(ev.a, stream), "record");
+      run();
+      ok(cudaEventRecord(ev.b, stream), "record");
+      ok(cudaEventSynchronize(ev.b), "sync");
+      const double ms = ev.ms();
+      total_ms += ms;
+      state.SetIterationTime(ms * 1e-3);
+    }
+    state.counters["us_per_seq"] =
+        benchmark::Counter(total_ms * 1e3 / B, benchmark::Counter::kAvgIterations);
+    state.SetLabel(label_of(out[B - 1], stream));
+    cudaStreamDestroy(stream);
+  } catch (const cuda_failure& f) {
+    state.SkipWithError(f.what.c_str());
+  } catch (const sparsevlm::error& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
 template <class T>
 void register_step(const gpu::shape& sh) {
   benchmark::RegisterBenchmark(("BM_cuda_step/" + sh.name + "/" + tag<T>()).c_str(), BM_cuda_step<T>, sh)
@@ -361,6 +417,14 @@ int main(int argc, char** argv) {
                                  BM_cuda_step_separate<bfloat16>, sh)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond);
+    for (const bool together : {true, false}) {
+      if (sh.n_visual > 2880) break;  // 32 workspaces of a video step: too much memory
+      benchmark::RegisterBenchmark(("BM_cuda_batch32/" + sh.name + "/bf16/" +
+                                    (together ? "together" : "one_by_one")).c_str(),
+                                   BM_cuda_batch32<bfloat16>, sh, together)
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond);
+    }
     benchmark::RegisterBenchmark(("BM_cuda_stage/" + sh.name + "/f32").c_str(), BM_cuda_stage, sh)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond);

@@ -82,7 +82,7 @@ run cuda-model 30 "$PY" bench/cuda_model.py --cli "$BUILD/examples/sparsevlm" --
 
 # 5. CUDA benchmarks (CUDA events as manual time)
 run bench-cuda 600 "$BUILD/bench/sparsevlm_bench_cuda" \
-  --benchmark_filter='BM_cuda_(step|step_separate|stage|qk)/(7b|13b|anyres|video8|video16)' \
+  --benchmark_filter='BM_cuda_(step|step_separate|batch32|stage|qk)/(7b|13b|anyres|video8|video16)' \
   --benchmark_min_time=0.2 --benchmark_counters_tabular=true
 
 # 6. PyTorch on the same GPU

@@ -264,7 +264,8 @@ int cmd_cuda_plan(const cuda_plan_request& q) {
     nlohmann::ordered_json one = {{"name", k.name},
                                   {"grid", k.grid},
                                   {"block", k.block},
-                                  {"smem_bytes", k.smem_bytes}};
+                                  {"smem_bytes", k.smem_bytes},
+                                  {"param_bytes", k.param_bytes}};
     // A chained launch: its kernels in order, each with the grid it runs over.
     if (!k.phases.empty()) {
       one["phases"] = nlohmann::ordered_json::array();

@@ -3,6 +3,7 @@
 // serial code. The CUDA stage kernels that use them are tested in
 // test_step_kernels.cpp.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -66,6 +67,42 @@ TEST_CASE("core: canonical dot products with loaders equal the kernel tables") {
                                      [&](index_t k) { return b[k]; }, d);
     const float w32 = core::dot32(aw.data(), b.data(), d);
     CHECK(std::memcmp(&l32, &w32, sizeof l32) == 0);
+  }
+}
+
+TEST_CASE("core: reduce8 in two halves and lane_sum8 keep dot64's order") {
+  std::mt19937 g(11);
+  // Magnitudes 2^-30 .. 2^30, so that the order of the additions shows in the bits.
+  std::uniform_real_distribution<double> mant(-1.0, 1.0);
+  std::uniform_int_distribution<int> expo(-30, 30);
+  int differs = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    double s[8], even[4], odd[4];
+    for (double& x : s) x = std::ldexp(mant(g), expo(g));
+    for (int j = 0; j < 4; ++j) {
+      even[j] = s[2 * j];
+      odd[j] = s[2 * j + 1];
+    }
+    const double whole = core::reduce8(s);
+    const double halves = core::reduce8_half(even) + core::reduce8_half(odd);
+    CHECK(std::memcmp(&whole, &halves, sizeof whole) == 0);
+    // The serial sum differs: the check above is not trivially true.
+    double serial = 0.0;
+    for (double x : s) serial += x;
+    differs += serial != whole;
+  }
+  CHECK(differs > 0);
+  for (index_t n : {0, 1, 7, 8, 9, 60, 61}) {
+    for (index_t lo : {0, 3}) {
+      if (lo > n) continue;
+      std::vector<double> v(static_cast<std::size_t>(n));
+      for (double& x : v) x = std::ldexp(mant(g), expo(g));
+      double lanes[8] = {};
+      for (index_t i = lo; i < n; ++i) lanes[(i - lo) % 8] += v[static_cast<std::size_t>(i)];
+      const double want = core::reduce8(lanes);
+      const double got = core::lane_sum8(lo, n, [&](index_t i) { return v[static_cast<std::size_t>(i)]; });
+      CHECK(std::memcmp(&want, &got, sizeof want) == 0);
+    }
   }
 }
 

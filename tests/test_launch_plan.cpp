@@ -185,6 +185,8 @@ TEST_CASE("launch plan: dot tiles shrink to 16x16 where 32x32 would leave most S
   const cuda::kernel_phase* gram = find(llava, "recycle_gram", &in);
   REQUIRE(gram != nullptr);
   CHECK(gram->grid[0] == 11);
+  // 66 tiles on or above the diagonal: each dot product's lanes split over two blocks.
+  CHECK(gram->grid[1] == 22);
   CHECK(in->block[0] == 256);  // 16x16 tiles take the chain's 256 threads: a pair each
   CHECK(gram->smem_bytes == cuda::detail::with_tail_smem(cuda::detail::tile_smem<16>, 0));  // + the diagonal's tail
   const cuda::kernel_phase* logits = find(llava, "rater_logits");
@@ -199,6 +201,7 @@ TEST_CASE("launch plan: dot tiles shrink to 16x16 where 32x32 would leave most S
   const cuda::kernel_phase* gram2 = find(big, "recycle_gram");
   REQUIRE(gram2 != nullptr);
   CHECK(gram2->grid[0] == 28);
+  CHECK(gram2->grid[1] == 28);  // 406 tiles: no lane split
   CHECK(gram2->smem_bytes == cuda::detail::with_tail_smem(cuda::detail::tile_smem<32>, 0));
 }
 

@@ -10,6 +10,8 @@
 // What this cannot check (the CUDA runtime, launch limits, the device's own
 // exp) is left to tests/cuda/test_cuda.cu on a GPU machine.
 #include <algorithm>
+#include <array>
+#include <mutex>
 #include <barrier>
 #include <cstring>
 #include <limits>
@@ -20,6 +22,7 @@
 #include <sparsevlm/core/block.hpp>
 #include <sparsevlm/core/dot.hpp>
 #include <sparsevlm/core/eigen.hpp>
+#include <sparsevlm/cuda/detail/batch.hpp>
 #include <sparsevlm/cuda/detail/pipeline.hpp>
 #include <sparsevlm/cuda/results.hpp>
 
@@ -93,30 +96,39 @@ pl::bounds bounds_of(const svt::flat_case& c, bool qk) {
                          r.cluster_divisor);
 }
 
-/// Runs case `c` in element type T through the device pipeline on `ex`, into `ws`.
+/// Case `c`'s inputs in element type T, alive while its launches may still run.
 template <class T>
-pipeline_out emulate(cpu_exec& ex, const svt::flat_case& c, bool qk, host_workspace& ws,
-                     const pl::bounds& bd) {
-  const std::vector<T> e = svt::converted<T>(c.embeds), h = svt::converted<T>(c.hidden);
+struct held_case {
+  std::vector<T> e, h, q, k, at;
+};
+
+/// Enqueues case `c` in element type T through the device pipeline on `ex`
+/// (any executor: cpu_exec, or a batch_exec over it), into `ws`.
+template <class T, class Ex>
+void enqueue_case(Ex& ex, const svt::flat_case& c, bool qk, host_workspace& ws,
+                  const pl::bounds& bd, held_case<T>& in) {
+  in.e = svt::converted<T>(c.embeds);
+  in.h = svt::converted<T>(c.hidden);
   pl::step_args<T, T> a;
-  a.embeds = kn::rows2<T>{e.data(), c.de, 1};
+  a.embeds = kn::rows2<T>{in.e.data(), c.de, 1};
   a.embed_dim = c.de;
   a.given = c.raters.has_value();
   if (a.given) {
     a.raters = c.raters->data();
     a.n_raters = static_cast<index_t>(c.raters->size());
   }
-  a.hidden = kn::rows2<T>{h.data(), c.d, 1};
+  a.hidden = kn::rows2<T>{in.h.data(), c.d, 1};
   a.hidden_dim = c.d;
   a.length = c.L;
   a.first_visual = c.S;
   a.n_visual = c.N;
   a.decide = decide_of(c.options);
   if (qk) {
-    const std::vector<T> q = svt::converted<T>(c.q), k = svt::converted<T>(c.k);
+    in.q = svt::converted<T>(c.q);
+    in.k = svt::converted<T>(c.k);
     pl::qk_args<T, T> g;
-    g.q = kn::rows3<T>{q.data(), c.L * c.dh, c.dh, 1};
-    g.k = kn::rows3<T>{k.data(), c.L * c.dh, c.dh, 1};
+    g.q = kn::rows3<T>{in.q.data(), c.L * c.dh, c.dh, 1};
+    g.k = kn::rows3<T>{in.k.data(), c.L * c.dh, c.dh, 1};
     g.heads = c.H;
     g.kv_heads = c.Hkv;
     g.head_dim = c.dh;
@@ -126,9 +138,17 @@ pipeline_out emulate(cpu_exec& ex, const svt::flat_case& c, bool qk, host_worksp
     g.scale = 1.0f / std::sqrt(static_cast<float>(c.dh));
     pl::run_step(ex, a, g, bd, ws.buf);
   } else {
-    const std::vector<T> at = svt::converted<T>(c.attn);
-    pl::run_step(ex, a, kn::rows3<T>{at.data(), c.L * c.L, c.L, 1}, c.H, bd, ws.buf);
+    in.at = svt::converted<T>(c.attn);
+    pl::run_step(ex, a, kn::rows3<T>{in.at.data(), c.L * c.L, c.L, 1}, c.H, bd, ws.buf);
   }
+}
+
+/// Runs case `c` in element type T through the device pipeline on `ex`, into `ws`.
+template <class T>
+pipeline_out emulate(cpu_exec& ex, const svt::flat_case& c, bool qk, host_workspace& ws,
+                     const pl::bounds& bd) {
+  held_case<T> in;
+  enqueue_case(ex, c, qk, ws, bd, in);
   return read_back(ws.buf, c.N, c.d);
 }
 
@@ -428,6 +448,97 @@ TEST_CASE("step kernels: a step's chained launches with every block at once deci
     ++ran;
   }
   CHECK(ran == 6);
+}
+
+namespace {
+/// A body that records which block of which launch it ran as.
+struct where_body {
+  int launch;
+  std::vector<std::array<std::int64_t, 5>>* seen;
+  std::mutex* m;
+  template <class Block>
+  void operator()(const Block& b, void*) const {
+    if (b.rank() != 0) return;
+    const std::lock_guard<std::mutex> lock(*m);
+    seen->push_back({launch, b.bx(), b.by(), b.gx(), b.gy()});
+  }
+};
+}  // namespace
+
+TEST_CASE("step kernels: a batched grid runs every block of every launch once, at its own coordinates") {
+  std::vector<std::array<std::int64_t, 5>> seen;
+  std::mutex m;
+  const std::int64_t grids[3][2] = {{3, 2}, {1, 1}, {4, 3}};
+  kn::batched<where_body, 4> bt;
+  bt.n = 3;
+  bt.first[0] = 0;
+  for (int k = 0; k < 3; ++k) {
+    bt.bodies[k] = where_body{k, &seen, &m};
+    bt.gx[k] = grids[k][0];
+    bt.first[k + 1] = bt.first[k] + grids[k][0] * grids[k][1];
+  }
+  for (bool reversed : {false, true}) {
+    seen.clear();
+    cpu_exec ex;
+    ex.reversed = reversed;
+    ex.launch(bt, bt.first[3], 1, 2, 0);
+    std::vector<std::array<std::int64_t, 5>> want;
+    for (int k = 0; k < 3; ++k)
+      for (std::int64_t y = 0; y < grids[k][1]; ++y)
+        for (std::int64_t x = 0; x < grids[k][0]; ++x) want.push_back({k, x, y, grids[k][0], grids[k][1]});
+    std::sort(seen.begin(), seen.end());
+    std::sort(want.begin(), want.end());
+    CHECK(seen == want);
+  }
+}
+
+TEST_CASE("step kernels: a batch of steps, launch i of every step as one grid, decides as prune_step step by step") {
+  // prune_batch_async's form (detail::batch_exec): ragged cases with their own
+  // workspaces, recorded, then launched together; also with every block of a
+  // batched grid at once, with blocks in reverse, and one launch per kernel.
+  const auto all = cases();
+  for (int variant = 0; variant < 4; ++variant) {
+    for (bool qk : {false, true}) {
+      INFO("variant ", variant, qk ? " (q/k)" : " (attn)");
+      std::vector<const svt::flat_case*> picked;
+      for (const auto& c : all)
+        if (!qk || c.has_qk()) picked.push_back(&c);
+      if (variant == 1)  // every block on a thread of its own: the smallest cases
+        std::sort(picked.begin(), picked.end(),
+                  [](const auto* a, const auto* b) { return a->L * a->N < b->L * b->N; });
+      picked.resize(std::min<std::size_t>(picked.size(), variant == 1 ? 3 : 6));
+      REQUIRE(picked.size() == (variant == 1 ? 3u : 6u));
+      kn::batch_exec<cpu_exec> ex;
+      ex.concurrent = variant == 1;
+      if (ex.concurrent) ex.block = 4;
+      ex.reversed = variant == 2;
+      ex.chain = variant != 3;
+      std::vector<std::unique_ptr<host_workspace>> ws;
+      std::vector<held_case<float>> held(picked.size());
+      for (std::size_t i = 0; i < picked.size(); ++i) {
+        const pl::bounds bd = bounds_of(*picked[i], qk);
+        ws.push_back(std::make_unique<host_workspace>(bd));
+        ex.begin_step();
+        enqueue_case(ex, *picked[i], qk, *ws.back(), bd, held[i]);
+      }
+      CHECK(ex.launches == 0);  // recorded, nothing run yet
+      ex.flush();
+      if (ex.chain) {
+        CHECK(ex.launches == 3);  // every step's three launches, each as one grid
+      } else {
+        CHECK(ex.launches > 3 * static_cast<int>(picked.size()));
+      }
+      CHECK(ex.steps.empty());
+      for (std::size_t i = 0; i < picked.size(); ++i) {
+        const svt::flat_case& c = *picked[i];
+        INFO("case ", c.name);
+        check_same(read_back(ws[i]->buf, c.N, c.d), svt::cpu_step(c, svt::elem::f32, qk));
+        const kn::step_counts& k = *ws[i]->buf.counts;
+        CHECK(k.tickets == 0);  // each chain put its own counters back
+        for (std::uint32_t d : k.done) CHECK(d == 0);
+      }
+    }
+  }
 }
 
 TEST_CASE("step kernels: a workspace sized for a larger shape serves a smaller step; steps reuse it") {

@@ -61,6 +61,17 @@ def test_cli_cuda_plan_and_the_performance_model():
     assert m["launches"] == 3 and m["handoffs"] == len(names) - 3
     assert m["total_us"] == pytest.approx(m["compute_us"] + m["launch_gaps_us"] + m["handoffs_us"])
     assert all(k["us"] >= 0 for k in m["kernels"]) and m["compute_us"] > 0
+    # The kernels' parameters (a chain's bodies by value) within CUDA 12.1's 32,764 bytes.
+    assert all(0 < k["param_bytes"] <= 32764 for k in plan["kernels"])
+    # 32 steps side by side (prune_batch_async): the serial phases once, the work 32
+    # times; a batched launch carries as many steps as its parameters hold.
+    batch = json.loads(subprocess.run([sys.executable, str(ROOT / "bench" / "cuda_model.py"), "--cli",
+                                       str(CLI), "--model", "llava-1.5-7b", "--scores-from", "qk",
+                                       "--batch", "32", "--json"],
+                                      check=True, capture_output=True, text=True).stdout)
+    assert batch["batch"] == 32 and batch["launches"] >= 3
+    assert m["total_us"] < batch["total_us"] < 32 * m["total_us"]
+    assert batch["per_seq_us"] == pytest.approx(batch["total_us"] / 32)
 
 
 @pytest.mark.parametrize("case", case_dirs, ids=lambda p: p.name)

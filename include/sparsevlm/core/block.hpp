@@ -80,18 +80,21 @@ SPARSEVLM_HD inline double double_of_bits(std::uint64_t bits) noexcept {
 #endif
 }
 
-/// A block context seen as the one block of a one-block grid: the same threads
-/// and barrier, block (0, 0) of (1, 1). What a kernel fused as a tail
-/// (last_block_to_arrive) runs its one-block body with.
+/// A block context seen as block (x, y) of a gx × gy grid: the same threads and
+/// barrier, other coordinates, so that a body runs as in a launch of its own.
+/// A chained launch's phases (block (x, y) of the phase's grid) and a kernel
+/// fused as a tail (last_block_to_arrive: block (0, 0) of (1, 1)) run their
+/// bodies with one.
 template <class Block>
-struct lone_block {
+struct grid_block {
   Block b;
+  std::int64_t x = 0, y = 0, gxv = 1, gyv = 1;
   SPARSEVLM_HD std::int64_t rank() const noexcept { return b.rank(); }
   SPARSEVLM_HD std::int64_t size() const noexcept { return b.size(); }
-  SPARSEVLM_HD std::int64_t bx() const noexcept { return 0; }
-  SPARSEVLM_HD std::int64_t by() const noexcept { return 0; }
-  SPARSEVLM_HD std::int64_t gx() const noexcept { return 1; }
-  SPARSEVLM_HD std::int64_t gy() const noexcept { return 1; }
+  SPARSEVLM_HD std::int64_t bx() const noexcept { return x; }
+  SPARSEVLM_HD std::int64_t by() const noexcept { return y; }
+  SPARSEVLM_HD std::int64_t gx() const noexcept { return gxv; }
+  SPARSEVLM_HD std::int64_t gy() const noexcept { return gyv; }
   SPARSEVLM_HD void sync() const { b.sync(); }
 };
 

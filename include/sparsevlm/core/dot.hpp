@@ -51,6 +51,17 @@ SPARSEVLM_HD inline double reduce8(const double* s) noexcept {
   return add_rn(h[0], h[1]);
 }
 
+/// Half of reduce8: the four partial sums of the lanes of one parity g (lanes
+/// g, g + 2, g + 4, g + 6, in that order in `p`) combined as reduce8 combines
+/// them, so that reduce8(s) == add_rn(reduce8_half(s[0, 2, 4, 6]),
+/// reduce8_half(s[1, 3, 5, 7])) bit for bit: reduce8 adds l and l + 4, then
+/// l and l + 2, and those pairs never mix the parities before the last add.
+/// Lets two blocks share one dot64's lanes (the CUDA recycling Gram at small
+/// sizes) without changing its bits.
+SPARSEVLM_HD inline double reduce8_half(const double* p) noexcept {
+  return add_rn(add_rn(p[0], p[2]), add_rn(p[1], p[3]));
+}
+
 /// float32 dot product of `d` elements, `a(k)` and `b(k)` returning the k-th
 /// element as float (exact conversions: the caller's loaders decide strides and
 /// element types). 16 fused partial sums; in the last, partial chunk the lanes

@@ -15,10 +15,26 @@
 
 #include "../config.hpp"
 #include "block.hpp"
+#include "dot.hpp"
 #include "math.hpp"
 #include "rn.hpp"
 
 namespace sparsevlm::detail::core {
+
+/// Σ f(i) over i in [lo, hi) in dot64's order (core/dot.hpp): 8 partial sums,
+/// lane l taking i = lo + l, lo + l + 8, ..., combined by reduce8. Why lanes: a
+/// sum in index order is one chain of hi − lo dependent additions, which is
+/// what bounds the reduction's time on a GPU block (its sums are latency, not
+/// throughput); 8 chains are (hi − lo)/8 + 3 long and give the same bits on
+/// every backend because the order is fixed, not the thread count's.
+template <class F>
+SPARSEVLM_HD double lane_sum8(std::int64_t lo, std::int64_t hi, F&& f) noexcept {
+  double acc[8] = {};
+  for (std::int64_t i = lo; i < hi; i += 8)
+    for (int l = 0; l < 8; ++l)
+      if (i + l < hi) acc[l] = add_rn(acc[l], f(i + l));
+  return reduce8(acc);
+}
 
 /// Points per multisection round of largest_eigenvalue: each round shrinks the
 /// interval holding λ_max 65-fold (about 6 bits), so about 9 rounds reach double
@@ -37,10 +53,11 @@ inline constexpr std::int64_t eigen_shared = 8 + multisection_points;
 /// Loan, Alg. 8.3.1, no eigenvectors), backward stable.
 ///
 /// The arithmetic does not depend on the number of threads: the O(n²)
-/// per-column loops are split across the block by row (each row's sum still
-/// runs in one thread, in column order), while each sum across rows (the
-/// column's scale, ‖v‖², v·p) is taken by every thread in the serial order, so
-/// that no thread waits for another's. One thread (serial_block, the CPU) and a
+/// per-column loops are split across the block by row (each row's sum runs in
+/// one thread), while each sum across rows (the column's scale, ‖v‖², v·p) is
+/// taken by every thread itself, so that no thread waits for another's. Every
+/// sum is a lane_sum8 (8 partial sums in a fixed order), which cuts its chain
+/// of dependent additions 8-fold. One thread (serial_block, the CPU) and a
 /// CUDA block of any size give the same bits.
 ///
 /// - `d` (n): receives the diagonal; `e` (n): the subdiagonal, e[i] coupling i
@@ -64,8 +81,7 @@ SPARSEVLM_HD void tridiagonalize(const Block& b, double* a, std::int64_t n, doub
   // three barriers per column.
   for (std::int64_t k = 0; k + 2 < n; ++k) {
     // Every thread, the same sums in the same order: scale, then h over v = x/scale.
-    double scale = 0.0;
-    for (std::int64_t i = k + 1; i < n; ++i) scale = add_rn(scale, fabs(a[i * n + k]));
+    const double scale = lane_sum8(k + 1, n, [a, n, k](std::int64_t i) { return fabs(a[i * n + k]); });
     if (scale == 0.0) {  // already reduced in this column
       if (lead) {
         d[k] = a[k * n + k];
@@ -73,11 +89,10 @@ SPARSEVLM_HD void tridiagonalize(const Block& b, double* a, std::int64_t n, doub
       }
       continue;
     }
-    double h = 0.0;
-    for (std::int64_t i = k + 1; i < n; ++i) {
+    double h = lane_sum8(k + 1, n, [a, n, k, scale](std::int64_t i) {
       const double v = div_rn(a[i * n + k], scale);
-      h = add_rn(h, mul_rn(v, v));
-    }
+      return mul_rn(v, v);
+    });
     const double f = div_rn(a[(k + 1) * n + k], scale);
     const double g = f >= 0.0 ? -sqrt_rn(h) : sqrt_rn(h);
     h = sub_rn(h, mul_rn(f, g));  // = ‖v‖² / 2 with v = x − g·e1
@@ -87,14 +102,14 @@ SPARSEVLM_HD void tridiagonalize(const Block& b, double* a, std::int64_t n, doub
     b.sync();
     // p = A·v / h over the trailing block (lower triangle), into d[k+1..] as scratch.
     for (std::int64_t i = k + 1 + t0; i < n; i += nt) {
-      double s = 0.0;
-      for (std::int64_t j = k + 1; j <= i; ++j) s = add_rn(s, mul_rn(a[i * n + j], e[j]));
-      for (std::int64_t j = i + 1; j < n; ++j) s = add_rn(s, mul_rn(a[j * n + i], e[j]));
+      // Row i of the symmetric trailing block: a[i, j] left of the diagonal, a[j, i] right.
+      const double s = lane_sum8(k + 1, n, [a, n, i, e](std::int64_t j) {
+        return mul_rn(j <= i ? a[i * n + j] : a[j * n + i], e[j]);
+      });
       d[i] = div_rn(s, h);
     }
     b.sync();
-    double vp = 0.0;  // every thread
-    for (std::int64_t i = k + 1; i < n; ++i) vp = add_rn(vp, mul_rn(d[i], e[i]));
+    const double vp = lane_sum8(k + 1, n, [d, e](std::int64_t i) { return mul_rn(d[i], e[i]); });  // every thread
     const double kk = div_rn(vp, add_rn(h, h));
     // A −= v·wᵀ + w·vᵀ with w = p − kk·v (each w taken where it is used).
     for (std::int64_t i = k + 1 + t0; i < n; i += nt) {

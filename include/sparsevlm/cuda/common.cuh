@@ -107,26 +107,38 @@ __global__ void run_body(Body body) {
   body(cuda_block{}, static_cast<void*>(shared_mem));
 }
 
+/// Devices whose per-device facts (once_per_device) are remembered; a higher
+/// ordinal reads them at every call.
+inline constexpr int cached_devices = 64;
+
+/// A fact about `device` (a nonzero integer) taken once: from `slot[device]` when
+/// an earlier call stored it, else from read(v), stored when it succeeds. The
+/// same fact may be read twice by two threads at once, never torn.
+template <class Read>
+cudaError_t once_per_device(std::atomic<std::int64_t>* slot, int device, std::int64_t& v, Read&& read) {
+  const bool cacheable = device >= 0 && device < cached_devices;
+  if (cacheable) {
+    v = slot[device].load(std::memory_order_acquire);
+    if (v != 0) return cudaSuccess;
+  }
+  const cudaError_t e = read(v);
+  if (e == cudaSuccess && cacheable) slot[device].store(v, std::memory_order_release);
+  return e;
+}
+
 /// The opt-in shared memory per block of `device`, read once per device (a step
 /// would otherwise pay two runtime calls for it).
 inline cudaError_t shared_optin(int device, std::size_t& bytes) {
-  constexpr int cached = 64;
-  static std::atomic<std::int64_t> known[cached] = {};  // 0: not read yet
-  if (device >= 0 && device < cached) {
-    const std::int64_t v = known[device].load(std::memory_order_relaxed);
-    if (v > 0) {
-      bytes = static_cast<std::size_t>(v);
-      return cudaSuccess;
-    }
-  }
-  int optin = 0;
-  const cudaError_t e =
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  if (e != cudaSuccess) return e;
-  bytes = optin > 0 ? static_cast<std::size_t>(optin) : launch_policy::default_shared;
-  if (device >= 0 && device < cached)
-    known[device].store(static_cast<std::int64_t>(bytes), std::memory_order_relaxed);
-  return cudaSuccess;
+  static std::atomic<std::int64_t> known[cached_devices] = {};
+  std::int64_t v = 0;
+  const cudaError_t e = once_per_device(known, device, v, [device](std::int64_t& out) {
+    int optin = 0;
+    const cudaError_t r = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    out = optin > 0 ? optin : static_cast<std::int64_t>(launch_policy::default_shared);
+    return r;
+  });
+  if (e == cudaSuccess) bytes = static_cast<std::size_t>(v);
+  return e;
 }
 
 /// Whether run_body<Body> may be launched programmatically on `device`: the
@@ -137,24 +149,18 @@ inline cudaError_t shared_optin(int device, std::size_t& bytes) {
 /// wait: that kernel gets a plain launch). Read once per device and kernel.
 template <class Body>
 cudaError_t programmatic_launch(int device, bool& yes) {
-  constexpr int cached = 64;
-  static std::atomic<int> known[cached] = {};  // 0: not read yet, 1: no, 2: yes
-  if (device >= 0 && device < cached) {
-    const int v = known[device].load(std::memory_order_relaxed);
-    if (v != 0) {
-      yes = v == 2;
-      return cudaSuccess;
-    }
-  }
-  int major = 0;
-  cudaError_t e = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (e != cudaSuccess) return e;
-  cudaFuncAttributes attr{};
-  if (major >= 9) e = cudaFuncGetAttributes(&attr, run_body<Body>);
-  if (e != cudaSuccess) return e;
-  yes = major >= 9 && attr.ptxVersion >= 90;
-  if (device >= 0 && device < cached) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
-  return cudaSuccess;
+  static std::atomic<std::int64_t> known[cached_devices] = {};  // 1: no, 2: yes
+  std::int64_t v = 0;
+  const cudaError_t e = once_per_device(known, device, v, [device](std::int64_t& out) {
+    int major = 0;
+    cudaError_t r = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaFuncAttributes attr{};
+    if (r == cudaSuccess && major >= 9) r = cudaFuncGetAttributes(&attr, run_body<Body>);
+    out = major >= 9 && attr.ptxVersion >= 90 ? 2 : 1;
+    return r;
+  });
+  if (e == cudaSuccess) yes = v == 2;
+  return e;
 }
 
 /// Lets run_body<Body> use up to `bytes` (the device's opt-in maximum) of dynamic
@@ -164,13 +170,13 @@ cudaError_t programmatic_launch(int device, bool& yes) {
 /// another's set and launch).
 template <class Body>
 cudaError_t allow_shared(int device, std::size_t bytes) {
-  static std::atomic<std::uint64_t> done{0};  // one bit per device below 64
-  const std::uint64_t bit = device >= 0 && device < 64 ? std::uint64_t{1} << device : 0;
-  if (bit != 0 && (done.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
-  const cudaError_t e = cudaFuncSetAttribute(run_body<Body>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(bytes));
-  if (e == cudaSuccess && bit != 0) done.fetch_or(bit, std::memory_order_release);
-  return e;
+  static std::atomic<std::int64_t> done[cached_devices] = {};  // 1: set
+  std::int64_t v = 0;
+  return once_per_device(done, device, v, [bytes](std::int64_t& out) {
+    out = 1;
+    return cudaFuncSetAttribute(run_body<Body>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(bytes));
+  });
 }
 
 /// detail/pipeline.hpp's executor: enqueues on `stream`, keeps the first error

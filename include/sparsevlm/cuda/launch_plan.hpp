@@ -50,6 +50,7 @@ struct kernel_launch {
   std::array<std::int64_t, 3> block{1, 1, 1};
   std::size_t smem_bytes = 0;  ///< dynamic shared memory
   std::vector<kernel_phase> phases;  ///< a chained launch's phases with blocks, in order
+  std::size_t param_bytes = 0;  ///< the kernel's parameters (the body, copied by value)
 };
 
 /// The limits a launch must respect on a device generation.
@@ -59,11 +60,12 @@ struct device_limits {
   std::int64_t max_grid_x = 2147483647;     ///< 2^31 − 1
   std::int64_t max_grid_yz = 65535;
   std::size_t max_shared_optin = 232448;    ///< opt-in dynamic shared memory per block
+  std::size_t max_param_bytes = 32764;      ///< kernel parameters (CUDA 12.1+, Volta+)
 
   /// A100 (sm_80): 163 KB of opt-in shared memory per block.
-  static constexpr device_limits sm80() { return {"sm_80", 1024, 2147483647, 65535, 166912}; }
+  static constexpr device_limits sm80() { return {"sm_80", 1024, 2147483647, 65535, 166912, 32764}; }
   /// H100 / H200 (sm_90): 227 KB.
-  static constexpr device_limits sm90() { return {"sm_90", 1024, 2147483647, 65535, 232448}; }
+  static constexpr device_limits sm90() { return {"sm_90", 1024, 2147483647, 65535, 232448, 32764}; }
 };
 
 /// What a device step launches.
@@ -90,6 +92,9 @@ struct launch_plan {
       if (k.smem_bytes > lim.max_shared_optin)
         return bad("shared bytes", static_cast<std::int64_t>(k.smem_bytes),
                    static_cast<std::int64_t>(lim.max_shared_optin));
+      if (k.param_bytes > lim.max_param_bytes)
+        return bad("parameter bytes", static_cast<std::int64_t>(k.param_bytes),
+                   static_cast<std::int64_t>(lim.max_param_bytes));
     }
     return {};
   }
@@ -186,7 +191,7 @@ struct plan_exec : launch_policy {
   template <class Body>
   void launch(const Body& body, std::int64_t gx, std::int64_t gy, int nthreads, std::size_t smem) {
     if (gx <= 0 || gy <= 0) return;  // as the device executor: nothing to run
-    kernel_launch k{kernel_name<Body>(), {gx, gy, 1}, {nthreads, 1, 1}, smem, {}};
+    kernel_launch k{kernel_name<Body>(), {gx, gy, 1}, {nthreads, 1, 1}, smem, {}, sizeof(Body)};
     if constexpr (requires { body.list; }) {  // a chain: its phases with blocks
       k.name.clear();
       body.list.each([&](const auto& ph) {

@@ -9,8 +9,8 @@ namespace sparsevlm::cuda {
 /// m = min(R, N): G by canonical float64 dot products in 32×32 (or 16×16) tiles, then the
 /// CPU's own rank arithmetic (core/eigen.hpp's gram_rank) on ONE thread block:
 /// the Householder reduction's per-row loops are split over the block (each
-/// cross-row sum taken by every thread in the serial order; three barriers per
-/// column), and the Sturm counts that
+/// cross-row sum taken by every thread itself, as 8 lane sums in a fixed order;
+/// three barriers per column), and the Sturm counts that
 /// find λ_max (64 points per multisection round, about 9 rounds) and count the
 /// eigenvalues above the threshold are spread over the threads. Same bits as
 /// the CPU, hence the same rank.

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../step.hpp"
+#include "detail/batch.hpp"
 #include "keep_set.cuh"
 #include "plan.cuh"
 #include "rank.cuh"
@@ -28,8 +29,15 @@ namespace sparsevlm::cuda {
 namespace detail {
 
 /// How far a step goes: its host checks (extents, options), then also the
-/// device pointer queries, or all of it with the launches.
-enum class step_upto { host_checks, all_checks, launch };
+/// device pointer queries, or all of it with the launches; `launch_checked`
+/// launches after the host checks alone, for a step whose pointers an
+/// all_checks call has just queried (prune_batch_async).
+enum class step_upto { host_checks, all_checks, launch, launch_checked };
+
+/// Whether a step at `upto` queries its device pointers.
+inline bool queries_pointers(step_upto upto) {
+  return upto == step_upto::all_checks || upto == step_upto::launch;
+}
 
 template <class TE, class TH>
 step_shape shape_of(matrix_view<const TE> embeds, matrix_view<const TH> hidden, index_t length,
@@ -55,14 +63,16 @@ step_shape shape_of(matrix_view<const TE> embeds, matrix_view<const TH> hidden, 
 /// checks every step before it enqueues the first).
 /// `check_scores(pre)` checks the scoring source against the step and returns
 /// the cudaError_t of its pointer queries; `enqueue(ex, args, bounds, buffers)`
-/// runs pipeline::run_step with that source.
+/// runs pipeline::run_step with that source. With `batch`, the launches are
+/// recorded there (batch_exec: launched with the other steps' at its flush)
+/// and `pinned_length` is the caller's to copy.
 template <class TE, class TH, class CheckScores, class Enqueue>
 cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, index_t length,
                 visual_span visual, const std::optional<std::span<const index_t>>& raters,
                 const step_shape& shape, const step_options& opt, void* workspace,
                 std::size_t& bytes, device_step& out, index_t* pinned_length,
                 cudaStream_t stream, step_upto upto, CheckScores&& check_scores,
-                Enqueue&& enqueue) {
+                Enqueue&& enqueue, batch_exec<device_exec>* batch) {
   check_policy(opt.policy);
   if (opt.recycle.enabled) check_recycle_options(opt.recycle);
   SPARSEVLM_CHECK(hidden.extent(0) == length, errc::shape_mismatch, "hidden.extent[0]", length,
@@ -81,7 +91,7 @@ cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, inde
   if (opt.recycle.enabled) check_recycle_hidden(st, hidden);
   cudaError_t e = check_scores(st);
   if (upto == step_upto::host_checks) return e;
-  if (e == cudaSuccess)
+  if (e == cudaSuccess && queries_pointers(upto))
     e = check_device_pointers({{raters ? static_cast<const void*>(raters->data()) : embeds.data(),
                                 raters ? "raters" : "embeds"},
                                {hidden.data(), "hidden"},
@@ -104,6 +114,12 @@ cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, inde
   a.first_visual = visual.start;
   a.n_visual = visual.len;
   a.decide = decide;
+  if (batch != nullptr) {
+    batch->begin_step();
+    enqueue(*batch, a, st.bounds, st.buf);
+    out = st;
+    return batch->status;
+  }
   enqueue(ex, a, st.bounds, st.buf);
   // cudaMemcpyDefault: the slot may be pinned host memory or device memory.
   if (ex.status == cudaSuccess && pinned_length != nullptr)
@@ -117,7 +133,8 @@ cudaError_t run(matrix_view<const TE> embeds, matrix_view<const TH> hidden, inde
 template <class TE, class TA, class TH>
 cudaError_t step_async(const step_inputs<TE, TA, TH>& in, const step_options& opt,
                        void* workspace, std::size_t& bytes, device_step& out,
-                       index_t* pinned_length, cudaStream_t stream, step_upto upto) {
+                       index_t* pinned_length, cudaStream_t stream, step_upto upto,
+                       batch_exec<device_exec>* batch = nullptr) {
   detail::check_scoring(opt.scoring);
   const index_t L = in.attn.extent(1);
   const step_shape shape = detail::shape_of(in.embeds, in.hidden, L, in.visual,
@@ -127,19 +144,21 @@ cudaError_t step_async(const step_inputs<TE, TA, TH>& in, const step_options& op
       pinned_length, stream, upto,
       [&](const device_step& st) {
         detail::check_attn(st, in.attn, opt.scoring);
-        return upto == step_upto::host_checks ? cudaSuccess
-                                              : detail::check_device_pointer(in.attn.data(), "attn");
+        return queries_pointers(upto) ? detail::check_device_pointer(in.attn.data(), "attn")
+                                      : cudaSuccess;
       },
-      [&](detail::device_exec& ex, const auto& a, const detail::pipeline::bounds& b,
+      [&](auto& ex, const auto& a, const detail::pipeline::bounds& b,
           const detail::pipeline::buffers& buf) {
         detail::pipeline::run_step(ex, a, detail::rows_of(in.attn), in.attn.extent(0), b, buf);
-      });
+      },
+      batch);
 }
 
 template <class TE, class TQ, class TK, class TH>
 cudaError_t step_async(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_options& opt,
                        void* workspace, std::size_t& bytes, device_step& out,
-                       index_t* pinned_length, cudaStream_t stream, step_upto upto) {
+                       index_t* pinned_length, cudaStream_t stream, step_upto upto,
+                       batch_exec<device_exec>* batch = nullptr) {
   detail::check_scoring(opt.scoring);
   const index_t L = in.qk.k.extent(1);
   const step_shape shape =
@@ -151,10 +170,11 @@ cudaError_t step_async(const step_inputs_qk<TE, TQ, TK, TH>& in, const step_opti
       pinned_length, stream, upto,
       [&](const device_step& st) {
         q = detail::qk_args_of(st, in.qk, opt.scoring);
-        return upto == step_upto::host_checks ? cudaSuccess : detail::check_qk_pointers(in.qk);
+        return queries_pointers(upto) ? detail::check_qk_pointers(in.qk) : cudaSuccess;
       },
-      [&](detail::device_exec& ex, const auto& a, const detail::pipeline::bounds& b,
-          const detail::pipeline::buffers& buf) { detail::pipeline::run_step(ex, a, q, b, buf); });
+      [&](auto& ex, const auto& a, const detail::pipeline::bounds& b,
+          const detail::pipeline::buffers& buf) { detail::pipeline::run_step(ex, a, q, b, buf); },
+      batch);
 }
 
 }  // namespace detail
@@ -210,12 +230,20 @@ cudaError_t prune_step_sync(const Inputs& in, const step_options& opt, void* wor
 }
 
 /// B independent steps (a ragged batch: each Inputs has its own length and
-/// span), enqueued one after another on `stream` into consecutive slices of
-/// one workspace. Two-phase like prune_step_async (workspace == nullptr: `bytes`
-/// receives the total). Every step is checked before the first is enqueued (a
-/// step's error names it: "steps[3]: hidden.extent[0]: ..."). `options` has 1
-/// entry (shared) or B; `out` B entries; `pinned_lengths`, when not null, B slots. The kernels of one step run
-/// back to back; steps do not overlap (a stream per slice would let them).
+/// span) on `stream`, into consecutive slices of one workspace. Two-phase like
+/// prune_step_async (workspace == nullptr: `bytes` receives the total). Every
+/// step is checked before the first is enqueued (a step's error names it:
+/// "steps[3]: hidden.extent[0]: ..."). `options` has 1 entry (shared) or B;
+/// `out` B entries; `pinned_lengths`, when not null, B slots (copied after
+/// every step's kernels).
+///
+/// The steps run together: launch i of every step (the counts reset, the
+/// raters-and-scores chain, the rest) is one grid (detail::batched, up to
+/// batch_width steps a grid), so one step's one-block phases overlap the
+/// others' instead of running one step after another: 3 launches for a batch
+/// (more past batch_width steps), each step's bits as prune_step_async's.
+/// With set_chained_launches(false), each step's kernels are launched one by
+/// one, steps interleaved.
 template <class Inputs>
 cudaError_t prune_batch_async(std::span<const Inputs> steps, std::span<const step_options> options,
                               void* workspace, std::size_t& bytes, std::span<device_step> out,
@@ -224,12 +252,16 @@ cudaError_t prune_batch_async(std::span<const Inputs> steps, std::span<const ste
   SPARSEVLM_CHECK(options.size() == 1 || options.size() == B, errc::shape_mismatch,
                   "options.size()", sparsevlm::detail::concat("1 or ", B), options.size());
   SPARSEVLM_CHECK(out.size() == B, errc::shape_mismatch, "out.size()", B, out.size());
-  // Step b's checks, with its errors naming it.
+  // Step b (its checks, or its launches recorded in `batch`), with its errors naming it.
+  device_step unused;
+  std::optional<detail::batch_exec<detail::device_exec>> batch;  // after the checks: its
+                                                                 // constructor asks the runtime
   const auto checked = [&](std::size_t b, void* ws, std::size_t& n, detail::step_upto upto) {
-    device_step unused;
+    const bool launch = upto == detail::step_upto::launch_checked;
     try {
-      return detail::step_async(steps[b], options[options.size() == 1 ? 0 : b], ws, n, unused,
-                                nullptr, stream, upto);
+      return detail::step_async(steps[b], options[options.size() == 1 ? 0 : b], ws, n,
+                                launch ? out[b] : unused, nullptr, stream, upto,
+                                launch ? &*batch : nullptr);
     } catch (const error& err) {
       throw error(err.code(), sparsevlm::detail::concat("steps[", b, "]: ", err.what()));
     }
@@ -261,14 +293,24 @@ cudaError_t prune_batch_async(std::span<const Inputs> steps, std::span<const ste
       base += need[b];
     }
   }
+  // The launches, recorded (with the host checks again: they build each step's
+  // state, but no second round of pointer queries), then enqueued together.
+  batch.emplace(stream);
+  if (batch->status != cudaSuccess) return batch->status;
   auto* base = static_cast<unsigned char*>(workspace);
   for (std::size_t b = 0; b < B; ++b) {
     std::size_t n = need[b];
-    const cudaError_t e = prune_step_async(steps[b], options[options.size() == 1 ? 0 : b], base, n,
-                                           out[b], pinned_lengths ? pinned_lengths + b : nullptr,
-                                           stream);
+    const cudaError_t e = checked(b, base, n, detail::step_upto::launch_checked);
     if (e != cudaSuccess) return e;
     base += need[b];  // a multiple of 256 (layout rounds up)
+  }
+  batch->flush();
+  if (batch->status != cudaSuccess) return batch->status;
+  // cudaMemcpyDefault: the slots may be pinned host memory or device memory.
+  for (std::size_t b = 0; b < B && pinned_lengths != nullptr; ++b) {
+    const cudaError_t e = cudaMemcpyAsync(pinned_lengths + b, out[b].length_slot(), sizeof(index_t),
+                                          cudaMemcpyDefault, stream);
+    if (e != cudaSuccess) return e;
   }
   return cudaSuccess;
 }

@@ -83,6 +83,16 @@ inline bounds make_bounds(i64 length, i64 visual, i64 heads, i64 embed_dim, i64 
   return b;
 }
 
+/// The recycled rows' Gram matrix splits each dot product's lanes over two
+/// blocks (recycle_gram's G2) up to this many rows: there 16×16 tiles give at
+/// most 136 blocks on or above the diagonal, about one an SM of an H100, and the
+/// split doubles them. Above it the tiles alone fill the GPU. The bound is a
+/// constant, not the device's, so the workspace layout depends on the shape only.
+inline constexpr i64 lane_split_rows = 256;
+
+/// Whether recycle_phases splits the Gram's lanes at this s_max.
+inline bool gram_lane_split(i64 s_max) { return s_max > 0 && s_max <= lane_split_rows; }
+
 /// Where each buffer of a step lives (device pointers into the workspace).
 /// Outputs that outlive the step's kernels: counts, raters, scores, keep,
 /// offsets, members, merged, sequence (read by the plan kernels and by
@@ -113,6 +123,7 @@ struct buffers {
   double* eig = nullptr;  ///< [2·m_max]
   // scratch of recycling
   double* D = nullptr;     ///< [s_max²] the Gram matrix, then D over it
+  double* D2 = nullptr;    ///< [min(s_max, lane_split_rows)²] the Gram's odd lanes (gram_lane_split)
   double* diag = nullptr;  ///< [s_max]
   double* rho = nullptr;
   double* gamma = nullptr;
@@ -184,6 +195,10 @@ inline std::size_t layout(const bounds& b, void* base, buffers& out) {
   });
   stage([&] {
     out.D = c.take<double>(b.s_max * b.s_max);
+    // Taken at every s_max (not only where it is used) so that the layout grows
+    // with every bound: a workspace sized for a larger s_max fits a smaller one.
+    const i64 s2 = std::min(b.s_max, lane_split_rows);
+    out.D2 = c.take<double>(s2 * s2);
     out.diag = c.take<double>(b.s_max);
     out.rho = c.take<double>(b.s_max);
     out.gamma = c.take<double>(b.s_max);
@@ -426,16 +441,21 @@ auto recycle_phases(Exec& ex, rows2<TH> hidden, i64 first_visual, i64 hidden_dim
   const int t = ex.threads();
   const i64 ld = s_max;
   const auto on = [&](i64 n) { return s_max > 0 ? n : 0; };
+  const bool split = gram_lane_split(s_max);
+  double* const D2 = split ? buf.D2 : nullptr;
+  auto gram = dot_tiles(
+      ex, s_max, s_max,
+      [&](auto edge) {
+        constexpr int e = decltype(edge)::value;
+        return recycle_gram<TH, e>{hidden,  first_visual, hidden_dim, ld, buf.order, buf.D, D2,
+                                   core::ceil_div(s_max, e), buf.counts};
+      },
+      recycle_diag{buf.D, D2, ld, buf.diag, buf.dmax, buf.counts}, buf.counts, arrive_gram);
+  if (split) gram.gy *= 2;  // the odd lanes' blocks (recycle_gram)
   return phase_list(
-      dot_tiles(
-          ex, s_max, s_max,
-          [&](auto edge) {
-            return recycle_gram<TH, decltype(edge)::value>{hidden, first_visual, hidden_dim, ld,
-                                                           buf.order, buf.D, buf.counts};
-          },
-          recycle_diag{buf.D, ld, buf.diag, buf.dmax, buf.counts}, buf.counts, arrive_gram),
+      gram,
       // D and its maximum in one pass (the maximum by one exact atomic per block).
-      phase_of(recycle_distances{buf.D, ld, buf.diag, std::sqrt(static_cast<double>(hidden_dim)),
+      phase_of(recycle_distances{buf.D, D2, ld, buf.diag, std::sqrt(static_cast<double>(hidden_dim)),
                                  buf.dmax, buf.counts},
                on(ex.grid(s_max * s_max)), static_cast<std::size_t>(t) * sizeof(double)),
       phase_of(recycle_density{buf.D, ld, buf.rho, buf.counts}, on(s_max),

@@ -13,18 +13,28 @@ namespace sparsevlm::cuda::detail {
 /// The Gram matrix of the s recycled hidden rows (selected token i is visual
 /// token order[keep + i]), dot64 over d, upper tiles, mirrored; ld = s_max.
 /// Flags NaN/Inf in those rows. Grid: (tiles, tiles) for s_max.
+///
+/// With `G2` (pipeline::gram_lane_split: few tiles), the grid is (tiles,
+/// 2·tiles) and each dot product's 8 lanes are shared by two blocks: blocks
+/// with by < tiles write the even lanes' half into G, the others the odd
+/// lanes' into G2, and the Gram entry is add_rn(G, G2) (core::reduce8_half),
+/// the same bits, taken by recycle_diag and recycle_distances. Why: at LLaVA
+/// sizes (s = 173) the upper tiles are 66 blocks, half an H100.
 template <class TH, int Tile>
 struct recycle_gram {
   rows2<TH> hidden;
   i64 first_visual, dim, ld;
   const i64* order;
   double* G;
+  double* G2;     ///< null: one block a tile, all lanes
+  i64 col_tiles;  ///< ⌈s_max / Tile⌉ (with G2: by % col_tiles is the tile column)
   step_counts* counts;
 
   template <class Block>
   SPARSEVLM_HD void operator()(const Block& b, void* smem) const {
     const i64 s = counts->recycled;
-    const i64 i0 = b.bx() * Tile, j0 = b.by() * Tile;
+    const int half = G2 != nullptr && b.by() >= col_tiles ? 1 : 0;
+    const i64 i0 = b.bx() * Tile, j0 = (b.by() - half * col_tiles) * Tile;
     if (failed(counts, flag_hidden) || i0 >= s || j0 >= s || j0 < i0) return;
     const i64 na = s - i0 < Tile ? s - i0 : Tile, nb = s - j0 < Tile ? s - j0 : Tile;
     const i64* sel = order + counts->keep;
@@ -36,14 +46,26 @@ struct recycle_gram {
       if (!std::isfinite(v)) core::raise_flag(flag);
       return v;
     };
-    gram_tile<Tile>(b, static_cast<float*>(smem), i0, j0, na, nb, dim, load, G, ld);
+    if (G2 == nullptr) {
+      gram_tile<Tile>(b, static_cast<float*>(smem), i0, j0, na, nb, dim, load, G, ld);
+    } else {
+      gram_tile<Tile, 2>(b, static_cast<float*>(smem), i0, j0, na, nb, dim, load,
+                         half == 0 ? G : G2, ld, half);
+    }
   }
 };
 
-/// diag[i] = G[i][i], saved so that D can replace G in place; D's maximum
-/// (recycle_distances') starts at 0. Grid-stride.
+/// Entry (i, j) of the recycled rows' Gram matrix: G's, or add_rn(G, G2) when
+/// recycle_gram split the lanes (the last add of reduce8).
+SPARSEVLM_HD inline double gram_entry(const double* G, const double* G2, i64 at) {
+  return G2 == nullptr ? G[at] : core::add_rn(G[at], G2[at]);
+}
+
+/// diag[i] = G[i][i] (gram_entry), saved so that D can replace G in place; D's
+/// maximum (recycle_distances') starts at 0. Grid-stride.
 struct recycle_diag {
   const double* G;
+  const double* G2;  ///< recycle_gram's odd lanes, or null
   i64 ld;
   double* diag;
   std::uint64_t* dmax;
@@ -54,11 +76,11 @@ struct recycle_diag {
     if (failed(counts)) return;
     const i64 s = counts->recycled;
     if (thread_id(b) == 0) *dmax = 0;
-    for (i64 i = thread_id(b); i < s; i += thread_count(b)) diag[i] = G[i * ld + i];
+    for (i64 i = thread_id(b); i < s; i += thread_count(b)) diag[i] = gram_entry(G, G2, i * ld + i);
   }
 };
 
-/// D[i][j] = gram_distance(G_ii, G_jj, G_ij) for i < j, mirrored, 0 on the
+/// D[i][j] = gram_distance(G_ii, G_jj, G_ij) for i < j (G_ij: gram_entry), mirrored, 0 on the
 /// diagonal, written over G (`GD`, ld = s_max): the one thread of pair i < j
 /// is the only one that reads G_ij = G_ji, and it reads before it writes. Also
 /// D's largest entry (>= 0: dpc_knn starts its max at 0): each block's maximum,
@@ -66,6 +88,7 @@ struct recycle_diag {
 /// Grid-stride over s²; smem: size() doubles.
 struct recycle_distances {
   double* GD;
+  const double* G2;  ///< recycle_gram's odd lanes, or null (gram_entry)
   i64 ld;
   const double* diag;
   double sqrt_d;
@@ -82,7 +105,7 @@ struct recycle_distances {
       if (i == j) {
         GD[i * ld + i] = 0.0;
       } else if (i < j) {
-        const double dist = core::gram_distance(diag[i], diag[j], GD[i * ld + j], sqrt_d);
+        const double dist = core::gram_distance(diag[i], diag[j], gram_entry(GD, G2, i * ld + j), sqrt_d);
         GD[i * ld + j] = dist;
         GD[j * ld + i] = dist;
         mx = mx < dist ? dist : mx;

@@ -130,17 +130,25 @@ inline constexpr i64 tile_smem = 2 * Tile * (tile_depth + 1) * static_cast<i64>(
 /// accumulates elements l, l + lanes, ... in order across the stages, the
 /// staged values past `depth` are zero, and lane groups that start at or past
 /// `depth` are skipped: exactly the CPU's loop `for (k = 0; k < d; k += lanes)`.
-template <class Acc, int Tile, class Block, class LA, class LB, class Out>
+///
+/// Split = 2 (Acc = double only): the block computes only the lanes of parity
+/// `half` (half, half + 2, ...) and out() receives core::reduce8_half of them;
+/// the dot product is add_rn(half 0's, half 1's), the same bits (dot.hpp).
+template <class Acc, int Tile, int Split = 1, class Block, class LA, class LB, class Out>
 SPARSEVLM_HD void dot_tile(const Block& b, float* smem, i64 na, i64 nb, i64 depth, LA&& la,
-                           LB&& lb, Out&& out) {
+                           LB&& lb, Out&& out, int half = 0) {
+  static_assert(Split == 1 || (Split == 2 && std::is_same_v<Acc, double>),
+                "only a float64 dot product's lanes split in two");
   constexpr int lanes = std::is_same_v<Acc, float> ? core::dot32_lanes : core::dot64_lanes;
+  constexpr int own = lanes / Split;  // lanes this block accumulates: Split·j + half
   constexpr int ks = tile_depth + 1;  // padded row stride in shared memory
   float* sa = smem;
   float* sb = smem + Tile * ks;
   const i64 t = b.rank(), nt = b.size();
-  Acc acc[tile_pairs][lanes];
+  const int l0 = Split == 1 ? 0 : half;
+  Acc acc[tile_pairs][own];
   for (int q = 0; q < tile_pairs; ++q)
-    for (int l = 0; l < lanes; ++l) acc[q][l] = Acc(0);
+    for (int l = 0; l < own; ++l) acc[q][l] = Acc(0);
   for (i64 k0 = 0; k0 < depth; k0 += tile_depth) {
     for (i64 e = t; e < Tile * tile_depth; e += nt) {
       const i64 r = e / tile_depth, k = e % tile_depth;
@@ -156,12 +164,12 @@ SPARSEVLM_HD void dot_tile(const Block& b, float* smem, i64 na, i64 nb, i64 dept
       const float* rb = sb + (p % Tile) * ks;
       for (int g = 0; g < tile_depth; g += lanes) {
         if (k0 + g >= depth) break;
-        for (int l = 0; l < lanes; ++l) {
+        for (int l = 0; l < own; ++l) {
+          const int k = g + Split * l + l0;
           if constexpr (std::is_same_v<Acc, float>) {
-            acc[q][l] = core::fma32(ra[g + l], rb[g + l], acc[q][l]);
+            acc[q][l] = core::fma32(ra[k], rb[k], acc[q][l]);
           } else {
-            acc[q][l] = core::fma64(static_cast<double>(ra[g + l]), static_cast<double>(rb[g + l]),
-                              acc[q][l]);
+            acc[q][l] = core::fma64(static_cast<double>(ra[k]), static_cast<double>(rb[k]), acc[q][l]);
           }
         }
       }
@@ -174,6 +182,8 @@ SPARSEVLM_HD void dot_tile(const Block& b, float* smem, i64 na, i64 nb, i64 dept
     if (p < Tile * Tile && i < na && j < nb) {
       if constexpr (std::is_same_v<Acc, float>) {
         out(i, j, core::reduce16(acc[q]));
+      } else if constexpr (Split == 2) {
+        out(i, j, core::reduce8_half(acc[q]));
       } else {
         out(i, j, core::reduce8(acc[q]));
       }
@@ -184,18 +194,20 @@ SPARSEVLM_HD void dot_tile(const Block& b, float* smem, i64 na, i64 nb, i64 dept
 /// The Tile×Tile block (i0, j0) of a symmetric Gram matrix g (row stride ld) in
 /// double (dot_tile with Acc = double): rows are load(r, k); only pairs with
 /// i <= j are computed into both g[i][j] and g[j][i] (blocks below the diagonal
-/// are the caller's to skip), so each pair is one number.
-template <int Tile, class Block, class Load>
+/// are the caller's to skip), so each pair is one number. Split = 2: only the
+/// lanes of parity `half`, g receiving that half (dot_tile).
+template <int Tile, int Split = 1, class Block, class Load>
 SPARSEVLM_HD void gram_tile(const Block& b, float* smem, i64 i0, i64 j0, i64 na, i64 nb,
-                            i64 depth, Load load, double* g, i64 ld) {
-  dot_tile<double, Tile>(
+                            i64 depth, Load load, double* g, i64 ld, int half = 0) {
+  dot_tile<double, Tile, Split>(
       b, smem, na, nb, depth, [load, i0](i64 r, i64 k) { return load(i0 + r, k); },
       [load, j0](i64 r, i64 k) { return load(j0 + r, k); },
       [g, ld, i0, j0](i64 i, i64 j, double v) {
         if (i0 + i > j0 + j) return;
         g[(i0 + i) * ld + j0 + j] = v;
         g[(j0 + j) * ld + i0 + i] = v;
-      });
+      },
+      half);
 }
 
 /// Sorts v[0, n) ascending in shared memory, n a power of two (bitonic network).
@@ -262,7 +274,7 @@ struct in_order {
 /// A kernel and the one-block kernel after it in one launch: `first` over the
 /// launch's grid, then `then` in the block that finishes last
 /// (core::last_block_to_arrive), as the only block of a one-block grid
-/// (core::lone_block), seeing every block's writes as it would after a kernel
+/// (core::grid_block of one block), seeing every block's writes as it would after a kernel
 /// boundary. One launch gap less; the same work and bits. The blocks are counted
 /// in `counts->arrivals[slot]` (arrival_slot); the block's flag sits at byte
 /// `flag_at` of its shared memory, past what either body uses (with_tail_smem).
@@ -280,7 +292,7 @@ struct with_tail {
     first(b, smem);
     auto* flag = reinterpret_cast<std::uint32_t*>(static_cast<char*>(smem) + flag_at);
     if (core::last_block_to_arrive(b, &counts->arrivals[slot], flag))
-      then(core::lone_block<Block>{b}, smem);
+      then(core::grid_block<Block>{b, 0, 0, 1, 1}, smem);
   }
 };
 
@@ -302,22 +314,6 @@ struct phase {
   i64 gx = 0, gy = 1;
   std::size_t smem = 0;
   [[nodiscard]] SPARSEVLM_HD i64 blocks() const noexcept { return gx > 0 && gy > 0 ? gx * gy : 0; }
-};
-
-/// A block of a chained launch seen as block (x, y) of its phase's own grid
-/// (gx, gy): the same threads and barrier, the phase's coordinates, so a body
-/// runs in a phase exactly as in a launch of its own.
-template <class Block>
-struct phase_block {
-  Block b;
-  i64 x, y, gxv, gyv;
-  SPARSEVLM_HD std::int64_t rank() const noexcept { return b.rank(); }
-  SPARSEVLM_HD std::int64_t size() const noexcept { return b.size(); }
-  SPARSEVLM_HD std::int64_t bx() const noexcept { return x; }
-  SPARSEVLM_HD std::int64_t by() const noexcept { return y; }
-  SPARSEVLM_HD std::int64_t gx() const noexcept { return gxv; }
-  SPARSEVLM_HD std::int64_t gy() const noexcept { return gyv; }
-  SPARSEVLM_HD void sync() const { b.sync(); }
 };
 
 /// The phases of a chained launch, in order (a list: nvcc's device code has no
@@ -353,7 +349,8 @@ struct phases<Head, Rest...> {
     int j = i - 1;
     while (j >= 0 && blocks[j] == 0) --j;
     if (j >= 0) core::wait_for(b, &counts->done[j], blocks[j]);
-    head.body(phase_block<Block>{b, v % head.gx, v / head.gx, head.gx, head.gy}, smem);
+    // The block as block (x, y) of the phase's own grid.
+    head.body(core::grid_block<Block>{b, v % head.gx, v / head.gx, head.gx, head.gy}, smem);
   }
   /// f(phase) for each phase, in order (host: the launch plan, the totals).
   template <class F>
