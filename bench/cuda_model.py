@@ -35,7 +35,7 @@ SERIAL = 2e-9  # s per dependent double op on one thread
 GAP = 1.5e-6  # s between launches on a stream
 HANDOFF = 1.0e-6  # s between two phases of a chained launch (the last block's fence and
                   # count, seen by a polling block of the next phase: an L2 round trip or two)
-MAX_PARAM = 32764  # kernel parameter bytes (CUDA 12.1+)
+MAX_PARAM = 32764  # kernel parameter bytes (CUDA 12.1+; launch_plan.hpp's detail::max_param_bytes)
 ELEM = 2  # bytes per element of the engine's tensors (bf16)
 EXP_FLOPS = 30  # double flops of the library's exp (range reduction, degree-13 Horner)
 

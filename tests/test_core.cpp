@@ -102,6 +102,19 @@ TEST_CASE("core: reduce8 in two halves and lane_sum8 keep dot64's order") {
       const double want = core::reduce8(lanes);
       const double got = core::lane_sum8(lo, n, [&](index_t i) { return v[static_cast<std::size_t>(i)]; });
       CHECK(std::memcmp(&want, &got, sizeof want) == 0);
+      // Two sources, switching at every mid: the terms and lanes are the same.
+      std::vector<double> w(v.size());
+      for (double& x : w) x = std::ldexp(mant(g), expo(g));
+      for (index_t mid = lo; mid <= n; ++mid) {
+        double split[8] = {};
+        for (index_t i = lo; i < n; ++i)
+          split[(i - lo) % 8] += (i < mid ? v : w)[static_cast<std::size_t>(i)];
+        const double want2 = core::reduce8(split);
+        const double got2 = core::lane_sum8(
+            lo, mid, n, [&](index_t i) { return v[static_cast<std::size_t>(i)]; },
+            [&](index_t i) { return w[static_cast<std::size_t>(i)]; });
+        CHECK(std::memcmp(&want2, &got2, sizeof want2) == 0);
+      }
     }
   }
 }

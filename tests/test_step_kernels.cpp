@@ -492,6 +492,58 @@ TEST_CASE("step kernels: a batched grid runs every block of every launch once, a
   }
 }
 
+namespace {
+/// A batchable body of ~10 KB (so a batched launch carries 3 of them) that
+/// records where it ran, as where_body.
+struct wide_body {
+  int launch;
+  std::vector<std::array<std::int64_t, 5>>* seen;
+  std::mutex* m;
+  std::array<char, 10000> pad;
+  template <class Block>
+  void operator()(const Block& b, void* s) const {
+    where_body{launch, seen, m}(b, s);
+  }
+};
+}  // namespace
+
+template <>
+inline constexpr bool sparsevlm::cuda::detail::batchable<wide_body> = true;
+
+TEST_CASE("step kernels: batch_exec splits a group past batch_width, launches a lone one alone, and keeps each step's order") {
+  static_assert(kn::batch_width<wide_body> == 3);
+  std::vector<std::array<std::int64_t, 5>> seen;
+  std::mutex m;
+  kn::batch_exec<cpu_exec> ex;
+  ex.reversed = true;
+  // 7 steps: each a wide_body launch (launch index 0), then a where_body one
+  // (index 1, not batchable: alone); step 6 has only its first.
+  std::vector<std::array<std::int64_t, 5>> want;
+  for (int st = 0; st < 7; ++st) {
+    ex.begin_step();
+    const std::int64_t gx = st + 1, gy = st % 2 + 1;
+    ex.launch(wide_body{st, &seen, &m, {}}, gx, gy, 2, 0);
+    for (std::int64_t y = 0; y < gy; ++y)
+      for (std::int64_t x = 0; x < gx; ++x) want.push_back({st, x, y, gx, gy});
+    if (st < 6) {
+      ex.launch(where_body{100 + st, &seen, &m}, 1, 1, 2, 0);
+      want.push_back({100 + st, 0, 0, 1, 1});
+    }
+  }
+  CHECK(ex.launches == 0);
+  ex.flush();
+  // Index 0: 3 + 3 batched, then step 6 alone; index 1: six launches alone.
+  CHECK(ex.launches == 3 + 6);
+  // Every wide_body block ran before every where_body one (launch order kept).
+  std::size_t first_where = seen.size();
+  for (std::size_t i = 0; i < seen.size(); ++i)
+    if (seen[i][0] >= 100 && first_where == seen.size()) first_where = i;
+  for (std::size_t i = first_where; i < seen.size(); ++i) CHECK(seen[i][0] >= 100);
+  std::sort(seen.begin(), seen.end());
+  std::sort(want.begin(), want.end());
+  CHECK(seen == want);
+}
+
 TEST_CASE("step kernels: a batch of steps, launch i of every step as one grid, decides as prune_step step by step") {
   // prune_batch_async's form (detail::batch_exec): ragged cases with their own
   // workspaces, recorded, then launched together; also with every block of a

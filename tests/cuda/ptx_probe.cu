@@ -21,8 +21,20 @@ void probe(const sv::step_options& opt, void* ws, std::size_t& bytes, sv::cuda::
                                    sv::tensor3_view<const T>(), ws, bytes, s);
 }
 
+/// The batched chains of prune_batch_async (detail::batched), in the engines' type.
+template <class In>
+void probe_batch(const sv::step_options& opt, void* ws, std::size_t& bytes,
+                 sv::cuda::device_step& st, cudaStream_t s) {
+  const In in{};
+  sv::cuda::prune_batch_async(std::span<const In>(&in, 1), std::span<const sv::step_options>(&opt, 1),
+                              ws, bytes, std::span<sv::cuda::device_step>(&st, 1), nullptr, s);
+}
+
 void probe_all(const sv::step_options& opt, void* ws, std::size_t& bytes,
                sv::cuda::device_step& st, cudaStream_t s) {
+  probe_batch<sv::step_inputs<sv::bfloat16, sv::bfloat16, sv::bfloat16>>(opt, ws, bytes, st, s);
+  probe_batch<sv::step_inputs_qk<sv::bfloat16, sv::bfloat16, sv::bfloat16, sv::bfloat16>>(opt, ws, bytes,
+                                                                                        st, s);
   probe<float>(opt, ws, bytes, st, s);
   probe<sv::half>(opt, ws, bytes, st, s);
   probe<sv::bfloat16>(opt, ws, bytes, st, s);

@@ -21,19 +21,39 @@
 
 namespace sparsevlm::detail::core {
 
-/// Σ f(i) over i in [lo, hi) in dot64's order (core/dot.hpp): 8 partial sums,
-/// lane l taking i = lo + l, lo + l + 8, ..., combined by reduce8. Why lanes: a
-/// sum in index order is one chain of hi − lo dependent additions, which is
-/// what bounds the reduction's time on a GPU block (its sums are latency, not
-/// throughput); 8 chains are (hi − lo)/8 + 3 long and give the same bits on
-/// every backend because the order is fixed, not the thread count's.
+/// Σ over i in [lo, hi) of left(i) for i < mid and right(i) from mid on, in
+/// dot64's order (core/dot.hpp): 8 partial sums, lane l taking i = lo + l,
+/// lo + l + 8, ..., combined by reduce8. Why lanes: a sum in index order is one
+/// chain of hi − lo dependent additions, which is what bounds the reduction's
+/// time on a GPU block (its sums are latency, not throughput); 8 chains are
+/// (hi − lo)/8 + 3 long and give the same bits on every backend because the
+/// order is fixed, not the thread count's. Why two sources: a row of a
+/// symmetric matrix stored as its lower triangle is read along the row left of
+/// the diagonal and down the column right of it; only the group of 8 that
+/// straddles `mid` chooses per term (a choice per term costs the CPU half its
+/// speed here). The lanes are indexed by constants only (registers on a GPU).
+template <class Left, class Right>
+SPARSEVLM_HD double lane_sum8(std::int64_t lo, std::int64_t mid, std::int64_t hi, Left&& left,
+                              Right&& right) noexcept {
+  double acc[8] = {};
+  std::int64_t i = lo;
+  for (; i + 8 <= mid && i + 8 <= hi; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] = add_rn(acc[l], left(i + l));
+  if (i < mid && i < hi) {  // the group that holds mid (or the end)
+    for (int l = 0; l < 8; ++l)
+      if (i + l < hi) acc[l] = add_rn(acc[l], i + l < mid ? left(i + l) : right(i + l));
+    i += 8;
+  }
+  for (; i + 8 <= hi; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] = add_rn(acc[l], right(i + l));
+  for (int l = 0; i + l < hi; ++l) acc[l] = add_rn(acc[l], right(i + l));
+  return reduce8(acc);
+}
+
+/// Σ f(i) over i in [lo, hi) in the same order.
 template <class F>
 SPARSEVLM_HD double lane_sum8(std::int64_t lo, std::int64_t hi, F&& f) noexcept {
-  double acc[8] = {};
-  for (std::int64_t i = lo; i < hi; i += 8)
-    for (int l = 0; l < 8; ++l)
-      if (i + l < hi) acc[l] = add_rn(acc[l], f(i + l));
-  return reduce8(acc);
+  return lane_sum8(lo, hi, hi, f, f);
 }
 
 /// Points per multisection round of largest_eigenvalue: each round shrinks the
@@ -103,9 +123,9 @@ SPARSEVLM_HD void tridiagonalize(const Block& b, double* a, std::int64_t n, doub
     // p = A·v / h over the trailing block (lower triangle), into d[k+1..] as scratch.
     for (std::int64_t i = k + 1 + t0; i < n; i += nt) {
       // Row i of the symmetric trailing block: a[i, j] left of the diagonal, a[j, i] right.
-      const double s = lane_sum8(k + 1, n, [a, n, i, e](std::int64_t j) {
-        return mul_rn(j <= i ? a[i * n + j] : a[j * n + i], e[j]);
-      });
+      const double s = lane_sum8(
+          k + 1, i + 1, n, [a, n, i, e](std::int64_t j) { return mul_rn(a[i * n + j], e[j]); },
+          [a, n, i, e](std::int64_t j) { return mul_rn(a[j * n + i], e[j]); });
       d[i] = div_rn(s, h);
     }
     b.sync();

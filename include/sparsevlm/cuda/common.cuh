@@ -98,8 +98,13 @@ struct cuda_block {
 /// complete and its memory to be visible (griddepcontrol.wait; it returns at
 /// once for a launch that is not programmatic). What overlaps is the launch's
 /// own latency, never a read of the previous kernel's results.
+///
+/// The body is a __grid_constant__ parameter: it is read where the launch put it,
+/// never copied into each thread's local memory when a body takes its own
+/// address or indexes into itself (a chain's phases, a batch's steps: up to 32
+/// KB of parameters).
 template <class Body>
-__global__ void run_body(Body body) {
+__global__ void run_body(const __grid_constant__ Body body) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif

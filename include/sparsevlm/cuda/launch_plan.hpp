@@ -53,6 +53,12 @@ struct kernel_launch {
   std::size_t param_bytes = 0;  ///< the kernel's parameters (the body, copied by value)
 };
 
+namespace detail {
+/// The kernel parameters a launch may take: 32,764 bytes since CUDA 12.1 on
+/// Volta and later (4 KB before), so on nvcc 13's every target.
+inline constexpr std::size_t max_param_bytes = 32764;
+}  // namespace detail
+
 /// The limits a launch must respect on a device generation.
 struct device_limits {
   const char* name = "sm_90";
@@ -60,12 +66,16 @@ struct device_limits {
   std::int64_t max_grid_x = 2147483647;     ///< 2^31 − 1
   std::int64_t max_grid_yz = 65535;
   std::size_t max_shared_optin = 232448;    ///< opt-in dynamic shared memory per block
-  std::size_t max_param_bytes = 32764;      ///< kernel parameters (CUDA 12.1+, Volta+)
+  std::size_t max_param_bytes = detail::max_param_bytes;  ///< kernel parameters
 
   /// A100 (sm_80): 163 KB of opt-in shared memory per block.
-  static constexpr device_limits sm80() { return {"sm_80", 1024, 2147483647, 65535, 166912, 32764}; }
+  static constexpr device_limits sm80() {
+    return {"sm_80", 1024, 2147483647, 65535, 166912, detail::max_param_bytes};
+  }
   /// H100 / H200 (sm_90): 227 KB.
-  static constexpr device_limits sm90() { return {"sm_90", 1024, 2147483647, 65535, 232448, 32764}; }
+  static constexpr device_limits sm90() {
+    return {"sm_90", 1024, 2147483647, 65535, 232448, detail::max_param_bytes};
+  }
 };
 
 /// What a device step launches.

@@ -234,8 +234,9 @@ cudaError_t prune_step_sync(const Inputs& in, const step_options& opt, void* wor
 /// prune_step_async (workspace == nullptr: `bytes` receives the total). Every
 /// step is checked before the first is enqueued (a step's error names it:
 /// "steps[3]: hidden.extent[0]: ..."). `options` has 1 entry (shared) or B;
-/// `out` B entries; `pinned_lengths`, when not null, B slots (copied after
-/// every step's kernels).
+/// `out` B entries (valid when the call returns cudaSuccess: a launch error
+/// may leave later steps unlaunched); `pinned_lengths`, when not null, B slots
+/// (copied after every step's kernels).
 ///
 /// The steps run together: launch i of every step (the counts reset, the
 /// raters-and-scores chain, the rest) is one grid (detail::batched, up to

@@ -13,22 +13,19 @@
 #include <utility>
 #include <vector>
 
+#include "../launch_plan.hpp"
 #include "step_kernels.hpp"
 
 namespace sparsevlm::cuda::detail {
 
-/// The kernel parameters a launch may take: 32,764 bytes since CUDA 12.1 on
-/// Volta and later (4 KB before), so nvcc 13's every target.
-inline constexpr std::size_t max_param_bytes = 32764;
-
-/// How many launches of `Body` one batched launch carries: as many as its
-/// parameters hold, at most 32.
-template <class Body>
-inline constexpr int batch_width = [] {
-  constexpr std::size_t per = sizeof(Body) + 3 * sizeof(std::int64_t);
-  constexpr std::size_t k = (max_param_bytes - 64) / per;
+/// How many launches of a body of `bytes` one batched launch carries: as many
+/// as its parameters hold (max_param_bytes, launch_plan.hpp), at most 32.
+constexpr int batch_width_of(std::size_t bytes) {
+  const std::size_t k = (max_param_bytes - 64) / (bytes + 3 * sizeof(std::int64_t));
   return static_cast<int>(k < 1 ? 1 : k > 32 ? 32 : k);
-}();
+}
+template <class Body>
+inline constexpr int batch_width = batch_width_of(sizeof(Body));
 
 /// Up to K launches of the same body as one grid: launch k's gx·gy blocks are
 /// blocks [first[k], first[k + 1]) of it, each run as block (x, y) of launch
@@ -58,6 +55,7 @@ struct batched {
 /// Whether a body is launched batched (a chain or the counts reset: what a
 /// step's three launches are). Other bodies (the separate-launch form) are
 /// launched one by one, so that no batched kernel is compiled for each of them.
+/// A variable template, so a test can declare its own bodies batchable.
 template <class Body>
 inline constexpr bool batchable = requires(const Body& b) { b.list; } ||
                                   std::is_same_v<Body, counts_reset>;
