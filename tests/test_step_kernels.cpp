@@ -246,8 +246,9 @@ TEST_CASE("step kernels: at LLaVA-1.5's and LLaVA-NeXT's token counts the emulat
       host_workspace ws(bd);
       cpu_exec ex;
       // 32 threads a block at LLaVA-1.5's count; 8 at NeXT's, whose 865 recycled
-      // rows make ~47,000 Gram tiles: each barrier of a CPU-thread block wakes
-      // every thread, so 32 would spend minutes of a 2-core machine in the kernel.
+      // rows make tens of thousands of 4×4 Gram tiles, each a block run: every
+      // barrier of a CPU-thread block wakes each of its threads, so 32 threads
+      // took 105 s of a 2-core machine (8: 45 s) and the same grids and bounds.
       ex.block = c.N > 1024 ? 8 : 32;
       ex.max_blocks = 16;
       const pipeline_out got = emulate<float>(ex, c, qk, ws, bd);
