@@ -2,14 +2,16 @@
 the vLLM plugin is checked against. Runs in build/venv (transformers 5.24, what
 sparsevlm.hf is tested with; vLLM 0.32 pins transformers < 5.20):
 
-    build/venv/bin/python tests/vllm/hf_reference.py spec.json out.json
+    build/venv/bin/python tests/vllm/hf_reference.py specs.json out.json
 
-spec: {"model": dir, "family": "llava" (default) | "llava_next" | "qwen2_vl" | "qwen2_5_vl",
-"inputs": an .npz from tiny_llava.inputs (ids<i>, and for a prompt with an image pix<i>
+specs: {name: spec}, run one after another in this process (importing torch and
+transformers takes most of a tiny model's time), each on a model loaded afresh. Each
+spec: {"model": dir, "family": "llava" (default) | "llava_next" | "qwen2_vl" |
+"qwen2_5_vl", "inputs": an .npz from tiny_llava.inputs (ids<i>, and for a prompt with an image pix<i>
 with LLaVA-NeXT's sizes<i> or Qwen's grid<i>), "max_tokens": [per prompt], "preset": a
 name or null (stock), "kv" and "positions": sparsevlm.hf's kv= and positions= (defaults
 "reference" and null), "dump_dir": a folder or null}. Each prompt runs alone (batch 1).
-out: [{"tokens", "logprobs"}] per prompt (the chosen tokens' log-probabilities).
+out: {name: [{"tokens", "logprobs"}] per prompt (the chosen tokens' log-probabilities)}.
 """
 import json
 import sys
@@ -18,11 +20,10 @@ import numpy as np
 import torch
 
 
-def main(spec_path, out_path):
+def _run(spec):
     import sparsevlm.hf
     import transformers
 
-    spec = json.load(open(spec_path))
     cls = {"llava": "LlavaForConditionalGeneration",
            "llava_next": "LlavaNextForConditionalGeneration",
            "qwen2_vl": "Qwen2VLForConditionalGeneration",
@@ -48,7 +49,12 @@ def main(spec_path, out_path):
         toks = g.sequences[0, kw["input_ids"].shape[1]:].tolist()
         lps = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(g.scores, toks)]
         out.append({"tokens": toks, "logprobs": lps})
-    json.dump(out, open(out_path, "w"))
+    return out
+
+
+def main(spec_path, out_path):
+    specs = json.load(open(spec_path))
+    json.dump({name: _run(spec) for name, spec in specs.items()}, open(out_path, "w"))
 
 
 if __name__ == "__main__":

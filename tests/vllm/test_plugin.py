@@ -4,8 +4,9 @@ drop-in (sparsevlm.hf) on the same float32 weights. Runs in build/venv-vllm
 
     build/venv-vllm/bin/python -m pytest -q tests/vllm
 
-Each engine runs in its own process (tests/vllm/engine.py), the reference in build/venv
-(tests/vllm/hf_reference.py). Four families, each with 8 decoder layers, on which
+A family's engines run one after another in one process (tests/vllm/engine.py), its
+references likewise in build/venv (tests/vllm/hf_reference.py); the tensor-parallel
+engine has a process of its own. Four families, each with 8 decoder layers, on which
 v1.5-192 prunes after layers 0, 1 and 3: LLaVA-1.5 (tiny_llava.py; 576 visual tokens ->
 300 -> 200 -> 110, with recycled tokens), LLaVA-NeXT (tiny_llava_next.py; AnyRes, 784 ->
 408 -> 272 -> 150), Qwen2-VL and Qwen2.5-VL (tiny_qwen2_vl.py, tiny_qwen2_5_vl.py; M-RoPE,
@@ -47,14 +48,28 @@ FAMILIES = {"llava": (tiny_llava, "LlavaForConditionalGeneration", 576),
             "qwen2_5_vl": (tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration", 144)}
 
 
-def _engine(tmp, name, spec):
-    """Runs tests/vllm/engine.py on `spec` in a fresh process; returns its JSON."""
-    sp, out = os.path.join(tmp, f"{name}.json"), os.path.join(tmp, f"{name}.out.json")
-    json.dump(spec, open(sp, "w"))
+def _engines(tmp, specs):
+    """Runs tests/vllm/engine.py on `specs` ({name: spec}) in one fresh process, the
+    engines one after another; returns {name: its JSON}."""
+    sp, out = os.path.join(tmp, "specs.json"), os.path.join(tmp, "out.json")
+    json.dump(specs, open(sp, "w"))
     r = subprocess.run([sys.executable, os.path.join(HERE, "engine.py"), sp, out],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, f"engine.py {name} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+                       capture_output=True, text=True, timeout=600 + 300 * len(specs))
+    assert r.returncode == 0, \
+        f"engine.py {list(specs)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return json.load(open(out))
+
+
+def _ran(outs, name):
+    """Engine `name`'s JSON, which must have started and run."""
+    assert "error" not in outs[name], f"engine {name}: {outs[name]['error'][-6000:]}"
+    return outs[name]
+
+
+def _engine(tmp, name, spec):
+    """One engine in a process of its own: tensor parallel (its workers read the
+    environment when they import vLLM), the server's comparison."""
+    return _ran(_engines(tmp, {name: spec}), name)
 
 
 _BUILT: dict = {}
@@ -95,43 +110,121 @@ def _spec(tiny, **kw):
     return spec
 
 
+KV = ("survivors", "merged")  # test_kv_options_equal_the_hf_dropin
+KEEP_FAMILIES = ("llava", "qwen2_vl")  # test_keep_original_positions_equal_the_hf_dropin
+# test_preempted_requests_resume_exactly: 32-token blocks and 39 of them: two prompts
+# (19 blocks each) run together, and the block one needs while decoding preempts the
+# other, which vLLM recomputes.
+PREEMPT_PROMPTS = [dict(p, max_tokens=40) for p in PROMPTS[:2]] + \
+    [{"question": "Describe the image.", "image": 2, "max_tokens": 40}]
+BATCH = {"kind": "batch", "prompts": PROMPTS}
+STAGGERED = {"kind": "staggered", "prompts": PROMPTS}
+
+
+def _family_specs(tiny, tmp):
+    """Every engine the tests below need on one family, by name (the tests say why
+    each is there). They run in one process: importing torch and vLLM and starting a
+    process take most of a tiny engine's time."""
+    family = tiny[0]
+    specs = {
+        "stock": _spec(tiny, engine=dict(ENGINE, enforce_eager=True), runs=[BATCH]),
+        "pruned": _spec(tiny, sparsevlm={"preset": PRESET,
+                                         "dump_dir": os.path.join(tmp, "pruned-dump")},
+                        runs=[BATCH, STAGGERED]),
+    }
+    if family in KEEP_FAMILIES:
+        specs["keep_original"] = _spec(
+            tiny, sparsevlm={"preset": PRESET, "positions": "keep_original"}, runs=[BATCH])
+    if family == "llava":
+        for kv in KV:
+            specs[kv] = _spec(tiny, sparsevlm={"preset": PRESET, "kv": kv}, runs=[BATCH])
+        specs["builder"] = _spec(
+            tiny, env={"SPARSEVLM_VLLM_REWRITER": "builder"},
+            sparsevlm={"preset": PRESET, "kv": "survivors"}, runs=[BATCH, STAGGERED])
+        specs["preempt"] = _spec(
+            tiny, engine=dict(ENGINE, block_size=32, num_gpu_blocks_override=39),
+            sparsevlm={"preset": PRESET},
+            runs=[{"kind": "batch", "prompts": [p]} for p in PREEMPT_PROMPTS]
+            + [{"kind": "batch", "prompts": PREEMPT_PROMPTS}])
+        # Last: an engine that fails to start.
+        specs["refused"] = _spec(
+            tiny, engine=dict(ENGINE, enforce_eager=False, enable_prefix_caching=True,
+                              enable_chunked_prefill=True),
+            sparsevlm={"preset": PRESET})
+    return specs
+
+
+def _reference_specs(tiny, tmp):
+    """The HF drop-in's pruned generate() on PROMPTS for each engine of
+    _family_specs that is checked against it, by name."""
+    def spec(name, kv="reference", positions=None):
+        return {"model": tiny[1], "family": tiny[0], "inputs": tiny[2], "preset": PRESET,
+                "kv": kv, "positions": positions, "dump_dir": os.path.join(tmp, f"{name}-dump"),
+                "max_tokens": [p["max_tokens"] for p in PROMPTS]}
+
+    specs = {"reference": spec("reference")}
+    if tiny[0] in KEEP_FAMILIES:
+        specs["keep_original"] = spec("keep_original", positions="keep_original")
+    if tiny[0] == "llava":
+        for kv in KV:
+            specs[kv] = spec(kv, kv=kv)
+    return specs
+
+
+_RAN: dict = {}
+
+
+def _once(key, tmp_path_factory, run):
+    """run(tmp) once per key (its failure too: the tests that need it fail with its
+    message instead of running it again)."""
+    if key not in _RAN:
+        try:
+            _RAN[key] = run(str(tmp_path_factory.mktemp(key)))
+        except AssertionError as e:
+            _RAN[key] = e
+    if isinstance(_RAN[key], AssertionError):
+        pytest.fail(str(_RAN[key]))
+    return _RAN[key]
+
+
+def _family_engines(tiny, tmp_path_factory):
+    """{name: JSON} of _family_specs' engines, their dumps under "tmp"."""
+    def run(tmp):
+        return dict(_engines(tmp, _family_specs(tiny, tmp)), tmp=tmp)
+    return _once(f"engines-{tiny[0]}", tmp_path_factory, run)
+
+
+def _references(tiny, tmp_path_factory):
+    """{name: (outputs, dump folder)} of _reference_specs, in one build/venv process
+    (tests/vllm/hf_reference.py)."""
+    def run(tmp):
+        if not os.path.exists(HF_PYTHON):
+            pytest.fail(f"{HF_PYTHON}: expected build/venv (./scripts/python-env.sh), got none")
+        specs = _reference_specs(tiny, tmp)
+        sp, out = os.path.join(tmp, "specs.json"), os.path.join(tmp, "out.json")
+        json.dump(specs, open(sp, "w"))
+        r = subprocess.run([HF_PYTHON, os.path.join(HERE, "hf_reference.py"), sp, out],
+                           capture_output=True, text=True, timeout=600 + 300 * len(specs))
+        assert r.returncode == 0, r.stderr[-6000:]
+        got = json.load(open(out))
+        return {name: (got[name], s["dump_dir"]) for name, s in specs.items()}
+    return _once(f"hf-{tiny[0]}", tmp_path_factory, run)
+
+
 @pytest.fixture(scope="module")
 def pruned(tiny, tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("pruned"))
-    dump = os.path.join(tmp, "dump")
-    out = _engine(tmp, "pruned", _spec(
-        tiny, sparsevlm={"preset": PRESET, "dump_dir": dump},
-        runs=[{"kind": "batch", "prompts": PROMPTS}, {"kind": "staggered", "prompts": PROMPTS}]))
-    return out, dump
+    engines = _family_engines(tiny, tmp_path_factory)
+    return _ran(engines, "pruned"), os.path.join(engines["tmp"], "pruned-dump")
 
 
 @pytest.fixture(scope="module")
 def stock(tiny, tmp_path_factory):
-    tmp = str(tmp_path_factory.mktemp("stock"))
-    return _engine(tmp, "stock", _spec(tiny, engine=dict(ENGINE, enforce_eager=True),
-                                       runs=[{"kind": "batch", "prompts": PROMPTS}]))
-
-
-def _reference(tiny, tmp, kv="reference", positions=None):
-    """The HF drop-in's pruned generate() on PROMPTS (tests/vllm/hf_reference.py in
-    build/venv): (its outputs, its dump folder)."""
-    if not os.path.exists(HF_PYTHON):
-        pytest.fail(f"{HF_PYTHON}: expected build/venv (./scripts/python-env.sh), got none")
-    os.makedirs(tmp, exist_ok=True)
-    dump = os.path.join(tmp, "dump")
-    spec, out = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
-    json.dump({"model": tiny[1], "family": tiny[0], "inputs": tiny[2], "preset": PRESET, "kv": kv,
-               "positions": positions,
-               "dump_dir": dump, "max_tokens": [p["max_tokens"] for p in PROMPTS]}, open(spec, "w"))
-    r = subprocess.run([HF_PYTHON, os.path.join(HERE, "hf_reference.py"), spec, out],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-6000:]
-    return json.load(open(out)), dump
+    return _ran(_family_engines(tiny, tmp_path_factory), "stock")
 
 
 @pytest.fixture(scope="module")
 def reference(tiny, tmp_path_factory):
-    return _reference(tiny, str(tmp_path_factory.mktemp("hf")))
+    return _references(tiny, tmp_path_factory)["reference"]
 
 
 def _decisions(dump):
@@ -332,56 +425,57 @@ def test_text_only_requests_are_stock_and_pruning_changes_the_rest(pruned, stock
         assert diff > 1e-3, f"prompt {i}: pruning changed nothing"
 
 
-@pytest.mark.parametrize("kv", ["survivors", "merged"])
-def test_kv_options_equal_the_hf_dropin(llava, tmp_path, kv):
+@pytest.mark.parametrize("kv", KV)
+def test_kv_options_equal_the_hf_dropin(llava, tmp_path_factory, kv):
     # The caches of the layers up to each pruning layer are compacted inside the pages
     # (compact_paged_kv): later decode steps read fewer rows there, as in sparsevlm.hf.
-    want = _reference(llava, str(tmp_path / "hf"), kv=kv)[0]
-    out = _engine(str(tmp_path), kv, _spec(llava, sparsevlm={"preset": PRESET, "kv": kv},
-                                           runs=[{"kind": "batch", "prompts": PROMPTS}]))
-    got = out["runs"][0]
+    want = _references(llava, tmp_path_factory)[kv][0]
+    got = _ran(_family_engines(llava, tmp_path_factory), kv)["runs"][0]
     assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
     for g, w in zip(got, want):
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
 
 
-def test_builder_rewriter_equals_the_hf_dropin(llava, tmp_path):
+def test_builder_rewriter_equals_the_hf_dropin(llava, tmp_path_factory):
     # The generic rewriter (the step's CommonAttentionMetadata with the new counts, built
     # again by the backend's own builder: what FlashInfer and Triton use on a GPU) on
     # CPU_ATTN, where it must give what the hand-written one gives: kv="survivors" makes
     # each decode's layers read caches of different lengths, the staggered run mixes
     # prefills and decodes in one step.
-    want = _reference(llava, str(tmp_path / "hf"), kv="survivors")[0]
-    out = _engine(str(tmp_path), "builder", _spec(
-        llava, env={"SPARSEVLM_VLLM_REWRITER": "builder"},
-        sparsevlm={"preset": PRESET, "kv": "survivors"},
-        runs=[{"kind": "batch", "prompts": PROMPTS}, {"kind": "staggered", "prompts": PROMPTS}]))
+    want = _references(llava, tmp_path_factory)["survivors"][0]
+    out = _ran(_family_engines(llava, tmp_path_factory), "builder")
     assert out["rewriter"] == "BuilderRewriter"
+    assert len(out["runs"]) == 2
     for got in out["runs"]:
         assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
         for g, w in zip(got, want):
             assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_keep_original_positions_equal_the_hf_dropin(family, tmp_path_factory, tmp_path):
+def test_the_default_rewriter_is_the_hand_written_one(llava, tmp_path_factory):
+    # The builder engine ran in the same process just before: its environment variable
+    # must not have outlived it.
+    engines = _family_engines(llava, tmp_path_factory)
+    assert [_ran(engines, n)["rewriter"] for n in ("pruned", "survivors", "preempt")] == \
+        ["CpuAttnRewriter"] * 3
+
+
+@pytest.mark.parametrize("family", KEEP_FAMILIES)
+def test_keep_original_positions_equal_the_hf_dropin(family, tmp_path_factory):
     # The other position policy: the layers after a cut keep the tokens' own (M-RoPE)
     # ids, and decoding continues every layer from the prompt's stock position.
     tiny = _tiny(family, tmp_path_factory)
-    want = _reference(tiny, str(tmp_path / "hf"), positions="keep_original")[0]
-    out = _engine(str(tmp_path), "keep", _spec(
-        tiny, sparsevlm={"preset": PRESET, "positions": "keep_original"},
-        runs=[{"kind": "batch", "prompts": PROMPTS}]))
-    got = out["runs"][0]
+    want = _references(tiny, tmp_path_factory)["keep_original"][0]
+    got = _ran(_family_engines(tiny, tmp_path_factory), "keep_original")["runs"][0]
     assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
     for g, w in zip(got, want):
         assert g["logprobs"] == pytest.approx(w["logprobs"], abs=2e-3)
 
 
-def test_tensor_parallel_decides_as_the_hf_dropin(llava, tmp_path):
+def test_tensor_parallel_decides_as_the_hf_dropin(llava, tmp_path_factory, tmp_path):
     # Two ranks of two heads each: each scores its heads (partial_relevance), one
     # all-reduce, the step from the head sums; the dumps gather every head.
-    want, want_dump = _reference(llava, str(tmp_path / "hf"))
+    want, want_dump = _references(llava, tmp_path_factory)["reference"]
     dump = str(tmp_path / "dump")
     # vLLM's CPU workers bind their threads per NUMA node; one node here: a core each.
     # The dump folder comes through the environment, which must reach the workers.
@@ -390,7 +484,7 @@ def test_tensor_parallel_decides_as_the_hf_dropin(llava, tmp_path):
         llava, engine=dict(ENGINE, tensor_parallel_size=2),
         env={"VLLM_CPU_OMP_THREADS_BIND": cores, "SPARSEVLM_DUMP_DIR": dump},
         sparsevlm={"preset": PRESET},
-        runs=[{"kind": "batch", "prompts": PROMPTS}]))
+        runs=[BATCH]))
     got = out["runs"][0]
     assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
     for g, w in zip(got, want):
@@ -398,16 +492,9 @@ def test_tensor_parallel_decides_as_the_hf_dropin(llava, tmp_path):
     assert _decisions(dump) == _decisions(want_dump)
 
 
-def test_preempted_requests_resume_exactly(llava, tmp_path):
-    # 32-token blocks and 39 of them: two prompts (19 blocks each) run together, and
-    # the block one needs while decoding preempts the other, which vLLM recomputes.
-    prompts = [dict(p, max_tokens=40) for p in PROMPTS[:2]] + \
-        [{"question": "Describe the image.", "image": 2, "max_tokens": 40}]
-    out = _engine(str(tmp_path), "preempt", _spec(
-        llava, engine=dict(ENGINE, block_size=32, num_gpu_blocks_override=39),
-        sparsevlm={"preset": PRESET},
-        runs=[{"kind": "batch", "prompts": [p]} for p in prompts]
-        + [{"kind": "batch", "prompts": prompts}]))
+def test_preempted_requests_resume_exactly(llava, tmp_path_factory):
+    # PREEMPT_PROMPTS alone, then together in a cache too small for them.
+    out = _ran(_family_engines(llava, tmp_path_factory), "preempt")
     alone = [r[0] for r in out["runs"][:3]]
     together = out["runs"][3]
     assert out["resumes"] >= 1, "no request was preempted: the test's cache is too large"
@@ -416,12 +503,10 @@ def test_preempted_requests_resume_exactly(llava, tmp_path):
         assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
 
 
-def test_unsupported_settings_are_refused_by_name(llava, tmp_path):
-    out = _engine(str(tmp_path), "refused", _spec(
-        llava, engine=dict(ENGINE, enforce_eager=False, enable_prefix_caching=True,
-                          enable_chunked_prefill=True),
-        sparsevlm={"preset": PRESET}))
+def test_unsupported_settings_are_refused_by_name(llava, tmp_path_factory):
+    out = _family_engines(llava, tmp_path_factory)["refused"]
     err = out.get("error") or ""
+    assert err.startswith("start: "), err[-2000:]
     for name in ("enable_prefix_caching: expected False", "enable_chunked_prefill: expected False",
                  "enforce_eager: expected True"):
         assert name in err, err[-2000:]
