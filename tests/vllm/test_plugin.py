@@ -180,10 +180,10 @@ def _once(key, tmp_path_factory, run):
     if key not in _RAN:
         try:
             _RAN[key] = run(str(tmp_path_factory.mktemp(key)))
-        except AssertionError as e:
+        except (AssertionError, subprocess.TimeoutExpired) as e:
             _RAN[key] = e
-    if isinstance(_RAN[key], AssertionError):
-        pytest.fail(str(_RAN[key]))
+    if isinstance(_RAN[key], Exception):
+        pytest.fail(f"{type(_RAN[key]).__name__}: {_RAN[key]}")
     return _RAN[key]
 
 
