@@ -10,7 +10,7 @@
 #      Face drop-in in build/venv;
 #   3. the same suite built with AddressSanitizer + UndefinedBehaviorSanitizer;
 #   4. a one-minute libFuzzer run (20 s per target) from the committed corpus.
-# Stage 1's venv installs during its C++ build, stage 2's during stage 1's tests, and
+# Stage 1's venv installs during its build, stage 2's during stage 1's tests, and
 # stage 3's build compiles during stage 2's tests (logs in build/logs/); each stage
 # prints when it starts.
 # `--quick` stops after 1. Run ./scripts/setup.sh first (the README does).
@@ -55,22 +55,21 @@ wait_bg() {  # NAME LOG: its status; its log (the tail when it worked)
 
 stage "1/4 release build and suite, then the Python package's tests"
 # build/venv: the Python package (pip install .) with NumPy, PyTorch and
-# transformers from PyPI; its NumPy also runs the crosscheck test. It installs while
-# the C++ targets build (pip's downloads need little CPU); the extension module, which
-# needs its nanobind, builds after them.
+# transformers from PyPI; its NumPy also runs the crosscheck test. Its build tools
+# come first (configuring the extension module needs nanobind); the rest installs
+# while the build runs (pip's downloads need little CPU).
 venv=build/venv
+./scripts/python-env.sh --build-tools
 start_bg python-env build/logs/python-env.log ./scripts/python-env.sh
-cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSEVLM_BUILD_BENCH=ON
-cmake --build build -j"$jobs"
-wait_bg python-env build/logs/python-env.log
-# The vLLM venv (stage 2) installs while the rest of this stage runs: it needs build/venv.
-[ "$quick" = 1 ] || start_bg vllm-env build/logs/vllm-env.log ./scripts/vllm-env.sh
-# The same build with the extension module (with its CUDA path where nvcc is found),
-# checked to import (python.module_imports), and the crosscheck tests: only their
-# targets are new, the others' commands are unchanged, so nothing else rebuilds.
-cmake -S . -B build -DSPARSEVLM_PYTHON="$PWD/$venv/bin/python" \
+# The build also compiles the extension module itself (with its CUDA path where nvcc
+# is found) and checks that it imports: python.module_imports.
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DSPARSEVLM_BUILD_BENCH=ON \
+  -DSPARSEVLM_PYTHON="$PWD/$venv/bin/python" \
   -DSPARSEVLM_BUILD_PYTHON=ON -DPython_EXECUTABLE="$PWD/$venv/bin/python"
 cmake --build build -j"$jobs"
+wait_bg python-env build/logs/python-env.log
+# The vLLM venv (stage 2) installs while the tests run: it needs build/venv.
+[ "$quick" = 1 ] || start_bg vllm-env build/logs/vllm-env.log ./scripts/vllm-env.sh
 ctest --test-dir build --output-on-failure -j"$jobs"
 # The package against the CLI and the cases, Hugging Face generate() with pruning, and the
 # two-process tensor-parallel demo.
