@@ -79,9 +79,11 @@ SPARSEVLM_CLI="$PWD/build/examples/sparsevlm" "$venv/bin/python" -m pytest -q te
 stage "2/4 the vLLM plugin on vLLM's CPU build"
 wait_bg vllm-env build/logs/vllm-env.log
 # Stage 3's build compiles while the vLLM tests run (their engines keep about one
-# core busy).
+# core busy). Line tables only (-g1): a report still names each frame's file and line,
+# and the build compiles about a tenth faster than with full debug information.
 start_bg asan-build build/logs/asan-build.log bash -c \
-  "cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSPARSEVLM_SANITIZE=ON &&
+  "cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCMAKE_CXX_FLAGS_DEBUG=-g1 \
+     -DSPARSEVLM_SANITIZE=ON &&
    cmake --build build-asan -j$jobs"
 build/venv-vllm/bin/python -m pytest -q tests/vllm
 
