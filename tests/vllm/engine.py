@@ -108,7 +108,7 @@ def _run(name, spec):
     STEPS.clear()
     RESUMES[0] = 0
     REWRITER[0] = None
-    out = {"runs": [], "steps": STEPS, "resumes": 0, "rewriter": None}
+    out = {"runs": [], "steps": [], "resumes": 0, "rewriter": None}
     import vllm
 
     kw = {}
