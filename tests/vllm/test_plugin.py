@@ -48,16 +48,22 @@ FAMILIES = {"llava": (tiny_llava, "LlavaForConditionalGeneration", 576),
             "qwen2_5_vl": (tiny_qwen2_5_vl, "Qwen2_5_VLForConditionalGeneration", 144)}
 
 
-def _engines(tmp, specs):
-    """Runs tests/vllm/engine.py on `specs` ({name: spec}) in one fresh process, the
-    engines one after another; returns {name: its JSON}."""
+def _specs_run(python, script, tmp, specs):
+    """Runs tests/vllm/`script` (engine.py, hf_reference.py) on `specs` ({name: spec})
+    with `python`, in one fresh process, one spec after another; returns {name: its
+    JSON}."""
     sp, out = os.path.join(tmp, "specs.json"), os.path.join(tmp, "out.json")
     json.dump(specs, open(sp, "w"))
-    r = subprocess.run([sys.executable, os.path.join(HERE, "engine.py"), sp, out],
+    r = subprocess.run([python, os.path.join(HERE, script), sp, out],
                        capture_output=True, text=True, timeout=600 + 300 * len(specs))
     assert r.returncode == 0, \
-        f"engine.py {list(specs)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
+        f"{script} {list(specs)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return json.load(open(out))
+
+
+def _engines(tmp, specs):
+    """tests/vllm/engine.py's engines, in this venv: {name: its JSON}."""
+    return _specs_run(sys.executable, "engine.py", tmp, specs)
 
 
 def _ran(outs, name):
@@ -201,12 +207,7 @@ def _references(tiny, tmp_path_factory):
         if not os.path.exists(HF_PYTHON):
             pytest.fail(f"{HF_PYTHON}: expected build/venv (./scripts/python-env.sh), got none")
         specs = _reference_specs(tiny, tmp)
-        sp, out = os.path.join(tmp, "specs.json"), os.path.join(tmp, "out.json")
-        json.dump(specs, open(sp, "w"))
-        r = subprocess.run([HF_PYTHON, os.path.join(HERE, "hf_reference.py"), sp, out],
-                           capture_output=True, text=True, timeout=600 + 300 * len(specs))
-        assert r.returncode == 0, r.stderr[-6000:]
-        got = json.load(open(out))
+        got = _specs_run(HF_PYTHON, "hf_reference.py", tmp, specs)
         return {name: (got[name], s["dump_dir"]) for name, s in specs.items()}
     return _once(f"hf-{tiny[0]}", tmp_path_factory, run)
 
